@@ -1,0 +1,95 @@
+//! Block codec: zstd, or raw when compression does not pay.
+//!
+//! Used on the wire (agent → receiver) and at rest in the staging store, so a block is
+//! compressed once, by the agent, and stored as received after verification.
+
+use crate::block::BLOCK_SIZE;
+
+/// How a block's bytes are encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Codec {
+    Raw = 0,
+    Zstd = 1,
+}
+
+impl Codec {
+    pub fn from_u8(v: u8) -> Option<Codec> {
+        match v {
+            0 => Some(Codec::Raw),
+            1 => Some(Codec::Zstd),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("zstd compression failed: {0}")]
+    Compress(std::io::Error),
+    #[error("zstd data is corrupt: {0}")]
+    Corrupt(std::io::Error),
+    #[error("decoded block is {0} bytes, more than the {BLOCK_SIZE}-byte block size")]
+    TooLarge(usize),
+}
+
+/// Compresses `data` at `level`; returns raw bytes when zstd would not save at least 1/32.
+pub fn encode(data: &[u8], level: i32) -> Result<(Codec, Vec<u8>), CodecError> {
+    let compressed = zstd::bulk::compress(data, level).map_err(CodecError::Compress)?;
+    if compressed.len() + data.len() / 32 < data.len() {
+        Ok((Codec::Zstd, compressed))
+    } else {
+        Ok((Codec::Raw, data.to_vec()))
+    }
+}
+
+/// Decodes a block, refusing anything that would decode past [`BLOCK_SIZE`].
+pub fn decode(codec: Codec, data: &[u8]) -> Result<Vec<u8>, CodecError> {
+    match codec {
+        Codec::Raw if data.len() > BLOCK_SIZE => Err(CodecError::TooLarge(data.len())),
+        Codec::Raw => Ok(data.to_vec()),
+        Codec::Zstd => zstd::bulk::decompress(data, BLOCK_SIZE).map_err(CodecError::Corrupt),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressible_and_incompressible() {
+        let text = b"lifeboat ".repeat(BLOCK_SIZE / 9);
+        let (c, enc) = encode(&text, 1).unwrap();
+        assert_eq!(c, Codec::Zstd);
+        assert!(enc.len() < text.len() / 10);
+        assert_eq!(decode(c, &enc).unwrap(), text);
+
+        let mut x = 0x9E3779B97F4A7C15u64;
+        let noise: Vec<u8> = (0..BLOCK_SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let (c, enc) = encode(&noise, 1).unwrap();
+        assert_eq!(c, Codec::Raw);
+        assert_eq!(decode(c, &enc).unwrap(), noise);
+    }
+
+    #[test]
+    fn refuses_corrupt_and_oversized() {
+        assert!(matches!(
+            decode(Codec::Zstd, b"not zstd"),
+            Err(CodecError::Corrupt(_))
+        ));
+        let big = vec![0u8; BLOCK_SIZE + 1];
+        assert!(matches!(
+            decode(Codec::Raw, &big),
+            Err(CodecError::TooLarge(_))
+        ));
+        let bomb = zstd::bulk::compress(&vec![7u8; BLOCK_SIZE * 2], 1).unwrap();
+        assert!(decode(Codec::Zstd, &bomb).is_err());
+    }
+}

@@ -1,0 +1,404 @@
+//! Configuration files: `agent.toml` and the receiver's `receiver.toml`.
+//!
+//! One serde struct per file, unknown fields refused, then [`AgentConfig::validate`] /
+//! [`ReceiverConfig::validate`] check what serde cannot, each error naming the field.
+//! Reference: docs/configuration.md.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+fn invalid(path: &Path, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        path: path.to_path_buf(),
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Which block-reader engine the agent uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ReaderEngine {
+    /// io_uring where the kernel offers it, else pread.
+    #[default]
+    Auto,
+    IoUring,
+    Pread,
+}
+
+/// `/etc/lifeboat/agent.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Names this server at the receiver; default: the host name.
+    #[serde(default)]
+    pub server_id: Option<String>,
+    /// Where the agent keeps its acknowledged manifests and pending point.
+    #[serde(default = "default_agent_state_dir")]
+    pub state_dir: PathBuf,
+    /// Seconds between consistency points (a point is cut no more often than this).
+    #[serde(default = "default_point_interval")]
+    pub point_interval_secs: u64,
+    /// Upper bound on the bytes the agent sends, in Mbit/s; 0 = no limit.
+    #[serde(default)]
+    pub bandwidth_limit_mbps: u64,
+    /// zstd level for blocks on the wire (1–19).
+    #[serde(default = "default_compression_level")]
+    pub compression_level: i32,
+    /// Hash and compression threads; 0 = one per CPU.
+    #[serde(default)]
+    pub workers: usize,
+    #[serde(default)]
+    pub reader: ReaderEngine,
+    pub receiver: ReceiverEndpoint,
+    pub disks: Vec<DiskConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverEndpoint {
+    /// host:port of the receiver.
+    pub address: String,
+    /// TLS server name checked against the receiver's certificate.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// SHA-256 of the receiver's CA certificate, as printed by `lifeboat-receiver init`.
+    pub ca_fingerprint: String,
+    /// The enrolment token printed by `lifeboat-receiver init`.
+    pub token: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Names the disk at the receiver (letters, digits, '-', '_', '.').
+    pub id: String,
+    /// A block device or a regular file.
+    pub path: PathBuf,
+}
+
+fn default_agent_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/lifeboat")
+}
+fn default_point_interval() -> u64 {
+    10
+}
+fn default_compression_level() -> i32 {
+    1
+}
+pub fn default_server_name() -> String {
+    "lifeboat-receiver".to_string()
+}
+
+/// True for names safe as one path component: `[A-Za-z0-9._-]{1,64}`, not starting with '.'.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// Parses `sha256:<64 hex>` (or bare hex) into 32 bytes.
+pub fn parse_fingerprint(s: &str) -> Option<[u8; 32]> {
+    let hexpart = s.strip_prefix("sha256:").unwrap_or(s);
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hexpart, &mut out).ok()?;
+    Some(out)
+}
+
+impl AgentConfig {
+    /// Reads, parses and validates an agent config file.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let c: AgentConfig = load(path)?;
+        c.validate(path)?;
+        Ok(c)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        if let Some(id) = &self.server_id {
+            if !valid_name(id) {
+                return Err(invalid(
+                    path,
+                    "server_id",
+                    format!("{id:?} must be 1-64 of [A-Za-z0-9._-]"),
+                ));
+            }
+        }
+        if self.point_interval_secs == 0 || self.point_interval_secs > 86_400 {
+            return Err(invalid(
+                path,
+                "point_interval_secs",
+                "must be between 1 and 86400",
+            ));
+        }
+        if !(1..=19).contains(&self.compression_level) {
+            return Err(invalid(
+                path,
+                "compression_level",
+                "must be between 1 and 19",
+            ));
+        }
+        if self.workers > 256 {
+            return Err(invalid(path, "workers", "must be at most 256"));
+        }
+        if self.receiver.address.is_empty() || !self.receiver.address.contains(':') {
+            return Err(invalid(path, "receiver.address", "must be host:port"));
+        }
+        if parse_fingerprint(&self.receiver.ca_fingerprint).is_none() {
+            return Err(invalid(
+                path,
+                "receiver.ca_fingerprint",
+                "must be sha256:<64 hex digits> as printed by `lifeboat-receiver init`",
+            ));
+        }
+        if self.receiver.token.trim().is_empty() {
+            return Err(invalid(path, "receiver.token", "must not be empty"));
+        }
+        if self.disks.is_empty() {
+            return Err(invalid(
+                path,
+                "disks",
+                "at least one [[disks]] entry is needed",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            if !valid_name(&d.id) {
+                return Err(invalid(
+                    path,
+                    format!("disks[{i}].id"),
+                    format!("{:?} must be 1-64 of [A-Za-z0-9._-]", d.id),
+                ));
+            }
+            if !seen.insert(&d.id) {
+                return Err(invalid(
+                    path,
+                    format!("disks[{i}].id"),
+                    format!("{:?} is used twice", d.id),
+                ));
+            }
+            if d.path.as_os_str().is_empty() {
+                return Err(invalid(
+                    path,
+                    format!("disks[{i}].path"),
+                    "must not be empty",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The configured server id, else the host name.
+    pub fn server_id(&self) -> String {
+        if let Some(id) = &self.server_id {
+            return id.clone();
+        }
+        let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let name: String = name
+            .trim()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(64)
+            .collect();
+        if valid_name(&name) {
+            name
+        } else {
+            "server".to_string()
+        }
+    }
+}
+
+/// `<state-dir>/receiver.toml`, written by `lifeboat-receiver init`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverConfig {
+    /// Address the TLS listener binds.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub retention: RetentionConfig,
+    /// Most agents connected at once; more are refused with a clear error.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+/// Which points are kept: everything of the last `recent_minutes`, then DRS's policy: one
+/// point per 10 minutes for an hour, hourly for a day, daily for `daily_days` days.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    #[serde(default = "default_recent_minutes")]
+    pub recent_minutes: u64,
+    #[serde(default = "default_daily_days")]
+    pub daily_days: u64,
+    /// Blocks younger than this are never garbage-collected (covers dedupe answers in flight).
+    #[serde(default = "default_gc_grace_minutes")]
+    pub gc_grace_minutes: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            recent_minutes: default_recent_minutes(),
+            daily_days: default_daily_days(),
+            gc_grace_minutes: default_gc_grace_minutes(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:7443".to_string()
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_recent_minutes() -> u64 {
+    10
+}
+fn default_daily_days() -> u64 {
+    7
+}
+fn default_gc_grace_minutes() -> u64 {
+    10
+}
+
+impl ReceiverConfig {
+    pub fn load(path: &Path) -> Result<ReceiverConfig, ConfigError> {
+        let c: ReceiverConfig = load(path)?;
+        c.validate(path)?;
+        Ok(c)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                path,
+                "listen",
+                format!("{:?} is not ip:port", self.listen),
+            ));
+        }
+        if !(1..=365).contains(&self.retention.daily_days) {
+            return Err(invalid(
+                path,
+                "retention.daily_days",
+                "must be between 1 and 365",
+            ));
+        }
+        if self.retention.recent_minutes > 7 * 24 * 60 {
+            return Err(invalid(
+                path,
+                "retention.recent_minutes",
+                "must be at most 10080 (7 days)",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid(path, "max_connections", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        ReceiverConfig {
+            listen: default_listen(),
+            retention: RetentionConfig::default(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+server_id = "web-01"
+[receiver]
+address = "127.0.0.1:7443"
+ca_fingerprint = "sha256:0000000000000000000000000000000000000000000000000000000000000000"
+token = "t"
+[[disks]]
+id = "root"
+path = "/dev/sda"
+"#;
+
+    fn check(text: &str) -> Result<AgentConfig, ConfigError> {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("agent.toml");
+        std::fs::write(&p, text).unwrap();
+        AgentConfig::load(&p)
+    }
+
+    #[test]
+    fn good_config_loads_with_defaults() {
+        let c = check(GOOD).unwrap();
+        assert_eq!(c.point_interval_secs, 10);
+        assert_eq!(c.reader, ReaderEngine::Auto);
+        assert_eq!(c.server_id(), "web-01");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = check(&format!("{GOOD}\nbogus = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e = check(&GOOD.replace("sha256:0000", "sha256:zz00"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("receiver.ca_fingerprint"), "{e}");
+        let e = check(&format!("{GOOD}[[disks]]\nid = \"root\"\npath = \"/x\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("disks[1].id") && e.contains("twice"), "{e}");
+        let e = check(&GOOD.replace("web-01", "../etc"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server_id"), "{e}");
+    }
+
+    #[test]
+    fn receiver_config_validation() {
+        let mut c = ReceiverConfig::default();
+        assert!(c.validate(Path::new("r.toml")).is_ok());
+        c.retention.daily_days = 400;
+        let e = c.validate(Path::new("r.toml")).unwrap_err().to_string();
+        assert!(e.contains("retention.daily_days"), "{e}");
+    }
+}

@@ -1,0 +1,17 @@
+//! Lifeboat common: what the agent and the receiver must agree on.
+//!
+//! - [`block`]: the 512 KiB block geometry, blake3 block ids and the zero-block sentinel.
+//! - [`codec`]: zstd on the wire and at rest.
+//! - [`manifest`]: the ordered list of block hashes of one disk at one point (docs/formats.md).
+//! - [`protocol`]: wire protocol v1, sans-IO (docs/protocol.md).
+//! - [`config`]: the agent's and the receiver's configuration files.
+//! - [`durable`]: write-tmp, fsync, rename, fsync-dir.
+
+pub mod block;
+pub mod codec;
+pub mod config;
+pub mod durable;
+pub mod manifest;
+pub mod protocol;
+
+pub use block::{BlockHash, BLOCK_SIZE};

@@ -1,0 +1,856 @@
+//! Wire protocol v1, sans-IO: encode into and decode from byte buffers; no sockets here.
+//!
+//! A connection starts with a 12-byte preface each way (`"LIFEBOAT"`, version u16, flags u16),
+//! then carries frames: `len u32 LE | type u8 | payload`, where `len` counts the type byte and
+//! the payload and never exceeds [`MAX_FRAME`]. An oversized length is refused as soon as the
+//! four length bytes arrive, before any payload is buffered. Every decode failure is a
+//! [`DecodeError`] value that names what was wrong. Full description: docs/protocol.md.
+
+use crate::block::{BlockHash, BLOCK_SIZE};
+use crate::codec::Codec;
+
+pub const PREFACE_MAGIC: &[u8; 8] = b"LIFEBOAT";
+pub const PROTOCOL_VERSION: u16 = 1;
+pub const PREFACE_LEN: usize = 12;
+/// Hard cap on `len` (type byte + payload): one compressed block plus headroom.
+pub const MAX_FRAME: usize = BLOCK_SIZE + 64 * 1024;
+/// Most hashes in one `Have` or `ManifestChunk`.
+pub const MAX_HASHES: usize = 16 * 1024;
+/// Most entries in one `Acks`.
+pub const MAX_ACKS: usize = 64 * 1024;
+const MAX_STRING: usize = 4096;
+const MAX_DISKS: usize = 256;
+
+/// The state of a replicating disk, named as DRS users know them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[repr(u8)]
+pub enum DiskState {
+    InitialSync = 0,
+    Continuous = 1,
+    Rescan = 2,
+    Backlog = 3,
+    Stalled = 4,
+    Disconnected = 5,
+    Paused = 6,
+}
+
+impl DiskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskState::InitialSync => "initial_sync",
+            DiskState::Continuous => "continuous",
+            DiskState::Rescan => "rescan",
+            DiskState::Backlog => "backlog",
+            DiskState::Stalled => "stalled",
+            DiskState::Disconnected => "disconnected",
+            DiskState::Paused => "paused",
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<DiskState> {
+        Some(match v {
+            0 => DiskState::InitialSync,
+            1 => DiskState::Continuous,
+            2 => DiskState::Rescan,
+            3 => DiskState::Backlog,
+            4 => DiskState::Stalled,
+            5 => DiskState::Disconnected,
+            6 => DiskState::Paused,
+            _ => return None,
+        })
+    }
+}
+
+/// Whether a point was cut under a filesystem freeze.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[repr(u8)]
+pub enum Consistency {
+    /// Read while the disk was live: each block is intact, the set is not one instant.
+    BestEffort = 0,
+    /// The final delta was read under a freeze: crash-consistent across all disks.
+    CrashConsistent = 1,
+}
+
+/// Why a peer refused something; `retryable` on the error says whether trying again can help.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    Auth = 1,
+    Protocol = 2,
+    Version = 3,
+    BadBlock = 4,
+    Storage = 5,
+    DigestMismatch = 6,
+    Internal = 7,
+}
+
+impl ErrorCode {
+    fn from_u16(v: u16) -> Option<ErrorCode> {
+        Some(match v {
+            1 => ErrorCode::Auth,
+            2 => ErrorCode::Protocol,
+            3 => ErrorCode::Version,
+            4 => ErrorCode::BadBlock,
+            5 => ErrorCode::Storage,
+            6 => ErrorCode::DigestMismatch,
+            7 => ErrorCode::Internal,
+            _ => return None,
+        })
+    }
+}
+
+/// Progress of one disk, reported by the agent for the receiver's `servers` listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskProgress {
+    pub handle: u32,
+    pub state: DiskState,
+    /// Blocks known dirty and not yet acknowledged.
+    pub backlog_blocks: u64,
+}
+
+/// Every message of protocol v1. Direction: A = agent → receiver, R = receiver → agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// A: who the agent is and its token. First frame after the preface.
+    Hello {
+        server_id: String,
+        token: String,
+        agent_version: String,
+    },
+    /// R: the token is accepted.
+    Welcome { receiver_version: String },
+    /// A: describe a disk under a connection-local handle.
+    OpenDisk {
+        handle: u32,
+        disk_id: String,
+        size: u64,
+    },
+    /// R: the receiver's durable view of the disk (digest of its live manifest).
+    DiskOpened { handle: u32, digest: BlockHash },
+    /// A: send me your live manifest of this disk.
+    GetManifest { handle: u32 },
+    /// R: part of a live manifest, `start` is the first block index of `hashes`.
+    ManifestChunk {
+        handle: u32,
+        start: u64,
+        total: u64,
+        hashes: Vec<BlockHash>,
+    },
+    /// A: which of these hashes do you lack? (dedupe query)
+    Have { req: u64, hashes: Vec<BlockHash> },
+    /// R: `present[i]` answers `hashes[i]` of request `req`.
+    HaveReply { req: u64, present: Vec<bool> },
+    /// A: block `index` of a disk now holds this content.
+    Block {
+        seq: u64,
+        handle: u32,
+        index: u64,
+        hash: BlockHash,
+        codec: Codec,
+        data: Vec<u8>,
+    },
+    /// A: block `index` now holds content the receiver already has (or zeros, with ZERO).
+    Ref {
+        seq: u64,
+        handle: u32,
+        index: u64,
+        hash: BlockHash,
+    },
+    /// R: these Block/Ref sequence numbers are durable.
+    Acks { seqs: Vec<u64> },
+    /// R: the Ref `seq` named content the receiver no longer has; send the data.
+    NeedData { seq: u64 },
+    /// A: cut point `point` over these disks, whose manifests have these digests.
+    Commit {
+        point: u64,
+        created_unix_ms: u64,
+        consistency: Consistency,
+        disks: Vec<(u32, BlockHash)>,
+    },
+    /// R: point `point` is durable and listed.
+    Committed { point: u64 },
+    /// A: replication progress, for the receiver's listing.
+    Progress { disks: Vec<DiskProgress> },
+    /// Either way: a refusal with a reason.
+    Error {
+        code: ErrorCode,
+        retryable: bool,
+        message: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("bad preface: expected \"LIFEBOAT\", got {0:?}")]
+    BadPreface(Vec<u8>),
+    #[error("unsupported protocol version {0} (this build speaks version 1)")]
+    Version(u16),
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte cap")]
+    Oversized(usize),
+    #[error("empty frame")]
+    Empty,
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    #[error("{msg} frame truncated: needed {needed} more bytes")]
+    Truncated { msg: &'static str, needed: usize },
+    #[error("{msg} frame has {0} trailing bytes", msg = .1)]
+    Trailing(usize, &'static str),
+    #[error("{msg}: {what}")]
+    Invalid { msg: &'static str, what: String },
+}
+
+/// The 12-byte preface for `version`.
+pub fn preface(version: u16) -> [u8; PREFACE_LEN] {
+    let mut p = [0u8; PREFACE_LEN];
+    p[..8].copy_from_slice(PREFACE_MAGIC);
+    p[8..10].copy_from_slice(&version.to_le_bytes());
+    p
+}
+
+/// Checks a peer's preface; returns its version when this build speaks it.
+pub fn check_preface(p: &[u8; PREFACE_LEN]) -> Result<u16, DecodeError> {
+    if &p[..8] != PREFACE_MAGIC {
+        return Err(DecodeError::BadPreface(p[..8].to_vec()));
+    }
+    let v = u16::from_le_bytes([p[8], p[9]]);
+    if v != PROTOCOL_VERSION {
+        return Err(DecodeError::Version(v));
+    }
+    Ok(v)
+}
+
+/// If `buf` starts with a whole frame, decodes it and says how many bytes it used.
+/// `Ok(None)`: more bytes are needed. An oversized length is an error at once.
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(DecodeError::Oversized(len));
+    }
+    if len == 0 {
+        return Err(DecodeError::Empty);
+    }
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    let msg = decode_body(&buf[4..4 + len])?;
+    Ok(Some((msg, 4 + len)))
+}
+
+impl Message {
+    /// The message's name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Welcome { .. } => "Welcome",
+            Message::OpenDisk { .. } => "OpenDisk",
+            Message::DiskOpened { .. } => "DiskOpened",
+            Message::GetManifest { .. } => "GetManifest",
+            Message::ManifestChunk { .. } => "ManifestChunk",
+            Message::Have { .. } => "Have",
+            Message::HaveReply { .. } => "HaveReply",
+            Message::Block { .. } => "Block",
+            Message::Ref { .. } => "Ref",
+            Message::Acks { .. } => "Acks",
+            Message::NeedData { .. } => "NeedData",
+            Message::Commit { .. } => "Commit",
+            Message::Committed { .. } => "Committed",
+            Message::Progress { .. } => "Progress",
+            Message::Error { .. } => "Error",
+        }
+    }
+
+    fn type_byte(&self) -> u8 {
+        match self {
+            Message::Hello { .. } => 1,
+            Message::Welcome { .. } => 2,
+            Message::OpenDisk { .. } => 3,
+            Message::DiskOpened { .. } => 4,
+            Message::GetManifest { .. } => 5,
+            Message::ManifestChunk { .. } => 6,
+            Message::Have { .. } => 7,
+            Message::HaveReply { .. } => 8,
+            Message::Block { .. } => 9,
+            Message::Ref { .. } => 10,
+            Message::Acks { .. } => 11,
+            Message::NeedData { .. } => 12,
+            Message::Commit { .. } => 13,
+            Message::Committed { .. } => 14,
+            Message::Progress { .. } => 15,
+            Message::Error { .. } => 16,
+        }
+    }
+
+    /// Appends this message as one frame to `out`.
+    ///
+    /// The caller keeps within the caps ([`MAX_HASHES`], [`MAX_ACKS`], one block of data);
+    /// the peer's decoder refuses anything past them.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0u8; 4]);
+        out.push(self.type_byte());
+        let mut w = Writer(out);
+        match self {
+            Message::Hello {
+                server_id,
+                token,
+                agent_version,
+            } => {
+                w.str(server_id);
+                w.str(token);
+                w.str(agent_version);
+            }
+            Message::Welcome { receiver_version } => w.str(receiver_version),
+            Message::OpenDisk {
+                handle,
+                disk_id,
+                size,
+            } => {
+                w.u32(*handle);
+                w.str(disk_id);
+                w.u64(*size);
+            }
+            Message::DiskOpened { handle, digest } => {
+                w.u32(*handle);
+                w.hash(digest);
+            }
+            Message::GetManifest { handle } => w.u32(*handle),
+            Message::ManifestChunk {
+                handle,
+                start,
+                total,
+                hashes,
+            } => {
+                w.u32(*handle);
+                w.u64(*start);
+                w.u64(*total);
+                w.hashes(hashes);
+            }
+            Message::Have { req, hashes } => {
+                w.u64(*req);
+                w.hashes(hashes);
+            }
+            Message::HaveReply { req, present } => {
+                w.u64(*req);
+                w.u32(present.len() as u32);
+                let mut bits = vec![0u8; present.len().div_ceil(8)];
+                for (i, p) in present.iter().enumerate() {
+                    if *p {
+                        bits[i / 8] |= 1 << (i % 8);
+                    }
+                }
+                w.0.extend_from_slice(&bits);
+            }
+            Message::Block {
+                seq,
+                handle,
+                index,
+                hash,
+                codec,
+                data,
+            } => {
+                w.u64(*seq);
+                w.u32(*handle);
+                w.u64(*index);
+                w.hash(hash);
+                w.0.push(*codec as u8);
+                w.u32(data.len() as u32);
+                w.0.extend_from_slice(data);
+            }
+            Message::Ref {
+                seq,
+                handle,
+                index,
+                hash,
+            } => {
+                w.u64(*seq);
+                w.u32(*handle);
+                w.u64(*index);
+                w.hash(hash);
+            }
+            Message::Acks { seqs } => {
+                w.u32(seqs.len() as u32);
+                for s in seqs {
+                    w.u64(*s);
+                }
+            }
+            Message::NeedData { seq } => w.u64(*seq),
+            Message::Commit {
+                point,
+                created_unix_ms,
+                consistency,
+                disks,
+            } => {
+                w.u64(*point);
+                w.u64(*created_unix_ms);
+                w.0.push(*consistency as u8);
+                w.u32(disks.len() as u32);
+                for (h, d) in disks {
+                    w.u32(*h);
+                    w.hash(d);
+                }
+            }
+            Message::Committed { point } => w.u64(*point),
+            Message::Progress { disks } => {
+                w.u32(disks.len() as u32);
+                for d in disks {
+                    w.u32(d.handle);
+                    w.0.push(d.state as u8);
+                    w.u64(d.backlog_blocks);
+                }
+            }
+            Message::Error {
+                code,
+                retryable,
+                message,
+            } => {
+                w.u16(*code as u16);
+                w.0.push(u8::from(*retryable));
+                w.str(message);
+            }
+        }
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    }
+}
+
+struct Writer<'a>(&'a mut Vec<u8>);
+
+impl Writer<'_> {
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn hash(&mut self, h: &BlockHash) {
+        self.0.extend_from_slice(&h.0);
+    }
+    fn str(&mut self, s: &str) {
+        // Strings longer than MAX_STRING are cut (at a char boundary) rather than sent.
+        let mut end = s.len().min(MAX_STRING);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.u16(end as u16);
+        self.0.extend_from_slice(&s.as_bytes()[..end]);
+    }
+    fn hashes(&mut self, hs: &[BlockHash]) {
+        self.u32(hs.len() as u32);
+        for h in hs {
+            self.hash(h);
+        }
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    msg: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.buf.len() < n {
+            return Err(DecodeError::Truncated {
+                msg: self.msg,
+                needed: n - self.buf.len(),
+            });
+        }
+        let (a, b) = self.buf.split_at(n);
+        self.buf = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn hash(&mut self) -> Result<BlockHash, DecodeError> {
+        let mut a = [0u8; 32];
+        a.copy_from_slice(self.take(32)?);
+        Ok(BlockHash(a))
+    }
+    fn invalid(&self, what: impl Into<String>) -> DecodeError {
+        DecodeError::Invalid {
+            msg: self.msg,
+            what: what.into(),
+        }
+    }
+    fn count(&mut self, cap: usize, what: &str) -> Result<usize, DecodeError> {
+        let n = self.u32()? as usize;
+        if n > cap {
+            return Err(self.invalid(format!("{n} {what} exceed the cap of {cap}")));
+        }
+        Ok(n)
+    }
+    fn str(&mut self) -> Result<String, DecodeError> {
+        let n = self.u16()? as usize;
+        if n > MAX_STRING {
+            return Err(self.invalid(format!("string of {n} bytes exceeds {MAX_STRING}")));
+        }
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| self.invalid("string is not UTF-8"))
+    }
+    fn hashes(&mut self) -> Result<Vec<BlockHash>, DecodeError> {
+        let n = self.count(MAX_HASHES, "hashes")?;
+        (0..n).map(|_| self.hash()).collect()
+    }
+    fn bool(&mut self) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(self.invalid(format!("boolean byte {v}"))),
+        }
+    }
+}
+
+fn type_name(t: u8) -> &'static str {
+    const NAMES: [&str; 16] = [
+        "Hello",
+        "Welcome",
+        "OpenDisk",
+        "DiskOpened",
+        "GetManifest",
+        "ManifestChunk",
+        "Have",
+        "HaveReply",
+        "Block",
+        "Ref",
+        "Acks",
+        "NeedData",
+        "Commit",
+        "Committed",
+        "Progress",
+        "Error",
+    ];
+    NAMES
+        .get((t as usize).wrapping_sub(1))
+        .copied()
+        .unwrap_or("unknown")
+}
+
+fn decode_body(body: &[u8]) -> Result<Message, DecodeError> {
+    let t = body[0];
+    let msg = type_name(t);
+    let mut r = Reader {
+        buf: &body[1..],
+        msg,
+    };
+    let m = match t {
+        1 => Message::Hello {
+            server_id: r.str()?,
+            token: r.str()?,
+            agent_version: r.str()?,
+        },
+        2 => Message::Welcome {
+            receiver_version: r.str()?,
+        },
+        3 => Message::OpenDisk {
+            handle: r.u32()?,
+            disk_id: r.str()?,
+            size: r.u64()?,
+        },
+        4 => Message::DiskOpened {
+            handle: r.u32()?,
+            digest: r.hash()?,
+        },
+        5 => Message::GetManifest { handle: r.u32()? },
+        6 => Message::ManifestChunk {
+            handle: r.u32()?,
+            start: r.u64()?,
+            total: r.u64()?,
+            hashes: r.hashes()?,
+        },
+        7 => Message::Have {
+            req: r.u64()?,
+            hashes: r.hashes()?,
+        },
+        8 => {
+            let req = r.u64()?;
+            let n = r.count(MAX_HASHES, "answers")?;
+            let bits = r.take(n.div_ceil(8))?;
+            let present = (0..n).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect();
+            Message::HaveReply { req, present }
+        }
+        9 => {
+            let seq = r.u64()?;
+            let handle = r.u32()?;
+            let index = r.u64()?;
+            let hash = r.hash()?;
+            let c = r.u8()?;
+            let codec = Codec::from_u8(c).ok_or_else(|| r.invalid(format!("unknown codec {c}")))?;
+            let n = r.u32()? as usize;
+            if n > BLOCK_SIZE + BLOCK_SIZE / 64 {
+                return Err(r.invalid(format!("block data of {n} bytes is too large")));
+            }
+            let data = r.take(n)?.to_vec();
+            if hash.is_zero() {
+                return Err(r.invalid("a Block frame cannot carry the zero hash"));
+            }
+            Message::Block {
+                seq,
+                handle,
+                index,
+                hash,
+                codec,
+                data,
+            }
+        }
+        10 => Message::Ref {
+            seq: r.u64()?,
+            handle: r.u32()?,
+            index: r.u64()?,
+            hash: r.hash()?,
+        },
+        11 => {
+            let n = r.count(MAX_ACKS, "acks")?;
+            let seqs = (0..n).map(|_| r.u64()).collect::<Result<_, _>>()?;
+            Message::Acks { seqs }
+        }
+        12 => Message::NeedData { seq: r.u64()? },
+        13 => {
+            let point = r.u64()?;
+            let created_unix_ms = r.u64()?;
+            let consistency = match r.u8()? {
+                0 => Consistency::BestEffort,
+                1 => Consistency::CrashConsistent,
+                v => return Err(r.invalid(format!("unknown consistency {v}"))),
+            };
+            let n = r.count(MAX_DISKS, "disks")?;
+            let disks = (0..n)
+                .map(|_| Ok((r.u32()?, r.hash()?)))
+                .collect::<Result<_, DecodeError>>()?;
+            Message::Commit {
+                point,
+                created_unix_ms,
+                consistency,
+                disks,
+            }
+        }
+        14 => Message::Committed { point: r.u64()? },
+        15 => {
+            let n = r.count(MAX_DISKS, "disks")?;
+            let disks = (0..n)
+                .map(|_| {
+                    let handle = r.u32()?;
+                    let s = r.u8()?;
+                    let state = DiskState::from_u8(s)
+                        .ok_or_else(|| r.invalid(format!("unknown disk state {s}")))?;
+                    Ok(DiskProgress {
+                        handle,
+                        state,
+                        backlog_blocks: r.u64()?,
+                    })
+                })
+                .collect::<Result<_, DecodeError>>()?;
+            Message::Progress { disks }
+        }
+        16 => {
+            let c = r.u16()?;
+            let code = ErrorCode::from_u16(c)
+                .ok_or_else(|| r.invalid(format!("unknown error code {c}")))?;
+            Message::Error {
+                code,
+                retryable: r.bool()?,
+                message: r.str()?,
+            }
+        }
+        other => return Err(DecodeError::UnknownType(other)),
+    };
+    if !r.buf.is_empty() {
+        return Err(DecodeError::Trailing(r.buf.len(), msg));
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_hash() -> impl Strategy<Value = BlockHash> {
+        any::<[u8; 32]>().prop_map(BlockHash)
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        let s = "[a-z0-9-]{0,40}";
+        prop_oneof![
+            (s, s, s).prop_map(|(a, b, c)| Message::Hello {
+                server_id: a,
+                token: b,
+                agent_version: c
+            }),
+            s.prop_map(|v| Message::Welcome {
+                receiver_version: v
+            }),
+            (any::<u32>(), s, any::<u64>()).prop_map(|(h, d, z)| Message::OpenDisk {
+                handle: h,
+                disk_id: d,
+                size: z
+            }),
+            (any::<u32>(), arb_hash()).prop_map(|(h, d)| Message::DiskOpened {
+                handle: h,
+                digest: d
+            }),
+            any::<u32>().prop_map(|h| Message::GetManifest { handle: h }),
+            (
+                any::<u32>(),
+                any::<u64>(),
+                any::<u64>(),
+                proptest::collection::vec(arb_hash(), 0..50)
+            )
+                .prop_map(|(h, s, t, hs)| Message::ManifestChunk {
+                    handle: h,
+                    start: s,
+                    total: t,
+                    hashes: hs
+                }),
+            (any::<u64>(), proptest::collection::vec(arb_hash(), 0..50))
+                .prop_map(|(r, hs)| Message::Have { req: r, hashes: hs }),
+            (
+                any::<u64>(),
+                proptest::collection::vec(any::<bool>(), 0..100)
+            )
+                .prop_map(|(r, p)| Message::HaveReply { req: r, present: p }),
+            (
+                any::<u64>(),
+                any::<u32>(),
+                any::<u64>(),
+                arb_hash().prop_filter("non-zero", |h| !h.is_zero()),
+                prop_oneof![Just(Codec::Raw), Just(Codec::Zstd)],
+                proptest::collection::vec(any::<u8>(), 0..2000)
+            )
+                .prop_map(|(seq, handle, index, hash, codec, data)| Message::Block {
+                    seq,
+                    handle,
+                    index,
+                    hash,
+                    codec,
+                    data
+                }),
+            (any::<u64>(), any::<u32>(), any::<u64>(), arb_hash()).prop_map(
+                |(seq, handle, index, hash)| Message::Ref {
+                    seq,
+                    handle,
+                    index,
+                    hash
+                }
+            ),
+            proptest::collection::vec(any::<u64>(), 0..100).prop_map(|seqs| Message::Acks { seqs }),
+            any::<u64>().prop_map(|seq| Message::NeedData { seq }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<bool>(),
+                proptest::collection::vec((any::<u32>(), arb_hash()), 0..8)
+            )
+                .prop_map(|(p, t, c, d)| Message::Commit {
+                    point: p,
+                    created_unix_ms: t,
+                    consistency: if c {
+                        Consistency::CrashConsistent
+                    } else {
+                        Consistency::BestEffort
+                    },
+                    disks: d,
+                }),
+            any::<u64>().prop_map(|p| Message::Committed { point: p }),
+            proptest::collection::vec((any::<u32>(), 0u8..7, any::<u64>()), 0..8).prop_map(|v| {
+                Message::Progress {
+                    disks: v
+                        .into_iter()
+                        .map(|(h, s, b)| DiskProgress {
+                            handle: h,
+                            state: DiskState::from_u8(s).unwrap(),
+                            backlog_blocks: b,
+                        })
+                        .collect(),
+                }
+            }),
+            (any::<bool>(), s).prop_map(|(r, m)| Message::Error {
+                code: ErrorCode::Storage,
+                retryable: r,
+                message: m
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(msgs in proptest::collection::vec(arb_message(), 1..6)) {
+            let mut buf = Vec::new();
+            for m in &msgs {
+                m.encode(&mut buf);
+            }
+            let mut off = 0;
+            for m in &msgs {
+                // Every strict prefix of a frame asks for more bytes, never errors.
+                let (decoded, used) = decode_frame(&buf[off..]).unwrap().unwrap();
+                prop_assert_eq!(&decoded, m);
+                for cut in 0..used.min(64) {
+                    prop_assert_eq!(decode_frame(&buf[off..off + cut]).unwrap(), None);
+                }
+                off += used;
+            }
+            prop_assert_eq!(off, buf.len());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame(&bytes);
+        }
+    }
+
+    #[test]
+    fn oversized_refused_from_the_length_alone() {
+        let len = (MAX_FRAME as u32 + 1).to_le_bytes();
+        assert_eq!(
+            decode_frame(&len),
+            Err(DecodeError::Oversized(MAX_FRAME + 1))
+        );
+    }
+
+    #[test]
+    fn preface_checks() {
+        assert_eq!(check_preface(&preface(1)), Ok(1));
+        assert_eq!(check_preface(&preface(2)), Err(DecodeError::Version(2)));
+        let mut p = preface(1);
+        p[0] = b'X';
+        assert!(matches!(check_preface(&p), Err(DecodeError::BadPreface(_))));
+    }
+
+    #[test]
+    fn trailing_and_unknown() {
+        let mut buf = Vec::new();
+        Message::Committed { point: 1 }.encode(&mut buf);
+        buf.push(0);
+        buf[0] += 1;
+        assert_eq!(
+            decode_frame(&buf),
+            Err(DecodeError::Trailing(1, "Committed"))
+        );
+        assert_eq!(
+            decode_frame(&[1, 0, 0, 0, 99]),
+            Err(DecodeError::UnknownType(99))
+        );
+        assert_eq!(decode_frame(&[0, 0, 0, 0]), Err(DecodeError::Empty));
+    }
+}
