@@ -13,5 +13,6 @@ pub mod config;
 pub mod durable;
 pub mod manifest;
 pub mod protocol;
+pub mod sd_notify;
 
 pub use block::{BlockHash, BLOCK_SIZE};

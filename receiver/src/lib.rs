@@ -1,1 +1,24 @@
+//! lifeboat-receiver: keeps replicated blocks durable, cuts points in time, restores disks.
+//!
+//! - [`server`]: TLS listener and per-agent sessions.
+//! - [`store`]: the content-addressed staging store.
+//! - [`disk`]: each disk's live manifest and journal.
+//! - [`catalog`] and [`target`]: committed points and where they are written.
+//! - [`retention`] and [`gc`]: which points are kept, which blocks can go.
+//! - [`commands`]: one file per CLI command.
 
+pub mod auth;
+pub mod catalog;
+pub mod cli;
+pub mod commands;
+pub mod disk;
+pub mod gc;
+pub mod retention;
+pub mod server;
+pub mod status;
+pub mod store;
+mod sys;
+pub mod target;
+pub mod tls;
+
+pub use cli::{run, Cli};

@@ -1,1 +1,5 @@
-fn main() {}
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    std::process::ExitCode::from(lifeboat_receiver::run(lifeboat_receiver::Cli::parse()))
+}

@@ -1,0 +1,233 @@
+//! Catalog of points in time, on the local filesystem.
+//!
+//! `servers/<server>/points/<point:016>/` holds one `<disk>.manifest` per disk and
+//! `point.json`. `point.json` is written last: a point is listed if and only if its
+//! `point.json` exists, so a crash mid-commit leaves no listed point that lacks a manifest.
+//! Deleting a point removes `point.json` first, for the same reason.
+
+use lifeboat_common::manifest::{Manifest, ManifestError};
+use lifeboat_common::protocol::Consistency;
+use lifeboat_common::{durable, BlockHash};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog I/O on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("point record {path} is unreadable: {why}")]
+    BadRecord { path: PathBuf, why: String },
+    #[error("manifest {path}: {source}")]
+    Manifest {
+        path: PathBuf,
+        source: ManifestError,
+    },
+    #[error("server {server:?} has no points (known servers: {known})")]
+    NoServer { server: String, known: String },
+    #[error("server {server} has no point {point:?}; `lifeboat-receiver points --server {server}` lists them")]
+    NoPoint { server: String, point: String },
+    #[error("point {point} of server {server} has no disk {disk:?} (it has: {known})")]
+    NoDisk {
+        server: String,
+        point: u64,
+        disk: String,
+        known: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskRecord {
+    pub id: String,
+    pub size: u64,
+    /// blake3 digest of the manifest (hex).
+    pub digest: String,
+    /// Non-zero blocks in the point.
+    pub data_blocks: u64,
+    /// Blocks that differ from the previous point of this disk.
+    pub changed_blocks: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PointRecord {
+    pub server: String,
+    pub point: u64,
+    /// When the agent cut the point (its clock).
+    pub created_unix_ms: u64,
+    /// When the receiver committed it.
+    pub committed_unix_ms: u64,
+    pub consistency: Consistency,
+    /// The snapshot target that holds the point ("local").
+    pub target: String,
+    pub disks: Vec<DiskRecord>,
+}
+
+pub struct Catalog {
+    servers: PathBuf,
+}
+
+fn ioe(path: &Path) -> impl FnOnce(io::Error) -> CatalogError + '_ {
+    move |source| CatalogError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Catalog {
+    pub fn new(state_dir: &Path) -> Catalog {
+        Catalog {
+            servers: state_dir.join("servers"),
+        }
+    }
+
+    pub fn server_dir(&self, server: &str) -> PathBuf {
+        self.servers.join(server)
+    }
+
+    pub fn point_dir(&self, server: &str, point: u64) -> PathBuf {
+        self.server_dir(server)
+            .join("points")
+            .join(format!("{point:016}"))
+    }
+
+    /// Server ids that have a directory.
+    pub fn servers(&self) -> Result<Vec<String>, CatalogError> {
+        let mut out = Vec::new();
+        match fs::read_dir(&self.servers) {
+            Ok(rd) => {
+                for e in rd.flatten() {
+                    if let Some(n) = e.file_name().to_str() {
+                        if lifeboat_common::config::valid_name(n) {
+                            out.push(n.to_string());
+                        }
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ioe(&self.servers)(e)),
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Listed points of a server, oldest first.
+    pub fn points(&self, server: &str) -> Result<Vec<PointRecord>, CatalogError> {
+        let dir = self.server_dir(server).join("points");
+        let mut out = Vec::new();
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(ioe(&dir)(e)),
+        };
+        for e in rd.flatten() {
+            let p = e.path().join("point.json");
+            match fs::read(&p) {
+                Ok(bytes) => {
+                    let rec: PointRecord =
+                        serde_json::from_slice(&bytes).map_err(|e| CatalogError::BadRecord {
+                            path: p.clone(),
+                            why: e.to_string(),
+                        })?;
+                    out.push(rec);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ioe(&p)(e)),
+            }
+        }
+        out.sort_by_key(|p| p.point);
+        Ok(out)
+    }
+
+    /// Resolves `latest` or a point number for a server.
+    pub fn find(&self, server: &str, point: &str) -> Result<PointRecord, CatalogError> {
+        let points = self.points(server)?;
+        if points.is_empty() {
+            let known = self.servers()?.join(", ");
+            return Err(CatalogError::NoServer {
+                server: server.to_string(),
+                known: if known.is_empty() {
+                    "none".into()
+                } else {
+                    known
+                },
+            });
+        }
+        let found = if point == "latest" {
+            points.last().cloned()
+        } else {
+            point
+                .parse::<u64>()
+                .ok()
+                .and_then(|n| points.iter().find(|p| p.point == n).cloned())
+        };
+        found.ok_or_else(|| CatalogError::NoPoint {
+            server: server.to_string(),
+            point: point.to_string(),
+        })
+    }
+
+    /// Reads and verifies (self-check and digest) the manifest of one disk of a point.
+    pub fn manifest(&self, rec: &PointRecord, disk: &str) -> Result<Manifest, CatalogError> {
+        let d = rec
+            .disks
+            .iter()
+            .find(|d| d.id == disk)
+            .ok_or_else(|| CatalogError::NoDisk {
+                server: rec.server.clone(),
+                point: rec.point,
+                disk: disk.to_string(),
+                known: rec
+                    .disks
+                    .iter()
+                    .map(|d| d.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        let path = self
+            .point_dir(&rec.server, rec.point)
+            .join(format!("{disk}.manifest"));
+        let bytes = fs::read(&path).map_err(ioe(&path))?;
+        let m = Manifest::decode(&bytes).map_err(|source| CatalogError::Manifest {
+            path: path.clone(),
+            source,
+        })?;
+        if m.digest().to_hex() != d.digest {
+            return Err(CatalogError::BadRecord {
+                path,
+                why: format!(
+                    "manifest digest {} does not match the point record {}",
+                    m.digest(),
+                    d.digest
+                ),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Unlists a point (removes `point.json` durably), then removes its files.
+    pub fn delete(&self, server: &str, point: u64) -> Result<(), CatalogError> {
+        let dir = self.point_dir(server, point);
+        let rec = dir.join("point.json");
+        match fs::remove_file(&rec) {
+            Ok(()) => durable::sync_dir(&dir).map_err(ioe(&dir))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ioe(&rec)(e)),
+        }
+        fs::remove_dir_all(&dir).map_err(ioe(&dir))
+    }
+
+    /// Every block hash referenced by any listed point of any server.
+    pub fn referenced(&self) -> Result<std::collections::HashSet<BlockHash>, CatalogError> {
+        let mut set = std::collections::HashSet::new();
+        for server in self.servers()? {
+            for rec in self.points(&server)? {
+                for d in &rec.disks {
+                    let m = self.manifest(&rec, &d.id)?;
+                    set.extend(m.hashes.into_iter().filter(|h| !h.is_zero()));
+                }
+            }
+        }
+        Ok(set)
+    }
+}

@@ -1,0 +1,169 @@
+//! The command line. `main.rs` parses it and calls [`run`], which maps errors to exit codes.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Exit codes: 0 success, 1 failure, 2 bad usage, 64 bad configuration, 65 data error (a
+/// missing or corrupt block, a manifest that does not check).
+pub mod exit {
+    pub const FAILURE: u8 = 1;
+    pub const CONFIG: u8 = 64;
+    pub const DATA: u8 = 65;
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lifeboat-receiver",
+    version,
+    about = "Lifeboat receiver: keeps replicated disks durable, cuts points in time, restores them",
+    long_about = "Lifeboat receiver: keeps replicated disks durable, cuts points in time, restores them.\n\n\
+First run `init` once to create the state directory, a private CA and an agent token; then \
+`serve` (usually as the systemd unit lifeboat-receiver.service). `servers`, `points` and \
+`restore` read the same state directory and can run while `serve` does."
+)]
+pub struct Cli {
+    /// The receiver's state directory (config, TLS material, staging store, catalog).
+    #[arg(
+        long,
+        global = true,
+        env = "LIFEBOAT_RECEIVER_STATE_DIR",
+        default_value = "/var/lib/lifeboat-receiver"
+    )]
+    pub state_dir: PathBuf,
+    /// Log filter (RUST_LOG syntax), e.g. "info" or "lifeboat_receiver=debug".
+    #[arg(long, global = true, env = "LIFEBOAT_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create the state directory, a CA, a server certificate and an agent token; print what
+    /// an agent's config needs.
+    Init {
+        /// Address the listener will bind.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: String,
+        /// Extra DNS names or IP addresses for the server certificate (agents connect with
+        /// server_name "lifeboat-receiver" by default, which is always included).
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the TLS listener until SIGTERM.
+    Serve {
+        /// Override the listen address of receiver.toml.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Seconds between retention and garbage-collection passes.
+        #[arg(long, default_value_t = 60)]
+        gc_interval_secs: u64,
+    },
+    /// Check receiver.toml (or another file) and exit non-zero naming what is wrong.
+    Validate {
+        /// The file to check; default <state-dir>/receiver.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// List servers and their disks: state, lag, backlog, last point.
+    Servers {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a server's points in time.
+    Points {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore one disk of one point to a file or block device, verifying every block.
+    Restore {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        disk: String,
+        /// A point number from `points`, or "latest".
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Destination: a new file, or a block device at least as large as the disk.
+        #[arg(long)]
+        to: PathBuf,
+        /// Overwrite an existing non-empty regular file.
+        #[arg(long)]
+        force: bool,
+        /// Skip reading the destination back after writing (faster; proves less).
+        #[arg(long)]
+        no_verify: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs a parsed command; returns the process exit code.
+pub fn run(cli: Cli) -> u8 {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let r = match cli.command {
+        Command::Init {
+            listen,
+            names,
+            json,
+        } => crate::commands::init::run(&cli.state_dir, &listen, &names, json),
+        Command::Serve {
+            listen,
+            gc_interval_secs,
+        } => crate::commands::serve::run(&cli.state_dir, listen, gc_interval_secs),
+        Command::Validate { config } => crate::commands::validate::run(&cli.state_dir, config),
+        Command::Servers { json } => crate::commands::servers::run(&cli.state_dir, json),
+        Command::Points { server, json } => {
+            crate::commands::points::run(&cli.state_dir, &server, json)
+        }
+        Command::Restore {
+            server,
+            disk,
+            point,
+            to,
+            force,
+            no_verify,
+            json,
+        } => crate::commands::restore::run(
+            &cli.state_dir,
+            &crate::commands::restore::Request {
+                server,
+                disk,
+                point,
+                to,
+                force,
+                verify: !no_verify,
+                json,
+            },
+        ),
+    };
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<lifeboat_common::config::ConfigError>()
+                .is_some()
+            {
+                exit::CONFIG
+            } else if e
+                .downcast_ref::<crate::commands::restore::DataError>()
+                .is_some()
+            {
+                exit::DATA
+            } else {
+                exit::FAILURE
+            }
+        }
+    }
+}

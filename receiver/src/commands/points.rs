@@ -1,0 +1,63 @@
+//! `points`: a server's points in time.
+
+use super::{fmt_bytes, fmt_utc, print_table};
+use crate::catalog::Catalog;
+use lifeboat_common::protocol::Consistency;
+use lifeboat_common::BLOCK_SIZE;
+use std::path::Path;
+
+pub fn run(state_dir: &Path, server: &str, json: bool) -> anyhow::Result<()> {
+    let catalog = Catalog::new(state_dir);
+    let points = catalog.points(server)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&points)?);
+        return Ok(());
+    }
+    if points.is_empty() {
+        let known = catalog.servers()?;
+        anyhow::bail!(
+            "server {server:?} has no points (servers with state here: {})",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        );
+    }
+    let rows: Vec<Vec<String>> = points
+        .iter()
+        .map(|p| {
+            let data: u64 = p.disks.iter().map(|d| d.data_blocks).sum();
+            let changed: u64 = p.disks.iter().map(|d| d.changed_blocks).sum();
+            vec![
+                p.point.to_string(),
+                fmt_utc(p.created_unix_ms),
+                match p.consistency {
+                    Consistency::CrashConsistent => "crash-consistent".into(),
+                    Consistency::BestEffort => "best-effort".into(),
+                },
+                p.disks
+                    .iter()
+                    .map(|d| d.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                fmt_bytes(data * BLOCK_SIZE as u64),
+                fmt_bytes(changed * BLOCK_SIZE as u64),
+                p.target.clone(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "POINT",
+            "CREATED (UTC)",
+            "CONSISTENCY",
+            "DISKS",
+            "DATA",
+            "CHANGED",
+            "TARGET",
+        ],
+        &rows,
+    );
+    Ok(())
+}

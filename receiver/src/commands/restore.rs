@@ -1,0 +1,232 @@
+//! `restore`: write one disk of one point to a file or block device.
+//!
+//! Every block is read from the staging store, decoded and checked against its name, which the
+//! manifest (itself self-checked and matched to the point's digest) gives. Zero blocks are left
+//! sparse in a file and written as zeros on a block device. Unless `--no-verify`, the
+//! destination is then read back and every block compared with the manifest, so a finished
+//! restore proves its content. A missing or corrupt block stops the restore with an error that
+//! names the disk, the point, the block index and its hash (exit code 65).
+
+use super::fmt_bytes;
+use crate::catalog::Catalog;
+use crate::store::Store;
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use lifeboat_common::block::{block_len, hash_block};
+use lifeboat_common::{BlockHash, BLOCK_SIZE};
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+pub struct Request {
+    pub server: String,
+    pub disk: String,
+    pub point: String,
+    pub to: PathBuf,
+    pub force: bool,
+    pub verify: bool,
+    pub json: bool,
+}
+
+/// Content that is missing, corrupt or does not match: the restore cannot be trusted.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DataError(pub String);
+
+fn open_destination(to: &Path, size: u64, force: bool) -> anyhow::Result<(File, bool)> {
+    match std::fs::metadata(to) {
+        Ok(m) if m.file_type().is_block_device() => {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .read(true)
+                .open(to)
+                .with_context(|| format!("opening block device {}", to.display()))?;
+            let dev_size = f.seek(SeekFrom::End(0))?;
+            if dev_size < size {
+                bail!(
+                    "block device {} holds {} bytes, less than the disk's {size}",
+                    to.display(),
+                    dev_size
+                );
+            }
+            Ok((f, true))
+        }
+        Ok(m) if m.is_file() && m.len() > 0 && !force => bail!(
+            "{} exists and is not empty; pass --force to overwrite it",
+            to.display()
+        ),
+        Ok(m) if !m.is_file() => bail!(
+            "{} is neither a regular file nor a block device",
+            to.display()
+        ),
+        _ => {
+            let f = OpenOptions::new()
+                .write(true)
+                .read(true)
+                .create(true)
+                .truncate(true)
+                .open(to)
+                .with_context(|| format!("creating {}", to.display()))?;
+            // Sparse: every block not written reads as zeros.
+            f.set_len(size)
+                .with_context(|| format!("sizing {} to {size} bytes", to.display()))?;
+            Ok((f, false))
+        }
+    }
+}
+
+fn progress(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{msg:>9} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Runs `f(index)` for every index on a few threads; stops at the first error.
+fn parallel(n: usize, f: impl Fn(usize) -> anyhow::Result<()> + Sync) -> anyhow::Result<()> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let threads = std::thread::available_parallelism()
+        .map(|p| p.get())
+        .unwrap_or(2)
+        .clamp(2, 4);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                if failed.load(Ordering::Relaxed) {
+                    return;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                if let Err(e) = f(i) {
+                    failed.store(true, Ordering::Relaxed);
+                    let mut slot = first.lock().unwrap_or_else(|e| e.into_inner());
+                    slot.get_or_insert(e);
+                    return;
+                }
+            });
+        }
+    });
+    match first.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
+    let catalog = Catalog::new(state_dir);
+    // Shared lock: retention and GC wait for the restore to finish.
+    let lock = crate::gc::lock_file(state_dir)
+        .with_context(|| format!("opening the lock in {}", state_dir.display()))?;
+    crate::sys::flock(&lock, false, false)?;
+
+    let rec = catalog.find(&req.server, &req.point)?;
+    let manifest = catalog
+        .manifest(&rec, &req.disk)
+        .map_err(|e| DataError(format!("server {} point {}: {e}", rec.server, rec.point)))?;
+    let store = Store::open(&state_dir.join("store"))?;
+    let size = manifest.disk_size;
+    let (dst, is_device) = open_destination(&req.to, size, req.force)?;
+    let ctx =
+        |i: usize, h: &BlockHash| format!("disk {} point {} block {i} ({h})", req.disk, rec.point);
+
+    let data_blocks = manifest.data_blocks();
+    let pb = progress(size, "restore");
+    let created = !is_device;
+    let result = parallel(manifest.hashes.len(), |i| {
+        let h = manifest.hashes[i];
+        let len = block_len(i as u64, size);
+        let off = i as u64 * BLOCK_SIZE as u64;
+        if h.is_zero() {
+            if is_device {
+                dst.write_all_at(&vec![0u8; len], off).with_context(|| {
+                    format!("writing zeros at block {i} of {}", req.to.display())
+                })?;
+            }
+        } else {
+            let plain = store
+                .read(&h)
+                .map_err(|e| DataError(format!("{}: {e}", ctx(i, &h))))?;
+            dst.write_all_at(&plain[..len], off)
+                .with_context(|| format!("writing block {i} to {}", req.to.display()))?;
+        }
+        pb.inc(len as u64);
+        Ok(())
+    });
+    pb.finish_and_clear();
+    if let Err(e) = result {
+        if created {
+            let _ = std::fs::remove_file(&req.to);
+            return Err(e.context(format!(
+                "restore failed; the incomplete {} was removed",
+                req.to.display()
+            )));
+        }
+        return Err(e.context(format!(
+            "restore failed; {} holds an incomplete restore",
+            req.to.display()
+        )));
+    }
+    dst.sync_all()
+        .with_context(|| format!("fsync of {}", req.to.display()))?;
+
+    if req.verify {
+        let pb = progress(size, "verify");
+        parallel(manifest.hashes.len(), |i| {
+            let len = block_len(i as u64, size);
+            let mut buf = vec![0u8; len];
+            dst.read_exact_at(&mut buf, i as u64 * BLOCK_SIZE as u64)
+                .with_context(|| format!("reading back block {i} of {}", req.to.display()))?;
+            let got = hash_block(&buf);
+            if got != manifest.hashes[i] {
+                return Err(DataError(format!(
+                    "{}: read back from {} as {got}",
+                    ctx(i, &manifest.hashes[i]),
+                    req.to.display()
+                ))
+                .into());
+            }
+            pb.inc(len as u64);
+            Ok(())
+        })?;
+        pb.finish_and_clear();
+    }
+    let digest = manifest.digest();
+    if req.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "server": rec.server, "disk": req.disk, "point": rec.point, "to": req.to,
+                "size_bytes": size, "data_blocks": data_blocks,
+                "zero_blocks": manifest.hashes.len() - data_blocks,
+                "verified": req.verify, "manifest_digest": digest.to_hex(),
+            })
+        );
+    } else {
+        println!(
+            "restored server {} disk {} point {} to {}: {} ({data_blocks} data blocks{}, {} zero blocks {})",
+            rec.server,
+            req.disk,
+            rec.point,
+            req.to.display(),
+            fmt_bytes(size),
+            if req.verify { ", each verified in the store and read back" } else { ", each verified in the store" },
+            manifest.hashes.len() - data_blocks,
+            if is_device { "written" } else { "left sparse" },
+        );
+        println!("manifest digest {digest}");
+    }
+    Ok(())
+}

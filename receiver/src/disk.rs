@@ -1,0 +1,229 @@
+//! The receiver's live view of one replicating disk: which content each block index holds,
+//! as far as the receiver has acknowledged.
+//!
+//! On disk, under `servers/<server>/disks/<disk>/`: `live.manifest` (the state at the last
+//! compaction, manifest format) and `journal`, an append-only list of records
+//! `index u64 | hash 32 | check u32` written (and made durable) before the block is acked.
+//! `check` is the first four bytes of blake3(index ‖ hash): a torn tail record fails it and
+//! ends the replay. Records are absolute (index → hash), so replaying one twice is harmless.
+
+use lifeboat_common::durable;
+use lifeboat_common::manifest::{Manifest, ManifestError};
+use lifeboat_common::BlockHash;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+const RECORD: usize = 8 + 32 + 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("disk {disk}: I/O on {path}: {source}")]
+    Io {
+        disk: String,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("disk {disk}: live manifest {path} is unreadable: {source}")]
+    Manifest {
+        disk: String,
+        path: PathBuf,
+        source: ManifestError,
+    },
+    #[error("disk {disk}: block index {index} is past the end ({blocks} blocks)")]
+    OutOfRange {
+        disk: String,
+        index: u64,
+        blocks: u64,
+    },
+}
+
+pub struct LiveDisk {
+    pub id: String,
+    dir: PathBuf,
+    pub manifest: Manifest,
+    journal: File,
+    journal_records: u64,
+}
+
+fn check(index: u64, hash: &BlockHash) -> [u8; 4] {
+    let mut h = blake3::Hasher::new();
+    h.update(&index.to_le_bytes());
+    h.update(&hash.0);
+    let out = h.finalize();
+    let b = out.as_bytes();
+    [b[0], b[1], b[2], b[3]]
+}
+
+impl LiveDisk {
+    /// Loads (or creates) the live state of disk `id` under `dir`, sized to `size` bytes.
+    pub fn open(dir: &Path, id: &str, size: u64) -> Result<LiveDisk, DiskError> {
+        let ioe = |path: &Path| {
+            let path = path.to_path_buf();
+            let disk = id.to_string();
+            move |source| DiskError::Io { disk, path, source }
+        };
+        durable::create_dir_all_durable(dir).map_err(ioe(dir))?;
+        let mpath = dir.join("live.manifest");
+        let mut manifest = match fs::read(&mpath) {
+            Ok(bytes) => Manifest::decode(&bytes).map_err(|source| DiskError::Manifest {
+                disk: id.to_string(),
+                path: mpath.clone(),
+                source,
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Manifest::zeroed(size),
+            Err(e) => return Err(ioe(&mpath)(e)),
+        };
+        let jpath = dir.join("journal");
+        let bytes = match fs::read(&jpath) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(ioe(&jpath)(e)),
+        };
+        let mut good = 0usize;
+        for rec in bytes.chunks_exact(RECORD) {
+            let mut ib = [0u8; 8];
+            ib.copy_from_slice(&rec[..8]);
+            let index = u64::from_le_bytes(ib);
+            let mut h = [0u8; 32];
+            h.copy_from_slice(&rec[8..40]);
+            let hash = BlockHash(h);
+            if rec[40..44] != check(index, &hash) {
+                break;
+            }
+            if let Some(slot) = manifest.hashes.get_mut(index as usize) {
+                *slot = hash;
+            }
+            good += RECORD;
+        }
+        let journal = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&jpath)
+            .map_err(ioe(&jpath))?;
+        if good != bytes.len() {
+            // Drop a torn tail so that later appends follow the last good record.
+            journal.set_len(good as u64).map_err(ioe(&jpath))?;
+        }
+        let mut d = LiveDisk {
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+            manifest,
+            journal,
+            journal_records: (good / RECORD) as u64,
+        };
+        if d.manifest.disk_size != size || !mpath.exists() {
+            d.manifest.resize(size);
+            d.compact()?;
+        }
+        Ok(d)
+    }
+
+    fn io(&self, path: PathBuf) -> impl FnOnce(io::Error) -> DiskError + '_ {
+        move |source| DiskError::Io {
+            disk: self.id.clone(),
+            path,
+            source,
+        }
+    }
+
+    /// Appends index → hash records; they become durable at the caller's next store sync.
+    pub fn record(&mut self, entries: &[(u64, BlockHash)]) -> Result<(), DiskError> {
+        let blocks = self.manifest.hashes.len() as u64;
+        let mut buf = Vec::with_capacity(entries.len() * RECORD);
+        for (index, hash) in entries {
+            if *index >= blocks {
+                return Err(DiskError::OutOfRange {
+                    disk: self.id.clone(),
+                    index: *index,
+                    blocks,
+                });
+            }
+            buf.extend_from_slice(&index.to_le_bytes());
+            buf.extend_from_slice(&hash.0);
+            buf.extend_from_slice(&check(*index, hash));
+        }
+        let jpath = self.dir.join("journal");
+        self.journal.write_all(&buf).map_err(self.io(jpath))?;
+        for (index, hash) in entries {
+            self.manifest.hashes[*index as usize] = *hash;
+        }
+        self.journal_records += entries.len() as u64;
+        Ok(())
+    }
+
+    /// Writes the live manifest durably and empties the journal.
+    pub fn compact(&mut self) -> Result<(), DiskError> {
+        let mpath = self.dir.join("live.manifest");
+        durable::write_atomic(&mpath, &self.manifest.encode()).map_err(self.io(mpath.clone()))?;
+        let jpath = self.dir.join("journal");
+        self.journal.set_len(0).map_err(self.io(jpath.clone()))?;
+        self.journal.sync_all().map_err(self.io(jpath))?;
+        self.journal_records = 0;
+        Ok(())
+    }
+
+    pub fn journal_records(&self) -> u64 {
+        self.journal_records
+    }
+}
+
+/// Reads a disk's live manifest (manifest + journal) without opening it for writing.
+pub fn read_live(dir: &Path) -> Option<Manifest> {
+    let mut m = Manifest::decode(&fs::read(dir.join("live.manifest")).ok()?).ok()?;
+    if let Ok(bytes) = fs::read(dir.join("journal")) {
+        for rec in bytes.chunks_exact(RECORD) {
+            let mut ib = [0u8; 8];
+            ib.copy_from_slice(&rec[..8]);
+            let index = u64::from_le_bytes(ib);
+            let mut h = [0u8; 32];
+            h.copy_from_slice(&rec[8..40]);
+            if rec[40..44] != check(index, &BlockHash(h)) {
+                break;
+            }
+            if let Some(slot) = m.hashes.get_mut(index as usize) {
+                *slot = BlockHash(h);
+            }
+        }
+    }
+    Some(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lifeboat_common::BLOCK_SIZE;
+
+    #[test]
+    fn journal_replay_and_torn_tail() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 4 * BLOCK_SIZE as u64;
+        {
+            let mut disk = LiveDisk::open(d.path(), "root", size).unwrap();
+            disk.record(&[(1, BlockHash([1; 32])), (3, BlockHash([3; 32]))])
+                .unwrap();
+            disk.journal.sync_all().unwrap();
+            assert!(disk.record(&[(4, BlockHash([4; 32]))]).is_err());
+        }
+        // A torn record at the tail is dropped.
+        let j = d.path().join("journal");
+        let mut bytes = fs::read(&j).unwrap();
+        bytes.extend_from_slice(&[9u8; 20]);
+        fs::write(&j, bytes).unwrap();
+        let mut disk = LiveDisk::open(d.path(), "root", size).unwrap();
+        assert_eq!(disk.manifest.hashes[1], BlockHash([1; 32]));
+        assert_eq!(disk.manifest.hashes[3], BlockHash([3; 32]));
+        assert_eq!(disk.journal_records(), 2);
+        disk.record(&[(0, BlockHash([5; 32]))]).unwrap();
+        drop(disk);
+        let mut disk = LiveDisk::open(d.path(), "root", size).unwrap();
+        assert_eq!(disk.manifest.hashes[0], BlockHash([5; 32]));
+        disk.compact().unwrap();
+        assert_eq!(disk.journal_records(), 0);
+        assert_eq!(read_live(d.path()).unwrap(), disk.manifest);
+        // Growing the disk keeps content and adds zero blocks.
+        let disk = LiveDisk::open(d.path(), "root", size * 2).unwrap();
+        assert_eq!(disk.manifest.hashes.len(), 8);
+        assert_eq!(disk.manifest.hashes[3], BlockHash([3; 32]));
+    }
+}

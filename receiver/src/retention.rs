@@ -1,0 +1,136 @@
+//! Which points to keep: every point of the last `recent_minutes`, then DRS's default policy
+//! (one point per 10 minutes for the last hour, one per hour for the last 24 hours, one per
+//! day for the last `daily_days` days). Older points go. The newest point is always kept.
+//!
+//! Within a bucket the newest point is kept. Buckets are aligned to UTC (10-minute, hour,
+//! day boundaries) and nest, so the point kept for an hour is the one kept for its last
+//! 10 minutes: a point that survives a coarser tier had survived every finer one.
+
+use lifeboat_common::config::RetentionConfig;
+use std::collections::HashSet;
+
+const MIN_MS: u64 = 60_000;
+const HOUR_MS: u64 = 60 * MIN_MS;
+const DAY_MS: u64 = 24 * HOUR_MS;
+
+/// Given `(point, created_unix_ms)` pairs, returns the points to keep at `now_ms`.
+pub fn keep(points: &[(u64, u64)], now_ms: u64, policy: &RetentionConfig) -> HashSet<u64> {
+    let mut kept = HashSet::new();
+    let Some(newest) = points.iter().max_by_key(|(p, t)| (*t, *p)) else {
+        return kept;
+    };
+    kept.insert(newest.0);
+    // (max age, bucket width) from fine to coarse.
+    let tiers = [
+        (HOUR_MS, 10 * MIN_MS),
+        (DAY_MS, HOUR_MS),
+        (policy.daily_days.saturating_mul(DAY_MS), DAY_MS),
+    ];
+    let mut best: std::collections::HashMap<(usize, u64), (u64, u64)> = Default::default();
+    for &(point, t) in points {
+        let age = now_ms.saturating_sub(t);
+        if age <= policy.recent_minutes.saturating_mul(MIN_MS) {
+            kept.insert(point);
+            continue;
+        }
+        for (tier, &(max_age, width)) in tiers.iter().enumerate() {
+            if age <= max_age {
+                let slot = best.entry((tier, t / width)).or_insert((point, t));
+                if (t, point) > (slot.1, slot.0) {
+                    *slot = (point, t);
+                }
+            }
+        }
+    }
+    kept.extend(best.values().map(|(p, _)| *p));
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(recent: u64, days: u64) -> RetentionConfig {
+        RetentionConfig {
+            recent_minutes: recent,
+            daily_days: days,
+            gc_grace_minutes: 10,
+        }
+    }
+
+    #[test]
+    fn keeps_recent_then_thins_out() {
+        let now = 100 * DAY_MS;
+        // One point every 5 seconds for the last 20 minutes.
+        let mut pts: Vec<(u64, u64)> = (0..240)
+            .map(|i| (100_000 + i, now - (240 - i) * 5_000))
+            .collect();
+        // One point every minute from 2 days ago to 20 minutes ago.
+        let mut n = 0;
+        let mut t = now - 2 * DAY_MS;
+        while t < now - 20 * MIN_MS {
+            pts.push((n, t));
+            n += 1;
+            t += MIN_MS;
+        }
+        let k = keep(&pts, now, &policy(10, 7));
+        // All points of the last 10 minutes.
+        for &(p, tp) in &pts {
+            if now - tp <= 10 * MIN_MS {
+                assert!(k.contains(&p), "recent point {p} dropped");
+            }
+        }
+        // Between 1 h and 24 h ago: one per hour at most.
+        let mut per_hour = std::collections::HashMap::new();
+        for &(p, tp) in &pts {
+            let age = now - tp;
+            if k.contains(&p) && age > HOUR_MS && age <= DAY_MS {
+                *per_hour.entry(tp / HOUR_MS).or_insert(0) += 1;
+            }
+        }
+        assert!(per_hour.values().all(|&c| c <= 7), "{per_hour:?}");
+        // Older than a day, inside 7 days: few points.
+        let old: Vec<_> = pts
+            .iter()
+            .filter(|(p, tp)| k.contains(p) && now - tp > DAY_MS)
+            .collect();
+        assert!(old.len() <= 2, "{old:?}");
+        assert!(k.len() < pts.len() / 4);
+    }
+
+    #[test]
+    fn newest_always_kept_and_old_dropped() {
+        let now = 400 * DAY_MS;
+        let pts = [
+            (1, now - 30 * DAY_MS),
+            (2, now - 20 * DAY_MS),
+            (3, now - 3 * DAY_MS),
+        ];
+        let k = keep(&pts, now, &policy(10, 7));
+        assert!(k.contains(&3));
+        assert!(!k.contains(&1) && !k.contains(&2));
+        let k = keep(&pts, now, &policy(10, 25));
+        assert!(k.contains(&2) && !k.contains(&1));
+        let only_old = [(9, now - 300 * DAY_MS)];
+        assert!(keep(&only_old, now, &policy(10, 7)).contains(&9));
+    }
+
+    #[test]
+    fn stable_as_time_passes() {
+        // A point dropped at one time is never needed later: the kept set only shrinks.
+        let base = 50 * DAY_MS;
+        let pts: Vec<(u64, u64)> = (0..2000).map(|i| (i, base + i * 97_000)).collect();
+        let p = policy(5, 3);
+        let mut prev = keep(&pts, base + 2000 * 97_000, &p);
+        for step in 1..50 {
+            let now = base + 2000 * 97_000 + step * 37 * MIN_MS;
+            let k = keep(&pts, now, &p);
+            assert!(
+                k.is_subset(&prev),
+                "step {step}: {:?}",
+                k.difference(&prev).collect::<Vec<_>>()
+            );
+            prev = k;
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! One agent connection: TLS handshake, preface, Hello/auth, then three tasks:
+//! the reader (this one) decodes frames and answers dedupe queries, the session processor
+//! applies blocks, refs and commits in order (see `session.rs`), and the writer sends replies.
+
+use super::session::{Session, SessionEnd};
+use super::Shared;
+use lifeboat_common::protocol::{self, decode_frame, DecodeError, ErrorCode, Message, PREFACE_LEN};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An agent sends Progress every few seconds; silence this long means a dead peer.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+const SLOT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn error(code: ErrorCode, retryable: bool, message: impl Into<String>) -> Message {
+    Message::Error {
+        code,
+        retryable,
+        message: message.into(),
+    }
+}
+
+pub async fn handle(
+    shared: Arc<Shared>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    stop: watch::Receiver<bool>,
+) {
+    let span = tracing::info_span!("conn", %peer, server = tracing::field::Empty);
+    async move {
+        match run(&shared, acceptor, tcp, peer, stop).await {
+            Ok(()) => tracing::info!("connection closed"),
+            Err(reason) => {
+                let (allowed, dropped) = shared.peer_log.allow();
+                if allowed {
+                    tracing::warn!(dropped_similar = dropped, "connection closed: {reason}");
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+) -> Result<Option<Message>, String> {
+    loop {
+        match decode_frame(buf) {
+            Ok(Some((m, used))) => {
+                buf.drain(..used);
+                return Ok(Some(m));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(format!("malformed frame: {e}")),
+        }
+        buf.reserve(256 * 1024);
+        let n = match tokio::time::timeout(timeout, rd.read_buf(buf)).await {
+            Err(_) => return Err(format!("no frame for {}s", timeout.as_secs())),
+            Ok(Err(e)) => return Err(format!("read failed: {e}")),
+            Ok(Ok(n)) => n,
+        };
+        if n == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(format!(
+                    "peer closed mid-frame ({} bytes pending)",
+                    buf.len()
+                ))
+            };
+        }
+    }
+}
+
+async fn send_now<W: AsyncWrite + Unpin>(wr: &mut W, m: &Message) {
+    let mut out = Vec::new();
+    m.encode(&mut out);
+    let _ = wr.write_all(&out).await;
+    let _ = wr.flush().await;
+}
+
+async fn run(
+    shared: &Arc<Shared>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+
+    let mut pre = [0u8; PREFACE_LEN];
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, rd.read_exact(&mut pre))
+        .await
+        .map_err(|_| "no preface within 10s".to_string())?
+        .map_err(|e| format!("reading preface: {e}"))?;
+    wr.write_all(&protocol::preface(protocol::PROTOCOL_VERSION))
+        .await
+        .map_err(|e| format!("writing preface: {e}"))?;
+    if let Err(e) = protocol::check_preface(&pre) {
+        let code = if matches!(e, DecodeError::Version(_)) {
+            ErrorCode::Version
+        } else {
+            ErrorCode::Protocol
+        };
+        send_now(&mut wr, &error(code, false, e.to_string())).await;
+        return Err(e.to_string());
+    }
+
+    let mut buf = Vec::new();
+    let hello = read_frame(&mut rd, &mut buf, HANDSHAKE_TIMEOUT).await?;
+    let (server, agent_version) = match hello {
+        Some(Message::Hello {
+            server_id,
+            token,
+            agent_version,
+        }) => {
+            if !lifeboat_common::config::valid_name(&server_id) {
+                let msg = format!("server id {server_id:?} must be 1-64 of [A-Za-z0-9._-]");
+                send_now(&mut wr, &error(ErrorCode::Protocol, false, msg.clone())).await;
+                return Err(msg);
+            }
+            if !shared.tokens.accepts(&token) {
+                let msg = format!("token refused for server {server_id}");
+                send_now(
+                    &mut wr,
+                    &error(ErrorCode::Auth, false, format!("{msg}: check receiver.token in agent.toml against the token `lifeboat-receiver init` printed")),
+                )
+                .await;
+                return Err(msg);
+            }
+            (server_id, agent_version)
+        }
+        Some(other) => {
+            let msg = format!("expected Hello first, got {}", other.name());
+            send_now(&mut wr, &error(ErrorCode::Protocol, false, msg.clone())).await;
+            return Err(msg);
+        }
+        None => return Err("closed before Hello".into()),
+    };
+    tracing::Span::current().record("server", server.as_str());
+
+    // One connection per server: tell an older one to go, then take the slot.
+    let slot = shared.slot(&server);
+    slot.kick.notify_waiters();
+    let _held = match tokio::time::timeout(SLOT_TIMEOUT, slot.lock.lock()).await {
+        Ok(g) => g,
+        Err(_) => {
+            let msg = format!("server {server} is still replicating on another connection");
+            send_now(&mut wr, &error(ErrorCode::Internal, true, msg.clone())).await;
+            return Err(msg);
+        }
+    };
+    tracing::info!(%agent_version, "agent connected");
+
+    let (out_tx, mut out_rx) = mpsc::channel::<Message>(1024);
+    let writer = tokio::spawn(async move {
+        let mut out = Vec::with_capacity(64 * 1024);
+        while let Some(m) = out_rx.recv().await {
+            out.clear();
+            m.encode(&mut out);
+            while out.len() < 64 * 1024 {
+                match out_rx.try_recv() {
+                    Ok(m) => m.encode(&mut out),
+                    Err(_) => break,
+                }
+            }
+            if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let _ = out_tx
+        .send(Message::Welcome {
+            receiver_version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+        .await;
+
+    let session = Session::new(
+        shared.clone(),
+        server.clone(),
+        agent_version,
+        peer.to_string(),
+    );
+    let (work_tx, work_rx) = mpsc::channel::<Message>(128);
+    let processor = tokio::spawn(session.run(work_rx, out_tx.clone()));
+
+    let reason: Result<(), String> = loop {
+        let frame = tokio::select! {
+            f = read_frame(&mut rd, &mut buf, IDLE_TIMEOUT) => f,
+            _ = slot.kick.notified() => break Err("replaced by a newer connection of the same server".into()),
+            _ = stop.changed() => break Ok(()),
+            _ = work_tx.closed() => break Ok(()),
+        };
+        let m = match frame {
+            Ok(Some(m)) => m,
+            Ok(None) => break Ok(()),
+            Err(e) => {
+                let _ = out_tx
+                    .send(error(ErrorCode::Protocol, false, e.clone()))
+                    .await;
+                break Err(e);
+            }
+        };
+        match m {
+            Message::Have { req, hashes } => {
+                let present = hashes.iter().map(|h| shared.store.has(h)).collect();
+                if out_tx
+                    .send(Message::HaveReply { req, present })
+                    .await
+                    .is_err()
+                {
+                    break Err("writer closed".into());
+                }
+            }
+            Message::OpenDisk { .. }
+            | Message::GetManifest { .. }
+            | Message::Block { .. }
+            | Message::Ref { .. }
+            | Message::Commit { .. }
+            | Message::Progress { .. } => {
+                if work_tx.send(m).await.is_err() {
+                    break Err("session ended".into());
+                }
+            }
+            Message::Error { code, message, .. } => {
+                break Err(format!("agent reported {code:?}: {message}"));
+            }
+            other => {
+                let e = format!("unexpected {} from an agent", other.name());
+                let _ = out_tx
+                    .send(error(ErrorCode::Protocol, false, e.clone()))
+                    .await;
+                break Err(e);
+            }
+        }
+    };
+    drop(work_tx);
+    let end = processor
+        .await
+        .unwrap_or(SessionEnd::Failed("session task panicked".into()));
+    drop(out_tx);
+    let _ = writer.await;
+    match (reason, end) {
+        (_, SessionEnd::Failed(e)) => Err(e),
+        (r, SessionEnd::Done) => r,
+    }
+}

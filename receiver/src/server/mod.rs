@@ -1,0 +1,229 @@
+//! The TLS listener: many agents at once, one task per connection.
+//!
+//! Shutdown (SIGTERM/SIGINT): stop accepting, tell every connection to stop reading, let each
+//! finish the batch it holds (so everything it acks is durable), wait up to the grace period.
+
+mod connection;
+mod session;
+
+use crate::auth::Tokens;
+use crate::catalog::Catalog;
+use crate::store::Store;
+use crate::target::local::LocalTarget;
+use crate::target::SnapshotTarget;
+use anyhow::Context;
+use lifeboat_common::config::ReceiverConfig;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify, Semaphore};
+
+/// Everything connections share.
+pub struct Shared {
+    pub state_dir: PathBuf,
+    pub store: Store,
+    pub catalog: Catalog,
+    pub target: Box<dyn SnapshotTarget>,
+    pub tokens: Tokens,
+    pub config: ReceiverConfig,
+    /// Batches that check presence and record blocks take it shared; GC takes it exclusive.
+    pub gc_lock: RwLock<()>,
+    servers: Mutex<HashMap<String, Arc<ServerSlot>>>,
+    pub peer_log: RateLimit,
+}
+
+/// One slot per server id: a single connection replicates a server at a time.
+pub struct ServerSlot {
+    pub lock: tokio::sync::Mutex<()>,
+    /// Tells the current holder that a newer connection for the server has arrived.
+    pub kick: Notify,
+}
+
+impl Shared {
+    pub fn slot(&self, server: &str) -> Arc<ServerSlot> {
+        let mut map = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(server.to_string())
+            .or_insert_with(|| {
+                Arc::new(ServerSlot {
+                    lock: tokio::sync::Mutex::new(()),
+                    kick: Notify::new(),
+                })
+            })
+            .clone()
+    }
+}
+
+/// Allows `per_sec` log lines a second and counts what it drops (log lines a peer can
+/// trigger must not flood the journal).
+pub struct RateLimit {
+    per_sec: u64,
+    window: AtomicU64,
+    used: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl RateLimit {
+    pub const fn new(per_sec: u64) -> RateLimit {
+        RateLimit {
+            per_sec,
+            window: AtomicU64::new(0),
+            used: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// True when a line may be logged now; the second value is how many were dropped since
+    /// the last allowed line.
+    pub fn allow(&self) -> (bool, u64) {
+        let now = crate::status::now_ms() / 1000;
+        if self.window.swap(now, Ordering::Relaxed) != now {
+            self.used.store(0, Ordering::Relaxed);
+        }
+        if self.used.fetch_add(1, Ordering::Relaxed) < self.per_sec {
+            (true, self.dropped.swap(0, Ordering::Relaxed))
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            (false, 0)
+        }
+    }
+}
+
+pub struct ServeOptions {
+    pub state_dir: PathBuf,
+    pub listen: Option<String>,
+    pub gc_interval: Duration,
+    pub grace: Duration,
+}
+
+/// Runs the receiver until SIGTERM/SIGINT.
+pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    let state_dir = opts.state_dir.clone();
+    let cfg_path = state_dir.join("receiver.toml");
+    let mut config = ReceiverConfig::load(&cfg_path).with_context(|| {
+        format!(
+            "loading {} (run `lifeboat-receiver init --state-dir {}` first)",
+            cfg_path.display(),
+            state_dir.display()
+        )
+    })?;
+    if let Some(l) = &opts.listen {
+        config.listen = l.clone();
+    }
+    let tls = crate::tls::server_config(&state_dir)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let store = Store::open(&state_dir.join("store"))?;
+    let tokens = Tokens::load(&state_dir)?;
+    let shared = Arc::new(Shared {
+        catalog: Catalog::new(&state_dir),
+        target: Box::new(LocalTarget::new(Catalog::new(&state_dir))),
+        state_dir: state_dir.clone(),
+        store,
+        tokens,
+        gc_lock: RwLock::new(()),
+        servers: Mutex::new(HashMap::new()),
+        peer_log: RateLimit::new(20),
+        config: config.clone(),
+    });
+    mark_all_disconnected(&shared);
+
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, state_dir = %state_dir.display(), "lifeboat-receiver listening");
+    lifeboat_common::sd_notify::ready();
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let conns = Arc::new(Semaphore::new(config.max_connections));
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let gc_shared = shared.clone();
+    let mut gc_stop = stop_rx.clone();
+    let gc_interval = opts.gc_interval;
+    let gc = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(gc_interval) => {}
+                _ = gc_stop.changed() => return,
+            }
+            let s = gc_shared.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                let _w = s.gc_lock.write().unwrap_or_else(|e| e.into_inner());
+                crate::gc::run_pass(&s.state_dir, &s.store, &s.config.retention)
+            })
+            .await;
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!("gc pass failed: {e:#}"),
+                Err(e) => tracing::error!("gc pass panicked: {e}"),
+            }
+        }
+    });
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let permit = conns.clone().try_acquire_owned();
+                let shared = shared.clone();
+                let acceptor = acceptor.clone();
+                let stop = stop_rx.clone();
+                tasks.spawn(async move {
+                    let Ok(_permit) = permit else {
+                        tracing::warn!(%peer, "connection refused: max_connections reached");
+                        return;
+                    };
+                    connection::handle(shared, acceptor, tcp, peer, stop).await;
+                });
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    tracing::info!(
+        connections = tasks.len(),
+        "shutting down: draining connections"
+    );
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(opts.grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "grace period over: closing {} connection(s) unfinished",
+            tasks.len()
+        );
+        tasks.abort_all();
+    }
+    let _ = gc.await;
+    mark_all_disconnected(&shared);
+    tracing::info!("lifeboat-receiver stopped");
+    Ok(())
+}
+
+/// After a start or a stop, no server is connected.
+fn mark_all_disconnected(shared: &Shared) {
+    for server in shared.catalog.servers().unwrap_or_default() {
+        let dir = shared.catalog.server_dir(&server);
+        if let Some(mut st) = crate::status::ServerStatus::load(&dir) {
+            if st.connected {
+                st.connected = false;
+                let _ = st.save(&dir);
+            }
+        }
+    }
+}

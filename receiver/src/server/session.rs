@@ -1,0 +1,471 @@
+//! The session processor: applies one server's Block, Ref, OpenDisk, GetManifest, Commit and
+//! Progress messages in arrival order.
+//!
+//! Messages are taken in batches (whatever has queued while the previous batch was being
+//! made durable), and each batch is one group commit: verify every block, stage it, `syncfs`,
+//! publish, append the disks' journals, `syncfs`, then ack. So an ack always follows
+//! durability, and the fsync cost is shared by the batch.
+
+use super::Shared;
+use crate::catalog::{DiskRecord, PointRecord};
+use crate::disk::LiveDisk;
+use crate::status::{now_ms, ServerStatus};
+use crate::store::{self, StoreError, VerifiedBlock};
+use lifeboat_common::manifest::Manifest;
+use lifeboat_common::protocol::{Consistency, DiskState, ErrorCode, Message, MAX_HASHES};
+use lifeboat_common::BlockHash;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+const BATCH: usize = 64;
+
+pub enum SessionEnd {
+    Done,
+    Failed(String),
+}
+
+pub struct Session {
+    shared: Arc<Shared>,
+    server: String,
+    disks: HashMap<u32, LiveDisk>,
+    /// The previous point's manifest per disk id, for changed-block counts.
+    previous: HashMap<String, Manifest>,
+    status: ServerStatus,
+    status_saved_ms: u64,
+}
+
+/// A failure that ends the session, with the Error frame to send first.
+struct Fail {
+    code: ErrorCode,
+    retryable: bool,
+    message: String,
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Fail {
+        Fail {
+            code: ErrorCode::Storage,
+            retryable: e.retryable(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<crate::disk::DiskError> for Fail {
+    fn from(e: crate::disk::DiskError) -> Fail {
+        Fail {
+            code: ErrorCode::Storage,
+            retryable: true,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<crate::catalog::CatalogError> for Fail {
+    fn from(e: crate::catalog::CatalogError) -> Fail {
+        Fail {
+            code: ErrorCode::Storage,
+            retryable: true,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn protocol(message: String) -> Fail {
+    Fail {
+        code: ErrorCode::Protocol,
+        retryable: false,
+        message,
+    }
+}
+
+type Out = mpsc::Sender<Message>;
+
+impl Session {
+    pub fn new(
+        shared: Arc<Shared>,
+        server: String,
+        agent_version: String,
+        peer: String,
+    ) -> Session {
+        let dir = shared.catalog.server_dir(&server);
+        let mut status = ServerStatus::load(&dir).unwrap_or_default();
+        status.server = server.clone();
+        status.connected = true;
+        status.peer = peer;
+        status.agent_version = agent_version;
+        status.last_seen_unix_ms = now_ms();
+        Session {
+            shared,
+            server,
+            disks: HashMap::new(),
+            previous: HashMap::new(),
+            status,
+            status_saved_ms: 0,
+        }
+    }
+
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Message>, out: Out) -> SessionEnd {
+        self.save_status();
+        let mut end = SessionEnd::Done;
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            let out2 = out.clone();
+            let joined = tokio::task::spawn_blocking(move || {
+                let r = self.process(batch, &out2);
+                (self, r)
+            })
+            .await;
+            let (s, r) = match joined {
+                Ok(x) => x,
+                Err(e) => return SessionEnd::Failed(format!("session processor panicked: {e}")),
+            };
+            self = s;
+            if let Err(f) = r {
+                let _ = out
+                    .send(Message::Error {
+                        code: f.code,
+                        retryable: f.retryable,
+                        message: f.message.clone(),
+                    })
+                    .await;
+                end = SessionEnd::Failed(f.message);
+                break;
+            }
+        }
+        self.status.connected = false;
+        for d in &mut self.status.disks {
+            d.state = DiskState::Disconnected;
+        }
+        let this = self;
+        let _ = tokio::task::spawn_blocking(move || this.save_status()).await;
+        end
+    }
+
+    fn save_status(&self) {
+        let dir = self.shared.catalog.server_dir(&self.server);
+        if let Err(e) = self.status.save(&dir) {
+            tracing::warn!("saving status of server {}: {e}", self.server);
+        }
+    }
+
+    fn save_status_throttled(&mut self) {
+        let now = now_ms();
+        if now.saturating_sub(self.status_saved_ms) >= 2000 {
+            self.status_saved_ms = now;
+            self.save_status();
+        }
+    }
+
+    /// Runs in a blocking thread: file I/O and hashing happen here.
+    fn process(&mut self, batch: Vec<Message>, out: &Out) -> Result<(), Fail> {
+        let mut pending = Vec::new();
+        for m in batch {
+            match m {
+                Message::Block { .. } | Message::Ref { .. } => pending.push(m),
+                other => {
+                    self.apply(std::mem::take(&mut pending), out)?;
+                    self.control(other, out)?;
+                }
+            }
+        }
+        self.apply(pending, out)
+    }
+
+    fn disk_id(&self, handle: u32) -> Result<&str, Fail> {
+        self.disks
+            .get(&handle)
+            .map(|d| d.id.as_str())
+            .ok_or_else(|| protocol(format!("disk handle {handle} was never opened")))
+    }
+
+    /// One group commit of Block and Ref messages.
+    fn apply(&mut self, items: Vec<Message>, out: &Out) -> Result<(), Fail> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let shared = self.shared.clone();
+        let _shared_guard = shared.gc_lock.read().unwrap_or_else(|e| e.into_inner());
+        let mut verified: Vec<VerifiedBlock> = Vec::new();
+        let mut records: HashMap<u32, Vec<(u64, BlockHash)>> = HashMap::new();
+        let mut acks = Vec::new();
+        for m in items {
+            match m {
+                Message::Block {
+                    seq,
+                    handle,
+                    index,
+                    hash,
+                    codec,
+                    data,
+                } => {
+                    let disk = self.disk_id(handle)?.to_string();
+                    self.status.counters.blocks_received += 1;
+                    self.status.counters.data_bytes_received += data.len() as u64;
+                    match store::verify(hash, codec, data) {
+                        Ok(v) => verified.push(v),
+                        Err(e) => {
+                            self.status.counters.blocks_rejected += 1;
+                            self.save_status();
+                            return Err(Fail {
+                                code: ErrorCode::BadBlock,
+                                retryable: true,
+                                message: format!(
+                                    "disk {disk} block {index}: rejected, not stored: {e}"
+                                ),
+                            });
+                        }
+                    }
+                    records.entry(handle).or_default().push((index, hash));
+                    acks.push(seq);
+                }
+                Message::Ref {
+                    seq,
+                    handle,
+                    index,
+                    hash,
+                } => {
+                    self.disk_id(handle)?;
+                    self.status.counters.refs_received += 1;
+                    let in_batch = verified.iter().any(|v| v.hash == hash);
+                    if !in_batch && !shared.store.has(&hash) {
+                        let _ = out.blocking_send(Message::NeedData { seq });
+                        continue;
+                    }
+                    records.entry(handle).or_default().push((index, hash));
+                    acks.push(seq);
+                }
+                _ => {}
+            }
+        }
+        let disks = &mut self.disks;
+        let stored = shared
+            .store
+            .insert_batch_then(&verified, || -> Result<(), Fail> {
+                for (handle, entries) in &records {
+                    if let Some(d) = disks.get_mut(handle) {
+                        d.record(entries)?;
+                    }
+                }
+                Ok(())
+            })?;
+        self.status.counters.blocks_stored += stored as u64;
+        if !acks.is_empty() {
+            let _ = out.blocking_send(Message::Acks { seqs: acks });
+        }
+        Ok(())
+    }
+
+    fn control(&mut self, m: Message, out: &Out) -> Result<(), Fail> {
+        match m {
+            Message::OpenDisk {
+                handle,
+                disk_id,
+                size,
+            } => {
+                if !lifeboat_common::config::valid_name(&disk_id) {
+                    return Err(protocol(format!(
+                        "disk id {disk_id:?} must be 1-64 of [A-Za-z0-9._-]"
+                    )));
+                }
+                if self.disks.values().any(|d| d.id == disk_id) || self.disks.contains_key(&handle)
+                {
+                    return Err(protocol(format!(
+                        "disk {disk_id} (handle {handle}) opened twice"
+                    )));
+                }
+                let dir = self
+                    .shared
+                    .catalog
+                    .server_dir(&self.server)
+                    .join("disks")
+                    .join(&disk_id);
+                let disk = LiveDisk::open(&dir, &disk_id, size)?;
+                let digest = disk.manifest.digest();
+                tracing::info!(disk = %disk_id, size, blocks = disk.manifest.hashes.len(), "disk opened");
+                self.disks.insert(handle, disk);
+                self.status.disks.retain(|d| d.id != disk_id);
+                self.status.disks.push(crate::status::DiskStatus {
+                    id: disk_id,
+                    size,
+                    state: DiskState::Rescan,
+                    backlog_blocks: 0,
+                });
+                let _ = out.blocking_send(Message::DiskOpened { handle, digest });
+                self.save_status();
+            }
+            Message::GetManifest { handle } => {
+                let disk = self
+                    .disks
+                    .get(&handle)
+                    .ok_or_else(|| protocol(format!("disk handle {handle} was never opened")))?;
+                let total = disk.manifest.hashes.len() as u64;
+                let mut start = 0usize;
+                loop {
+                    let end = (start + MAX_HASHES).min(disk.manifest.hashes.len());
+                    let _ = out.blocking_send(Message::ManifestChunk {
+                        handle,
+                        start: start as u64,
+                        total,
+                        hashes: disk.manifest.hashes[start..end].to_vec(),
+                    });
+                    start = end;
+                    if start >= disk.manifest.hashes.len() {
+                        break;
+                    }
+                }
+            }
+            Message::Commit {
+                point,
+                created_unix_ms,
+                consistency,
+                disks,
+            } => {
+                self.commit(point, created_unix_ms, consistency, &disks, out)?;
+            }
+            Message::Progress { disks } => {
+                self.status.last_seen_unix_ms = now_ms();
+                for p in disks {
+                    if let Some(d) = self.disks.get(&p.handle) {
+                        if let Some(s) = self.status.disks.iter_mut().find(|s| s.id == d.id) {
+                            s.state = p.state;
+                            s.backlog_blocks = p.backlog_blocks;
+                        }
+                    }
+                }
+                self.save_status_throttled();
+            }
+            other => return Err(protocol(format!("unexpected {}", other.name()))),
+        }
+        Ok(())
+    }
+
+    fn commit(
+        &mut self,
+        point: u64,
+        created_unix_ms: u64,
+        consistency: Consistency,
+        disks: &[(u32, BlockHash)],
+        out: &Out,
+    ) -> Result<(), Fail> {
+        if disks.is_empty() {
+            return Err(protocol(format!("point {point}: Commit names no disk")));
+        }
+        for (handle, digest) in disks {
+            let d = self.disks.get(handle).ok_or_else(|| {
+                protocol(format!(
+                    "point {point}: disk handle {handle} was never opened"
+                ))
+            })?;
+            let live = d.manifest.digest();
+            if live != *digest {
+                // Not fatal: the agent re-reads our manifest and rescans.
+                let _ = out.blocking_send(Message::Error {
+                    code: ErrorCode::DigestMismatch,
+                    retryable: true,
+                    message: format!(
+                        "point {point}: disk {}: agent's manifest digest {digest} differs from the receiver's {live}",
+                        d.id
+                    ),
+                });
+                return Ok(());
+            }
+        }
+        let catalog = &self.shared.catalog;
+        let existing = catalog.points(&self.server)?;
+        if let Some(last) = existing.last() {
+            if point <= last.point {
+                let same = existing.iter().find(|p| p.point == point).is_some_and(|p| {
+                    disks.iter().all(|(h, dg)| {
+                        let id = self.disks.get(h).map(|d| d.id.as_str()).unwrap_or("");
+                        p.disks
+                            .iter()
+                            .any(|r| r.id == id && r.digest == dg.to_hex())
+                    })
+                });
+                if same {
+                    let _ = out.blocking_send(Message::Committed { point });
+                    return Ok(());
+                }
+                return Err(protocol(format!(
+                    "point {point} is not after the last committed point {} of server {}",
+                    last.point, self.server
+                )));
+            }
+            if self.previous.is_empty() {
+                for r in &last.disks {
+                    if let Ok(m) = catalog.manifest(last, &r.id) {
+                        self.previous.insert(r.id.clone(), m);
+                    }
+                }
+            }
+        }
+        // Every block the point names must be in the store (journaled blocks always are;
+        // this guards against anything removed behind our back).
+        let mut manifests = Vec::new();
+        let mut records = Vec::new();
+        for (handle, digest) in disks {
+            let d = &self.disks[handle];
+            let prev = self.previous.get(&d.id);
+            let mut changed = 0u64;
+            for (i, h) in d.manifest.hashes.iter().enumerate() {
+                let before = prev
+                    .and_then(|p| p.hashes.get(i))
+                    .copied()
+                    .unwrap_or(BlockHash::ZERO);
+                if *h != before {
+                    changed += 1;
+                    if !self.shared.store.has(h) {
+                        return Err(Fail {
+                            code: ErrorCode::Storage,
+                            retryable: true,
+                            message: format!(
+                                "point {point}: disk {} block {i} ({h}) is not in the store",
+                                d.id
+                            ),
+                        });
+                    }
+                }
+            }
+            records.push(DiskRecord {
+                id: d.id.clone(),
+                size: d.manifest.disk_size,
+                digest: digest.to_hex(),
+                data_blocks: d.manifest.data_blocks() as u64,
+                changed_blocks: changed,
+            });
+            manifests.push((d.id.clone(), d.manifest.clone()));
+        }
+        let rec = PointRecord {
+            server: self.server.clone(),
+            point,
+            created_unix_ms,
+            committed_unix_ms: now_ms(),
+            consistency,
+            target: self.shared.target.name().to_string(),
+            disks: records,
+        };
+        self.shared.target.write_point(&rec, &manifests)?;
+        for (handle, _) in disks {
+            if let Some(d) = self.disks.get_mut(handle) {
+                d.compact()?;
+            }
+        }
+        for (id, m) in manifests {
+            self.previous.insert(id, m);
+        }
+        self.status.last_point = Some(point);
+        self.status.last_point_created_unix_ms = Some(created_unix_ms);
+        self.save_status();
+        tracing::info!(point, consistency = ?consistency, "point committed");
+        let _ = out.blocking_send(Message::Committed { point });
+        Ok(())
+    }
+}

@@ -1,0 +1,21 @@
+//! Snapshot targets: where a committed point is written.
+//!
+//! The local target (a directory: the catalog itself, with blocks in the staging store) is the
+//! embedded default, so a receiver runs with no AWS account. The EBS target comes later,
+//! behind the same [`SnapshotTarget`] trait.
+
+pub mod local;
+
+use crate::catalog::{CatalogError, PointRecord};
+use lifeboat_common::manifest::Manifest;
+
+/// Writes points. `write_point` returns only after the target has confirmed every block and
+/// the point is listed; a point that fails is not listed.
+pub trait SnapshotTarget: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn write_point(
+        &self,
+        rec: &PointRecord,
+        manifests: &[(String, Manifest)],
+    ) -> Result<(), CatalogError>;
+}
