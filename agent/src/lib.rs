@@ -1,1 +1,28 @@
+//! lifeboat-agent: replicates a server's disks to a Lifeboat receiver.
+//!
+//! - [`tracker`]: which blocks may have changed (hash scan; eBPF later).
+//! - [`reader`]: the block reader, io_uring or pread.
+//! - [`pipeline`]: reader thread → hashing/compressing workers → sender.
+//! - [`replicate`]: the protocol client: window, dedupe queries, acks, commits.
+//! - [`link`] and [`tls`]: the TLS connection with the pinned receiver CA.
+//! - [`run`]: the reconnecting main loop; [`state`]: what survives a restart.
 
+pub mod cli;
+pub mod limiter;
+pub mod link;
+pub mod pipeline;
+pub mod reader;
+pub mod replicate;
+pub mod run;
+pub mod source;
+pub mod state;
+pub mod status;
+pub mod tls;
+pub mod tracker;
+
+pub use cli::Cli;
+
+/// Runs a parsed command line; returns the exit code.
+pub fn main_with(cli: Cli) -> u8 {
+    cli::run(cli)
+}

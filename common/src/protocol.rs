@@ -119,8 +119,11 @@ pub enum Message {
         token: String,
         agent_version: String,
     },
-    /// R: the token is accepted.
-    Welcome { receiver_version: String },
+    /// R: the token is accepted; `last_point` is the server's newest committed point (0: none).
+    Welcome {
+        receiver_version: String,
+        last_point: u64,
+    },
     /// A: describe a disk under a connection-local handle.
     OpenDisk {
         handle: u32,
@@ -304,7 +307,13 @@ impl Message {
                 w.str(token);
                 w.str(agent_version);
             }
-            Message::Welcome { receiver_version } => w.str(receiver_version),
+            Message::Welcome {
+                receiver_version,
+                last_point,
+            } => {
+                w.str(receiver_version);
+                w.u64(*last_point);
+            }
             Message::OpenDisk {
                 handle,
                 disk_id,
@@ -416,6 +425,42 @@ impl Message {
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     }
+}
+
+/// Appends a `Block` frame whose data is borrowed (the sender keeps its copy for resends).
+pub fn encode_block(
+    out: &mut Vec<u8>,
+    seq: u64,
+    handle: u32,
+    index: u64,
+    hash: &BlockHash,
+    codec: Codec,
+    data: &[u8],
+) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; 4]);
+    out.push(9);
+    block_body(&mut Writer(out), seq, handle, index, hash, codec, data);
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+fn block_body(
+    w: &mut Writer<'_>,
+    seq: u64,
+    handle: u32,
+    index: u64,
+    hash: &BlockHash,
+    codec: Codec,
+    data: &[u8],
+) {
+    w.u64(seq);
+    w.u32(handle);
+    w.u64(index);
+    w.hash(hash);
+    w.0.push(codec as u8);
+    w.u32(data.len() as u32);
+    w.0.extend_from_slice(data);
 }
 
 struct Writer<'a>(&'a mut Vec<u8>);
@@ -562,6 +607,7 @@ fn decode_body(body: &[u8]) -> Result<Message, DecodeError> {
         },
         2 => Message::Welcome {
             receiver_version: r.str()?,
+            last_point: r.u64()?,
         },
         3 => Message::OpenDisk {
             handle: r.u32()?,
@@ -817,6 +863,31 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_frame(&bytes);
         }
+    }
+
+    #[test]
+    fn borrowed_block_encoding_matches() {
+        let m = Message::Block {
+            seq: 7,
+            handle: 1,
+            index: 9,
+            hash: BlockHash([3; 32]),
+            codec: Codec::Zstd,
+            data: vec![1, 2, 3],
+        };
+        let mut a = Vec::new();
+        m.encode(&mut a);
+        let mut b = Vec::new();
+        encode_block(
+            &mut b,
+            7,
+            1,
+            9,
+            &BlockHash([3; 32]),
+            Codec::Zstd,
+            &[1, 2, 3],
+        );
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -111,6 +111,7 @@ pub fn run(cli: Cli) -> u8 {
             tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     let r = match cli.command {
         Command::Init {

@@ -184,9 +184,16 @@ async fn run(
         }
         let _ = wr.shutdown().await;
     });
+    let last_point = shared
+        .catalog
+        .points(&server)
+        .ok()
+        .and_then(|p| p.last().map(|p| p.point))
+        .unwrap_or(0);
     let _ = out_tx
         .send(Message::Welcome {
             receiver_version: env!("CARGO_PKG_VERSION").to_string(),
+            last_point,
         })
         .await;
 

@@ -1,0 +1,296 @@
+//! The per-disk block pipeline: reader thread → worker threads → async sender.
+//!
+//! The reader takes buffers from a fixed pool (so memory is bounded by the pool, not by the
+//! disk), reads candidate blocks in batches through the [`BlockReader`], and hands them to a
+//! fixed pool of worker threads on a bounded crossbeam channel. Each worker names the block
+//! (zero check, blake3), drops it when it matches the acknowledged manifest, else compresses
+//! it (zstd) and passes it to the sender on a bounded tokio channel. A full channel blocks the
+//! stage before it: backpressure runs from the network back to the disk reads. The first
+//! error stops every stage.
+
+use crate::reader::{aligned_len, AlignedBuf, BlockReader, ReadReq, DEPTH};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use lifeboat_common::block::{block_len, hash_block};
+use lifeboat_common::codec::{self, Codec};
+use lifeboat_common::config::ReaderEngine;
+use lifeboat_common::manifest::Manifest;
+use lifeboat_common::{BlockHash, BLOCK_SIZE};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// What the sender gets for a changed block.
+pub enum Payload {
+    Zero,
+    Data { codec: Codec, bytes: Vec<u8> },
+}
+
+pub struct Prepared {
+    pub disk: usize,
+    pub index: u64,
+    pub hash: BlockHash,
+    pub payload: Payload,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("disk {disk}: cannot open {path}: {source}")]
+    Open {
+        disk: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("disk {disk}: reading blocks {first}..={last} of {path}: {source}")]
+    Read {
+        disk: String,
+        path: PathBuf,
+        first: u64,
+        last: u64,
+        source: std::io::Error,
+    },
+    #[error("disk {disk}: {path} ended early: block {index} is short")]
+    Short {
+        disk: String,
+        path: PathBuf,
+        index: u64,
+    },
+    #[error("disk {disk}: compressing block {index}: {source}")]
+    Compress {
+        disk: String,
+        index: u64,
+        source: codec::CodecError,
+    },
+    #[error("scan cancelled")]
+    Cancelled,
+}
+
+pub struct ScanInput {
+    pub disk: usize,
+    pub disk_id: String,
+    pub path: PathBuf,
+    pub size: u64,
+    /// The acknowledged manifest when the scan starts.
+    pub acked: Arc<Manifest>,
+    pub candidates: Vec<u64>,
+    /// Per block: may hold data (false: inside a hole of a sparse file, known zero).
+    pub maybe_data: Vec<bool>,
+    pub engine: ReaderEngine,
+    pub level: i32,
+    pub workers: usize,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ScanStats {
+    pub blocks_read: u64,
+    pub bytes_read: u64,
+    pub holes: u64,
+    pub changed: u64,
+    pub engine: &'static str,
+}
+
+/// Counters the sender reads while a scan runs.
+#[derive(Default)]
+pub struct ScanProgress {
+    pub examined: AtomicU64,
+    pub changed: AtomicU64,
+}
+
+struct Work {
+    index: u64,
+    len: usize,
+    buf: AlignedBuf,
+}
+
+/// Runs a whole scan on the calling thread (plus its workers); returns when every changed
+/// block has been handed to `out`, or at the first error.
+pub fn scan(
+    input: &ScanInput,
+    out: &tokio::sync::mpsc::Sender<Prepared>,
+    progress: &ScanProgress,
+    cancel: &AtomicBool,
+) -> Result<ScanStats, ScanError> {
+    let mut reader =
+        BlockReader::open(&input.path, input.engine).map_err(|source| ScanError::Open {
+            disk: input.disk_id.clone(),
+            path: input.path.clone(),
+            source,
+        })?;
+    let workers = input.workers.max(1);
+    let pool = DEPTH * 2 + workers * 2;
+    let (free_tx, free_rx): (Sender<AlignedBuf>, Receiver<AlignedBuf>) = bounded(pool);
+    for _ in 0..pool {
+        let _ = free_tx.send(AlignedBuf::new());
+    }
+    let (work_tx, work_rx) = bounded::<Work>(workers * 2);
+    let first_err: Mutex<Option<ScanError>> = Mutex::new(None);
+    let fail = |e: ScanError| {
+        cancel.store(true, Ordering::Relaxed);
+        let mut slot = first_err.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(e);
+    };
+    let mut stats = ScanStats {
+        engine: reader.engine_name(),
+        ..Default::default()
+    };
+    let acked_at = |i: u64| {
+        input
+            .acked
+            .hashes
+            .get(i as usize)
+            .copied()
+            .unwrap_or(BlockHash::ZERO)
+    };
+
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            let work_rx = work_rx.clone();
+            let free_tx = free_tx.clone();
+            let fail = &fail;
+            s.spawn(move || {
+                for w in work_rx.iter() {
+                    let prepared = if cancel.load(Ordering::Relaxed) {
+                        None
+                    } else {
+                        examine(input, &w, progress, fail)
+                    };
+                    // The buffer goes back before the (possibly blocking) send downstream.
+                    let _ = free_tx.send(w.buf);
+                    if let Some(p) = prepared {
+                        if out.blocking_send(p).is_err() {
+                            fail(ScanError::Cancelled);
+                        }
+                    }
+                }
+            });
+        }
+        drop(work_rx);
+
+        // The reader: this thread.
+        let mut batch: Vec<u64> = Vec::with_capacity(DEPTH);
+        let mut iter = input.candidates.iter().copied().peekable();
+        while iter.peek().is_some() && !cancel.load(Ordering::Relaxed) {
+            batch.clear();
+            for i in iter.by_ref() {
+                if input.maybe_data.get(i as usize).copied().unwrap_or(true) {
+                    batch.push(i);
+                    if batch.len() == DEPTH {
+                        break;
+                    }
+                } else {
+                    // Inside a hole: zero without reading.
+                    stats.holes += 1;
+                    progress.examined.fetch_add(1, Ordering::Relaxed);
+                    if !acked_at(i).is_zero() {
+                        progress.changed.fetch_add(1, Ordering::Relaxed);
+                        let p = Prepared {
+                            disk: input.disk,
+                            index: i,
+                            hash: BlockHash::ZERO,
+                            payload: Payload::Zero,
+                        };
+                        if out.blocking_send(p).is_err() {
+                            fail(ScanError::Cancelled);
+                            break;
+                        }
+                    }
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let mut reqs = Vec::with_capacity(batch.len());
+            for &i in &batch {
+                let Ok(buf) = free_rx.recv() else { break };
+                reqs.push(ReadReq {
+                    offset: i * BLOCK_SIZE as u64,
+                    len: aligned_len(block_len(i, input.size)),
+                    done: 0,
+                    buf,
+                });
+            }
+            if let Err(source) = reader.read(&mut reqs) {
+                fail(ScanError::Read {
+                    disk: input.disk_id.clone(),
+                    path: input.path.clone(),
+                    first: batch[0],
+                    last: batch[batch.len() - 1],
+                    source,
+                });
+                break;
+            }
+            for (r, &i) in reqs.into_iter().zip(&batch) {
+                let len = block_len(i, input.size);
+                if r.done < len {
+                    fail(ScanError::Short {
+                        disk: input.disk_id.clone(),
+                        path: input.path.clone(),
+                        index: i,
+                    });
+                    break;
+                }
+                stats.blocks_read += 1;
+                stats.bytes_read += len as u64;
+                if work_tx
+                    .send(Work {
+                        index: i,
+                        len,
+                        buf: r.buf,
+                    })
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+        drop(work_tx);
+    });
+    if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    stats.changed = progress.changed.load(Ordering::Relaxed);
+    Ok(stats)
+}
+
+/// Names one block read from disk; returns it for sending when it differs from the
+/// acknowledged manifest.
+fn examine(
+    input: &ScanInput,
+    w: &Work,
+    progress: &ScanProgress,
+    fail: &dyn Fn(ScanError),
+) -> Option<Prepared> {
+    let data = &w.buf.as_slice()[..w.len];
+    let hash = hash_block(data);
+    progress.examined.fetch_add(1, Ordering::Relaxed);
+    let acked = input
+        .acked
+        .hashes
+        .get(w.index as usize)
+        .copied()
+        .unwrap_or(BlockHash::ZERO);
+    if hash == acked {
+        return None;
+    }
+    let payload = if hash.is_zero() {
+        Payload::Zero
+    } else {
+        match codec::encode(data, input.level) {
+            Ok((codec, bytes)) => Payload::Data { codec, bytes },
+            Err(source) => {
+                fail(ScanError::Compress {
+                    disk: input.disk_id.clone(),
+                    index: w.index,
+                    source,
+                });
+                return None;
+            }
+        }
+    };
+    progress.changed.fetch_add(1, Ordering::Relaxed);
+    Some(Prepared {
+        disk: input.disk,
+        index: w.index,
+        hash,
+        payload,
+    })
+}

@@ -1,0 +1,118 @@
+//! The agent's main loop: connect, open disks, replicate in cycles, and on any failure
+//! reconnect with exponential backoff (1 s doubling to 30 s, with jitter). Acknowledged
+//! blocks are never resent: the acknowledged manifests survive reconnects and restarts, and
+//! unacknowledged blocks are found again by the next scan.
+
+use crate::link::Link;
+use crate::replicate::{ReplicateError, Replicator};
+use lifeboat_common::config::AgentConfig;
+use std::time::{Duration, Instant};
+
+pub struct RunOptions {
+    /// Exit after the first committed point (initial sync, then one point).
+    pub once: bool,
+    /// With `once`: give up after this long without success.
+    pub give_up_after: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Replicate(#[from] ReplicateError),
+    #[error("gave up after {secs}s without committing a point; last error: {last}")]
+    GaveUp { secs: u64, last: String },
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+enum Outcome {
+    Done(Result<(), ReplicateError>),
+    Signal,
+}
+
+async fn session(rep: &mut Replicator, once: bool) -> Result<(), ReplicateError> {
+    let mut link = Link::connect(rep.config(), &rep.server_id).await?;
+    tracing::info!(receiver = %rep.status.receiver, "connected");
+    rep.open_disks(&mut link).await?;
+    loop {
+        let started = Instant::now();
+        rep.cycle(&mut link).await?;
+        if once {
+            link.close().await;
+            return Ok(());
+        }
+        rep.idle(&mut link, started + rep.interval()).await?;
+    }
+}
+
+pub async fn run(cfg: AgentConfig, opts: RunOptions) -> Result<(), RunError> {
+    let mut rep = Replicator::new(cfg)?;
+    tracing::info!(server = %rep.server_id, disks = rep.status.disks.len(), "lifeboat-agent starting");
+    lifeboat_common::sd_notify::ready();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(RunError::Runtime)?;
+    let began = Instant::now();
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let outcome = {
+            let attempt = session(&mut rep, opts.once);
+            tokio::pin!(attempt);
+            tokio::select! {
+                r = &mut attempt => Outcome::Done(r),
+                _ = sigterm.recv() => Outcome::Signal,
+                _ = tokio::signal::ctrl_c() => Outcome::Signal,
+            }
+        };
+        let err = match outcome {
+            Outcome::Signal => {
+                tracing::info!("stopping: saving state");
+                lifeboat_common::sd_notify::stopping();
+                rep.persist()?;
+                rep.set_disconnected(None);
+                return Ok(());
+            }
+            Outcome::Done(Ok(())) => {
+                rep.set_disconnected(None);
+                return Ok(());
+            }
+            Outcome::Done(Err(e)) => e,
+        };
+        // Whatever happened, keep what was acknowledged.
+        if let Err(pe) = rep.persist() {
+            tracing::error!("{pe}");
+        }
+        let msg = err.to_string();
+        rep.set_disconnected(Some(msg.clone()));
+        if err.retryable() {
+            tracing::warn!(
+                "replication interrupted: {msg}; retrying in {}s",
+                backoff.as_secs()
+            );
+        } else {
+            tracing::error!(
+                "{msg}; retrying in {}s (fix the cause; the agent keeps trying)",
+                backoff.as_secs()
+            );
+        }
+        if rep.connected_since.take().is_some() {
+            // The last connection got through: start the backoff over.
+            backoff = Duration::from_secs(1);
+        }
+        if opts.once && began.elapsed() >= opts.give_up_after {
+            return Err(RunError::GaveUp {
+                secs: opts.give_up_after.as_secs(),
+                last: msg,
+            });
+        }
+        let jitter = Duration::from_millis(rand::random::<u64>() % 500);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = sigterm.recv() => return Ok(()),
+        }
+        backoff = if err.retryable() {
+            (backoff * 2).min(Duration::from_secs(30))
+        } else {
+            Duration::from_secs(30)
+        };
+    }
+}

@@ -1,0 +1,113 @@
+//! The agent's persistent state under `state_dir`:
+//! - `disks/<id>.manifest`: the last manifest the receiver acknowledged, per disk;
+//! - `agent.json`: the next point number and the last committed point;
+//! - `status.json`: what `lifeboat-agent status` shows (not needed for recovery).
+//!
+//! Every file is replaced with tmp + fsync + rename + dir fsync. The receiver's live manifest
+//! is the authority on what it holds: at each connection the agent compares digests and adopts
+//! the receiver's manifest when they differ, so a stale local file costs a rescan, not data.
+
+use lifeboat_common::durable;
+use lifeboat_common::manifest::Manifest;
+use lifeboat_common::protocol::DiskState;
+use serde::{Deserialize, Serialize};
+use std::io;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AgentState {
+    pub next_point: u64,
+    pub last_point: Option<u64>,
+    pub last_point_unix_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DiskStatus {
+    pub id: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub state: Option<DiskState>,
+    pub backlog_blocks: u64,
+    pub reader: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub server_id: String,
+    pub receiver: String,
+    pub connected: bool,
+    pub pid: u32,
+    pub updated_unix_ms: u64,
+    pub last_point: Option<u64>,
+    pub last_point_unix_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub bytes_sent: u64,
+    pub disks: Vec<DiskStatus>,
+}
+
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    pub fn open(root: &Path) -> io::Result<StateDir> {
+        durable::create_dir_all_durable(&root.join("disks"))?;
+        Ok(StateDir {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn load_agent(&self) -> AgentState {
+        std::fs::read(self.root.join("agent.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(AgentState {
+                next_point: 1,
+                ..Default::default()
+            })
+    }
+
+    pub fn save_agent(&self, s: &AgentState) -> io::Result<()> {
+        let json = serde_json::to_vec_pretty(s).map_err(io::Error::other)?;
+        durable::write_atomic(&self.root.join("agent.json"), &json)
+    }
+
+    /// The acknowledged manifest of a disk, or an all-zero one (nothing acknowledged).
+    pub fn load_manifest(&self, disk: &str, size: u64) -> Manifest {
+        let p = self.root.join("disks").join(format!("{disk}.manifest"));
+        let mut m = match std::fs::read(&p).map(|b| Manifest::decode(&b)) {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    disk,
+                    "acknowledged manifest {} unreadable ({e}); the receiver's will be used",
+                    p.display()
+                );
+                Manifest::zeroed(size)
+            }
+            Err(_) => Manifest::zeroed(size),
+        };
+        m.resize(size);
+        m
+    }
+
+    pub fn save_manifest(&self, disk: &str, m: &Manifest) -> io::Result<()> {
+        durable::write_atomic(
+            &self.root.join("disks").join(format!("{disk}.manifest")),
+            &m.encode(),
+        )
+    }
+
+    pub fn save_status(&self, s: &AgentStatus) -> io::Result<()> {
+        let json = serde_json::to_vec_pretty(s).map_err(io::Error::other)?;
+        durable::write_atomic(&self.root.join("status.json"), &json)
+    }
+
+    pub fn load_status(root: &Path) -> Option<AgentStatus> {
+        serde_json::from_slice(&std::fs::read(root.join("status.json")).ok()?).ok()
+    }
+}

@@ -1,0 +1,69 @@
+//! `lifeboat-agent status`: what the agent last wrote to `<state_dir>/status.json`.
+
+use crate::state::StateDir;
+use lifeboat_common::config::AgentConfig;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn show(cfg: &AgentConfig, json: bool) -> anyhow::Result<()> {
+    let Some(st) = StateDir::load_status(&cfg.state_dir) else {
+        anyhow::bail!(
+            "no status in {}: the agent has not run with this config yet",
+            cfg.state_dir.display()
+        );
+    };
+    let running = std::path::Path::new(&format!("/proc/{}", st.pid)).exists()
+        && now_ms().saturating_sub(st.updated_unix_ms) < 60_000;
+    if json {
+        let mut v = serde_json::to_value(&st)?;
+        v["running"] = serde_json::Value::Bool(running);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("server:     {}", st.server_id);
+    println!(
+        "receiver:   {} ({})",
+        st.receiver,
+        if st.connected {
+            "connected"
+        } else {
+            "not connected"
+        }
+    );
+    println!(
+        "agent:      {}",
+        if running {
+            format!("running (pid {})", st.pid)
+        } else {
+            "not running".to_string()
+        }
+    );
+    match (st.last_point, st.last_point_unix_ms) {
+        (Some(p), Some(t)) => println!(
+            "last point: {p}, {}s ago",
+            now_ms().saturating_sub(t) / 1000
+        ),
+        _ => println!("last point: none yet"),
+    }
+    if let Some(e) = &st.last_error {
+        println!("last error: {e}");
+    }
+    println!("sent:       {} bytes", st.bytes_sent);
+    for d in &st.disks {
+        println!(
+            "disk {:<12} {:<14} backlog {:>8} blocks  {} ({} bytes, reader {})",
+            d.id,
+            d.state.map(|s| s.as_str()).unwrap_or("-"),
+            d.backlog_blocks,
+            d.path.display(),
+            d.size,
+            if d.reader.is_empty() { "-" } else { &d.reader }
+        );
+    }
+    Ok(())
+}
