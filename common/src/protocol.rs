@@ -744,8 +744,9 @@ mod tests {
                 token: b,
                 agent_version: c
             }),
-            s.prop_map(|v| Message::Welcome {
-                receiver_version: v
+            (s, any::<u64>()).prop_map(|(v, p)| Message::Welcome {
+                receiver_version: v,
+                last_point: p
             }),
             (any::<u32>(), s, any::<u64>()).prop_map(|(h, d, z)| Message::OpenDisk {
                 handle: h,

@@ -1,1 +1,7 @@
+//! Cross-crate integration tests: the real binaries over real TLS on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod bad_input;
+mod cli;
+mod e2e;
+mod faults;

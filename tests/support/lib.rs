@@ -1,1 +1,495 @@
+//! Shared fixtures for the integration tests: a real receiver and real agents as child
+//! processes (the built binaries), generated disk images, and a raw TLS client for sending
+//! hostile input. Every server a test starts listens on 127.0.0.1 and is killed on drop.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use lifeboat_common::BLOCK_SIZE;
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A built binary of this workspace (`cargo build --workspace --bins` first).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests (tests/run.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// A directory on a real filesystem (O_DIRECT-capable, unlike tmpfs).
+pub fn workdir() -> tempfile::TempDir {
+    let base = std::env::var_os("LIFEBOAT_TEST_TMP")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().unwrap();
+            // target/<profile>/deps/<test> → target/lifeboat-test-tmp
+            exe.ancestors().nth(3).unwrap().join("lifeboat-test-tmp")
+        });
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::tempdir_in(base).unwrap()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits for `cond`, polling; panics with `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub struct Receiver {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub fingerprint: String,
+    pub token: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Receiver {
+    /// `init` a state dir under `root` and start `serve`.
+    pub fn start(root: &Path) -> Receiver {
+        let dir = root.join("receiver");
+        let port = free_port();
+        let out = Command::new(bin("lifeboat-receiver"))
+            .args(["--state-dir"])
+            .arg(&dir)
+            .args(["init", "--json", "--listen", &format!("127.0.0.1:{port}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut r = Receiver {
+            fingerprint: v["ca_fingerprint"].as_str().unwrap().to_string(),
+            token: v["token"].as_str().unwrap().to_string(),
+            log: root.join("receiver.log"),
+            dir,
+            port,
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "receiver already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(bin("lifeboat-receiver"))
+            .arg("--state-dir")
+            .arg(&self.dir)
+            .args(["serve", "--gc-interval-secs", "3600"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("the receiver to listen", Duration::from_secs(30), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Runs a receiver CLI command against this state dir.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("lifeboat-receiver"))
+            .arg("--state-dir")
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn points(&self, server: &str) -> Vec<Value> {
+        let out = self.cli(&["points", "--server", server, "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    /// The receiver's cumulative counters for a server (from its status file).
+    pub fn counters(&self, server: &str) -> Value {
+        let p = self.dir.join("servers").join(server).join("status.json");
+        match std::fs::read(&p) {
+            Ok(b) => serde_json::from_slice::<Value>(&b).unwrap()["counters"].clone(),
+            Err(_) => Value::Null,
+        }
+    }
+
+    pub fn counter(&self, server: &str, name: &str) -> u64 {
+        self.counters(server)[name].as_u64().unwrap_or(0)
+    }
+
+    /// Restores a disk of a point to `to`; returns the command's output.
+    pub fn restore(&self, server: &str, disk: &str, point: &str, to: &Path) -> Output {
+        self.cli(&[
+            "restore",
+            "--server",
+            server,
+            "--disk",
+            disk,
+            "--point",
+            point,
+            "--to",
+            to.to_str().unwrap(),
+        ])
+    }
+
+    pub fn store_blocks(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let root = self.dir.join("store/blocks");
+        for sub in std::fs::read_dir(root).unwrap().flatten() {
+            for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
+                out.push(f.path());
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct AgentSpec {
+    pub server_id: String,
+    pub disks: Vec<(String, PathBuf)>,
+    pub reader: &'static str,
+    pub bandwidth_mbps: u64,
+    pub interval_secs: u64,
+    pub token: Option<String>,
+}
+
+impl AgentSpec {
+    pub fn new(server_id: &str, disks: &[(&str, &Path)]) -> AgentSpec {
+        AgentSpec {
+            server_id: server_id.into(),
+            disks: disks
+                .iter()
+                .map(|(i, p)| (i.to_string(), p.to_path_buf()))
+                .collect(),
+            reader: "auto",
+            bandwidth_mbps: 0,
+            interval_secs: 1,
+            token: None,
+        }
+    }
+}
+
+pub struct Agent {
+    pub config: PathBuf,
+    pub state_dir: PathBuf,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn new(root: &Path, rx: &Receiver, spec: &AgentSpec) -> Agent {
+        let state_dir = root.join(format!("agent-{}", spec.server_id));
+        let mut toml = format!(
+            "server_id = \"{}\"\nstate_dir = \"{}\"\npoint_interval_secs = {}\nbandwidth_limit_mbps = {}\nreader = \"{}\"\n\n[receiver]\naddress = \"127.0.0.1:{}\"\nca_fingerprint = \"{}\"\ntoken = \"{}\"\n",
+            spec.server_id,
+            state_dir.display(),
+            spec.interval_secs,
+            spec.bandwidth_mbps,
+            spec.reader,
+            rx.port,
+            rx.fingerprint,
+            spec.token.clone().unwrap_or_else(|| rx.token.clone()),
+        );
+        for (id, p) in &spec.disks {
+            toml.push_str(&format!(
+                "\n[[disks]]\nid = \"{id}\"\npath = \"{}\"\n",
+                p.display()
+            ));
+        }
+        let config = root.join(format!("agent-{}.toml", spec.server_id));
+        std::fs::write(&config, toml).unwrap();
+        Agent {
+            config,
+            state_dir,
+            child: None,
+            log: root.join(format!("agent-{}.log", spec.server_id)),
+        }
+    }
+
+    /// `run --once`: sync and cut one point; returns the process output.
+    pub fn run_once(&self, give_up_secs: u64) -> Output {
+        Command::new(bin("lifeboat-agent"))
+            .args([
+                "run",
+                "--once",
+                "--give-up-after-secs",
+                &give_up_secs.to_string(),
+                "--config",
+            ])
+            .arg(&self.config)
+            .output()
+            .unwrap()
+    }
+
+    pub fn run_once_ok(&self) {
+        let out = self.run_once(120);
+        assert!(
+            out.status.success(),
+            "agent --once failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts continuous replication in the background.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            Command::new(bin("lifeboat-agent"))
+                .args(["run", "--config"])
+                .arg(&self.config)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    /// SIGKILL: no chance to save anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A deterministic generator (xorshift), so images are reproducible from a seed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// The kinds of block a generated image mixes.
+pub fn block_of_kind(kind: u64, rng: &mut Rng, shared: &[u8]) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK_SIZE];
+    match kind % 4 {
+        0 => {} // zeros
+        1 => rng.fill(&mut b),
+        2 => {
+            let line = format!(
+                "log line {} lifeboat replicates every byte\n",
+                rng.next_u64()
+            );
+            for (i, c) in b.iter_mut().enumerate() {
+                *c = line.as_bytes()[i % line.len()];
+            }
+        }
+        _ => b.copy_from_slice(shared), // duplicated block
+    }
+    b
+}
+
+/// Writes an image of `blocks` blocks (the last one cut short by `tail_cut` bytes) mixing
+/// zeros, random data, text and duplicated blocks.
+pub fn make_image(path: &Path, blocks: usize, tail_cut: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    let mut shared = vec![0u8; BLOCK_SIZE];
+    rng.fill(&mut shared);
+    let mut data = Vec::with_capacity(blocks * BLOCK_SIZE);
+    for _ in 0..blocks {
+        let kind = rng.below(4);
+        data.extend_from_slice(&block_of_kind(kind, &mut rng, &shared));
+    }
+    data.truncate(data.len() - tail_cut);
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+/// Changes some blocks in place: rewrites, zeroes, duplicates. Returns the new content.
+pub fn mutate(path: &Path, seed: u64, changes: usize) -> Vec<u8> {
+    let mut data = std::fs::read(path).unwrap();
+    let mut rng = Rng::new(seed);
+    let blocks = data.len().div_ceil(BLOCK_SIZE);
+    for _ in 0..changes {
+        let i = rng.below(blocks as u64) as usize;
+        let start = i * BLOCK_SIZE;
+        let end = (start + BLOCK_SIZE).min(data.len());
+        match rng.below(3) {
+            0 => data[start..end].fill(0),
+            1 => {
+                // A small in-place edit, like a database page write.
+                let off = start + rng.below((end - start) as u64) as usize;
+                data[off] = data[off].wrapping_add(1);
+            }
+            _ => {
+                let j = rng.below(blocks as u64) as usize * BLOCK_SIZE;
+                let src: Vec<u8> = data[j..(j + BLOCK_SIZE).min(data.len())].to_vec();
+                let n = src.len().min(end - start);
+                data[start..start + n].copy_from_slice(&src[..n]);
+            }
+        }
+    }
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+/// Distinct non-zero blocks of an image.
+pub fn unique_data_blocks(data: &[u8]) -> usize {
+    let mut set = std::collections::HashSet::new();
+    for c in data.chunks(BLOCK_SIZE) {
+        let h = lifeboat_common::block::hash_block(c);
+        if !h.is_zero() {
+            set.insert(h);
+        }
+    }
+    set.len()
+}
+
+/// A raw TLS client for sending what no agent would: it trusts the receiver's pinned CA, and
+/// lets the test write any bytes.
+pub struct RawClient {
+    pub stream: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+}
+
+impl RawClient {
+    pub fn connect(rx: &Receiver) -> RawClient {
+        let pin = lifeboat_common::config::parse_fingerprint(&rx.fingerprint).unwrap();
+        let cfg: Arc<rustls::ClientConfig> = lifeboat_agent::tls::client_config(pin).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("lifeboat-receiver").unwrap();
+        let conn = rustls::ClientConnection::new(cfg, name).unwrap();
+        let tcp = TcpStream::connect(("127.0.0.1", rx.port)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        RawClient {
+            stream: rustls::StreamOwned::new(conn, tcp),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)?;
+        self.stream.flush()
+    }
+
+    /// Reads frames until the connection closes or `n` frames arrived.
+    pub fn read_frames(&mut self, n: usize) -> Vec<lifeboat_common::protocol::Message> {
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 65536];
+        while out.len() < n {
+            match lifeboat_common::protocol::decode_frame(&buf) {
+                Ok(Some((m, used))) => {
+                    buf.drain(..used);
+                    out.push(m);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => panic!("receiver sent a malformed frame: {e}"),
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+            }
+        }
+        out
+    }
+
+    /// Sends the preface and reads the receiver's.
+    pub fn preface(&mut self) {
+        self.send(&lifeboat_common::protocol::preface(1)).unwrap();
+        let mut p = [0u8; 12];
+        self.stream.read_exact(&mut p).unwrap();
+        assert_eq!(&p[..8], b"LIFEBOAT");
+    }
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}

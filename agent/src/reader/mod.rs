@@ -25,7 +25,7 @@ pub struct ReadReq {
 }
 
 enum Engine {
-    Uring(uring::UringEngine),
+    Uring(Box<uring::UringEngine>),
     Pread,
 }
 
@@ -51,9 +51,9 @@ impl BlockReader {
         };
         let engine = match choice {
             ReaderEngine::Pread => Engine::Pread,
-            ReaderEngine::IoUring => Engine::Uring(uring::UringEngine::new(DEPTH as usize)?),
+            ReaderEngine::IoUring => Engine::Uring(Box::new(uring::UringEngine::new(DEPTH)?)),
             ReaderEngine::Auto => match uring::UringEngine::new(DEPTH) {
-                Ok(u) => Engine::Uring(u),
+                Ok(u) => Engine::Uring(Box::new(u)),
                 Err(e) => {
                     tracing::info!("io_uring unavailable ({e}); reading with pread");
                     Engine::Pread
@@ -137,7 +137,7 @@ mod tests {
         let mut data = vec![0u8; size as usize];
         let mut x = 1u64;
         for (i, b) in data.iter_mut().enumerate() {
-            if (i / BLOCK_SIZE) % 3 != 0 {
+            if !(i / BLOCK_SIZE).is_multiple_of(3) {
                 x = x
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);

@@ -1,0 +1,160 @@
+//! Hostile or broken peers: the receiver refuses them clearly and keeps serving others.
+
+use lifeboat_common::codec::Codec;
+use lifeboat_common::protocol::{ErrorCode, Message, MAX_FRAME};
+use lifeboat_common::BlockHash;
+use lifeboat_tests::*;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+fn hello(rx: &Receiver, server: &str, token: &str) -> Vec<u8> {
+    let _ = rx;
+    let mut out = Vec::new();
+    Message::Hello {
+        server_id: server.into(),
+        token: token.into(),
+        agent_version: "test".into(),
+    }
+    .encode(&mut out);
+    out
+}
+
+fn good_agent_still_served(w: &std::path::Path, rx: &Receiver, server: &str) {
+    let img = w.join(format!("{server}.img"));
+    make_image(&img, 4, 0, 9);
+    Agent::new(w, rx, &AgentSpec::new(server, &[("root", &img)])).run_once_ok();
+    assert_eq!(rx.points(server).len(), 1);
+}
+
+#[test]
+fn wrong_token_is_refused_clearly() {
+    let w = workdir();
+    let rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    make_image(&img, 4, 0, 1);
+    let mut spec = AgentSpec::new("intruder", &[("root", &img)]);
+    spec.token = Some("0".repeat(64));
+    let o = Agent::new(w.path(), &rx, &spec).run_once(2);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("token refused for server intruder"), "{err}");
+    assert!(rx.log_text().contains("token refused for server intruder"));
+    assert!(
+        !rx.dir.join("servers/intruder").exists(),
+        "a refused agent left state behind"
+    );
+    good_agent_still_served(w.path(), &rx, "after-token");
+}
+
+#[test]
+fn garbage_and_oversized_frames_close_only_that_connection() {
+    let w = workdir();
+    let rx = Receiver::start(w.path());
+
+    // Random bytes instead of TLS.
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", rx.port)).unwrap();
+    let mut noise = vec![0u8; 4096];
+    Rng::new(77).fill(&mut noise);
+    let _ = tcp.write_all(&noise);
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut sink = [0u8; 1024];
+    let _ = tcp.read(&mut sink);
+
+    // Random bytes inside TLS, where the preface should be.
+    let mut c = RawClient::connect(&rx);
+    c.send(&noise[..64]).unwrap();
+    let mut pre = [0u8; 12];
+    c.stream.read_exact(&mut pre).unwrap();
+    let replies = c.read_frames(1);
+    assert!(
+        matches!(&replies[..], [Message::Error { code: ErrorCode::Protocol, message, .. }] if message.contains("bad preface")),
+        "{replies:?}"
+    );
+
+    // An oversized frame after a valid Hello.
+    let mut c = RawClient::connect(&rx);
+    c.preface();
+    c.send(&hello(&rx, "big", &rx.token)).unwrap();
+    let welcome = c.read_frames(1);
+    assert!(matches!(welcome[0], Message::Welcome { .. }), "{welcome:?}");
+    let mut frame = ((MAX_FRAME + 1) as u32).to_le_bytes().to_vec();
+    frame.push(9);
+    c.send(&frame).unwrap();
+    let replies = c.read_frames(5);
+    assert!(
+        replies.iter().any(|m| matches!(m, Message::Error { code: ErrorCode::Protocol, message, .. } if message.contains("exceeds"))),
+        "{replies:?}"
+    );
+
+    wait_for(
+        "the reasons in the receiver log",
+        Duration::from_secs(10),
+        || {
+            let log = rx.log_text();
+            log.contains("TLS handshake failed")
+                && log.contains("bad preface")
+                && log.contains("exceeds")
+        },
+    );
+    good_agent_still_served(w.path(), &rx, "after-garbage");
+}
+
+#[test]
+fn block_whose_data_does_not_match_its_hash_is_rejected() {
+    let w = workdir();
+    let rx = Receiver::start(w.path());
+    let mut c = RawClient::connect(&rx);
+    c.preface();
+    let mut out = hello(&rx, "liar", &rx.token);
+    Message::OpenDisk {
+        handle: 0,
+        disk_id: "root".into(),
+        size: 4 * lifeboat_common::BLOCK_SIZE as u64,
+    }
+    .encode(&mut out);
+    let claimed = lifeboat_common::block::hash_block(b"what the agent claims");
+    Message::Block {
+        seq: 1,
+        handle: 0,
+        index: 2,
+        hash: claimed,
+        codec: Codec::Raw,
+        data: b"something else entirely".to_vec(),
+    }
+    .encode(&mut out);
+    c.send(&out).unwrap();
+    let replies = c.read_frames(4);
+    let err = replies
+        .iter()
+        .find_map(|m| match m {
+            Message::Error {
+                code: ErrorCode::BadBlock,
+                message,
+                ..
+            } => Some(message.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no BadBlock error: {replies:?}"));
+    assert!(
+        err.contains("disk root block 2") && err.contains("not stored"),
+        "{err}"
+    );
+    assert!(
+        !replies.iter().any(|m| matches!(m, Message::Acks { .. })),
+        "a bad block was acknowledged"
+    );
+    assert!(!rx
+        .dir
+        .join("store/blocks")
+        .join(&claimed.to_hex()[..2])
+        .join(claimed.to_hex())
+        .exists());
+    wait_for(
+        "the rejection to be counted",
+        Duration::from_secs(10),
+        || rx.counter("liar", "blocks_rejected") == 1,
+    );
+    assert_eq!(rx.counter("liar", "blocks_stored"), 0);
+    let _ = BlockHash::ZERO;
+    good_agent_still_served(w.path(), &rx, "after-liar");
+}

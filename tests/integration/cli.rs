@@ -1,0 +1,109 @@
+//! The command lines: help that teaches, validation of every shipped config, status.
+
+use lifeboat_tests::*;
+use std::process::Command;
+
+#[test]
+fn help_lists_every_command() {
+    let o = Command::new(bin("lifeboat-receiver"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let text = stdout(&o);
+    for c in ["init", "serve", "validate", "servers", "points", "restore"] {
+        assert!(text.contains(c), "receiver --help lacks {c}:\n{text}");
+    }
+    let o = Command::new(bin("lifeboat-agent"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let text = stdout(&o);
+    for c in ["run", "validate", "status"] {
+        assert!(text.contains(c), "agent --help lacks {c}:\n{text}");
+    }
+}
+
+#[test]
+fn shipped_example_configs_validate() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let o = Command::new(bin("lifeboat-agent"))
+        .args(["validate", "--config"])
+        .arg(root.join("packaging/agent.toml.example"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = Command::new(bin("lifeboat-receiver"))
+        .args(["validate", "--config"])
+        .arg(root.join("packaging/receiver.toml.example"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn bad_config_exits_64_naming_the_field() {
+    let w = workdir();
+    let p = w.path().join("agent.toml");
+    std::fs::write(&p, "[receiver]\naddress = \"x:1\"\nca_fingerprint = \"nope\"\ntoken = \"t\"\n[[disks]]\nid = \"r\"\npath = \"/x\"\n").unwrap();
+    let o = Command::new(bin("lifeboat-agent"))
+        .args(["validate", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(64));
+    assert!(
+        stderr(&o).contains("receiver.ca_fingerprint"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn listings_and_status_after_a_sync() {
+    let w = workdir();
+    let rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    make_image(&img, 6, 0, 2);
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("app-01", &[("root", &img)]));
+    agent.run_once_ok();
+
+    let o = rx.cli(&["servers"]);
+    let t = stdout(&o);
+    assert!(
+        t.contains("app-01") && t.contains("root") && t.contains("disconnected"),
+        "{t}"
+    );
+    let o = rx.cli(&["servers", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["backlog_blocks"], 0);
+    assert_eq!(v[0]["last_point"], 1);
+
+    let t = stdout(&rx.cli(&["points", "--server", "app-01"]));
+    assert!(t.contains("best-effort") && t.contains("local"), "{t}");
+    let o = rx.cli(&["points", "--server", "nobody"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("app-01"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = Command::new(bin("lifeboat-agent"))
+        .args(["status", "--config"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    let t = stdout(&o);
+    assert!(
+        t.contains("last point: 1") && t.contains("not running"),
+        "{t}"
+    );
+
+    // Restoring over an existing file needs --force.
+    let existing = w.path().join("existing.img");
+    std::fs::write(&existing, b"precious").unwrap();
+    let o = rx.restore("app-01", "root", "latest", &existing);
+    assert!(!o.status.success() && stderr(&o).contains("--force"));
+    assert_eq!(std::fs::read(&existing).unwrap(), b"precious");
+}

@@ -1,0 +1,142 @@
+//! Crashes: the agent or the receiver killed with SIGKILL mid-stream.
+
+use lifeboat_tests::*;
+use std::time::Duration;
+
+/// Incompressible, so the bandwidth limit makes the sync last long enough to interrupt.
+fn random_image(path: &std::path::Path, blocks: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    let mut data = vec![0u8; blocks * lifeboat_common::BLOCK_SIZE];
+    rng.fill(&mut data);
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+#[test]
+fn agent_killed_mid_initial_sync_resumes_without_resending() {
+    let w = workdir();
+    let rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    let blocks = 160u64;
+    let data = random_image(&img, blocks as usize, 21);
+    let mut spec = AgentSpec::new("kill-agent", &[("root", &img)]);
+    spec.bandwidth_mbps = 160; // 20 MB/s: about 4 s for 80 MiB
+    let mut agent = Agent::new(w.path(), &rx, &spec);
+    agent.spawn();
+    // The receiver saves its counters every 2 s while a session runs.
+    wait_for(
+        "a third of the disk to arrive",
+        Duration::from_secs(60),
+        || rx.counter("kill-agent", "blocks_stored") >= blocks / 3,
+    );
+    agent.kill();
+    // Once the session ends the receiver's counters are final for the first run.
+    wait_for(
+        "the receiver to notice the agent is gone",
+        Duration::from_secs(30),
+        || {
+            rx.cli(&["servers", "--json"])
+                .stdout
+                .windows(12)
+                .any(|w| w == b"disconnected")
+        },
+    );
+    let stored_before = rx.counter("kill-agent", "blocks_stored");
+    assert!(
+        stored_before < blocks,
+        "the sync finished before the kill; nothing was tested"
+    );
+
+    agent.run_once_ok();
+    let received = rx.counter("kill-agent", "blocks_received");
+    let stored = rx.counter("kill-agent", "blocks_stored");
+    assert_eq!(stored, blocks, "every block stored exactly once");
+    // Blocks acknowledged before the kill were not sent again. (A block that was in flight,
+    // sent but not yet acknowledged, may legitimately be sent twice.)
+    assert!(
+        received <= blocks + 64,
+        "received {received} blocks for a {blocks}-block disk: acknowledged blocks were resent"
+    );
+    let out = w.path().join("out.img");
+    let o = rx.restore("kill-agent", "root", "latest", &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::read(&out).unwrap() == data);
+}
+
+#[test]
+fn receiver_killed_mid_stream_agent_reconnects_and_completes() {
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    let data = random_image(&img, 120, 33);
+    let mut spec = AgentSpec::new("kill-rx", &[("root", &img)]);
+    spec.bandwidth_mbps = 160;
+    let mut agent = Agent::new(w.path(), &rx, &spec);
+    agent.spawn();
+    wait_for("some blocks to arrive", Duration::from_secs(60), || {
+        rx.counter("kill-rx", "blocks_stored") >= 20
+    });
+    rx.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    rx.restart();
+    wait_for(
+        "a point after the restart",
+        Duration::from_secs(120),
+        || {
+            rx.cli(&["points", "--server", "kill-rx", "--json"])
+                .status
+                .success()
+                && !rx.points("kill-rx").is_empty()
+        },
+    );
+    agent.kill();
+    assert!(
+        agent.log_text().contains("retrying"),
+        "the agent never saw the receiver go"
+    );
+    // No listed point lacks a block: every one restores, verified.
+    for p in rx.points("kill-rx") {
+        let n = p["point"].as_u64().unwrap().to_string();
+        let out = w.path().join(format!("p{n}.img"));
+        let o = rx.restore("kill-rx", "root", &n, &out);
+        assert!(o.status.success(), "point {n}: {}", stderr(&o));
+        assert!(std::fs::read(&out).unwrap() == data, "point {n} differs");
+    }
+}
+
+#[test]
+fn restore_fails_naming_a_corrupt_block() {
+    let w = workdir();
+    let rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    make_image(&img, 12, 0, 5);
+    Agent::new(w.path(), &rx, &AgentSpec::new("corrupt", &[("root", &img)])).run_once_ok();
+    let blocks = rx.store_blocks();
+    let victim = &blocks[0];
+    let name = victim.file_name().unwrap().to_str().unwrap().to_string();
+    let mut bytes = std::fs::read(victim).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x5a;
+    std::fs::write(victim, bytes).unwrap();
+
+    let out = w.path().join("out.img");
+    let o = rx.restore("corrupt", "root", "latest", &out);
+    assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&name),
+        "error does not name the block's hash: {err}"
+    );
+    assert!(err.contains("block ") && err.contains("corrupt"), "{err}");
+    assert!(!out.exists(), "an incomplete restore was left behind");
+
+    // A missing block is named too.
+    std::fs::remove_file(victim).unwrap();
+    let o = rx.restore("corrupt", "root", "latest", &out);
+    assert_eq!(o.status.code(), Some(65));
+    assert!(
+        stderr(&o).contains("not in the staging store"),
+        "{}",
+        stderr(&o)
+    );
+}
