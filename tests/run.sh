@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs the whole suite: formatting, lints, unit, property,
+# integration, end-to-end and fault-injection tests. CI runs exactly this (.ci/run).
+#
+#   bash tests/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/lifeboat-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+# Debian packages the suite and the benches use.
+need=()
+command -v zstd >/dev/null 2>&1 || need+=(zstd)
+command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
+command -v losetup >/dev/null 2>&1 || need+=(mount)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing: ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "warning: missing ${need[*]}; install them (apt-get install ${need[*]})" >&2
+  fi
+fi
+for c in "cargo fmt" "cargo clippy"; do
+  $c --version >/dev/null 2>&1 || { echo "error: '$c' is missing (rustup component add rustfmt clippy)" >&2; exit 1; }
+done
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== build (the integration tests run the real binaries)"
+cargo build --workspace --bins
+echo "== tests"
+cargo test --workspace
