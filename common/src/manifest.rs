@@ -24,6 +24,8 @@ pub enum ManifestError {
     BadMagic,
     #[error("manifest version {0} is not supported (this build reads version 1)")]
     Version(u16),
+    #[error("manifest reserved field is {0}, not 0")]
+    Reserved(u16),
     #[error("manifest block size {0} is not the 524288-byte block size")]
     BlockSize(u32),
     #[error("manifest claims {count} blocks for a {disk_size}-byte disk")]
@@ -107,6 +109,9 @@ impl Manifest {
         let version = u16_at(8);
         if version != VERSION {
             return Err(ManifestError::Version(version));
+        }
+        if u16_at(10) != 0 {
+            return Err(ManifestError::Reserved(u16_at(10)));
         }
         let block_size = u32_at(12);
         if block_size as usize != BLOCK_SIZE {

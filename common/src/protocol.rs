@@ -633,6 +633,9 @@ fn decode_body(body: &[u8]) -> Result<Message, DecodeError> {
             let req = r.u64()?;
             let n = r.count(MAX_HASHES, "answers")?;
             let bits = r.take(n.div_ceil(8))?;
+            if n % 8 != 0 && bits[n / 8] >> (n % 8) != 0 {
+                return Err(r.invalid("bitmap padding bits are not zero"));
+            }
             let present = (0..n).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect();
             Message::HaveReply { req, present }
         }
@@ -924,5 +927,18 @@ mod tests {
             Err(DecodeError::UnknownType(99))
         );
         assert_eq!(decode_frame(&[0, 0, 0, 0]), Err(DecodeError::Empty));
+        // A HaveReply for 3 hashes whose bitmap sets a 4th bit is not canonical.
+        let mut buf = Vec::new();
+        Message::HaveReply {
+            req: 1,
+            present: vec![true, false, true],
+        }
+        .encode(&mut buf);
+        let last = buf.len() - 1;
+        buf[last] |= 0b1000;
+        assert!(matches!(
+            decode_frame(&buf),
+            Err(DecodeError::Invalid { .. })
+        ));
     }
 }

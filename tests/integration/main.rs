@@ -5,3 +5,4 @@ mod bad_input;
 mod cli;
 mod e2e;
 mod faults;
+mod gc;

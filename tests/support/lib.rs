@@ -66,6 +66,8 @@ pub struct Receiver {
     pub token: String,
     child: Option<Child>,
     pub log: PathBuf,
+    /// Seconds between retention/GC passes of `serve`.
+    pub gc_interval_secs: u64,
 }
 
 impl Receiver {
@@ -92,6 +94,7 @@ impl Receiver {
             dir,
             port,
             child: None,
+            gc_interval_secs: 3600,
         };
         r.restart();
         r
@@ -107,7 +110,11 @@ impl Receiver {
         let child = Command::new(bin("lifeboat-receiver"))
             .arg("--state-dir")
             .arg(&self.dir)
-            .args(["serve", "--gc-interval-secs", "3600"])
+            .args([
+                "serve",
+                "--gc-interval-secs",
+                &self.gc_interval_secs.to_string(),
+            ])
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

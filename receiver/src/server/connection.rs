@@ -36,7 +36,7 @@ pub async fn handle(
     let span = tracing::info_span!("conn", %peer, server = tracing::field::Empty);
     async move {
         match run(&shared, acceptor, tcp, peer, stop).await {
-            Ok(()) => tracing::info!("connection closed"),
+            Ok(()) => tracing::debug!("connection closed"),
             Err(reason) => {
                 let (allowed, dropped) = shared.peer_log.allow();
                 if allowed {
@@ -96,10 +96,16 @@ async fn run(
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-        .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Err(_) => return Err("TLS handshake timed out".to_string()),
+        // A port probe (load balancer, monitoring) connects and closes without a word.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            tracing::debug!("closed before the TLS handshake");
+            return Ok(());
+        }
+        Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
+        Ok(Ok(tls)) => tls,
+    };
     let (mut rd, mut wr) = tokio::io::split(tls);
 
     let mut pre = [0u8; PREFACE_LEN];
@@ -262,6 +268,7 @@ async fn run(
         .unwrap_or(SessionEnd::Failed("session task panicked".into()));
     drop(out_tx);
     let _ = writer.await;
+    tracing::info!("agent disconnected");
     match (reason, end) {
         (_, SessionEnd::Failed(e)) => Err(e),
         (r, SessionEnd::Done) => r,
