@@ -13,8 +13,6 @@ use tokio::sync::mpsc;
 use tokio_rustls::client::TlsStream;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The receiver answers within this or the connection is considered hung.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -56,6 +54,8 @@ pub struct Link {
     pub bytes_sent: u64,
     /// The receiver's newest committed point for this server (0: none).
     pub receiver_last_point: u64,
+    /// The receiver answers within this, or the connection is considered hung.
+    pub reply_timeout: Duration,
 }
 
 impl Drop for Link {
@@ -155,6 +155,7 @@ impl Link {
             reader,
             bytes_sent: 0,
             receiver_last_point: 0,
+            reply_timeout: Duration::from_secs(cfg.receiver.timeout_secs),
         };
         link.queue(&Message::Hello {
             server_id: server_id.to_string(),
@@ -201,9 +202,9 @@ impl Link {
             self.wr.write_all(&self.out).await?;
             self.wr.flush().await
         };
-        tokio::time::timeout(REPLY_TIMEOUT, write)
+        tokio::time::timeout(self.reply_timeout, write)
             .await
-            .map_err(|_| LinkError::Timeout(REPLY_TIMEOUT.as_secs()))?
+            .map_err(|_| LinkError::Timeout(self.reply_timeout.as_secs()))?
             .map_err(|e| LinkError::Lost(e.to_string()))?;
         self.bytes_sent += self.out.len() as u64;
         self.out.clear();

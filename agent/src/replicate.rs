@@ -9,7 +9,7 @@
 //! backpressure on the scan. An acknowledged block updates the acknowledged manifest; nothing
 //! is forgotten before its ack. After a cycle has every block acked, a `Commit` cuts the point.
 
-use crate::link::{Link, LinkError, REPLY_TIMEOUT};
+use crate::link::{Link, LinkError};
 use crate::pipeline::{self, Payload, Prepared, ScanInput, ScanProgress};
 use crate::state::{AgentState, AgentStatus, DiskStatus, StateDir};
 use crate::tracker::{hashscan::HashScan, Tracker};
@@ -219,7 +219,7 @@ impl Replicator {
         link.flush().await?;
         let mut differ = Vec::new();
         for _ in 0..self.cfg.disks.len() {
-            match link.recv(REPLY_TIMEOUT).await? {
+            match link.recv(link.reply_timeout).await? {
                 Message::DiskOpened { handle, digest } => {
                     let i = handle as usize;
                     if i >= self.cfg.disks.len() {
@@ -381,6 +381,7 @@ impl Replicator {
         let mut have_deadline = tokio::time::Instant::now();
         let mut tick = tokio::time::interval(PROGRESS_EVERY);
         let mut last_persist = Instant::now();
+        let mut last_heard = Instant::now();
         let mut scans_done = false;
 
         loop {
@@ -414,7 +415,7 @@ impl Replicator {
                     }
                 },
                 _ = tokio::time::sleep_until(have_deadline), if !have_batch.is_empty() => {}
-                m = link.recv(REPLY_TIMEOUT) => match m? {
+                m = link.recv(link.reply_timeout) => match m.inspect(|_| last_heard = Instant::now())? {
                     Message::HaveReply { req, present } => {
                         let batch = have_wait.remove(&req).ok_or_else(|| LinkError::Protocol(format!("HaveReply for unknown request {req}")))?;
                         if batch.len() != present.len() {
@@ -455,6 +456,11 @@ impl Replicator {
                     other => return Err(LinkError::Protocol(format!("unexpected {} while sending blocks", other.name())).into()),
                 },
                 _ = tick.tick() => {
+                    // The other branches keep re-arming the receive timeout; this catches a
+                    // receiver that has gone silent with blocks outstanding.
+                    if (!inflight.is_empty() || waiting > 0) && last_heard.elapsed() > link.reply_timeout {
+                        return Err(LinkError::Timeout(link.reply_timeout.as_secs()).into());
+                    }
                     let m = self.progress_message(&outstanding, progress, started);
                     link.queue(&m);
                     self.status.bytes_sent = link.bytes_sent;
@@ -506,7 +512,7 @@ impl Replicator {
         });
         link.flush().await?;
         loop {
-            match link.recv(REPLY_TIMEOUT).await {
+            match link.recv(link.reply_timeout).await {
                 Ok(Message::Committed { point: p }) if p == point => break,
                 Ok(Message::Acks { .. }) => {}
                 Ok(other) => {
@@ -608,7 +614,7 @@ async fn fetch_manifest(
     let total = m.hashes.len() as u64;
     let mut got = 0u64;
     while got < total {
-        match link.recv(REPLY_TIMEOUT).await? {
+        match link.recv(link.reply_timeout).await? {
             Message::ManifestChunk {
                 handle: h,
                 start,
@@ -636,7 +642,7 @@ async fn fetch_manifest(
     }
     if total == 0 {
         // An empty disk still gets one (empty) chunk.
-        let _ = link.recv(REPLY_TIMEOUT).await?;
+        let _ = link.recv(link.reply_timeout).await?;
     }
     Ok(m)
 }

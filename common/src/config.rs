@@ -94,6 +94,14 @@ pub struct ReceiverEndpoint {
     pub ca_fingerprint: String,
     /// The enrolment token printed by `lifeboat-receiver init`.
     pub token: String,
+    /// Seconds without an answer, with work outstanding, before the receiver is considered
+    /// hung and the agent reconnects.
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: u64,
+}
+
+fn default_timeout_secs() -> u64 {
+    120
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -178,6 +186,13 @@ impl AgentConfig {
                 path,
                 "receiver.ca_fingerprint",
                 "must be sha256:<64 hex digits> as printed by `lifeboat-receiver init`",
+            ));
+        }
+        if !(2..=3600).contains(&self.receiver.timeout_secs) {
+            return Err(invalid(
+                path,
+                "receiver.timeout_secs",
+                "must be between 2 and 3600",
             ));
         }
         if self.receiver.token.trim().is_empty() {

@@ -140,3 +140,39 @@ fn restore_fails_naming_a_corrupt_block() {
         stderr(&o)
     );
 }
+
+#[test]
+fn hung_receiver_is_detected_and_replication_recovers() {
+    let w = workdir();
+    let rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    let data = random_image(&img, 120, 55);
+    let mut spec = AgentSpec::new("hung-rx", &[("root", &img)]);
+    spec.bandwidth_mbps = 160;
+    spec.timeout_secs = 4;
+    let mut agent = Agent::new(w.path(), &rx, &spec);
+    agent.spawn();
+    wait_for("some blocks to arrive", Duration::from_secs(60), || {
+        rx.counter("hung-rx", "blocks_stored") >= 10
+    });
+    // The process stays, its sockets stay open, nothing answers.
+    rx.signal(libc::SIGSTOP);
+    wait_for(
+        "the agent to notice the silence",
+        Duration::from_secs(60),
+        || agent.log_text().contains("did not answer within 4s"),
+    );
+    rx.signal(libc::SIGCONT);
+    // The stale connection is replaced by the agent's new one, and the sync completes.
+    wait_for("a point after the hang", Duration::from_secs(120), || {
+        rx.cli(&["points", "--server", "hung-rx", "--json"])
+            .status
+            .success()
+            && !rx.points("hung-rx").is_empty()
+    });
+    agent.kill();
+    let out = w.path().join("out.img");
+    let o = rx.restore("hung-rx", "root", "latest", &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::read(&out).unwrap() == data);
+}

@@ -137,6 +137,15 @@ impl Receiver {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Sends a signal to the running receiver (SIGSTOP to hang it, SIGCONT to resume).
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("receiver not running").id() as i32;
+        #[allow(unsafe_code)]
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let r = unsafe { libc::kill(pid, sig) };
+        assert_eq!(r, 0, "kill({pid}, {sig}) failed");
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
@@ -220,6 +229,8 @@ pub struct AgentSpec {
     pub bandwidth_mbps: u64,
     pub interval_secs: u64,
     pub token: Option<String>,
+    /// `[receiver] timeout_secs`.
+    pub timeout_secs: u64,
 }
 
 impl AgentSpec {
@@ -234,6 +245,7 @@ impl AgentSpec {
             bandwidth_mbps: 0,
             interval_secs: 1,
             token: None,
+            timeout_secs: 120,
         }
     }
 }
@@ -249,7 +261,7 @@ impl Agent {
     pub fn new(root: &Path, rx: &Receiver, spec: &AgentSpec) -> Agent {
         let state_dir = root.join(format!("agent-{}", spec.server_id));
         let mut toml = format!(
-            "server_id = \"{}\"\nstate_dir = \"{}\"\npoint_interval_secs = {}\nbandwidth_limit_mbps = {}\nreader = \"{}\"\n\n[receiver]\naddress = \"127.0.0.1:{}\"\nca_fingerprint = \"{}\"\ntoken = \"{}\"\n",
+            "server_id = \"{}\"\nstate_dir = \"{}\"\npoint_interval_secs = {}\nbandwidth_limit_mbps = {}\nreader = \"{}\"\n\n[receiver]\naddress = \"127.0.0.1:{}\"\nca_fingerprint = \"{}\"\ntoken = \"{}\"\ntimeout_secs = {}\n",
             spec.server_id,
             state_dir.display(),
             spec.interval_secs,
@@ -258,6 +270,7 @@ impl Agent {
             rx.port,
             rx.fingerprint,
             spec.token.clone().unwrap_or_else(|| rx.token.clone()),
+            spec.timeout_secs,
         );
         for (id, p) in &spec.disks {
             toml.push_str(&format!(

@@ -17,6 +17,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// An agent sends Progress every few seconds; silence this long means a dead peer.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 const SLOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A peer that stops reading for this long is dropped, so it cannot pin its server's slot.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn error(code: ErrorCode, retryable: bool, message: impl Into<String>) -> Message {
     Message::Error {
@@ -85,8 +87,11 @@ async fn read_frame<R: AsyncRead + Unpin>(
 async fn send_now<W: AsyncWrite + Unpin>(wr: &mut W, m: &Message) {
     let mut out = Vec::new();
     m.encode(&mut out);
-    let _ = wr.write_all(&out).await;
-    let _ = wr.flush().await;
+    let write = async {
+        wr.write_all(&out).await?;
+        wr.flush().await
+    };
+    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, write).await;
 }
 
 async fn run(
@@ -113,9 +118,13 @@ async fn run(
         .await
         .map_err(|_| "no preface within 10s".to_string())?
         .map_err(|e| format!("reading preface: {e}"))?;
-    wr.write_all(&protocol::preface(protocol::PROTOCOL_VERSION))
-        .await
-        .map_err(|e| format!("writing preface: {e}"))?;
+    tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        wr.write_all(&protocol::preface(protocol::PROTOCOL_VERSION)),
+    )
+    .await
+    .map_err(|_| "preface not read within 10s".to_string())?
+    .map_err(|e| format!("writing preface: {e}"))?;
     if let Err(e) = protocol::check_preface(&pre) {
         let code = if matches!(e, DecodeError::Version(_)) {
             ErrorCode::Version
@@ -184,11 +193,23 @@ async fn run(
                     Err(_) => break,
                 }
             }
-            if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
-                return;
+            let write = async {
+                wr.write_all(&out).await?;
+                wr.flush().await
+            };
+            match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    tracing::warn!(
+                        "agent has not read for {}s; dropping the connection",
+                        WRITE_TIMEOUT.as_secs()
+                    );
+                    return;
+                }
             }
         }
-        let _ = wr.shutdown().await;
+        let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, wr.shutdown()).await;
     });
     let last_point = shared
         .catalog
@@ -218,6 +239,7 @@ async fn run(
             _ = slot.kick.notified() => break Err("replaced by a newer connection of the same server".into()),
             _ = stop.changed() => break Ok(()),
             _ = work_tx.closed() => break Ok(()),
+            _ = out_tx.closed() => break Err("stopped writing to the agent".into()),
         };
         let m = match frame {
             Ok(Some(m)) => m,
