@@ -115,7 +115,21 @@ fn time_zstd(img: &Path, out: &Path) -> Result<Duration> {
     Ok(t.elapsed())
 }
 
-fn time_lifeboat(a: &Args, img: &Path, rx: &Path, agent: &Path) -> Result<(Duration, u64)> {
+/// The kernel's high-water mark of a process's resident memory, in bytes.
+fn vm_hwm(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+struct SyncRun {
+    took: Duration,
+    stored: u64,
+    agent_peak: u64,
+    receiver_peak: u64,
+}
+
+fn time_lifeboat(a: &Args, img: &Path, rx: &Path, agent: &Path) -> Result<SyncRun> {
     let work = a.dir.join("run");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -157,15 +171,34 @@ fn time_lifeboat(a: &Args, img: &Path, rx: &Path, agent: &Path) -> Result<(Durat
     )?;
     drop_caches();
     let t = Instant::now();
-    let r = run(Command::new(agent)
+    let mut child = Command::new(agent)
         .args(["--log", "warn", "run", "--once", "--config"])
-        .arg(&cfg));
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .spawn()?;
+    // VmHWM is a high-water mark: the last sample before exit holds the peak.
+    let mut agent_peak = 0;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        agent_peak = agent_peak.max(vm_hwm(child.id()).unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let took = t.elapsed();
+    let receiver_peak = vm_hwm(server.id()).unwrap_or(0);
     let _ = server.kill();
     let _ = server.wait();
-    r?;
+    if !status.success() {
+        bail!("agent failed: {status}");
+    }
     let stored = du(&state.join("store"))?;
-    Ok((took, stored))
+    Ok(SyncRun {
+        took,
+        stored,
+        agent_peak,
+        receiver_peak,
+    })
 }
 
 fn du(p: &Path) -> Result<u64> {
@@ -199,13 +232,15 @@ fn main() -> Result<()> {
         a.runs
     );
     let (mut zs, mut ls, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    let mut stored = 0;
+    let (mut stored, mut agent_peak, mut receiver_peak) = (0, 0, 0);
     for i in 0..a.runs {
         drop_caches();
         let z = time_zstd(&img, &zst)?.as_secs_f64();
-        let (l, s) = time_lifeboat(&a, &img, &rx, &agent)?;
-        let l = l.as_secs_f64();
-        stored = s;
+        let r = time_lifeboat(&a, &img, &rx, &agent)?;
+        let l = r.took.as_secs_f64();
+        stored = r.stored;
+        agent_peak = agent_peak.max(r.agent_peak);
+        receiver_peak = receiver_peak.max(r.receiver_peak);
         eprintln!(
             "run {}: zstd {z:.2}s  lifeboat {l:.2}s  ratio {:.2}",
             i + 1,
@@ -244,6 +279,11 @@ fn main() -> Result<()> {
     println!(
         "target: <= 1.5  -> {}",
         if r <= 1.5 { "met" } else { "NOT met" }
+    );
+    println!(
+        "peak resident memory (max over runs): agent {:.0} MiB, receiver {:.0} MiB",
+        agent_peak as f64 / (1 << 20) as f64,
+        receiver_peak as f64 / (1 << 20) as f64
     );
     Ok(())
 }

@@ -144,3 +144,58 @@ fn zero_blocks_restore_sparse_and_grown_disk_is_followed() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(std::fs::read(&out2).unwrap() == std::fs::read(&img).unwrap());
 }
+
+#[test]
+fn block_devices_replicate_and_restore() {
+    let w = workdir();
+    let rx = Receiver::start(w.path());
+    let src_file = w.path().join("src.img");
+    let first = make_image(&src_file, 24, 0, 61);
+    let src = match Loop::attach(&src_file) {
+        Ok(l) => l,
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("SKIPPED: loop devices unavailable here ({e})");
+            return;
+        }
+        Err(e) => panic!("CI must be able to use loop devices: {e}"),
+    };
+    let agent = Agent::new(
+        w.path(),
+        &rx,
+        &AgentSpec::new("bdev", &[("root", &src.dev)]),
+    );
+    agent.run_once_ok();
+
+    // Write through the device, as a filesystem would.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&src.dev)
+            .unwrap();
+        f.write_all_at(&[0xAB; 4096], 5 * BLOCK_SIZE as u64 + 8192)
+            .unwrap();
+        f.write_all_at(&vec![0u8; BLOCK_SIZE], 7 * BLOCK_SIZE as u64)
+            .unwrap();
+        f.sync_all().unwrap();
+    }
+    agent.run_once_ok();
+    let second = std::fs::read(&src.dev).unwrap();
+    assert!(second != first);
+
+    // Restore each point onto another device full of garbage: zero blocks must be written.
+    let dst_file = w.path().join("dst.img");
+    let mut junk = vec![0u8; first.len()];
+    Rng::new(99).fill(&mut junk);
+    std::fs::write(&dst_file, &junk).unwrap();
+    let dst = Loop::attach(&dst_file).unwrap();
+    for (point, expected) in [("1", &first), ("2", &second)] {
+        let o = rx.restore("bdev", "root", point, &dst.dev);
+        assert!(o.status.success(), "point {point}: {}", stderr(&o));
+        assert!(stdout(&o).contains("zero blocks written"), "{}", stdout(&o));
+        assert!(
+            std::fs::read(&dst.dev).unwrap() == *expected,
+            "point {point} differs on the device"
+        );
+    }
+}

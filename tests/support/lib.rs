@@ -513,3 +513,35 @@ pub fn stderr(o: &Output) -> String {
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// A loop device over a file, detached on drop.
+pub struct Loop {
+    pub dev: PathBuf,
+}
+
+impl Loop {
+    /// Attaches `file`; `None` (with the reason printed) when loop devices cannot be used here
+    /// (not root, or no losetup): the callers then say so loudly rather than pass silently.
+    pub fn attach(file: &Path) -> Result<Loop, String> {
+        let out = Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=off"])
+            .arg(file)
+            .output()
+            .map_err(|e| format!("losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "losetup failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(Loop {
+            dev: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
+        })
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
