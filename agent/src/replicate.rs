@@ -278,6 +278,24 @@ impl Replicator {
         Message::Progress { disks }
     }
 
+    /// A line per disk on long cycles, so the log shows an initial sync advancing.
+    fn log_progress(&self, progress: &[Arc<ScanProgress>], bytes_sent: u64, started: Instant) {
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        for (i, d) in self.cfg.disks.iter().enumerate() {
+            let blocks = block_count(self.sizes[i]).max(1);
+            let examined = progress[i].examined.load(Ordering::Relaxed);
+            tracing::info!(
+                disk = %d.id,
+                state = self.status.disks[i].state.map(|s| s.as_str()).unwrap_or("-"),
+                "{:.0}% examined ({examined}/{blocks} blocks), {} changed, {:.0} MiB sent at {:.0} MiB/s",
+                examined as f64 * 100.0 / blocks as f64,
+                progress[i].changed.load(Ordering::Relaxed),
+                bytes_sent as f64 / (1 << 20) as f64,
+                bytes_sent as f64 / (1 << 20) as f64 / secs,
+            );
+        }
+    }
+
     /// One cycle: scan every disk, send what changed, wait for every ack, commit a point.
     pub async fn cycle(&mut self, link: &mut Link) -> Result<u64, ReplicateError> {
         let started = Instant::now();
@@ -467,6 +485,7 @@ impl Replicator {
                     if last_persist.elapsed() >= PERSIST_EVERY {
                         last_persist = Instant::now();
                         self.persist()?;
+                        self.log_progress(progress, link.bytes_sent, started);
                     } else {
                         self.save_status();
                     }

@@ -107,3 +107,58 @@ fn listings_and_status_after_a_sync() {
     assert!(!o.status.success() && stderr(&o).contains("--force"));
     assert_eq!(std::fs::read(&existing).unwrap(), b"precious");
 }
+
+#[test]
+fn receiver_tells_systemd_it_is_ready() {
+    use std::os::unix::net::UnixDatagram;
+    let w = workdir();
+    let dir = w.path().join("rx");
+    let port = free_port();
+    let o = Command::new(bin("lifeboat-receiver"))
+        .arg("--state-dir")
+        .arg(&dir)
+        .args(["init", "--listen", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("ca_fingerprint = \"sha256:"),
+        "{}",
+        stdout(&o)
+    );
+    let sock_path = w.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut child = Command::new(bin("lifeboat-receiver"))
+        .arg("--state-dir")
+        .arg(&dir)
+        .arg("serve")
+        .env("NOTIFY_SOCKET", &sock_path)
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).unwrap();
+    // READY only once the listener is bound.
+    let ready = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(
+        ready,
+        "READY was sent before the listener accepted connections"
+    );
+
+    // A second init on the same directory changes nothing.
+    let o = Command::new(bin("lifeboat-receiver"))
+        .arg("--state-dir")
+        .arg(&dir)
+        .arg("init")
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success() && stderr(&o).contains("already initialised"),
+        "{}",
+        stderr(&o)
+    );
+}

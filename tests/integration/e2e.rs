@@ -2,6 +2,7 @@
 
 use lifeboat_common::BLOCK_SIZE;
 use lifeboat_tests::*;
+use std::time::Duration;
 
 #[test]
 fn every_point_restores_byte_exact() {
@@ -198,4 +199,42 @@ fn block_devices_replicate_and_restore() {
             "point {point} differs on the device"
         );
     }
+}
+
+#[test]
+fn continuous_mode_cuts_new_points_as_the_disk_changes() {
+    let w = workdir();
+    let rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    make_image(&img, 16, 0, 71);
+    let mut agent = Agent::new(w.path(), &rx, &AgentSpec::new("live", &[("root", &img)]));
+    agent.spawn();
+    let digest_of = |p: &serde_json::Value| p["disks"][0]["digest"].as_str().unwrap().to_string();
+    wait_for("two points", Duration::from_secs(60), || {
+        rx.points("live").len() >= 2
+    });
+    let before = digest_of(rx.points("live").last().unwrap());
+
+    let changed = mutate(&img, 72, 4);
+    wait_for("a point with the change", Duration::from_secs(60), || {
+        rx.points("live")
+            .last()
+            .is_some_and(|p| digest_of(p) != before)
+    });
+    // Points are seconds apart, each one complete.
+    let points = rx.points("live");
+    let out = w.path().join("out.img");
+    let o = rx.restore("live", "root", "latest", &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let restored = std::fs::read(&out).unwrap();
+    assert!(
+        restored == changed,
+        "latest point ({} points) is not the changed disk",
+        points.len()
+    );
+    let servers: serde_json::Value =
+        serde_json::from_slice(&rx.cli(&["servers", "--json"]).stdout).unwrap();
+    assert_eq!(servers[0]["state"], "continuous", "{servers}");
+    assert_eq!(servers[0]["connected"], true);
+    agent.kill();
 }

@@ -176,3 +176,42 @@ fn hung_receiver_is_detected_and_replication_recovers() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(std::fs::read(&out).unwrap() == data);
 }
+
+#[test]
+fn receiver_sigterm_drains_and_restarts_cleanly() {
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    let data = random_image(&img, 80, 66);
+    let mut spec = AgentSpec::new("drain", &[("root", &img)]);
+    spec.bandwidth_mbps = 160;
+    let mut agent = Agent::new(w.path(), &rx, &spec);
+    agent.spawn();
+    wait_for("some blocks to arrive", Duration::from_secs(60), || {
+        rx.counter("drain", "blocks_stored") >= 10
+    });
+    rx.signal(libc::SIGTERM);
+    wait_for("the receiver to exit", Duration::from_secs(20), || {
+        !rx.is_running()
+    });
+    let log = rx.log_text();
+    assert!(
+        log.contains("draining connections") && log.contains("lifeboat-receiver stopped"),
+        "{log}"
+    );
+    // After a drain no server is shown as connected.
+    let servers: serde_json::Value =
+        serde_json::from_slice(&rx.cli(&["servers", "--json"]).stdout).unwrap();
+    assert_eq!(servers[0]["connected"], false, "{servers}");
+    rx.forget();
+    rx.restart();
+    wait_for(
+        "a point after the restart",
+        Duration::from_secs(120),
+        || !rx.points("drain").is_empty(),
+    );
+    agent.kill();
+    let out = w.path().join("out.img");
+    assert!(rx.restore("drain", "root", "latest", &out).status.success());
+    assert!(std::fs::read(&out).unwrap() == data);
+}

@@ -146,6 +146,13 @@ impl Receiver {
         assert_eq!(r, 0, "kill({pid}, {sig}) failed");
     }
 
+    /// After the process exited by itself: reap it so that `restart` may run.
+    pub fn forget(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
