@@ -57,13 +57,7 @@ fn load(path: &Path) -> anyhow::Result<AgentConfig> {
 }
 
 pub fn run(cli: Cli) -> u8 {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    lifeboat_common::logging::init(&cli.log);
     let r = match cli.command {
         Command::Run { config, once, give_up_after_secs } => load(&config).and_then(|cfg| {
             for d in &cfg.disks {

@@ -201,12 +201,7 @@ impl Replicator {
             }
         }
         for (i, d) in self.cfg.disks.iter().enumerate() {
-            let info =
-                crate::source::inspect(&d.path).map_err(|source| ReplicateError::Source {
-                    disk: d.id.clone(),
-                    path: d.path.clone(),
-                    source,
-                })?;
+            let info = inspect(d)?;
             self.sizes[i] = info.size;
             self.acked[i].resize(info.size);
             self.status.disks[i].size = info.size;
@@ -310,12 +305,7 @@ impl Replicator {
         };
         let mut inputs = Vec::new();
         for (i, d) in self.cfg.disks.iter().enumerate() {
-            let info =
-                crate::source::inspect(&d.path).map_err(|source| ReplicateError::Source {
-                    disk: d.id.clone(),
-                    path: d.path.clone(),
-                    source,
-                })?;
+            let info = inspect(d)?;
             if info.size != self.sizes[i] {
                 return Err(ReplicateError::Resized {
                     disk: d.id.clone(),
@@ -620,6 +610,16 @@ impl Replicator {
     pub fn interval(&self) -> Duration {
         Duration::from_secs(self.cfg.point_interval_secs)
     }
+}
+
+fn inspect(
+    d: &lifeboat_common::config::DiskConfig,
+) -> Result<crate::source::SourceInfo, ReplicateError> {
+    crate::source::inspect(&d.path).map_err(|source| ReplicateError::Source {
+        disk: d.id.clone(),
+        path: d.path.clone(),
+        source,
+    })
 }
 
 async fn fetch_manifest(

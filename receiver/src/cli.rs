@@ -106,13 +106,7 @@ pub enum Command {
 
 /// Runs a parsed command; returns the process exit code.
 pub fn run(cli: Cli) -> u8 {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    lifeboat_common::logging::init(&cli.log);
     let r = match cli.command {
         Command::Init {
             listen,

@@ -46,6 +46,28 @@ pub struct LiveDisk {
     journal_records: u64,
 }
 
+/// Applies journal records over `manifest` until the first that fails its check; returns
+/// the length of the good prefix in bytes. Records past the disk's end are ignored.
+fn replay(manifest: &mut Manifest, bytes: &[u8]) -> usize {
+    let mut good = 0;
+    for rec in bytes.chunks_exact(RECORD) {
+        let mut ib = [0u8; 8];
+        ib.copy_from_slice(&rec[..8]);
+        let index = u64::from_le_bytes(ib);
+        let mut h = [0u8; 32];
+        h.copy_from_slice(&rec[8..40]);
+        let hash = BlockHash(h);
+        if rec[40..44] != check(index, &hash) {
+            break;
+        }
+        if let Some(slot) = manifest.hashes.get_mut(index as usize) {
+            *slot = hash;
+        }
+        good += RECORD;
+    }
+    good
+}
+
 fn check(index: u64, hash: &BlockHash) -> [u8; 4] {
     let mut h = blake3::Hasher::new();
     h.update(&index.to_le_bytes());
@@ -80,22 +102,7 @@ impl LiveDisk {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(ioe(&jpath)(e)),
         };
-        let mut good = 0usize;
-        for rec in bytes.chunks_exact(RECORD) {
-            let mut ib = [0u8; 8];
-            ib.copy_from_slice(&rec[..8]);
-            let index = u64::from_le_bytes(ib);
-            let mut h = [0u8; 32];
-            h.copy_from_slice(&rec[8..40]);
-            let hash = BlockHash(h);
-            if rec[40..44] != check(index, &hash) {
-                break;
-            }
-            if let Some(slot) = manifest.hashes.get_mut(index as usize) {
-                *slot = hash;
-            }
-            good += RECORD;
-        }
+        let good = replay(&mut manifest, &bytes);
         let journal = OpenOptions::new()
             .create(true)
             .append(true)
@@ -172,19 +179,7 @@ impl LiveDisk {
 pub fn read_live(dir: &Path) -> Option<Manifest> {
     let mut m = Manifest::decode(&fs::read(dir.join("live.manifest")).ok()?).ok()?;
     if let Ok(bytes) = fs::read(dir.join("journal")) {
-        for rec in bytes.chunks_exact(RECORD) {
-            let mut ib = [0u8; 8];
-            ib.copy_from_slice(&rec[..8]);
-            let index = u64::from_le_bytes(ib);
-            let mut h = [0u8; 32];
-            h.copy_from_slice(&rec[8..40]);
-            if rec[40..44] != check(index, &BlockHash(h)) {
-                break;
-            }
-            if let Some(slot) = m.hashes.get_mut(index as usize) {
-                *slot = BlockHash(h);
-            }
-        }
+        replay(&mut m, &bytes);
     }
     Some(m)
 }
