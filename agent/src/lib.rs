@@ -7,6 +7,7 @@
 //! - [`link`] and [`tls`]: the TLS connection with the pinned receiver CA.
 //! - [`run`]: the reconnecting main loop; [`state`]: what survives a restart.
 
+pub mod adapt;
 pub mod cli;
 pub mod limiter;
 pub mod link;

@@ -1,16 +1,28 @@
 //! The agent's connection to the receiver: TCP, TLS 1.3 with the pinned CA, preface, Hello.
-//! Frames are queued with [`Link::queue`] and written by [`Link::flush`] (which applies the
-//! bandwidth limit); a reader task decodes incoming frames into a channel.
+//!
+//! Frames are queued with [`Link::queue`]; [`Link::flush`] hands them, in pieces of at most
+//! [`PIECE`] bytes, to a writer task that owns the socket and applies the bandwidth limit. The
+//! channel to the writer is short, so `flush` waits only while the writer is behind (that wait
+//! is the "held up by the network" time the compression control reads), and never for a whole
+//! batch: the sender's loop keeps its ticks, progress reports and hang detection even on a
+//! slow link. A reader task decodes incoming frames into a channel.
 
 use crate::limiter::Limiter;
 use lifeboat_common::config::{parse_fingerprint, AgentConfig};
 use lifeboat_common::protocol::{self, decode_frame, ErrorCode, Message, PREFACE_LEN};
 use rustls::pki_types::ServerName;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::client::TlsStream;
+
+/// Largest piece handed to the writer at once.
+pub const PIECE: usize = 256 * 1024;
+/// Pieces queued for the writer before `flush` waits.
+const QUEUED_PIECES: usize = 4;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -47,9 +59,11 @@ impl LinkError {
 
 pub struct Link {
     inbound: mpsc::Receiver<Result<Message, String>>,
-    wr: WriteHalf<TlsStream<TcpStream>>,
     out: Vec<u8>,
-    limiter: Option<Limiter>,
+    to_writer: Option<mpsc::Sender<Vec<u8>>>,
+    writer: Option<tokio::task::JoinHandle<()>>,
+    writer_error: Arc<Mutex<Option<String>>>,
+    sent: Arc<AtomicU64>,
     reader: tokio::task::JoinHandle<()>,
     pub bytes_sent: u64,
     /// The receiver's newest committed point for this server (0: none).
@@ -61,7 +75,50 @@ pub struct Link {
 impl Drop for Link {
     fn drop(&mut self) {
         self.reader.abort();
+        if let Some(w) = &self.writer {
+            w.abort();
+        }
     }
+}
+
+/// Writes pieces to the socket, paced by the limiter, each within `timeout`.
+async fn write_pieces(
+    mut wr: WriteHalf<TlsStream<TcpStream>>,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut limiter: Option<Limiter>,
+    timeout: Duration,
+    sent: Arc<AtomicU64>,
+    error: Arc<Mutex<Option<String>>>,
+) {
+    let fail = |e: String| {
+        *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    };
+    while let Some(piece) = rx.recv().await {
+        if let Some(l) = &mut limiter {
+            let wait = l.take(piece.len());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let write = async {
+            wr.write_all(&piece).await?;
+            wr.flush().await
+        };
+        match tokio::time::timeout(timeout, write).await {
+            Ok(Ok(())) => {
+                sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
+            }
+            Ok(Err(e)) => return fail(e.to_string()),
+            Err(_) => {
+                return fail(format!(
+                    "receiver did not take data within {}s",
+                    timeout.as_secs()
+                ))
+            }
+        }
+    }
+    // The channel closed: the link is being closed cleanly (close_notify).
+    let _ = tokio::time::timeout(CONNECT_TIMEOUT, wr.shutdown()).await;
 }
 
 impl Link {
@@ -103,6 +160,7 @@ impl Link {
             }
         })?;
         let (mut rd, mut wr) = tokio::io::split(tls);
+        let reply_timeout = Duration::from_secs(cfg.receiver.timeout_secs);
         wr.write_all(&protocol::preface(protocol::PROTOCOL_VERSION))
             .await
             .map_err(|e| LinkError::Lost(e.to_string()))?;
@@ -147,15 +205,28 @@ impl Link {
                 }
             }
         });
+        let (to_writer, pieces) = mpsc::channel(QUEUED_PIECES);
+        let sent = Arc::new(AtomicU64::new(0));
+        let writer_error = Arc::new(Mutex::new(None));
+        let writer = tokio::spawn(write_pieces(
+            wr,
+            pieces,
+            Limiter::new(cfg.bandwidth_limit_mbps),
+            reply_timeout,
+            sent.clone(),
+            writer_error.clone(),
+        ));
         let mut link = Link {
             inbound,
-            wr,
             out: Vec::with_capacity(1024 * 1024),
-            limiter: Limiter::new(cfg.bandwidth_limit_mbps),
+            to_writer: Some(to_writer),
+            writer: Some(writer),
+            writer_error,
+            sent,
             reader,
             bytes_sent: 0,
             receiver_last_point: 0,
-            reply_timeout: Duration::from_secs(cfg.receiver.timeout_secs),
+            reply_timeout,
         };
         link.queue(&Message::Hello {
             server_id: server_id.to_string(),
@@ -188,33 +259,43 @@ impl Link {
         self.out.len()
     }
 
+    /// Hands everything queued to the writer; waits only while the writer is behind.
     pub async fn flush(&mut self) -> Result<(), LinkError> {
         if self.out.is_empty() {
             return Ok(());
         }
-        if let Some(l) = &mut self.limiter {
-            let wait = l.take(self.out.len());
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
+        let Some(tx) = &self.to_writer else {
+            return Err(LinkError::Lost("link closed".into()));
+        };
+        for piece in self.out.chunks(PIECE) {
+            if tx.send(piece.to_vec()).await.is_err() {
+                let why = self
+                    .writer_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                return Err(match why {
+                    Some(w) if w.starts_with("receiver did not take data") => {
+                        LinkError::Timeout(self.reply_timeout.as_secs())
+                    }
+                    Some(w) => LinkError::Lost(w),
+                    None => LinkError::Lost("writer stopped".into()),
+                });
             }
         }
-        let write = async {
-            self.wr.write_all(&self.out).await?;
-            self.wr.flush().await
-        };
-        tokio::time::timeout(self.reply_timeout, write)
-            .await
-            .map_err(|_| LinkError::Timeout(self.reply_timeout.as_secs()))?
-            .map_err(|e| LinkError::Lost(e.to_string()))?;
-        self.bytes_sent += self.out.len() as u64;
         self.out.clear();
+        self.bytes_sent = self.sent.load(Ordering::Relaxed);
         Ok(())
     }
 
-    /// Ends the TLS session cleanly (close_notify), flushing anything queued.
+    /// Ends the TLS session cleanly (close_notify) after everything queued is written.
     pub async fn close(mut self) {
         let _ = self.flush().await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.wr.shutdown()).await;
+        self.to_writer = None;
+        if let Some(w) = self.writer.take() {
+            let _ = tokio::time::timeout(self.reply_timeout, w).await;
+        }
+        self.bytes_sent = self.sent.load(Ordering::Relaxed);
     }
 
     /// The next frame; an Error frame becomes [`LinkError::Refused`].

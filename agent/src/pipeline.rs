@@ -75,7 +75,8 @@ pub struct ScanInput {
     /// Per block: may hold data (false: inside a hole of a sparse file, known zero).
     pub maybe_data: Vec<bool>,
     pub engine: ReaderEngine,
-    pub level: i32,
+    /// zstd level, adjusted while the scan runs (see `adapt`).
+    pub level: Arc<std::sync::atomic::AtomicI32>,
     pub workers: usize,
 }
 
@@ -274,7 +275,7 @@ fn examine(
     let payload = if hash.is_zero() {
         Payload::Zero
     } else {
-        match codec::encode(data, input.level) {
+        match codec::encode(data, input.level.load(Ordering::Relaxed)) {
             Ok((codec, bytes)) => Payload::Data { codec, bytes },
             Err(source) => {
                 fail(ScanError::Compress {

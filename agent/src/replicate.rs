@@ -85,6 +85,8 @@ pub struct Replicator {
     connected_cycle: bool,
     /// Set when a connection got as far as opening the disks.
     pub connected_since: Option<Instant>,
+    level: crate::adapt::LevelControl,
+    cpu: crate::adapt::CpuSampler,
 }
 
 fn now_ms() -> u64 {
@@ -117,6 +119,7 @@ impl Replicator {
             });
         }
         let n = cfg.disks.len();
+        let cfg_level = (cfg.compression_level, cfg.compression_level_max);
         let status = AgentStatus {
             server_id: server_id.clone(),
             receiver: cfg.receiver.address.clone(),
@@ -140,6 +143,8 @@ impl Replicator {
             status,
             connected_cycle: false,
             connected_since: None,
+            level: crate::adapt::LevelControl::new(cfg_level.0, cfg_level.1),
+            cpu: crate::adapt::CpuSampler::new(),
         })
     }
 
@@ -323,7 +328,7 @@ impl Replicator {
                 candidates: self.trackers[i].candidates(blocks),
                 maybe_data: info.maybe_data(blocks),
                 engine: self.cfg.reader,
-                level: self.cfg.compression_level,
+                level: self.level.shared(),
                 workers,
             });
         }
@@ -391,6 +396,11 @@ impl Replicator {
         let mut last_persist = Instant::now();
         let mut last_heard = Instant::now();
         let mut scans_done = false;
+        // For the compression level: how long, in this period, the sender was held up by the
+        // network (window full, or writing).
+        let mut period_start = Instant::now();
+        let mut full_since: Option<Instant> = None;
+        let mut full_time = Duration::ZERO;
 
         loop {
             let room = inflight.len() + waiting + have_batch.len() < WINDOW;
@@ -469,6 +479,25 @@ impl Replicator {
                     if (!inflight.is_empty() || waiting > 0) && last_heard.elapsed() > link.reply_timeout {
                         return Err(LinkError::Timeout(link.reply_timeout.as_secs()).into());
                     }
+                    // `full_since` is kept current at the end of every turn of the loop.
+                    let now = Instant::now();
+                    if let Some(t) = full_since {
+                        full_time += now - t;
+                        full_since = Some(now);
+                    }
+                    let idle = self.cpu.idle_share();
+                    let period = now - period_start;
+                    if let Some(level) = self.level.period(full_time, period, !scans_done, idle) {
+                        tracing::debug!(
+                            level,
+                            network_share = format!("{:.2}", full_time.as_secs_f64() / period.as_secs_f64().max(1e-9)),
+                            cpu_idle = format!("{:.2}", idle.unwrap_or(-1.0)),
+                            "compression level adjusted"
+                        );
+                    }
+                    self.status.compression_level = self.level.level();
+                    period_start = now;
+                    full_time = Duration::ZERO;
                     let m = self.progress_message(&outstanding, progress, started);
                     link.queue(&m);
                     self.status.bytes_sent = link.bytes_sent;
@@ -494,7 +523,19 @@ impl Replicator {
                 waiting += have_batch.len();
                 have_wait.insert(req, std::mem::take(&mut have_batch));
             }
+            // Time spent writing (and in the bandwidth limiter) is network-bound time.
+            let writing = Instant::now();
             link.flush().await?;
+            full_time += writing.elapsed();
+            let full = inflight.len() + waiting + have_batch.len() >= WINDOW;
+            match (full, full_since) {
+                (true, None) => full_since = Some(Instant::now()),
+                (false, Some(t)) => {
+                    full_time += t.elapsed();
+                    full_since = None;
+                }
+                _ => {}
+            }
             if scans_done && inflight.is_empty() && waiting == 0 && have_batch.is_empty() {
                 return Ok(());
             }

@@ -42,6 +42,8 @@ pub struct AgentStatus {
     pub last_point_unix_ms: Option<u64>,
     pub last_error: Option<String>,
     pub bytes_sent: u64,
+    /// The zstd level in use (it adapts between the configured floor and ceiling).
+    pub compression_level: i32,
     pub disks: Vec<DiskStatus>,
 }
 

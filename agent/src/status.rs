@@ -53,7 +53,10 @@ pub fn show(cfg: &AgentConfig, json: bool) -> anyhow::Result<()> {
     if let Some(e) = &st.last_error {
         println!("last error: {e}");
     }
-    println!("sent:       {} bytes", st.bytes_sent);
+    println!(
+        "sent:       {} bytes (zstd level {})",
+        st.bytes_sent, st.compression_level
+    );
     for d in &st.disks {
         println!(
             "disk {:<12} {:<14} backlog {:>8} blocks  {} ({} bytes, reader {})",

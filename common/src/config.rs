@@ -70,9 +70,13 @@ pub struct AgentConfig {
     /// Upper bound on the bytes the agent sends, in Mbit/s; 0 = no limit.
     #[serde(default)]
     pub bandwidth_limit_mbps: u64,
-    /// zstd level for blocks on the wire (1–19).
+    /// zstd level for blocks on the wire (1–19): the level used when CPU is the bottleneck.
     #[serde(default = "default_compression_level")]
     pub compression_level: i32,
+    /// Highest zstd level the agent climbs to when the network is the bottleneck and CPU is
+    /// spare (set it equal to `compression_level` for a fixed level).
+    #[serde(default = "default_compression_level_max")]
+    pub compression_level_max: i32,
     /// Hash and compression threads; 0 = one per CPU.
     #[serde(default)]
     pub workers: usize,
@@ -121,6 +125,9 @@ fn default_point_interval() -> u64 {
 }
 fn default_compression_level() -> i32 {
     1
+}
+fn default_compression_level_max() -> i32 {
+    9
 }
 pub fn default_server_name() -> String {
     "lifeboat-receiver".to_string()

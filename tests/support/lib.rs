@@ -349,6 +349,11 @@ impl Agent {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The agent's own status file.
+    pub fn status(&self) -> Value {
+        serde_json::from_slice(&std::fs::read(self.state_dir.join("status.json")).unwrap()).unwrap()
+    }
 }
 
 impl Drop for Agent {
