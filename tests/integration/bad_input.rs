@@ -2,13 +2,11 @@
 
 use lifeboat_common::codec::Codec;
 use lifeboat_common::protocol::{ErrorCode, Message, MAX_FRAME};
-use lifeboat_common::BlockHash;
 use lifeboat_tests::*;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-fn hello(rx: &Receiver, server: &str, token: &str) -> Vec<u8> {
-    let _ = rx;
+fn hello(server: &str, token: &str) -> Vec<u8> {
     let mut out = Vec::new();
     Message::Hello {
         server_id: server.into(),
@@ -74,7 +72,7 @@ fn garbage_and_oversized_frames_close_only_that_connection() {
     // An oversized frame after a valid Hello.
     let mut c = RawClient::connect(&rx);
     c.preface();
-    c.send(&hello(&rx, "big", &rx.token)).unwrap();
+    c.send(&hello("big", &rx.token)).unwrap();
     let welcome = c.read_frames(1);
     assert!(matches!(welcome[0], Message::Welcome { .. }), "{welcome:?}");
     let mut frame = ((MAX_FRAME + 1) as u32).to_le_bytes().to_vec();
@@ -105,7 +103,7 @@ fn block_whose_data_does_not_match_its_hash_is_rejected() {
     let rx = Receiver::start(w.path());
     let mut c = RawClient::connect(&rx);
     c.preface();
-    let mut out = hello(&rx, "liar", &rx.token);
+    let mut out = hello("liar", &rx.token);
     Message::OpenDisk {
         handle: 0,
         disk_id: "root".into(),
@@ -155,6 +153,5 @@ fn block_whose_data_does_not_match_its_hash_is_rejected() {
         || rx.counter("liar", "blocks_rejected") == 1,
     );
     assert_eq!(rx.counter("liar", "blocks_stored"), 0);
-    let _ = BlockHash::ZERO;
     good_agent_still_served(w.path(), &rx, "after-liar");
 }
