@@ -38,6 +38,12 @@ pub enum DiskError {
     },
 }
 
+/// The state of a disk before a batch: see [`LiveDisk::checkpoint`].
+pub struct Checkpoint {
+    records: u64,
+    before: Vec<(u64, BlockHash)>,
+}
+
 pub struct LiveDisk {
     pub id: String,
     dir: PathBuf,
@@ -151,12 +157,36 @@ impl LiveDisk {
             buf.extend_from_slice(&check(*index, hash));
         }
         let jpath = self.dir.join("journal");
-        self.journal.write_all(&buf).map_err(self.io(jpath))?;
+        if let Err(e) = self.journal.write_all(&buf) {
+            // All or nothing: a partial record would end every later replay early.
+            let _ = self.journal.set_len(self.journal_records * RECORD as u64);
+            return Err(self.io(jpath)(e));
+        }
         for (index, hash) in entries {
             self.manifest.hashes[*index as usize] = *hash;
         }
         self.journal_records += entries.len() as u64;
         Ok(())
+    }
+
+    /// Where the journal and manifest stand now, to undo a batch with [`LiveDisk::rollback`].
+    pub fn checkpoint(&self, entries: &[(u64, BlockHash)]) -> Checkpoint {
+        Checkpoint {
+            records: self.journal_records,
+            before: entries
+                .iter()
+                .filter_map(|(i, _)| self.manifest.hashes.get(*i as usize).map(|h| (*i, *h)))
+                .collect(),
+        }
+    }
+
+    /// Undoes what was recorded since `cp` (a batch that could not be made durable).
+    pub fn rollback(&mut self, cp: Checkpoint) {
+        let _ = self.journal.set_len(cp.records * RECORD as u64);
+        self.journal_records = cp.records;
+        for (i, h) in cp.before.into_iter().rev() {
+            self.manifest.hashes[i as usize] = h;
+        }
     }
 
     /// Writes the live manifest durably and empties the journal.
@@ -220,5 +250,28 @@ mod tests {
         let disk = LiveDisk::open(d.path(), "root", size * 2).unwrap();
         assert_eq!(disk.manifest.hashes.len(), 8);
         assert_eq!(disk.manifest.hashes[3], BlockHash([3; 32]));
+    }
+
+    #[test]
+    fn rollback_undoes_a_batch_in_memory_and_on_disk() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 4 * BLOCK_SIZE as u64;
+        let mut disk = LiveDisk::open(d.path(), "root", size).unwrap();
+        disk.record(&[(0, BlockHash([1; 32]))]).unwrap();
+        let batch = [(0, BlockHash([2; 32])), (3, BlockHash([3; 32]))];
+        let cp = disk.checkpoint(&batch);
+        disk.record(&batch).unwrap();
+        assert_eq!(disk.manifest.hashes[3], BlockHash([3; 32]));
+        disk.rollback(cp);
+        assert_eq!(disk.manifest.hashes[0], BlockHash([1; 32]));
+        assert_eq!(disk.manifest.hashes[3], BlockHash::ZERO);
+        // Appends after a rollback replay cleanly.
+        disk.record(&[(2, BlockHash([4; 32]))]).unwrap();
+        drop(disk);
+        let disk = LiveDisk::open(d.path(), "root", size).unwrap();
+        assert_eq!(disk.journal_records(), 2);
+        assert_eq!(disk.manifest.hashes[0], BlockHash([1; 32]));
+        assert_eq!(disk.manifest.hashes[2], BlockHash([4; 32]));
+        assert_eq!(disk.manifest.hashes[3], BlockHash::ZERO);
     }
 }

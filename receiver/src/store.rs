@@ -119,24 +119,43 @@ impl Store {
         blocks: &[VerifiedBlock],
         then: impl FnOnce() -> Result<(), E>,
     ) -> Result<usize, E> {
-        let mut staged = Vec::new();
+        let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let result = self.stage_and_publish(blocks, &mut staged);
+        if result.is_err() {
+            // Leave nothing behind in tmp/ (a full disk must not stay full).
+            for (tmp, _) in &staged {
+                let _ = fs::remove_file(tmp);
+            }
+        }
+        result?;
+        then()?;
+        self.sync()?;
+        Ok(staged.len())
+    }
+
+    fn stage_and_publish(
+        &self,
+        blocks: &[VerifiedBlock],
+        staged: &mut Vec<(PathBuf, PathBuf)>,
+    ) -> Result<(), StoreError> {
         for (i, b) in blocks.iter().enumerate() {
             let dst = self.path_of(&b.hash);
-            if dst.is_file() || staged.iter().any(|(_, d): &(PathBuf, PathBuf)| *d == dst) {
+            if dst.is_file() || staged.iter().any(|(_, d)| *d == dst) {
                 continue;
             }
             let tmp = self
                 .tmp
                 .join(format!("{}.{}.{i}", b.hash.to_hex(), std::process::id()));
+            staged.push((tmp.clone(), dst));
             let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
             f.write_all(&[b.codec as u8]).map_err(io_err(&tmp))?;
             f.write_all(&b.data).map_err(io_err(&tmp))?;
-            staged.push((tmp, dst));
         }
-        if !staged.is_empty() {
-            sys::syncfs(&self.root_file).map_err(io_err(&self.root))?;
+        if staged.is_empty() {
+            return Ok(());
         }
-        for (tmp, dst) in &staged {
+        sys::syncfs(&self.root_file).map_err(io_err(&self.root))?;
+        for (tmp, dst) in staged.iter() {
             if let Some(dir) = dst.parent() {
                 if !dir.is_dir() {
                     fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -144,9 +163,7 @@ impl Store {
             }
             fs::rename(tmp, dst).map_err(io_err(dst))?;
         }
-        then()?;
-        self.sync()?;
-        Ok(staged.len())
+        Ok(())
     }
 
     /// Makes everything written so far durable.

@@ -89,8 +89,15 @@ fn both_reader_engines_give_identical_points() {
         spec.reader = reader;
         let agent = Agent::new(w.path(), &rx, &spec);
         let o = agent.run_once(60);
-        if reader == "io_uring" && !o.status.success() && stderr(&o).contains("Operation not permitted") {
-            assert!(std::env::var_os("CI").is_none(), "CI must allow io_uring: {}", stderr(&o));
+        if reader == "io_uring"
+            && !o.status.success()
+            && stderr(&o).contains("Operation not permitted")
+        {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must allow io_uring: {}",
+                stderr(&o)
+            );
             eprintln!("SKIPPED: io_uring is not permitted here");
             return;
         }

@@ -221,3 +221,65 @@ fn receiver_sigterm_drains_and_restarts_cleanly() {
     assert!(rx.restore("drain", "root", "latest", &out).status.success());
     assert!(std::fs::read(&out).unwrap() == data);
 }
+
+#[test]
+fn full_disk_at_the_receiver_loses_nothing_and_recovers() {
+    let w = workdir();
+    let fs = match SmallFs::new(w.path(), 128) {
+        Ok(f) => f,
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("SKIPPED: cannot mount a loop filesystem here ({e})");
+            return;
+        }
+        Err(e) => panic!("CI must be able to mount a loop filesystem: {e}"),
+    };
+    let rx = Receiver::start_at(w.path(), &fs.dir.join("receiver"));
+    // A first point fits.
+    let img = w.path().join("disk.img");
+    let small = random_image(&img, 8, 90);
+    let mut agent = Agent::new(w.path(), &rx, &AgentSpec::new("full", &[("root", &img)]));
+    agent.run_once_ok();
+
+    // The next does not: 40 MiB of new data, 16 MiB free.
+    let ballast = fs.fill_leaving(16);
+    let big = random_image(&img, 80, 91);
+    agent.spawn();
+    wait_for(
+        "the agent to report the full disk",
+        Duration::from_secs(60),
+        || agent.log_text().contains("No space left on device"),
+    );
+    agent.kill();
+    wait_for("the session to end", Duration::from_secs(30), || {
+        rx.cli(&["servers", "--json"])
+            .stdout
+            .windows(12)
+            .any(|w| w == b"disconnected")
+    });
+    let log = agent.log_text();
+    assert!(
+        log.contains("staging store"),
+        "the error does not say where: {log}"
+    );
+    let tmp: Vec<_> = std::fs::read_dir(rx.dir.join("store/tmp"))
+        .unwrap()
+        .collect();
+    assert!(
+        tmp.is_empty(),
+        "a failed batch left {} temp files",
+        tmp.len()
+    );
+    // The point that fitted is intact and still the only one.
+    assert_eq!(rx.points("full").len(), 1);
+    let out = w.path().join("p1.img");
+    assert!(rx.restore("full", "root", "1", &out).status.success());
+    assert!(std::fs::read(&out).unwrap() == small);
+
+    // Space comes back: replication completes, nothing lost.
+    std::fs::remove_file(ballast).unwrap();
+    agent.run_once_ok();
+    let out = w.path().join("latest.img");
+    let o = rx.restore("full", "root", "latest", &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::read(&out).unwrap() == big);
+}

@@ -73,7 +73,12 @@ pub struct Receiver {
 impl Receiver {
     /// `init` a state dir under `root` and start `serve`.
     pub fn start(root: &Path) -> Receiver {
-        let dir = root.join("receiver");
+        Receiver::start_at(root, &root.join("receiver"))
+    }
+
+    /// As [`Receiver::start`], with the state dir at `dir` (the log stays under `root`).
+    pub fn start_at(root: &Path, dir: &Path) -> Receiver {
+        let dir = dir.to_path_buf();
         let port = free_port();
         let out = Command::new(bin("lifeboat-receiver"))
             .args(["--state-dir"])
@@ -555,5 +560,71 @@ impl Loop {
 impl Drop for Loop {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// A small ext4 filesystem on a loop device, mounted under `root`, unmounted on drop: for
+/// running out of space for real.
+pub struct SmallFs {
+    pub dir: PathBuf,
+}
+
+impl SmallFs {
+    pub fn new(root: &Path, mib: u64) -> Result<SmallFs, String> {
+        let img = root.join("smallfs.img");
+        let dir = root.join("smallfs");
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let f = std::fs::File::create(&img).map_err(|e| e.to_string())?;
+        f.set_len(mib << 20).map_err(|e| e.to_string())?;
+        let ok = |c: &mut Command| {
+            c.output().map_err(|e| e.to_string()).and_then(|o| {
+                if o.status.success() {
+                    Ok(())
+                } else {
+                    Err(String::from_utf8_lossy(&o.stderr).into_owned())
+                }
+            })
+        };
+        ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img))?;
+        ok(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&dir))?;
+        Ok(SmallFs { dir })
+    }
+
+    /// Fills the filesystem with a ballast file until only `leave_mib` remain free.
+    pub fn fill_leaving(&self, leave_mib: u64) -> PathBuf {
+        let out = Command::new("df")
+            .args(["-B1", "--output=avail"])
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        let avail: u64 = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let ballast = self.dir.join("ballast");
+        let size = avail.saturating_sub(leave_mib << 20);
+        let o = Command::new("fallocate")
+            .args(["-l", &size.to_string()])
+            .arg(&ballast)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "fallocate: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        ballast
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
     }
 }

@@ -246,16 +246,31 @@ impl Session {
             }
         }
         let disks = &mut self.disks;
+        let mut checkpoints = Vec::new();
         let stored = shared
             .store
             .insert_batch_then(&verified, || -> Result<(), Fail> {
                 for (handle, entries) in &records {
                     if let Some(d) = disks.get_mut(handle) {
+                        checkpoints.push((*handle, d.checkpoint(entries)));
                         d.record(entries)?;
                     }
                 }
                 Ok(())
-            })?;
+            });
+        let stored = match stored {
+            Ok(n) => n,
+            Err(f) => {
+                // Nothing of this batch is acknowledged: forget what it recorded, so that the
+                // live manifests name only durable, acknowledged content.
+                for (handle, cp) in checkpoints {
+                    if let Some(d) = self.disks.get_mut(&handle) {
+                        d.rollback(cp);
+                    }
+                }
+                return Err(f);
+            }
+        };
         self.status.counters.blocks_stored += stored as u64;
         if !acks.is_empty() {
             let _ = out.blocking_send(Message::Acks { seqs: acks });
