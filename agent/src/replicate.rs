@@ -487,14 +487,15 @@ impl Replicator {
                     }
                     let idle = self.cpu.idle_share();
                     let period = now - period_start;
-                    if let Some(level) = self.level.period(full_time, period, !scans_done, idle) {
-                        tracing::debug!(
-                            level,
-                            network_share = format!("{:.2}", full_time.as_secs_f64() / period.as_secs_f64().max(1e-9)),
-                            cpu_idle = format!("{:.2}", idle.unwrap_or(-1.0)),
-                            "compression level adjusted"
-                        );
-                    }
+                    let changed = self.level.period(full_time, period, !scans_done, idle);
+                    tracing::debug!(
+                        network_share = format!("{:.2}", full_time.as_secs_f64() / period.as_secs_f64().max(1e-9)),
+                        cpu_idle = format!("{:.2}", idle.unwrap_or(-1.0)),
+                        producing = !scans_done,
+                        level = self.level.level(),
+                        changed = changed.is_some(),
+                        "compression period"
+                    );
                     self.status.compression_level = self.level.level();
                     period_start = now;
                     full_time = Duration::ZERO;
