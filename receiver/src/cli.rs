@@ -75,15 +75,24 @@ pub enum Command {
     },
     /// List a server's points in time.
     Points {
+        /// The server id, as `servers` lists it.
         #[arg(long)]
         server: String,
         #[arg(long)]
         json: bool,
     },
     /// Restore one disk of one point to a file or block device, verifying every block.
+    #[command(after_help = "Examples:\n  \
+        lifeboat-receiver points --server web-01\n  \
+        lifeboat-receiver restore --server web-01 --disk root --point 42 --to /srv/restore/root.img\n  \
+        lifeboat-receiver restore --server web-01 --disk data --to /dev/nvme1n1\n\n\
+        Every block is checked against the point's manifest; the destination is read back and\n\
+        checked again unless --no-verify. Exit code 65: a block is missing or corrupt (named).")]
     Restore {
+        /// The server id, as `servers` lists it.
         #[arg(long)]
         server: String,
+        /// The disk id, as the agent's config names it (`points --json` lists each point's disks).
         #[arg(long)]
         disk: String,
         /// A point number from `points`, or "latest".
