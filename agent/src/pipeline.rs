@@ -110,6 +110,7 @@ pub fn scan(
     progress: &ScanProgress,
     cancel: &AtomicBool,
 ) -> Result<ScanStats, ScanError> {
+    let _span = tracing::info_span!("disk", disk = %input.disk_id).entered();
     let mut reader =
         BlockReader::open(&input.path, input.engine).map_err(|source| ScanError::Open {
             disk: input.disk_id.clone(),

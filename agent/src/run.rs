@@ -31,6 +31,12 @@ enum Outcome {
 }
 
 async fn session(rep: &mut Replicator, once: bool) -> Result<(), ReplicateError> {
+    let span =
+        tracing::info_span!("conn", receiver = %rep.status.receiver, server = %rep.server_id);
+    tracing::Instrument::instrument(session_inner(rep, once), span).await
+}
+
+async fn session_inner(rep: &mut Replicator, once: bool) -> Result<(), ReplicateError> {
     let mut link = Link::connect(rep.config(), &rep.server_id).await?;
     tracing::info!(receiver = %rep.status.receiver, "connected");
     rep.open_disks(&mut link).await?;
