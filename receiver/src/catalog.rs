@@ -111,7 +111,7 @@ impl Catalog {
         Ok(out)
     }
 
-    /// Listed points of a server, oldest first.
+    /// Listed points of a server, oldest first. Unreadable records are logged and skipped.
     pub fn points(&self, server: &str) -> Result<Vec<PointRecord>, CatalogError> {
         let dir = self.server_dir(server).join("points");
         let mut out = Vec::new();
@@ -123,14 +123,14 @@ impl Catalog {
         for e in rd.flatten() {
             let p = e.path().join("point.json");
             match fs::read(&p) {
-                Ok(bytes) => {
-                    let rec: PointRecord =
-                        serde_json::from_slice(&bytes).map_err(|e| CatalogError::BadRecord {
-                            path: p.clone(),
-                            why: e.to_string(),
-                        })?;
-                    out.push(rec);
-                }
+                // A damaged record is reported, never allowed to stop new points or listings.
+                Ok(bytes) => match serde_json::from_slice::<PointRecord>(&bytes) {
+                    Ok(rec) => out.push(rec),
+                    Err(e) => tracing::error!(
+                        "point record {} is unreadable ({e}); that point is not listed",
+                        p.display()
+                    ),
+                },
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(ioe(&p)(e)),
             }
@@ -229,5 +229,54 @@ impl Catalog {
             }
         }
         Ok(set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(server: &str, point: u64) -> PointRecord {
+        PointRecord {
+            server: server.into(),
+            point,
+            created_unix_ms: point * 1000,
+            committed_unix_ms: point * 1000 + 5,
+            consistency: Consistency::BestEffort,
+            target: "local".into(),
+            disks: vec![],
+        }
+    }
+
+    #[test]
+    fn listing_skips_damaged_and_unfinished_points() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Catalog::new(d.path());
+        for p in 1..=3 {
+            let dir = c.point_dir("s1", p);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(
+                dir.join("point.json"),
+                serde_json::to_vec(&record("s1", p)).unwrap(),
+            )
+            .unwrap();
+        }
+        // A point whose record was never written (crash mid-commit) is not listed.
+        std::fs::create_dir_all(c.point_dir("s1", 4)).unwrap();
+        // A damaged record is skipped, not fatal.
+        std::fs::write(c.point_dir("s1", 2).join("point.json"), b"{not json").unwrap();
+        let points: Vec<u64> = c.points("s1").unwrap().iter().map(|p| p.point).collect();
+        assert_eq!(points, vec![1, 3]);
+        assert_eq!(c.find("s1", "latest").unwrap().point, 3);
+        assert!(matches!(
+            c.find("s1", "2"),
+            Err(CatalogError::NoPoint { .. })
+        ));
+        assert!(matches!(
+            c.find("nobody", "latest"),
+            Err(CatalogError::NoServer { .. })
+        ));
+        c.delete("s1", 3).unwrap();
+        assert_eq!(c.find("s1", "latest").unwrap().point, 1);
     }
 }
