@@ -70,10 +70,7 @@ fn dedupe_across_disks_and_servers() {
     assert!(rx.counter("db-02", "refs_received") >= unique);
 
     for (server, disk) in [("db-01", "data"), ("db-01", "copy"), ("db-02", "data")] {
-        let out = w.path().join(format!("{server}-{disk}.out"));
-        let o = rx.restore(server, disk, "latest", &out);
-        assert!(o.status.success(), "{}", stderr(&o));
-        assert!(std::fs::read(&out).unwrap() == data);
+        rx.expect_restore(server, disk, "latest", &data);
     }
 }
 

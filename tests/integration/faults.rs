@@ -59,10 +59,7 @@ fn agent_killed_mid_initial_sync_resumes_without_resending() {
         received <= blocks + 64,
         "received {received} blocks for a {blocks}-block disk: acknowledged blocks were resent"
     );
-    let out = w.path().join("out.img");
-    let o = rx.restore("kill-agent", "root", "latest", &out);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(std::fs::read(&out).unwrap() == data);
+    rx.expect_restore("kill-agent", "root", "latest", &data);
 }
 
 #[test]
@@ -103,10 +100,7 @@ fn receiver_killed_mid_stream_agent_reconnects_and_completes() {
     // No listed point lacks a block: every one restores, verified.
     for p in rx.points("kill-rx") {
         let n = p["point"].as_u64().unwrap().to_string();
-        let out = w.path().join(format!("p{n}.img"));
-        let o = rx.restore("kill-rx", "root", &n, &out);
-        assert!(o.status.success(), "point {n}: {}", stderr(&o));
-        assert!(std::fs::read(&out).unwrap() == data, "point {n} differs");
+        rx.expect_restore("kill-rx", "root", &n, &data);
     }
 }
 
@@ -177,10 +171,7 @@ fn hung_receiver_is_detected_and_replication_recovers() {
             && !rx.points("hung-rx").is_empty()
     });
     agent.kill();
-    let out = w.path().join("out.img");
-    let o = rx.restore("hung-rx", "root", "latest", &out);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(std::fs::read(&out).unwrap() == data);
+    rx.expect_restore("hung-rx", "root", "latest", &data);
 }
 
 #[test]
@@ -217,9 +208,7 @@ fn receiver_sigterm_drains_and_restarts_cleanly() {
         || !rx.points("drain").is_empty(),
     );
     agent.kill();
-    let out = w.path().join("out.img");
-    assert!(rx.restore("drain", "root", "latest", &out).status.success());
-    assert!(std::fs::read(&out).unwrap() == data);
+    rx.expect_restore("drain", "root", "latest", &data);
 }
 
 #[test]
@@ -271,15 +260,10 @@ fn full_disk_at_the_receiver_loses_nothing_and_recovers() {
     );
     // The point that fitted is intact and still the only one.
     assert_eq!(rx.points("full").len(), 1);
-    let out = w.path().join("p1.img");
-    assert!(rx.restore("full", "root", "1", &out).status.success());
-    assert!(std::fs::read(&out).unwrap() == small);
+    rx.expect_restore("full", "root", "1", &small);
 
     // Space comes back: replication completes, nothing lost.
     std::fs::remove_file(ballast).unwrap();
     agent.run_once_ok();
-    let out = w.path().join("latest.img");
-    let o = rx.restore("full", "root", "latest", &out);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(std::fs::read(&out).unwrap() == big);
+    rx.expect_restore("full", "root", "latest", &big);
 }

@@ -39,6 +39,13 @@ pub fn workdir() -> tempfile::TempDir {
     tempfile::tempdir_in(base).unwrap()
 }
 
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -59,13 +66,76 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// A child process with its output appended to a log file; killed on drop.
+pub struct Proc {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn new(log: PathBuf) -> Proc {
+        Proc { child: None, log }
+    }
+
+    /// Starts `cmd` with stdout and stderr appended to the log.
+    fn start(&mut self, mut cmd: Command) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        cmd.stdout(log.try_clone().unwrap()).stderr(log);
+        self.child = Some(cmd.spawn().unwrap());
+    }
+
+    /// SIGKILL: no chance to save anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// After the process exited by itself: reap it so that it may be started again.
+    pub fn forget(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Sends a signal (SIGSTOP to hang it, SIGCONT to resume, SIGTERM to stop it).
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("not running").id() as i32;
+        #[allow(unsafe_code)]
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let r = unsafe { libc::kill(pid, sig) };
+        assert_eq!(r, 0, "kill({pid}, {sig}) failed");
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 pub struct Receiver {
     pub dir: PathBuf,
     pub port: u16,
     pub fingerprint: String,
     pub token: String,
-    child: Option<Child>,
-    pub log: PathBuf,
+    pub proc: Proc,
     /// Seconds between retention/GC passes of `serve`.
     pub gc_interval_secs: u64,
 }
@@ -95,10 +165,9 @@ impl Receiver {
         let mut r = Receiver {
             fingerprint: v["ca_fingerprint"].as_str().unwrap().to_string(),
             token: v["token"].as_str().unwrap().to_string(),
-            log: root.join("receiver.log"),
+            proc: Proc::new(root.join("receiver.log")),
             dir,
             port,
-            child: None,
             gc_interval_secs: 3600,
         };
         r.restart();
@@ -106,25 +175,13 @@ impl Receiver {
     }
 
     pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "receiver already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(bin("lifeboat-receiver"))
-            .arg("--state-dir")
-            .arg(&self.dir)
-            .args([
-                "serve",
-                "--gc-interval-secs",
-                &self.gc_interval_secs.to_string(),
-            ])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+        let mut cmd = Command::new(bin("lifeboat-receiver"));
+        cmd.arg("--state-dir").arg(&self.dir).args([
+            "serve",
+            "--gc-interval-secs",
+            &self.gc_interval_secs.to_string(),
+        ]);
+        self.proc.start(cmd);
         let port = self.port;
         wait_for("the receiver to listen", Duration::from_secs(30), || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -132,36 +189,23 @@ impl Receiver {
     }
 
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.kill();
     }
 
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Sends a signal to the running receiver (SIGSTOP to hang it, SIGCONT to resume).
-    pub fn signal(&self, sig: i32) {
-        let pid = self.child.as_ref().expect("receiver not running").id() as i32;
-        #[allow(unsafe_code)]
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        let r = unsafe { libc::kill(pid, sig) };
-        assert_eq!(r, 0, "kill({pid}, {sig}) failed");
-    }
-
-    /// After the process exited by itself: reap it so that `restart` may run.
     pub fn forget(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.wait();
-        }
+        self.proc.forget();
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().unwrap().is_none())
+        self.proc.is_running()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        self.proc.signal(sig);
+    }
+
+    pub fn log_text(&self) -> String {
+        self.proc.log_text()
     }
 
     /// Runs a receiver CLI command against this state dir.
@@ -216,6 +260,27 @@ impl Receiver {
         ])
     }
 
+    /// Restores a disk of a point to a new file and checks it holds exactly `expected`.
+    pub fn expect_restore(&self, server: &str, disk: &str, point: &str, expected: &[u8]) {
+        let out = std::env::temp_dir().join(format!(
+            "lifeboat-restore-{}-{server}-{disk}-{point}-{}",
+            std::process::id(),
+            Rng::new(now_nanos()).next_u64()
+        ));
+        let o = self.restore(server, disk, point, &out);
+        let got = std::fs::read(&out);
+        let _ = std::fs::remove_file(&out);
+        assert!(
+            o.status.success(),
+            "restore {server}/{disk} point {point}: {}",
+            stderr(&o)
+        );
+        assert!(
+            got.unwrap() == expected,
+            "{server}/{disk} point {point} restored different bytes"
+        );
+    }
+
     pub fn store_blocks(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
         let root = self.dir.join("store/blocks");
@@ -225,12 +290,6 @@ impl Receiver {
             }
         }
         out
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -265,8 +324,7 @@ impl AgentSpec {
 pub struct Agent {
     pub config: PathBuf,
     pub state_dir: PathBuf,
-    child: Option<Child>,
-    pub log: PathBuf,
+    pub proc: Proc,
 }
 
 impl Agent {
@@ -295,8 +353,7 @@ impl Agent {
         Agent {
             config,
             state_dir,
-            child: None,
-            log: root.join(format!("agent-{}.log", spec.server_id)),
+            proc: Proc::new(root.join(format!("agent-{}.log", spec.server_id))),
         }
     }
 
@@ -326,44 +383,22 @@ impl Agent {
 
     /// Starts continuous replication in the background.
     pub fn spawn(&mut self) {
-        assert!(self.child.is_none());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        self.child = Some(
-            Command::new(bin("lifeboat-agent"))
-                .args(["run", "--config"])
-                .arg(&self.config)
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
+        let mut cmd = Command::new(bin("lifeboat-agent"));
+        cmd.args(["run", "--config"]).arg(&self.config);
+        self.proc.start(cmd);
     }
 
-    /// SIGKILL: no chance to save anything.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.kill();
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.proc.log_text()
     }
 
     /// The agent's own status file.
     pub fn status(&self) -> Value {
         serde_json::from_slice(&std::fs::read(self.state_dir.join("status.json")).unwrap()).unwrap()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
