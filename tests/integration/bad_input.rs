@@ -155,3 +155,54 @@ fn block_whose_data_does_not_match_its_hash_is_rejected() {
     assert_eq!(rx.counter("liar", "blocks_stored"), 0);
     good_agent_still_served(w.path(), &rx, "after-liar");
 }
+
+#[test]
+fn repeated_commit_is_answered_again_and_an_old_point_is_refused() {
+    let w = workdir();
+    let rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    make_image(&img, 6, 0, 13);
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("retry", &[("root", &img)]));
+    agent.run_once_ok();
+    mutate(&img, 14, 3);
+    agent.run_once_ok();
+    assert_eq!(rx.points("retry").len(), 2);
+    let size = std::fs::metadata(&img).unwrap().len();
+
+    let mut c = RawClient::connect(&rx);
+    c.preface();
+    let mut out = hello("retry", &rx.token);
+    Message::OpenDisk {
+        handle: 0,
+        disk_id: "root".into(),
+        size,
+    }
+    .encode(&mut out);
+    c.send(&out).unwrap();
+    let replies = c.read_frames(2);
+    let Message::DiskOpened { digest, .. } = replies[1] else {
+        panic!("{replies:?}")
+    };
+    let commit = |point| {
+        let mut out = Vec::new();
+        Message::Commit {
+            point,
+            created_unix_ms: 1,
+            consistency: lifeboat_common::protocol::Consistency::BestEffort,
+            disks: vec![(0, digest)],
+        }
+        .encode(&mut out);
+        out
+    };
+    // The agent's answer was lost and it asks again: same point, same content.
+    c.send(&commit(2)).unwrap();
+    assert_eq!(c.read_frames(1), vec![Message::Committed { point: 2 }]);
+    // An older point number with other content is out of order.
+    c.send(&commit(1)).unwrap();
+    let r = c.read_frames(1);
+    assert!(
+        matches!(&r[..], [Message::Error { code: ErrorCode::Protocol, message, .. }] if message.contains("not after the last committed point 2")),
+        "{r:?}"
+    );
+    assert_eq!(rx.points("retry").len(), 2, "nothing was added");
+}

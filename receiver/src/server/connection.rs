@@ -253,7 +253,13 @@ async fn run(
         };
         match m {
             Message::Have { req, hashes } => {
-                let present = hashes.iter().map(|h| shared.store.has(h)).collect();
+                // One stat per hash: off the async runtime.
+                let s = shared.clone();
+                let present = tokio::task::spawn_blocking(move || {
+                    hashes.iter().map(|h| s.store.has(h)).collect()
+                })
+                .await
+                .unwrap_or_default();
                 if out_tx
                     .send(Message::HaveReply { req, present })
                     .await

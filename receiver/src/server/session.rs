@@ -33,6 +33,8 @@ pub struct Session {
     previous: HashMap<String, Manifest>,
     status: ServerStatus,
     status_saved_ms: u64,
+    /// The server's newest committed point (0: none), once read from the catalog.
+    last_point: Option<u64>,
 }
 
 /// A failure that ends the session, with the Error frame to send first.
@@ -103,6 +105,7 @@ impl Session {
             previous: HashMap::new(),
             status,
             status_saved_ms: 0,
+            last_point: None,
         }
     }
 
@@ -394,33 +397,39 @@ impl Session {
             }
         }
         let catalog = &self.shared.catalog;
-        let existing = catalog.points(&self.server)?;
-        if let Some(last) = existing.last() {
-            if point <= last.point {
-                let same = existing.iter().find(|p| p.point == point).is_some_and(|p| {
-                    disks.iter().all(|(h, dg)| {
-                        let id = self.disks.get(h).map(|d| d.id.as_str()).unwrap_or("");
-                        p.disks
-                            .iter()
-                            .any(|r| r.id == id && r.digest == dg.to_hex())
-                    })
-                });
-                if same {
-                    let _ = out.blocking_send(Message::Committed { point });
-                    return Ok(());
-                }
-                return Err(protocol(format!(
-                    "point {point} is not after the last committed point {} of server {}",
-                    last.point, self.server
-                )));
-            }
-            if self.previous.is_empty() {
+        if self.last_point.is_none() {
+            // Once per session: the newest point and its manifests (for changed-block counts).
+            let existing = catalog.points(&self.server)?;
+            if let Some(last) = existing.last() {
                 for r in &last.disks {
                     if let Ok(m) = catalog.manifest(last, &r.id) {
                         self.previous.insert(r.id.clone(), m);
                     }
                 }
             }
+            self.last_point = Some(existing.last().map(|p| p.point).unwrap_or(0));
+        }
+        let last = self.last_point.unwrap_or(0);
+        if point <= last {
+            // A retry of a commit whose answer was lost is answered again; anything else is
+            // out of order. (Rare: read the catalog.)
+            let existing = catalog.points(&self.server)?;
+            let same = existing.iter().find(|p| p.point == point).is_some_and(|p| {
+                disks.iter().all(|(h, dg)| {
+                    let id = self.disks.get(h).map(|d| d.id.as_str()).unwrap_or("");
+                    p.disks
+                        .iter()
+                        .any(|r| r.id == id && r.digest == dg.to_hex())
+                })
+            });
+            if same {
+                let _ = out.blocking_send(Message::Committed { point });
+                return Ok(());
+            }
+            return Err(protocol(format!(
+                "point {point} is not after the last committed point {last} of server {}",
+                self.server
+            )));
         }
         // Every block the point names must be in the store (journaled blocks always are;
         // this guards against anything removed behind our back).
@@ -476,6 +485,7 @@ impl Session {
         for (id, m) in manifests {
             self.previous.insert(id, m);
         }
+        self.last_point = Some(point);
         self.status.last_point = Some(point);
         self.status.last_point_created_unix_ms = Some(created_unix_ms);
         self.save_status();
