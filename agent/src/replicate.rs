@@ -49,6 +49,8 @@ pub enum ReplicateError {
         "disk {disk} changed size from {old} to {new} bytes; reconnecting to describe it again"
     )]
     Resized { disk: String, old: u64, new: u64 },
+    #[error(transparent)]
+    Locked(#[from] lifeboat_common::lock::LockError),
     #[error("saving agent state in {path}: {source}")]
     State {
         path: std::path::PathBuf,
@@ -60,6 +62,7 @@ impl ReplicateError {
     pub fn retryable(&self) -> bool {
         match self {
             ReplicateError::Link(l) => l.retryable(),
+            ReplicateError::Locked(_) => false,
             _ => true,
         }
     }
@@ -87,6 +90,7 @@ pub struct Replicator {
     pub connected_since: Option<Instant>,
     level: crate::adapt::LevelControl,
     cpu: crate::adapt::CpuSampler,
+    _lock: lifeboat_common::lock::DirLock,
 }
 
 fn now_ms() -> u64 {
@@ -102,6 +106,8 @@ impl Replicator {
             path: cfg.state_dir.clone(),
             source,
         })?;
+        // One agent per state directory (and so per config).
+        let lock = lifeboat_common::lock::lock_dir(&cfg.state_dir, "agent")?;
         let agent = state.load_agent();
         let server_id = cfg.server_id();
         let mut acked = Vec::new();
@@ -145,6 +151,7 @@ impl Replicator {
             connected_since: None,
             level: crate::adapt::LevelControl::new(cfg_level.0, cfg_level.1),
             cpu: crate::adapt::CpuSampler::new(),
+            _lock: lock,
         })
     }
 

@@ -11,6 +11,7 @@ pub mod block;
 pub mod codec;
 pub mod config;
 pub mod durable;
+pub mod lock;
 pub mod logging;
 pub mod manifest;
 pub mod protocol;

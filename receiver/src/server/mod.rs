@@ -112,6 +112,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     if let Some(l) = &opts.listen {
         config.listen = l.clone();
     }
+    // One receiver per state directory.
+    let _lock = lifeboat_common::lock::lock_dir(&state_dir, "serve")?;
     let tls = crate::tls::server_config(&state_dir)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let store = Store::open(&state_dir.join("store"))?;
