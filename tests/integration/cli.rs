@@ -169,7 +169,11 @@ fn a_second_receiver_or_agent_on_the_same_state_is_refused() {
     let rx = Receiver::start(w.path());
     let o = rx.cli(&["serve", "--listen", "127.0.0.1:0"]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("in use by another process"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("in use by another process"),
+        "{}",
+        stderr(&o)
+    );
 
     let img = w.path().join("disk.img");
     make_image(&img, 40, 0, 4);
@@ -177,13 +181,22 @@ fn a_second_receiver_or_agent_on_the_same_state_is_refused() {
     spec.bandwidth_mbps = 40;
     let mut first = Agent::new(w.path(), &rx, &spec);
     first.spawn();
-    wait_for("the first agent to take its state dir", std::time::Duration::from_secs(30), || {
-        first.state_dir.join("agent.lock").exists()
-    });
+    wait_for(
+        "the first agent to take its state dir",
+        std::time::Duration::from_secs(30),
+        || first.state_dir.join("agent.lock").exists(),
+    );
     std::thread::sleep(std::time::Duration::from_millis(300));
     let o = first.run_once(5);
-    assert!(!o.status.success(), "a second agent ran on the same state dir");
-    assert!(stderr(&o).contains("in use by another process"), "{}", stderr(&o));
+    assert!(
+        !o.status.success(),
+        "a second agent ran on the same state dir"
+    );
+    assert!(
+        stderr(&o).contains("in use by another process"),
+        "{}",
+        stderr(&o)
+    );
     first.kill();
     // The lock dies with its holder.
     first.run_once_ok();
