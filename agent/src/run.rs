@@ -19,7 +19,7 @@ pub struct RunOptions {
 pub enum RunError {
     #[error(transparent)]
     Replicate(#[from] ReplicateError),
-    #[error("gave up after {secs}s without committing a point; last error: {last}")]
+    #[error("gave up after {secs}s without committing a point: {last}")]
     GaveUp { secs: u64, last: String },
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
@@ -104,15 +104,20 @@ pub async fn run(cfg: AgentConfig, opts: RunOptions) -> Result<(), RunError> {
             // The last connection got through: start the backoff over.
             backoff = Duration::from_secs(1);
         }
-        if opts.once && began.elapsed() >= opts.give_up_after {
+        if opts.once && (!err.retryable() || began.elapsed() >= opts.give_up_after) {
+            // A script waiting on --once gets a refusal at once, not after the backoff.
             return Err(RunError::GaveUp {
-                secs: opts.give_up_after.as_secs(),
+                secs: began.elapsed().as_secs(),
                 last: msg,
             });
         }
         let jitter = Duration::from_millis(rand::random::<u64>() % 500);
+        let mut pause = backoff + jitter;
+        if opts.once {
+            pause = pause.min(opts.give_up_after.saturating_sub(began.elapsed()));
+        }
         tokio::select! {
-            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = sigterm.recv() => return Ok(()),
         }
         backoff = if err.retryable() {

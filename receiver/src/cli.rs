@@ -62,6 +62,15 @@ pub enum Command {
         #[arg(long, default_value_t = 60)]
         gc_interval_secs: u64,
     },
+    /// Make a new agent token (shown once). With --server, the token works only for that
+    /// server, and from then on the enrolment token no longer works for it.
+    TokenAdd {
+        /// Scope the token to this server id.
+        #[arg(long)]
+        server: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check receiver.toml (or another file) and exit non-zero naming what is wrong.
     Validate {
         /// The file to check; default <state-dir>/receiver.toml.
@@ -126,6 +135,9 @@ pub fn run(cli: Cli) -> u8 {
             listen,
             gc_interval_secs,
         } => crate::commands::serve::run(&cli.state_dir, listen, gc_interval_secs),
+        Command::TokenAdd { server, json } => {
+            crate::commands::token::add(&cli.state_dir, server.as_deref(), json)
+        }
         Command::Validate { config } => crate::commands::validate::run(&cli.state_dir, config),
         Command::Servers { json } => crate::commands::servers::run(&cli.state_dir, json),
         Command::Points { server, json } => {

@@ -206,3 +206,44 @@ fn repeated_commit_is_answered_again_and_an_old_point_is_refused() {
     );
     assert_eq!(rx.points("retry").len(), 2, "nothing was added");
 }
+
+#[test]
+fn a_server_scoped_token_cannot_write_another_servers_replicas() {
+    let w = workdir();
+    let rx = Receiver::start(w.path());
+    let o = rx.cli(&["token-add", "--server", "web-01", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let web_token = v["token"].as_str().unwrap().to_string();
+    let img = w.path().join("disk.img");
+    make_image(&img, 4, 0, 3);
+
+    // web-01 with its own token: accepted (no restart needed).
+    let mut spec = AgentSpec::new("web-01", &[("root", &img)]);
+    spec.token = Some(web_token.clone());
+    Agent::new(w.path(), &rx, &spec).run_once_ok();
+
+    // web-01's token used to act as db-01: refused.
+    let mut spec = AgentSpec::new("db-01", &[("root", &img)]);
+    spec.token = Some(web_token);
+    let o = Agent::new(w.path(), &rx, &spec).run_once(2);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("scoped to server web-01"),
+        "{}",
+        stderr(&o)
+    );
+
+    // The enrolment token no longer works for web-01, still does for others.
+    let other = w.path().join("other-host");
+    std::fs::create_dir_all(&other).unwrap();
+    let o = Agent::new(&other, &rx, &AgentSpec::new("web-01", &[("root", &img)])).run_once(2);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("has its own token"), "{}", stderr(&o));
+    good_agent_still_served(w.path(), &rx, "db-02");
+    assert_eq!(
+        rx.points("web-01").len(),
+        1,
+        "web-01's replicas were touched"
+    );
+}

@@ -47,7 +47,7 @@ pub fn run(
     names.dedup();
     let fingerprint = crate::tls::create(state_dir, &names)?;
     let token = crate::auth::new_token();
-    crate::auth::add(state_dir, &token)?;
+    crate::auth::add(state_dir, &token, None)?;
     let text = format!(
         "# Lifeboat receiver configuration (reference: docs/configuration.md)\n\
          listen = \"{listen}\"\n\

@@ -5,6 +5,7 @@ pub mod points;
 pub mod restore;
 pub mod serve;
 pub mod servers;
+pub mod token;
 pub mod validate;
 
 /// "YYYY-MM-DD HH:MM:SS" (UTC) for a Unix time in milliseconds.

@@ -148,11 +148,15 @@ async fn run(
                 send_now(&mut wr, &error(ErrorCode::Protocol, false, msg.clone())).await;
                 return Err(msg);
             }
-            if !shared.tokens.accepts(&token) {
-                let msg = format!("token refused for server {server_id}");
+            if let Err(why) = shared.tokens.check(&token, &server_id) {
+                let msg = format!("token refused for server {server_id}: {why}");
                 send_now(
                     &mut wr,
-                    &error(ErrorCode::Auth, false, format!("{msg}: check receiver.token in agent.toml against the token `lifeboat-receiver init` printed")),
+                    &error(
+                        ErrorCode::Auth,
+                        false,
+                        format!("{msg}; check receiver.token in agent.toml"),
+                    ),
                 )
                 .await;
                 return Err(msg);
