@@ -62,6 +62,11 @@ pub enum Command {
         #[arg(long, default_value_t = 60)]
         gc_interval_secs: u64,
     },
+    /// Verify every stored block; quarantine corrupt ones so that agents resend them.
+    Scrub {
+        #[arg(long)]
+        json: bool,
+    },
     /// Make a new agent token (shown once). With --server, the token works only for that
     /// server, and from then on the enrolment token no longer works for it.
     TokenAdd {
@@ -135,6 +140,7 @@ pub fn run(cli: Cli) -> u8 {
             listen,
             gc_interval_secs,
         } => crate::commands::serve::run(&cli.state_dir, listen, gc_interval_secs),
+        Command::Scrub { json } => crate::commands::scrub::run(&cli.state_dir, json),
         Command::TokenAdd { server, json } => {
             crate::commands::token::add(&cli.state_dir, server.as_deref(), json)
         }

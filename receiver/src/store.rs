@@ -218,6 +218,18 @@ impl Store {
         Ok(out)
     }
 
+    /// Moves a block aside to `store/quarantine/` (kept for inspection, never read again).
+    /// The next connection of every disk that referenced it asks its agent to resend it.
+    pub fn quarantine(&self, hash: &BlockHash) -> Result<PathBuf, StoreError> {
+        let dir = self.root.join("quarantine");
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let dst = dir.join(format!("{}.{}", hash.to_hex(), crate::status::now_ms()));
+        let src = self.path_of(hash);
+        fs::rename(&src, &dst).map_err(io_err(&src))?;
+        self.sync()?;
+        Ok(dst)
+    }
+
     /// Removes a block. Only the garbage collector calls this.
     pub fn remove(&self, hash: &BlockHash) -> Result<(), StoreError> {
         let p = self.path_of(hash);

@@ -267,3 +267,55 @@ fn full_disk_at_the_receiver_loses_nothing_and_recovers() {
     agent.run_once_ok();
     rx.expect_restore("full", "root", "latest", &big);
 }
+
+#[test]
+fn scrub_quarantines_rot_and_the_agent_heals_every_point() {
+    let w = workdir();
+    let rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    let data = random_image(&img, 10, 123);
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("rot", &[("root", &img)]));
+    agent.run_once_ok();
+
+    // Bit rot in one stored block.
+    let victim = rx.store_blocks()[0].clone();
+    let name = victim.file_name().unwrap().to_str().unwrap().to_string();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[100] ^= 0x01;
+    std::fs::write(&victim, bytes).unwrap();
+
+    let o = rx.cli(&["scrub", "--json"]);
+    assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["blocks_checked"], 10);
+    assert_eq!(v["corrupt"][0]["hash"], name.as_str());
+    assert!(!victim.exists(), "the corrupt block was not moved aside");
+    assert_eq!(
+        std::fs::read_dir(rx.dir.join("store/quarantine"))
+            .unwrap()
+            .count(),
+        1
+    );
+    let o = rx.restore("rot", "root", "1", &w.path().join("broken.img"));
+    assert_eq!(
+        o.status.code(),
+        Some(65),
+        "point 1 restored without its block"
+    );
+
+    // The agent's next run sends the content again; every point restores again.
+    agent.run_once_ok();
+    assert!(
+        rx.log_text().contains("blocks missing from the store"),
+        "{}",
+        rx.log_text()
+    );
+    rx.expect_restore("rot", "root", "2", &data);
+    rx.expect_restore("rot", "root", "1", &data);
+    let o = rx.cli(&["scrub"]);
+    assert!(
+        o.status.success() && stdout(&o).contains("0 corrupt"),
+        "{}",
+        stdout(&o)
+    );
+}

@@ -3,10 +3,48 @@
 pub mod init;
 pub mod points;
 pub mod restore;
+pub mod scrub;
 pub mod serve;
 pub mod servers;
 pub mod token;
 pub mod validate;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Runs `f(index)` for every index on a few threads; stops at the first error.
+pub fn parallel(n: usize, f: impl Fn(usize) -> anyhow::Result<()> + Sync) -> anyhow::Result<()> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let threads = std::thread::available_parallelism()
+        .map(|p| p.get())
+        .unwrap_or(2)
+        .clamp(2, 4);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                if failed.load(Ordering::Relaxed) {
+                    return;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                if let Err(e) = f(i) {
+                    failed.store(true, Ordering::Relaxed);
+                    let mut slot = first.lock().unwrap_or_else(|e| e.into_inner());
+                    slot.get_or_insert(e);
+                    return;
+                }
+            });
+        }
+    });
+    match first.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
 
 /// "YYYY-MM-DD HH:MM:SS" (UTC) for a Unix time in milliseconds.
 pub fn fmt_utc(ms: u64) -> String {

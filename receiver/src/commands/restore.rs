@@ -7,7 +7,7 @@
 //! restore proves its content. A missing or corrupt block stops the restore with an error that
 //! names the disk, the point, the block index and its hash (exit code 65).
 
-use super::fmt_bytes;
+use super::{fmt_bytes, parallel};
 use crate::catalog::Catalog;
 use crate::store::Store;
 use anyhow::{bail, Context};
@@ -18,8 +18,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
 
 pub struct Request {
     pub server: String,
@@ -78,7 +76,7 @@ fn open_destination(to: &Path, size: u64, force: bool) -> anyhow::Result<(File, 
     }
 }
 
-fn progress(len: u64, what: &str) -> ProgressBar {
+pub fn progress(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(
         ProgressStyle::with_template(
@@ -89,40 +87,6 @@ fn progress(len: u64, what: &str) -> ProgressBar {
     );
     pb.set_message(what.to_string());
     pb
-}
-
-/// Runs `f(index)` for every index on a few threads; stops at the first error.
-fn parallel(n: usize, f: impl Fn(usize) -> anyhow::Result<()> + Sync) -> anyhow::Result<()> {
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let first: Mutex<Option<anyhow::Error>> = Mutex::new(None);
-    let threads = std::thread::available_parallelism()
-        .map(|p| p.get())
-        .unwrap_or(2)
-        .clamp(2, 4);
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| loop {
-                if failed.load(Ordering::Relaxed) {
-                    return;
-                }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    return;
-                }
-                if let Err(e) = f(i) {
-                    failed.store(true, Ordering::Relaxed);
-                    let mut slot = first.lock().unwrap_or_else(|e| e.into_inner());
-                    slot.get_or_insert(e);
-                    return;
-                }
-            });
-        }
-    });
-    match first.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
 }
 
 pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {

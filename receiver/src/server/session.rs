@@ -305,7 +305,8 @@ impl Session {
                     .server_dir(&self.server)
                     .join("disks")
                     .join(&disk_id);
-                let disk = LiveDisk::open(&dir, &disk_id, size)?;
+                let mut disk = LiveDisk::open(&dir, &disk_id, size)?;
+                self.forget_missing(&mut disk)?;
                 let digest = disk.manifest.digest();
                 tracing::info!(disk = %disk_id, size, blocks = disk.manifest.hashes.len(), "disk opened");
                 self.disks.insert(handle, disk);
@@ -361,6 +362,38 @@ impl Session {
                 self.save_status_throttled();
             }
             other => return Err(protocol(format!("unexpected {}", other.name()))),
+        }
+        Ok(())
+    }
+
+    /// Marks absent (zero) every block of the live manifest that the store no longer has
+    /// (quarantined by `scrub`, or lost): the digest then differs from the agent's, the agent
+    /// takes our manifest, and its scan sends that content again.
+    fn forget_missing(&self, disk: &mut LiveDisk) -> Result<(), Fail> {
+        let _guard = self
+            .shared
+            .gc_lock
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut present = std::collections::HashMap::new();
+        let mut missing = Vec::new();
+        for (i, h) in disk.manifest.hashes.iter().enumerate() {
+            if !h.is_zero()
+                && !*present
+                    .entry(*h)
+                    .or_insert_with(|| self.shared.store.has(h))
+            {
+                missing.push((i as u64, BlockHash::ZERO));
+            }
+        }
+        if !missing.is_empty() {
+            tracing::warn!(
+                disk = %disk.id,
+                blocks = missing.len(),
+                "blocks missing from the store; asking the agent to send them again"
+            );
+            disk.record(&missing)?;
+            self.shared.store.sync()?;
         }
         Ok(())
     }
