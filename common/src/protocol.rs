@@ -293,10 +293,10 @@ impl Message {
     /// The caller keeps within the caps ([`MAX_HASHES`], [`MAX_ACKS`], one block of data);
     /// the peer's decoder refuses anything past them.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let start = out.len();
-        out.extend_from_slice(&[0u8; 4]);
-        out.push(self.type_byte());
-        let mut w = Writer(out);
+        framed(out, self.type_byte(), |w| self.encode_body(w));
+    }
+
+    fn encode_body(&self, w: &mut Writer<'_>) {
         match self {
             Message::Hello {
                 server_id,
@@ -361,15 +361,7 @@ impl Message {
                 hash,
                 codec,
                 data,
-            } => {
-                w.u64(*seq);
-                w.u32(*handle);
-                w.u64(*index);
-                w.hash(hash);
-                w.0.push(*codec as u8);
-                w.u32(data.len() as u32);
-                w.0.extend_from_slice(data);
-            }
+            } => block_body(w, *seq, *handle, *index, hash, *codec, data),
             Message::Ref {
                 seq,
                 handle,
@@ -422,9 +414,17 @@ impl Message {
                 w.str(message);
             }
         }
-        let len = (out.len() - start - 4) as u32;
-        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     }
+}
+
+/// Appends one frame: a length placeholder, the type byte, the body, then the real length.
+fn framed(out: &mut Vec<u8>, type_byte: u8, body: impl FnOnce(&mut Writer<'_>)) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; 4]);
+    out.push(type_byte);
+    body(&mut Writer(out));
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
 }
 
 /// Appends a `Block` frame whose data is borrowed (the sender keeps its copy for resends).
@@ -437,12 +437,9 @@ pub fn encode_block(
     codec: Codec,
     data: &[u8],
 ) {
-    let start = out.len();
-    out.extend_from_slice(&[0u8; 4]);
-    out.push(9);
-    block_body(&mut Writer(out), seq, handle, index, hash, codec, data);
-    let len = (out.len() - start - 4) as u32;
-    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    framed(out, 9, |w| {
+        block_body(w, seq, handle, index, hash, codec, data)
+    });
 }
 
 fn block_body(
