@@ -62,6 +62,9 @@ pub fn verify(hash: BlockHash, codec: Codec, data: Vec<u8>) -> Result<VerifiedBl
     Ok(VerifiedBlock { hash, codec, data })
 }
 
+/// Counts staged files, for unique temp names.
+static STAGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 pub struct Store {
     root: PathBuf,
     blocks: PathBuf,
@@ -138,14 +141,17 @@ impl Store {
         blocks: &[VerifiedBlock],
         staged: &mut Vec<(PathBuf, PathBuf)>,
     ) -> Result<(), StoreError> {
-        for (i, b) in blocks.iter().enumerate() {
+        for b in blocks {
             let dst = self.path_of(&b.hash);
             if dst.is_file() || staged.iter().any(|(_, d)| *d == dst) {
                 continue;
             }
+            // Unique per staged file: sessions of different servers may store the same content
+            // at the same moment, and must never share a temp file.
+            let n = STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let tmp = self
                 .tmp
-                .join(format!("{}.{}.{i}", b.hash.to_hex(), std::process::id()));
+                .join(format!("{}.{}.{n}", b.hash.to_hex(), std::process::id()));
             staged.push((tmp.clone(), dst));
             let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
             f.write_all(&[b.codec as u8]).map_err(io_err(&tmp))?;
@@ -245,6 +251,27 @@ impl Store {
 mod tests {
     use super::*;
     use lifeboat_common::BLOCK_SIZE;
+
+    #[test]
+    fn concurrent_inserts_of_the_same_block_stay_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let data = b"shared by many servers ".repeat(5000);
+        let hash = hash_block(&data);
+        let (c, enc) = codec::encode(&data, 1).unwrap();
+        std::thread::scope(|sc| {
+            for _ in 0..8 {
+                sc.spawn(|| {
+                    for _ in 0..20 {
+                        let v = verify(hash, c, enc.clone()).unwrap();
+                        s.insert_batch(&[v]).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(&s.read(&hash).unwrap()[..data.len()], &data[..]);
+        assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+    }
 
     #[test]
     fn insert_read_and_reject() {
