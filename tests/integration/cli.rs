@@ -201,3 +201,38 @@ fn a_second_receiver_or_agent_on_the_same_state_is_refused() {
     // The lock dies with its holder.
     first.run_once_ok();
 }
+
+#[test]
+fn shipped_systemd_units_verify() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(std::env::var_os("CI").is_none(), "CI needs systemd-analyze");
+        eprintln!("SKIPPED: no systemd-analyze here");
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let w = workdir();
+    let bin_dir = bin("lifeboat-agent").parent().unwrap().to_path_buf();
+    for unit in ["lifeboat-agent.service", "lifeboat-receiver.service"] {
+        let text = std::fs::read_to_string(root.join("systemd").join(unit)).unwrap();
+        // Point ExecStart at the binaries just built; everything else as shipped.
+        let text = text.replace("/usr/bin/", &format!("{}/", bin_dir.display()));
+        let p = w.path().join(unit);
+        std::fs::write(&p, text).unwrap();
+        let o = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success() && o.stderr.is_empty(),
+            "{unit}: {}",
+            stderr(&o)
+        );
+    }
+}
