@@ -1,8 +1,11 @@
 //! Retention and garbage collection.
 //!
-//! One pass: apply the retention policy to every server's points, then delete every stored
-//! block that no listed point and no live manifest references and that is older than the
-//! grace period (a block younger than that may be the subject of a dedupe answer in flight).
+//! One pass: apply the retention policy to every server's points, then, when that deleted a
+//! point or `sweep_anyway` asks (the caller does so hourly), delete every stored block that no
+//! listed point and no live manifest references and that is older than the grace period (a
+//! block younger than that may be the subject of a dedupe answer in flight). The sweep reads
+//! every listed manifest and lists the store, so it is skipped when nothing can have become
+//! garbage except through rare failed batches, which the hourly sweep collects.
 //!
 //! Safety against concurrent writers inside `serve`: the pass holds the store's write lock,
 //! and every batch that checks a block's presence and records it holds the read lock. Against
@@ -24,6 +27,8 @@ pub struct GcReport {
     pub points_deleted: usize,
     pub blocks_deleted: usize,
     pub skipped_busy: bool,
+    /// Whether the block sweep ran.
+    pub swept: bool,
 }
 
 /// Opens (creating) the lock file shared by GC and restores.
@@ -39,6 +44,7 @@ pub fn run_pass(
     state_dir: &Path,
     store: &Store,
     policy: &RetentionConfig,
+    sweep_anyway: bool,
 ) -> anyhow::Result<GcReport> {
     let lock = lock_file(state_dir)?;
     if !sys::flock(&lock, true, true)? {
@@ -63,6 +69,10 @@ pub fn run_pass(
             tracing::info!(server = %server, point = p.point, "retention: point deleted");
         }
     }
+    if report.points_deleted == 0 && !sweep_anyway {
+        return Ok(report);
+    }
+    report.swept = true;
     let mut referenced = catalog.referenced()?;
     for server in catalog.servers()? {
         let disks = catalog.server_dir(&server).join("disks");
@@ -95,4 +105,34 @@ pub fn run_pass(
         );
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::verify;
+    use lifeboat_common::block::hash_block;
+    use lifeboat_common::codec::Codec;
+
+    #[test]
+    fn sweep_runs_only_after_deletions_or_when_asked() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(&d.path().join("store")).unwrap();
+        let data = b"orphan".to_vec();
+        let h = hash_block(&data);
+        store
+            .insert_batch(&[verify(h, Codec::Raw, data).unwrap()])
+            .unwrap();
+        let policy = RetentionConfig {
+            recent_minutes: 0,
+            daily_days: 1,
+            gc_grace_minutes: 0,
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+
+        let r = run_pass(d.path(), &store, &policy, false).unwrap();
+        assert!(!r.swept && store.has(&h), "swept with nothing deleted");
+        let r = run_pass(d.path(), &store, &policy, true).unwrap();
+        assert!(r.swept && r.blocks_deleted == 1 && !store.has(&h));
+    }
 }

@@ -146,19 +146,26 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let mut gc_stop = stop_rx.clone();
     let gc_interval = opts.gc_interval;
     let gc = tokio::spawn(async move {
+        // A full sweep at least hourly, even when retention deleted nothing.
+        let mut last_sweep = std::time::Instant::now();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(gc_interval) => {}
                 _ = gc_stop.changed() => return,
             }
             let s = gc_shared.clone();
+            let sweep_anyway = last_sweep.elapsed() >= Duration::from_secs(3600);
             let r = tokio::task::spawn_blocking(move || {
                 let _w = s.gc_lock.write().unwrap_or_else(|e| e.into_inner());
-                crate::gc::run_pass(&s.state_dir, &s.store, &s.config.retention)
+                crate::gc::run_pass(&s.state_dir, &s.store, &s.config.retention, sweep_anyway)
             })
             .await;
             match r {
-                Ok(Ok(_)) => {}
+                Ok(Ok(report)) => {
+                    if report.swept {
+                        last_sweep = std::time::Instant::now();
+                    }
+                }
                 Ok(Err(e)) => tracing::error!("gc pass failed: {e:#}"),
                 Err(e) => tracing::error!("gc pass panicked: {e}"),
             }
