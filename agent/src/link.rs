@@ -255,10 +255,6 @@ impl Link {
         &mut self.out
     }
 
-    pub fn pending_bytes(&self) -> usize {
-        self.out.len()
-    }
-
     /// Hands everything queued to the writer; waits only while the writer is behind.
     pub async fn flush(&mut self) -> Result<(), LinkError> {
         if self.out.is_empty() {

@@ -94,10 +94,6 @@ impl Store {
         })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     pub fn path_of(&self, hash: &BlockHash) -> PathBuf {
         let hex = hash.to_hex();
         self.blocks.join(&hex[..2]).join(hex)
