@@ -274,9 +274,28 @@ pub struct ReceiverConfig {
     pub listen: String,
     #[serde(default)]
     pub retention: RetentionConfig,
-    /// Most agents connected at once; more are refused with a clear error.
+    /// Most agents connected at once (after authentication); more are refused with a clear,
+    /// retryable error.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Most connections still in their handshake (TLS, preface, Hello) at once. Drawn from
+    /// their own budget, so unauthenticated peers can never take the slots agents need.
+    #[serde(default = "default_max_pending_handshakes")]
+    pub max_pending_handshakes: usize,
+    /// Seconds a peer has for the whole handshake (TLS, preface and Hello together).
+    #[serde(default = "default_handshake_timeout_secs")]
+    pub handshake_timeout_secs: u64,
+    /// Largest disk an agent may replicate, GiB (default 65536 = 64 TiB). The receiver keeps
+    /// 64 MiB of manifest in memory per TiB of an open disk.
+    #[serde(default = "default_max_disk_size_gib")]
+    pub max_disk_size_gib: u64,
+    /// Most disks one server may replicate.
+    #[serde(default = "default_max_disks_per_server")]
+    pub max_disks_per_server: usize,
+    /// Largest difference tolerated between an agent's clock and the receiver's before it is
+    /// logged and flagged in `servers` (retention always uses the receiver's clock).
+    #[serde(default = "default_max_clock_skew_secs")]
+    pub max_clock_skew_secs: u64,
 }
 
 /// Which points are kept: everything of the last `recent_minutes`, then DRS's policy: one
@@ -309,6 +328,21 @@ fn default_listen() -> String {
 fn default_max_connections() -> usize {
     1024
 }
+fn default_max_pending_handshakes() -> usize {
+    64
+}
+fn default_handshake_timeout_secs() -> u64 {
+    10
+}
+fn default_max_disk_size_gib() -> u64 {
+    64 * 1024
+}
+fn default_max_disks_per_server() -> usize {
+    64
+}
+fn default_max_clock_skew_secs() -> u64 {
+    300
+}
 fn default_recent_minutes() -> u64 {
     10
 }
@@ -320,6 +354,11 @@ fn default_gc_grace_minutes() -> u64 {
 }
 
 impl ReceiverConfig {
+    /// [`ReceiverConfig::max_disk_size_gib`] in bytes.
+    pub fn max_disk_bytes(&self) -> u64 {
+        self.max_disk_size_gib.saturating_mul(1 << 30)
+    }
+
     pub fn load(path: &Path) -> Result<ReceiverConfig, ConfigError> {
         let c: ReceiverConfig = load(path)?;
         c.validate(path)?;
@@ -351,6 +390,44 @@ impl ReceiverConfig {
         if self.max_connections == 0 {
             return Err(invalid(path, "max_connections", "must be at least 1"));
         }
+        if self.max_pending_handshakes == 0 {
+            return Err(invalid(
+                path,
+                "max_pending_handshakes",
+                "must be at least 1",
+            ));
+        }
+        if !(1..=300).contains(&self.handshake_timeout_secs) {
+            return Err(invalid(
+                path,
+                "handshake_timeout_secs",
+                "must be between 1 and 300",
+            ));
+        }
+        if !(1..=256 * 1024).contains(&self.max_disk_size_gib) {
+            return Err(invalid(
+                path,
+                "max_disk_size_gib",
+                "must be between 1 and 262144 (256 TiB)",
+            ));
+        }
+        if !(1..=crate::protocol::MAX_DISKS).contains(&self.max_disks_per_server) {
+            return Err(invalid(
+                path,
+                "max_disks_per_server",
+                format!("must be between 1 and {}", crate::protocol::MAX_DISKS),
+            ));
+        }
+        if self.max_clock_skew_secs == 0 {
+            return Err(invalid(path, "max_clock_skew_secs", "must be at least 1"));
+        }
+        if self.retention.gc_grace_minutes > 7 * 24 * 60 {
+            return Err(invalid(
+                path,
+                "retention.gc_grace_minutes",
+                "must be at most 10080 (7 days)",
+            ));
+        }
         Ok(())
     }
 }
@@ -361,6 +438,11 @@ impl Default for ReceiverConfig {
             listen: default_listen(),
             retention: RetentionConfig::default(),
             max_connections: default_max_connections(),
+            max_pending_handshakes: default_max_pending_handshakes(),
+            handshake_timeout_secs: default_handshake_timeout_secs(),
+            max_disk_size_gib: default_max_disk_size_gib(),
+            max_disks_per_server: default_max_disks_per_server(),
+            max_clock_skew_secs: default_max_clock_skew_secs(),
         }
     }
 }

@@ -14,12 +14,15 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const PREFACE_LEN: usize = 12;
 /// Hard cap on `len` (type byte + payload): one compressed block plus headroom.
 pub const MAX_FRAME: usize = BLOCK_SIZE + 64 * 1024;
+/// Cap on a frame before the peer has authenticated: a `Hello` is three short strings.
+pub const MAX_PREAUTH_FRAME: usize = 16 * 1024;
 /// Most hashes in one `Have` or `ManifestChunk`.
 pub const MAX_HASHES: usize = 16 * 1024;
 /// Most entries in one `Acks`.
 pub const MAX_ACKS: usize = 64 * 1024;
 const MAX_STRING: usize = 4096;
-const MAX_DISKS: usize = 256;
+/// Most disks one `Commit` or `Progress` names.
+pub const MAX_DISKS: usize = 256;
 
 /// The state of a replicating disk, named as DRS users know them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -190,8 +193,8 @@ pub enum DecodeError {
     BadPreface(Vec<u8>),
     #[error("unsupported protocol version {0} (this build speaks version 1)")]
     Version(u16),
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte cap")]
-    Oversized(usize),
+    #[error("frame of {len} bytes exceeds the {cap}-byte cap")]
+    Oversized { len: usize, cap: usize },
     #[error("empty frame")]
     Empty,
     #[error("unknown message type {0}")]
@@ -227,12 +230,22 @@ pub fn check_preface(p: &[u8; PREFACE_LEN]) -> Result<u16, DecodeError> {
 /// If `buf` starts with a whole frame, decodes it and says how many bytes it used.
 /// `Ok(None)`: more bytes are needed. An oversized length is an error at once.
 pub fn decode_frame(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
+    decode_frame_capped(buf, MAX_FRAME)
+}
+
+/// As [`decode_frame`], refusing any frame longer than `cap` (at most [`MAX_FRAME`]) from
+/// its length alone: before authentication only a small frame is accepted.
+pub fn decode_frame_capped(
+    buf: &[u8],
+    cap: usize,
+) -> Result<Option<(Message, usize)>, DecodeError> {
     if buf.len() < 4 {
         return Ok(None);
     }
+    let cap = cap.min(MAX_FRAME);
     let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-    if len > MAX_FRAME {
-        return Err(DecodeError::Oversized(len));
+    if len > cap {
+        return Err(DecodeError::Oversized { len, cap });
     }
     if len == 0 {
         return Err(DecodeError::Empty);
@@ -896,8 +909,19 @@ mod tests {
         let len = (MAX_FRAME as u32 + 1).to_le_bytes();
         assert_eq!(
             decode_frame(&len),
-            Err(DecodeError::Oversized(MAX_FRAME + 1))
+            Err(DecodeError::Oversized {
+                len: MAX_FRAME + 1,
+                cap: MAX_FRAME
+            })
         );
+        let big = (MAX_PREAUTH_FRAME as u32 + 1).to_le_bytes();
+        assert!(matches!(
+            decode_frame_capped(&big, MAX_PREAUTH_FRAME),
+            Err(DecodeError::Oversized {
+                cap: MAX_PREAUTH_FRAME,
+                ..
+            })
+        ));
     }
 
     #[test]

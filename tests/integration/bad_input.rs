@@ -247,3 +247,125 @@ fn a_server_scoped_token_cannot_write_another_servers_replicas() {
         "web-01's replicas were touched"
     );
 }
+
+#[test]
+fn absurd_disk_sizes_and_too_many_disks_are_refused_and_others_go_on() {
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    rx.set_config("max_disks_per_server", "2");
+    let open = |handle: u32, disk: &str, size: u64| {
+        let mut out = Vec::new();
+        Message::OpenDisk {
+            handle,
+            disk_id: disk.into(),
+            size,
+        }
+        .encode(&mut out);
+        out
+    };
+    let refusal = |replies: &[Message]| {
+        replies
+            .iter()
+            .find_map(|m| match m {
+                Message::Error {
+                    code: ErrorCode::Protocol,
+                    message,
+                    ..
+                } => Some(message.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no Protocol error: {replies:?}"))
+    };
+
+    // 2^64 - 1 bytes: once enough to make the receiver allocate a petabyte and abort.
+    let mut c = RawClient::connect(&rx);
+    c.preface();
+    let mut out = hello("huge", &rx.token);
+    out.extend(open(0, "root", u64::MAX));
+    c.send(&out).unwrap();
+    let e = refusal(&c.read_frames(3));
+    assert!(
+        e.contains("disk root") && e.contains("max_disk_size_gib"),
+        "{e}"
+    );
+    assert!(rx.is_running(), "the receiver died");
+
+    // A third disk on a receiver that allows two.
+    let mut c = RawClient::connect(&rx);
+    c.preface();
+    let mut out = hello("many", &rx.token);
+    let small = 4 * lifeboat_common::BLOCK_SIZE as u64;
+    for (h, d) in ["a", "b", "c"].iter().enumerate() {
+        out.extend(open(h as u32, d, small));
+    }
+    c.send(&out).unwrap();
+    let replies = c.read_frames(5);
+    let opened = replies
+        .iter()
+        .filter(|m| matches!(m, Message::DiskOpened { .. }))
+        .count();
+    assert_eq!(opened, 2, "{replies:?}");
+    let e = refusal(&replies);
+    assert!(
+        e.contains("disk c") && e.contains("max_disks_per_server"),
+        "{e}"
+    );
+    good_agent_still_served(w.path(), &rx, "after-huge");
+}
+
+/// Peers that complete TLS and then trickle a `Hello` one byte a second, reconnecting as soon
+/// as they are dropped, for as long as `stop` is false.
+fn slow_loris(rx: &Receiver, stop: &std::sync::atomic::AtomicBool) {
+    use std::sync::atomic::Ordering;
+    while !stop.load(Ordering::Relaxed) {
+        let mut c = RawClient::connect(rx);
+        c.preface();
+        // A length within the pre-auth cap, then the body a byte at a time.
+        if c.send(&8000u32.to_le_bytes()).is_err() {
+            continue;
+        }
+        while !stop.load(Ordering::Relaxed) && c.send(&[1]).is_ok() {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
+#[test]
+fn unauthenticated_peers_cannot_keep_agents_out() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    rx.set_config("max_connections", "2");
+    rx.set_config("handshake_timeout_secs", "3");
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| slow_loris(&rx, &stop));
+        }
+        // A peer that announces a huge Hello is refused from the length alone.
+        let mut c = RawClient::connect(&rx);
+        c.preface();
+        c.send(&(1u32 << 20).to_le_bytes()).unwrap();
+        let r = c.read_frames(1);
+        assert!(
+            matches!(&r[..], [Message::Error { code: ErrorCode::Protocol, message, .. }] if message.contains("16384-byte cap")),
+            "{r:?}"
+        );
+        // Let the trickling peers take their places first.
+        std::thread::sleep(Duration::from_secs(1));
+        let img = w.path().join("disk.img");
+        make_image(&img, 4, 0, 21);
+        let o =
+            Agent::new(w.path(), &rx, &AgentSpec::new("patient", &[("root", &img)])).run_once(45);
+        let served = o.status.success();
+        if served {
+            wait_for(
+                "the handshake deadline in the log",
+                Duration::from_secs(10),
+                || rx.log_text().contains("handshake not completed within 3s"),
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(served, "agent kept out: {}", stderr(&o));
+    });
+}

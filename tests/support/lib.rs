@@ -208,6 +208,25 @@ impl Receiver {
         self.proc.log_text()
     }
 
+    /// Sets a top-level key of `receiver.toml` (replacing it if present) and restarts the
+    /// receiver when it was running.
+    pub fn set_config(&mut self, key: &str, value: &str) {
+        let path = self.dir.join("receiver.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with(&format!("{key} =")))
+            .map(str::to_string)
+            .collect();
+        // Before the first table, where top-level keys belong.
+        lines.insert(0, format!("{key} = {value}"));
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        if self.proc.is_running() {
+            self.proc.kill();
+            self.restart();
+        }
+    }
+
     /// Runs a receiver CLI command against this state dir.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(bin("lifeboat-receiver"))

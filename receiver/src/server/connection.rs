@@ -4,16 +4,20 @@
 
 use super::session::{Session, SessionEnd};
 use super::Shared;
-use lifeboat_common::protocol::{self, decode_frame, DecodeError, ErrorCode, Message, PREFACE_LEN};
+use lifeboat_common::protocol::{
+    self, decode_frame_capped, DecodeError, ErrorCode, Message, MAX_FRAME, MAX_PREAUTH_FRAME,
+    PREFACE_LEN,
+};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A refusal sent during the handshake waits this long for the peer to read it.
+const HANDSHAKE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// An agent sends Progress every few seconds; silence this long means a dead peer.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 const SLOT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,10 +38,13 @@ pub async fn handle(
     tcp: TcpStream,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
+    handshake_permit: OwnedSemaphorePermit,
+    agents: Arc<Semaphore>,
 ) {
     let span = tracing::info_span!("conn", %peer, server = tracing::field::Empty);
     async move {
-        match run(&shared, acceptor, tcp, peer, stop).await {
+        let r = run(&shared, acceptor, tcp, peer, stop, handshake_permit, agents).await;
+        match r {
             Ok(()) => tracing::debug!("connection closed"),
             Err(reason) => {
                 let (allowed, dropped) = shared.peer_log.allow();
@@ -55,9 +62,10 @@ async fn read_frame<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut Vec<u8>,
     timeout: Duration,
+    cap: usize,
 ) -> Result<Option<Message>, String> {
     loop {
-        match decode_frame(buf) {
+        match decode_frame_capped(buf, cap) {
             Ok(Some((m, used))) => {
                 buf.drain(..used);
                 return Ok(Some(m));
@@ -65,7 +73,9 @@ async fn read_frame<R: AsyncRead + Unpin>(
             Ok(None) => {}
             Err(e) => return Err(format!("malformed frame: {e}")),
         }
-        buf.reserve(256 * 1024);
+        // Never more than the frame being read needs (plus one read's worth).
+        let want = (cap + 4).saturating_sub(buf.len()).clamp(1, 256 * 1024);
+        buf.reserve(want);
         let n = match tokio::time::timeout(timeout, rd.read_buf(buf)).await {
             Err(_) => return Err(format!("no frame for {}s", timeout.as_secs())),
             Ok(Err(e)) => return Err(format!("read failed: {e}")),
@@ -91,40 +101,47 @@ async fn send_now<W: AsyncWrite + Unpin>(wr: &mut W, m: &Message) {
         wr.write_all(&out).await?;
         wr.flush().await
     };
-    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, write).await;
+    let _ = tokio::time::timeout(HANDSHAKE_WRITE_TIMEOUT, write).await;
 }
 
-async fn run(
-    shared: &Arc<Shared>,
+type Tls = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// A peer that completed the handshake: TLS, preface and an accepted `Hello`.
+struct Authenticated {
+    rd: ReadHalf<Tls>,
+    wr: WriteHalf<Tls>,
+    /// Bytes read past the `Hello`.
+    buf: Vec<u8>,
+    server: String,
+    agent_version: String,
+}
+
+/// TLS, preface and `Hello`, all within one deadline (not one per read, which a peer
+/// trickling a byte at a time could stretch forever), with frames capped at
+/// [`MAX_PREAUTH_FRAME`]. `Ok(None)`: the peer closed before saying anything (a port probe).
+async fn handshake(
+    shared: &Shared,
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
-    peer: SocketAddr,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), String> {
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Err(_) => return Err("TLS handshake timed out".to_string()),
+) -> Result<Option<Authenticated>, String> {
+    let tls = match acceptor.accept(tcp).await {
         // A port probe (load balancer, monitoring) connects and closes without a word.
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             tracing::debug!("closed before the TLS handshake");
-            return Ok(());
+            return Ok(None);
         }
-        Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
-        Ok(Ok(tls)) => tls,
+        Err(e) => return Err(format!("TLS handshake failed: {e}")),
+        Ok(tls) => tls,
     };
     let (mut rd, mut wr) = tokio::io::split(tls);
 
     let mut pre = [0u8; PREFACE_LEN];
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, rd.read_exact(&mut pre))
+    rd.read_exact(&mut pre)
         .await
-        .map_err(|_| "no preface within 10s".to_string())?
         .map_err(|e| format!("reading preface: {e}"))?;
-    tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        wr.write_all(&protocol::preface(protocol::PROTOCOL_VERSION)),
-    )
-    .await
-    .map_err(|_| "preface not read within 10s".to_string())?
-    .map_err(|e| format!("writing preface: {e}"))?;
+    wr.write_all(&protocol::preface(protocol::PROTOCOL_VERSION))
+        .await
+        .map_err(|e| format!("writing preface: {e}"))?;
     if let Err(e) = protocol::check_preface(&pre) {
         let code = if matches!(e, DecodeError::Version(_)) {
             ErrorCode::Version
@@ -136,8 +153,16 @@ async fn run(
     }
 
     let mut buf = Vec::new();
-    let hello = read_frame(&mut rd, &mut buf, HANDSHAKE_TIMEOUT).await?;
-    let (server, agent_version) = match hello {
+    // The caller's deadline bounds the whole handshake; this one never fires first.
+    let per_read = Duration::from_secs(shared.config.handshake_timeout_secs + 1);
+    let hello = match read_frame(&mut rd, &mut buf, per_read, MAX_PREAUTH_FRAME).await {
+        Ok(h) => h,
+        Err(e) => {
+            send_now(&mut wr, &error(ErrorCode::Protocol, false, e.clone())).await;
+            return Err(e);
+        }
+    };
+    match hello {
         Some(Message::Hello {
             server_id,
             token,
@@ -161,14 +186,60 @@ async fn run(
                 .await;
                 return Err(msg);
             }
-            (server_id, agent_version)
+            Ok(Some(Authenticated {
+                rd,
+                wr,
+                buf,
+                server: server_id,
+                agent_version,
+            }))
         }
         Some(other) => {
             let msg = format!("expected Hello first, got {}", other.name());
             send_now(&mut wr, &error(ErrorCode::Protocol, false, msg.clone())).await;
-            return Err(msg);
+            Err(msg)
         }
-        None => return Err("closed before Hello".into()),
+        None => Err("closed before Hello".into()),
+    }
+}
+
+async fn run(
+    shared: &Arc<Shared>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+    handshake_permit: OwnedSemaphorePermit,
+    agents: Arc<Semaphore>,
+) -> Result<(), String> {
+    let limit = Duration::from_secs(shared.config.handshake_timeout_secs);
+    let auth = match tokio::time::timeout(limit, handshake(shared, acceptor, tcp)).await {
+        Err(_) => {
+            return Err(format!(
+                "handshake not completed within {}s (handshake_timeout_secs)",
+                limit.as_secs()
+            ))
+        }
+        Ok(r) => r?,
+    };
+    drop(handshake_permit);
+    let Some(Authenticated {
+        mut rd,
+        mut wr,
+        mut buf,
+        server,
+        agent_version,
+    }) = auth
+    else {
+        return Ok(());
+    };
+    let Ok(_agent_permit) = agents.try_acquire_owned() else {
+        let msg = format!(
+            "server {server} refused: the receiver already serves max_connections = {} agents",
+            shared.config.max_connections
+        );
+        send_now(&mut wr, &error(ErrorCode::Internal, true, msg.clone())).await;
+        return Err(msg);
     };
     tracing::Span::current().record("server", server.as_str());
 
@@ -213,7 +284,7 @@ async fn run(
                 }
             }
         }
-        let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, wr.shutdown()).await;
+        let _ = tokio::time::timeout(HANDSHAKE_WRITE_TIMEOUT, wr.shutdown()).await;
     });
     let last_point = shared
         .catalog
@@ -234,12 +305,14 @@ async fn run(
         agent_version,
         peer.to_string(),
     );
-    let (work_tx, work_rx) = mpsc::channel::<Message>(128);
+    // With the batch the processor holds, at most 2 × BATCH frames of this connection are
+    // in memory at once (≈ 75 MiB at the frame cap).
+    let (work_tx, work_rx) = mpsc::channel::<Message>(super::session::BATCH);
     let processor = tokio::spawn(session.run(work_rx, out_tx.clone()));
 
     let reason: Result<(), String> = loop {
         let frame = tokio::select! {
-            f = read_frame(&mut rd, &mut buf, IDLE_TIMEOUT) => f,
+            f = read_frame(&mut rd, &mut buf, IDLE_TIMEOUT, MAX_FRAME) => f,
             _ = slot.kick.notified() => break Err("replaced by a newer connection of the same server".into()),
             _ = stop.changed() => break Ok(()),
             _ = work_tx.closed() => break Ok(()),

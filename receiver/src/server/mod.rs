@@ -139,7 +139,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     lifeboat_common::sd_notify::ready();
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let conns = Arc::new(Semaphore::new(config.max_connections));
+    // Two budgets: peers still in their handshake, and authenticated agents. A flood of
+    // unauthenticated peers can exhaust only the first.
+    let handshakes = Arc::new(Semaphore::new(config.max_pending_handshakes));
+    let agents = Arc::new(Semaphore::new(config.max_connections));
     let mut tasks = tokio::task::JoinSet::new();
 
     let gc_shared = shared.clone();
@@ -185,17 +188,24 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                let permit = conns.clone().try_acquire_owned();
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    let (allowed, dropped) = shared.peer_log.allow();
+                    if allowed {
+                        tracing::warn!(
+                            %peer,
+                            dropped_similar = dropped,
+                            "connection refused: max_pending_handshakes ({}) peers are still \
+                             in their handshake",
+                            config.max_pending_handshakes
+                        );
+                    }
+                    continue;
+                };
                 let shared = shared.clone();
                 let acceptor = acceptor.clone();
                 let stop = stop_rx.clone();
-                tasks.spawn(async move {
-                    let Ok(_permit) = permit else {
-                        tracing::warn!(%peer, "connection refused: max_connections reached");
-                        return;
-                    };
-                    connection::handle(shared, acceptor, tcp, peer, stop).await;
-                });
+                let agents = agents.clone();
+                tasks.spawn(connection::handle(shared, acceptor, tcp, peer, stop, permit, agents));
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             _ = sigterm.recv() => break,

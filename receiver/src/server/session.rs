@@ -18,7 +18,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
-const BATCH: usize = 64;
+/// Most messages applied as one group commit.
+pub const BATCH: usize = 64;
 
 pub enum SessionEnd {
     Done,
@@ -297,6 +298,22 @@ impl Session {
                 {
                     return Err(protocol(format!(
                         "disk {disk_id} (handle {handle}) opened twice"
+                    )));
+                }
+                let cfg = &self.shared.config;
+                if size > cfg.max_disk_bytes() {
+                    return Err(protocol(format!(
+                        "disk {disk_id}: size {size} bytes exceeds this receiver's \
+                         max_disk_size_gib = {} GiB",
+                        cfg.max_disk_size_gib
+                    )));
+                }
+                if self.disks.len() >= cfg.max_disks_per_server {
+                    return Err(protocol(format!(
+                        "disk {disk_id}: server {} already has {} disks open, this receiver's \
+                         max_disks_per_server",
+                        self.server,
+                        self.disks.len()
                     )));
                 }
                 let dir = self
