@@ -6,9 +6,11 @@
 //! - [`replicate`]: the protocol client: window, dedupe queries, acks, commits.
 //! - [`link`] and [`tls`]: the TLS connection with the pinned receiver CA.
 //! - [`run`]: the reconnecting main loop; [`state`]: what survives a restart.
+//! - [`identity`]: which machine this is, so a clone cannot pass for it.
 
 pub mod adapt;
 pub mod cli;
+pub mod identity;
 pub mod limiter;
 pub mod link;
 pub mod pipeline;

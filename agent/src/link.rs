@@ -122,7 +122,11 @@ async fn write_pieces(
 }
 
 impl Link {
-    pub async fn connect(cfg: &AgentConfig, server_id: &str) -> Result<Link, LinkError> {
+    pub async fn connect(
+        cfg: &AgentConfig,
+        server_id: &str,
+        identity: &crate::identity::Identity,
+    ) -> Result<Link, LinkError> {
         let addr = cfg.receiver.address.clone();
         let connect_err = |why: String| LinkError::Connect {
             addr: addr.clone(),
@@ -232,6 +236,8 @@ impl Link {
             server_id: server_id.to_string(),
             token: cfg.receiver.token.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            instance: identity.instance.clone(),
+            hostname: identity.hostname.clone(),
         });
         link.flush().await?;
         match link.recv(CONNECT_TIMEOUT).await? {

@@ -17,6 +17,7 @@ use lifeboat_common::block::block_count;
 use lifeboat_common::codec::Codec;
 use lifeboat_common::config::AgentConfig;
 use lifeboat_common::manifest::Manifest;
+use lifeboat_common::now_ms;
 use lifeboat_common::protocol::{self, Consistency, DiskProgress, DiskState, ErrorCode, Message};
 use lifeboat_common::BlockHash;
 use std::collections::{HashMap, HashSet};
@@ -78,6 +79,8 @@ struct Entry {
 pub struct Replicator {
     cfg: AgentConfig,
     pub server_id: String,
+    /// Tells the receiver which machine this is (see [`crate::identity`]).
+    pub identity: crate::identity::Identity,
     state: StateDir,
     pub agent: AgentState,
     pub acked: Vec<Manifest>,
@@ -93,13 +96,6 @@ pub struct Replicator {
     _lock: lifeboat_common::lock::DirLock,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Replicator {
     pub fn new(cfg: AgentConfig) -> Result<Replicator, ReplicateError> {
         let state = StateDir::open(&cfg.state_dir).map_err(|source| ReplicateError::State {
@@ -110,6 +106,11 @@ impl Replicator {
         let lock = lifeboat_common::lock::lock_dir(&cfg.state_dir, "agent")?;
         let agent = state.load_agent();
         let server_id = cfg.server_id();
+        let identity =
+            crate::identity::load(&cfg.state_dir).map_err(|source| ReplicateError::State {
+                path: cfg.state_dir.clone(),
+                source,
+            })?;
         let mut acked = Vec::new();
         let mut sizes = Vec::new();
         let mut disks = Vec::new();
@@ -128,6 +129,7 @@ impl Replicator {
         let cfg_level = (cfg.compression_level, cfg.compression_level_max);
         let status = AgentStatus {
             server_id: server_id.clone(),
+            instance: identity.instance.clone(),
             receiver: cfg.receiver.address.clone(),
             pid: std::process::id(),
             last_point: agent.last_point,
@@ -142,6 +144,7 @@ impl Replicator {
             committed_once: vec![agent.last_point.is_some(); n],
             cfg,
             server_id,
+            identity,
             state,
             agent,
             acked,
@@ -282,7 +285,10 @@ impl Replicator {
                 backlog_blocks: backlog,
             });
         }
-        Message::Progress { disks }
+        Message::Progress {
+            agent_unix_ms: now_ms(),
+            disks,
+        }
     }
 
     /// A line per disk on long cycles, so the log shows an initial sync advancing.
@@ -628,7 +634,10 @@ impl Replicator {
                 backlog_blocks: 0,
             })
             .collect();
-        Message::Progress { disks }
+        Message::Progress {
+            agent_unix_ms: now_ms(),
+            disks,
+        }
     }
 
     /// Waits until `deadline`, keeping the connection alive with Progress messages.

@@ -37,7 +37,7 @@ async fn session(rep: &mut Replicator, once: bool) -> Result<(), ReplicateError>
 }
 
 async fn session_inner(rep: &mut Replicator, once: bool) -> Result<(), ReplicateError> {
-    let mut link = Link::connect(rep.config(), &rep.server_id).await?;
+    let mut link = Link::connect(rep.config(), &rep.server_id, &rep.identity).await?;
     tracing::info!(receiver = %rep.status.receiver, "connected");
     rep.open_disks(&mut link).await?;
     loop {

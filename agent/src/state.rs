@@ -34,6 +34,9 @@ pub struct DiskStatus {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct AgentStatus {
     pub server_id: String,
+    /// This machine's instance id, as the receiver knows it.
+    #[serde(default)]
+    pub instance: String,
     pub receiver: String,
     pub connected: bool,
     pub pid: u32,

@@ -2,13 +2,7 @@
 
 use crate::state::StateDir;
 use lifeboat_common::config::AgentConfig;
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use lifeboat_common::now_ms;
 
 pub fn show(cfg: &AgentConfig, json: bool) -> anyhow::Result<()> {
     let Some(st) = StateDir::load_status(&cfg.state_dir) else {

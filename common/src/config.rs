@@ -296,6 +296,10 @@ pub struct ReceiverConfig {
     /// logged and flagged in `servers` (retention always uses the receiver's clock).
     #[serde(default = "default_max_clock_skew_secs")]
     pub max_clock_skew_secs: u64,
+    /// A server id belongs to one machine: another machine claiming it is refused while the
+    /// holder is connected or was heard from less than this many minutes ago.
+    #[serde(default = "default_server_lease_minutes")]
+    pub server_lease_minutes: u64,
 }
 
 /// Which points are kept: everything of the last `recent_minutes`, then DRS's policy: one
@@ -342,6 +346,9 @@ fn default_max_disks_per_server() -> usize {
 }
 fn default_max_clock_skew_secs() -> u64 {
     300
+}
+fn default_server_lease_minutes() -> u64 {
+    30
 }
 fn default_recent_minutes() -> u64 {
     10
@@ -418,6 +425,13 @@ impl ReceiverConfig {
                 format!("must be between 1 and {}", crate::protocol::MAX_DISKS),
             ));
         }
+        if self.server_lease_minutes > 7 * 24 * 60 {
+            return Err(invalid(
+                path,
+                "server_lease_minutes",
+                "must be at most 10080 (7 days)",
+            ));
+        }
         if self.max_clock_skew_secs == 0 {
             return Err(invalid(path, "max_clock_skew_secs", "must be at least 1"));
         }
@@ -443,6 +457,7 @@ impl Default for ReceiverConfig {
             max_disk_size_gib: default_max_disk_size_gib(),
             max_disks_per_server: default_max_disks_per_server(),
             max_clock_skew_secs: default_max_clock_skew_secs(),
+            server_lease_minutes: default_server_lease_minutes(),
         }
     }
 }

@@ -18,3 +18,11 @@ pub mod protocol;
 pub mod sd_notify;
 
 pub use block::{BlockHash, BLOCK_SIZE};
+
+/// This machine's clock, in milliseconds since the Unix epoch (0 if it is set before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -116,11 +116,15 @@ pub struct DiskProgress {
 /// Every message of protocol v1. Direction: A = agent → receiver, R = receiver → agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
-    /// A: who the agent is and its token. First frame after the preface.
+    /// A: who the agent is and its token. First frame after the preface. `instance` names
+    /// the machine and agent installation (stable across restarts, different on a clone with
+    /// its own state); `hostname` is for people.
     Hello {
         server_id: String,
         token: String,
         agent_version: String,
+        instance: String,
+        hostname: String,
     },
     /// R: the token is accepted; `last_point` is the server's newest committed point (0: none).
     Welcome {
@@ -177,8 +181,12 @@ pub enum Message {
     },
     /// R: point `point` is durable and listed.
     Committed { point: u64 },
-    /// A: replication progress, for the receiver's listing.
-    Progress { disks: Vec<DiskProgress> },
+    /// A: replication progress, for the receiver's listing; `agent_unix_ms` is the agent's
+    /// clock when it was sent (the receiver measures the skew, never trusts it).
+    Progress {
+        agent_unix_ms: u64,
+        disks: Vec<DiskProgress>,
+    },
     /// Either way: a refusal with a reason.
     Error {
         code: ErrorCode,
@@ -315,10 +323,14 @@ impl Message {
                 server_id,
                 token,
                 agent_version,
+                instance,
+                hostname,
             } => {
                 w.str(server_id);
                 w.str(token);
                 w.str(agent_version);
+                w.str(instance);
+                w.str(hostname);
             }
             Message::Welcome {
                 receiver_version,
@@ -409,7 +421,11 @@ impl Message {
                 }
             }
             Message::Committed { point } => w.u64(*point),
-            Message::Progress { disks } => {
+            Message::Progress {
+                agent_unix_ms,
+                disks,
+            } => {
+                w.u64(*agent_unix_ms);
                 w.u32(disks.len() as u32);
                 for d in disks {
                     w.u32(d.handle);
@@ -614,6 +630,8 @@ fn decode_body(body: &[u8]) -> Result<Message, DecodeError> {
             server_id: r.str()?,
             token: r.str()?,
             agent_version: r.str()?,
+            instance: r.str()?,
+            hostname: r.str()?,
         },
         2 => Message::Welcome {
             receiver_version: r.str()?,
@@ -706,6 +724,7 @@ fn decode_body(body: &[u8]) -> Result<Message, DecodeError> {
         }
         14 => Message::Committed { point: r.u64()? },
         15 => {
+            let agent_unix_ms = r.u64()?;
             let n = r.count(MAX_DISKS, "disks")?;
             let disks = (0..n)
                 .map(|_| {
@@ -720,7 +739,10 @@ fn decode_body(body: &[u8]) -> Result<Message, DecodeError> {
                     })
                 })
                 .collect::<Result<_, DecodeError>>()?;
-            Message::Progress { disks }
+            Message::Progress {
+                agent_unix_ms,
+                disks,
+            }
         }
         16 => {
             let c = r.u16()?;
@@ -752,10 +774,12 @@ mod tests {
     fn arb_message() -> impl Strategy<Value = Message> {
         let s = "[a-z0-9-]{0,40}";
         prop_oneof![
-            (s, s, s).prop_map(|(a, b, c)| Message::Hello {
+            (s, s, s, s, s).prop_map(|(a, b, c, i, n)| Message::Hello {
                 server_id: a,
                 token: b,
-                agent_version: c
+                agent_version: c,
+                instance: i,
+                hostname: n,
             }),
             (s, any::<u64>()).prop_map(|(v, p)| Message::Welcome {
                 receiver_version: v,
@@ -833,8 +857,12 @@ mod tests {
                     disks: d,
                 }),
             any::<u64>().prop_map(|p| Message::Committed { point: p }),
-            proptest::collection::vec((any::<u32>(), 0u8..7, any::<u64>()), 0..8).prop_map(|v| {
-                Message::Progress {
+            (
+                any::<u64>(),
+                proptest::collection::vec((any::<u32>(), 0u8..7, any::<u64>()), 0..8)
+            )
+                .prop_map(|(t, v)| Message::Progress {
+                    agent_unix_ms: t,
                     disks: v
                         .into_iter()
                         .map(|(h, s, b)| DiskProgress {
@@ -843,8 +871,7 @@ mod tests {
                             backlog_blocks: b,
                         })
                         .collect(),
-                }
-            }),
+                }),
             (any::<bool>(), s).prop_map(|(r, m)| Message::Error {
                 code: ErrorCode::Storage,
                 retryable: r,

@@ -55,8 +55,11 @@ pub struct PointRecord {
     pub point: u64,
     /// When the agent cut the point (its clock).
     pub created_unix_ms: u64,
-    /// When the receiver committed it.
+    /// When the receiver committed it: retention ages points by this clock, never the agent's.
     pub committed_unix_ms: u64,
+    /// The agent's clock minus the receiver's when the point was committed, as measured.
+    #[serde(default)]
+    pub agent_clock_skew_ms: Option<i64>,
     pub consistency: Consistency,
     /// The snapshot target that holds the point ("local").
     pub target: String,
@@ -242,6 +245,7 @@ mod tests {
             point,
             created_unix_ms: point * 1000,
             committed_unix_ms: point * 1000 + 5,
+            agent_clock_skew_ms: None,
             consistency: Consistency::BestEffort,
             target: "local".into(),
             disks: vec![],

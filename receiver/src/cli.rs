@@ -87,6 +87,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Let another machine take a server id now: the machine that held it is forgotten (it
+    /// is refused only while connected or heard from within server_lease_minutes).
+    #[command(
+        after_help = "Use it when a server was rebuilt or replaced and its new machine \
+        is refused with \"server id ... belongs to host ...\". If two live machines share a \
+        server id (a cloned VM), give one its own server_id in agent.toml instead."
+    )]
+    Release {
+        /// The server id, as `servers` lists it.
+        #[arg(long)]
+        server: String,
+    },
     /// List a server's points in time.
     Points {
         /// The server id, as `servers` lists it.
@@ -146,6 +158,7 @@ pub fn run(cli: Cli) -> u8 {
         }
         Command::Validate { config } => crate::commands::validate::run(&cli.state_dir, config),
         Command::Servers { json } => crate::commands::servers::run(&cli.state_dir, json),
+        Command::Release { server } => crate::commands::release::run(&cli.state_dir, &server),
         Command::Points { server, json } => {
             crate::commands::points::run(&cli.state_dir, &server, json)
         }

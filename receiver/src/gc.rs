@@ -7,10 +7,15 @@
 //! every listed manifest and lists the store, so it is skipped when nothing can have become
 //! garbage except through rare failed batches, which the hourly sweep collects.
 //!
-//! Safety against concurrent writers inside `serve`: the pass holds the store's write lock,
-//! and every batch that checks a block's presence and records it holds the read lock. Against
-//! a concurrent `restore` in another process: the pass takes `gc.lock` exclusively and skips
-//! its turn when a restore holds it shared.
+//! One consistent view: inside `serve` the pass holds `Shared::gc_lock` exclusively, and
+//! everything that adds or moves a reference holds it shared for its whole duration: a batch
+//! that checks blocks' presence and journals them, `OpenDisk` (which may compact the live
+//! manifest and marks missing blocks absent), and a commit (which writes the point and then
+//! compacts: renames `live.manifest` and truncates the journal). So the pass never reads a
+//! live manifest from before a compaction with a journal from after it, nor a catalog without
+//! a point whose compaction it sees. Against a concurrent `restore` in another process: the
+//! pass takes `gc.lock` exclusively and skips its turn when a restore holds it shared. GC runs
+//! only inside `serve` (no other command deletes blocks).
 
 use crate::catalog::Catalog;
 use crate::disk::read_live;
@@ -60,7 +65,8 @@ pub fn run_pass(
         let points = catalog.points(&server)?;
         let pairs: Vec<(u64, u64)> = points
             .iter()
-            .map(|p| (p.point, p.created_unix_ms))
+            // The receiver's clock: an agent's wrong clock must never age points.
+            .map(|p| (p.point, p.committed_unix_ms))
             .collect();
         let keep = retention::keep(&pairs, now_ms, policy);
         for p in points.iter().filter(|p| !keep.contains(&p.point)) {
@@ -69,6 +75,10 @@ pub fn run_pass(
             tracing::info!(server = %server, point = p.point, "retention: point deleted");
         }
     }
+    tracing::debug!(
+        points_deleted = report.points_deleted,
+        "gc pass: retention applied"
+    );
     if report.points_deleted == 0 && !sweep_anyway {
         return Ok(report);
     }

@@ -1,6 +1,7 @@
 //! Per-server replication status, `servers/<server>/status.json`, written by `serve` and read
 //! by the `servers` command (which may run in another process).
 
+pub use lifeboat_common::now_ms;
 use lifeboat_common::protocol::DiskState;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -35,7 +36,20 @@ pub struct ServerStatus {
     pub agent_version: String,
     pub last_seen_unix_ms: u64,
     pub last_point: Option<u64>,
+    /// When the agent cut the newest point (its clock).
     pub last_point_created_unix_ms: Option<u64>,
+    /// When this receiver committed the newest point (its clock: lag and retention use it).
+    #[serde(default)]
+    pub last_point_committed_unix_ms: Option<u64>,
+    /// The machine that holds this server id (see `server::ServerSlot::claim`).
+    #[serde(default)]
+    pub instance: String,
+    #[serde(default)]
+    pub hostname: String,
+    /// The agent's clock minus ours, measured on its Progress messages (one-way latency
+    /// included); `None` until measured.
+    #[serde(default)]
+    pub clock_skew_ms: Option<i64>,
     pub disks: Vec<DiskStatus>,
     /// Cumulative over the receiver's life for this server.
     pub counters: Counters,
@@ -53,9 +67,32 @@ impl ServerStatus {
     }
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// The last claim refused for a server (another machine with the same server id), kept in
+/// `servers/<server>/refused.json` so that `servers` shows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefusedClaim {
+    pub instance: String,
+    pub hostname: String,
+    pub peer: String,
+    pub at_unix_ms: u64,
+    pub reason: String,
+}
+
+impl RefusedClaim {
+    const FILE: &'static str = "refused.json";
+
+    pub fn load(server_dir: &Path) -> Option<RefusedClaim> {
+        serde_json::from_slice(&std::fs::read(server_dir.join(Self::FILE)).ok()?).ok()
+    }
+
+    pub fn save(&self, server_dir: &Path) -> std::io::Result<()> {
+        lifeboat_common::durable::create_dir_all_durable(server_dir)?;
+        let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        lifeboat_common::durable::write_atomic(&server_dir.join(Self::FILE), &json)
+    }
+
+    /// Forgets the refusal (the holder's next session, or `release`).
+    pub fn clear(server_dir: &Path) {
+        let _ = std::fs::remove_file(server_dir.join(Self::FILE));
+    }
 }

@@ -7,11 +7,18 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 fn hello(server: &str, token: &str) -> Vec<u8> {
+    hello_as(server, token, &format!("raw-{server}"))
+}
+
+/// A `Hello` from machine `instance` (a server id belongs to one instance at a time).
+fn hello_as(server: &str, token: &str, instance: &str) -> Vec<u8> {
     let mut out = Vec::new();
     Message::Hello {
         server_id: server.into(),
         token: token.into(),
         agent_version: "test".into(),
+        instance: instance.into(),
+        hostname: "raw-client".into(),
     }
     .encode(&mut out);
     out
@@ -169,9 +176,11 @@ fn repeated_commit_is_answered_again_and_an_old_point_is_refused() {
     assert_eq!(rx.points("retry").len(), 2);
     let size = std::fs::metadata(&img).unwrap().len();
 
+    // The agent's machine speaking: another would be refused the server id.
+    let instance = agent.status()["instance"].as_str().unwrap().to_string();
     let mut c = RawClient::connect(&rx);
     c.preface();
-    let mut out = hello("retry", &rx.token);
+    let mut out = hello_as("retry", &rx.token, &instance);
     Message::OpenDisk {
         handle: 0,
         disk_id: "root".into(),

@@ -4,6 +4,7 @@
 
 use lifeboat_common::BLOCK_SIZE;
 use lifeboat_tests::*;
+use std::time::Duration;
 
 /// The agent raises its zstd level only with CPU to spare, so this needs a quiet machine.
 #[test]
@@ -71,4 +72,90 @@ fn compression_level_climbs_when_the_network_is_the_bottleneck() {
         .status
         .success());
     assert!(std::fs::read(&out).unwrap() == data);
+}
+
+/// GC against commits and compaction (issue: GC read a live manifest from before a
+/// compaction with a journal from after it). Grace 0, retention as tight as it goes, a pass
+/// every second, a continuous agent with 1 s points on a disk rewritten all the time; then
+/// every listed point restores with every block verified, and the last one byte-exact.
+/// LIFEBOAT_STRESS_SECS sets how long the disk is rewritten (default 30; longer by hand).
+#[test]
+fn gc_every_second_never_takes_a_block_a_point_needs() {
+    let secs: u64 = std::env::var("LIFEBOAT_STRESS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    rx.kill();
+    let cfg = rx.dir.join("receiver.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("recent_minutes = 10", "recent_minutes = 0")
+        .replace("daily_days = 7", "daily_days = 1")
+        .replace("gc_grace_minutes = 10", "gc_grace_minutes = 0");
+    std::fs::write(&cfg, text).unwrap();
+    rx.gc_interval_secs = 1;
+    rx.restart();
+
+    let blocks = 48;
+    let img = w.path().join("busy.img");
+    make_image(&img, blocks, 0, 90);
+    let mut agent = Agent::new(w.path(), &rx, &AgentSpec::new("busy", &[("root", &img)]));
+    agent.spawn();
+    wait_for("the first point", Duration::from_secs(120), || {
+        !rx.points("busy").is_empty()
+    });
+
+    // Whole-block rewrites with fresh content, a few a second, for `secs`.
+    let mut rng = Rng::new(91);
+    let until = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    let mut rewrites = 0u64;
+    while std::time::Instant::now() < until {
+        use std::os::unix::fs::FileExt;
+        rng.fill(&mut buf);
+        let i = rng.below(blocks as u64);
+        f.write_all_at(&buf, i * BLOCK_SIZE as u64).unwrap();
+        rewrites += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(f);
+    let final_image = std::fs::read(&img).unwrap();
+    let newest = |rx: &Receiver| {
+        rx.points("busy")
+            .iter()
+            .filter_map(|p| p["point"].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+    // Two more points after the last write: the second covers it entirely.
+    let last = newest(&rx);
+    wait_for(
+        "two points after the writes",
+        Duration::from_secs(120),
+        || newest(&rx) >= last + 2,
+    );
+    agent.kill();
+    // Let GC run over the final state a few more times.
+    std::thread::sleep(Duration::from_secs(3));
+    let points = rx.points("busy");
+    assert!(
+        points.len() < 10,
+        "retention kept {} points: the stress did not exercise GC",
+        points.len()
+    );
+    for p in &points {
+        let n = p["point"].as_u64().unwrap().to_string();
+        let out = w.path().join(format!("restore-{n}"));
+        let o = rx.restore("busy", "root", &n, &out);
+        assert!(
+            o.status.success(),
+            "point {n} does not restore after {rewrites} rewrites: {}",
+            stderr(&o)
+        );
+        let _ = std::fs::remove_file(out);
+    }
+    rx.expect_restore("busy", "root", "latest", &final_image);
 }

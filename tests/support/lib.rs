@@ -138,6 +138,8 @@ pub struct Receiver {
     pub proc: Proc,
     /// Seconds between retention/GC passes of `serve`.
     pub gc_interval_secs: u64,
+    /// Extra environment for `serve` (e.g. LIFEBOAT_LOG).
+    pub env: Vec<(String, String)>,
 }
 
 impl Receiver {
@@ -169,6 +171,7 @@ impl Receiver {
             dir,
             port,
             gc_interval_secs: 3600,
+            env: Vec::new(),
         };
         r.restart();
         r
@@ -181,6 +184,7 @@ impl Receiver {
             "--gc-interval-secs",
             &self.gc_interval_secs.to_string(),
         ]);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.proc.start(cmd);
         let port = self.port;
         wait_for("the receiver to listen", Duration::from_secs(30), || {
@@ -378,17 +382,29 @@ impl Agent {
 
     /// `run --once`: sync and cut one point; returns the process output.
     pub fn run_once(&self, give_up_secs: u64) -> Output {
-        Command::new(bin("lifeboat-agent"))
-            .args([
-                "run",
-                "--once",
-                "--give-up-after-secs",
-                &give_up_secs.to_string(),
-                "--config",
-            ])
-            .arg(&self.config)
-            .output()
-            .unwrap()
+        self.run_once_wrapped(&[], give_up_secs)
+    }
+
+    /// As [`Agent::run_once`], with the agent started through `wrapper` (e.g. `faketime`).
+    pub fn run_once_wrapped(&self, wrapper: &[&str], give_up_secs: u64) -> Output {
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(bin("lifeboat-agent"));
+                c
+            }
+            None => Command::new(bin("lifeboat-agent")),
+        };
+        cmd.args([
+            "run",
+            "--once",
+            "--give-up-after-secs",
+            &give_up_secs.to_string(),
+            "--config",
+        ])
+        .arg(&self.config)
+        .output()
+        .unwrap()
     }
 
     pub fn run_once_ok(&self) {

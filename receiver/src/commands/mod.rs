@@ -2,6 +2,7 @@
 
 pub mod init;
 pub mod points;
+pub mod release;
 pub mod restore;
 pub mod scrub;
 pub mod serve;

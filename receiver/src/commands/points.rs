@@ -31,7 +31,7 @@ pub fn run(state_dir: &Path, server: &str, json: bool) -> anyhow::Result<()> {
             let changed: u64 = p.disks.iter().map(|d| d.changed_blocks).sum();
             vec![
                 p.point.to_string(),
-                fmt_utc(p.created_unix_ms),
+                fmt_utc(p.committed_unix_ms),
                 match p.consistency {
                     Consistency::CrashConsistent => "crash-consistent".into(),
                     Consistency::BestEffort => "best-effort".into(),
@@ -50,7 +50,7 @@ pub fn run(state_dir: &Path, server: &str, json: bool) -> anyhow::Result<()> {
     print_table(
         &[
             "POINT",
-            "CREATED (UTC)",
+            "COMMITTED (UTC)",
             "CONSISTENCY",
             "DISKS",
             "DATA",

@@ -2,7 +2,8 @@
 
 use super::{fmt_age, fmt_bytes, print_table};
 use crate::catalog::Catalog;
-use crate::status::{now_ms, ServerStatus};
+use crate::status::{now_ms, RefusedClaim, ServerStatus};
+use lifeboat_common::config::ReceiverConfig;
 use lifeboat_common::protocol::DiskState;
 use std::path::Path;
 
@@ -14,11 +15,43 @@ pub fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
     let now = now_ms();
     let mut rows = Vec::new();
     let mut out = Vec::new();
+    let mut notes = Vec::new();
+    let max_skew_ms = ReceiverConfig::load(&state_dir.join("receiver.toml"))
+        .map(|c| c.max_clock_skew_secs)
+        .unwrap_or(300)
+        * 1000;
     for server in catalog.servers()? {
         let Some(st) = ServerStatus::load(&catalog.server_dir(&server)) else {
             continue;
         };
-        let lag_ms = st.last_point_created_unix_ms.map(|t| now.saturating_sub(t));
+        // The receiver's clock: the agent's may be wrong.
+        let lag_ms = st
+            .last_point_committed_unix_ms
+            .or(st.last_point_created_unix_ms)
+            .map(|t| now.saturating_sub(t));
+        let skew_over = st
+            .clock_skew_ms
+            .is_some_and(|s| s.unsigned_abs() > max_skew_ms);
+        let refused = RefusedClaim::load(&catalog.server_dir(&server));
+        if let Some(r) = &refused {
+            notes.push(format!(
+                "{server}: refused host {} (instance {}, from {}) {} ago: it claims the \
+                 server id held by host {} (instance {})",
+                r.hostname,
+                r.instance,
+                r.peer,
+                fmt_age(now.saturating_sub(r.at_unix_ms)),
+                st.hostname,
+                st.instance
+            ));
+        }
+        if skew_over {
+            notes.push(format!(
+                "{server}: the agent's clock is {} off the receiver's (max_clock_skew_secs = {})",
+                fmt_skew(st.clock_skew_ms.unwrap_or(0)),
+                max_skew_ms / 1000
+            ));
+        }
         let stale = st.connected && now.saturating_sub(st.last_seen_unix_ms) > STALL_MS;
         for d in &st.disks {
             let state = if !st.connected {
@@ -30,6 +63,7 @@ pub fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
             };
             rows.push(vec![
                 server.clone(),
+                st.hostname.clone(),
                 d.id.clone(),
                 state.as_str().to_string(),
                 lag_ms.map(fmt_age).unwrap_or_else(|| "-".into()),
@@ -38,6 +72,11 @@ pub fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
                 st.last_point
                     .map(|p| p.to_string())
                     .unwrap_or_else(|| "-".into()),
+                match st.clock_skew_ms {
+                    Some(s) if skew_over => format!("{}!", fmt_skew(s)),
+                    Some(s) => fmt_skew(s),
+                    None => "-".into(),
+                },
             ]);
             out.push(serde_json::json!({
                 "server": server,
@@ -49,6 +88,11 @@ pub fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
                 "last_point": st.last_point,
                 "connected": st.connected,
                 "peer": st.peer,
+                "hostname": st.hostname,
+                "instance": st.instance,
+                "clock_skew_seconds": st.clock_skew_ms.map(|s| s as f64 / 1000.0),
+                "clock_skew_exceeded": skew_over,
+                "refused_claim": refused,
                 "counters": st.counters,
             }));
         }
@@ -61,15 +105,26 @@ pub fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
         print_table(
             &[
                 "SERVER",
+                "HOST",
                 "DISK",
                 "STATE",
                 "LAG",
                 "BACKLOG",
                 "SIZE",
                 "LAST POINT",
+                "CLOCK SKEW",
             ],
             &rows,
         );
+        for n in &notes {
+            println!("warning: {n}");
+        }
     }
     Ok(())
+}
+
+/// "+3s", "-2d 4h": the agent's clock relative to ours.
+fn fmt_skew(ms: i64) -> String {
+    let sign = if ms < 0 { "-" } else { "+" };
+    format!("{sign}{}", fmt_age(ms.unsigned_abs()))
 }

@@ -3,7 +3,8 @@
 //! applies blocks, refs and commits in order (see `session.rs`), and the writer sends replies.
 
 use super::session::{Session, SessionEnd};
-use super::Shared;
+use super::{Holder, LastHolder, ServerSlot, Shared};
+use crate::status::{now_ms, RefusedClaim, ServerStatus};
 use lifeboat_common::protocol::{
     self, decode_frame_capped, DecodeError, ErrorCode, Message, MAX_FRAME, MAX_PREAUTH_FRAME,
     PREFACE_LEN,
@@ -106,6 +107,15 @@ async fn send_now<W: AsyncWrite + Unpin>(wr: &mut W, m: &Message) {
 
 type Tls = tokio_rustls::server::TlsStream<TcpStream>;
 
+/// Ends a claim on the server's slot when the connection ends, however it ends.
+struct Released<'a>(&'a ServerSlot, u64);
+
+impl Drop for Released<'_> {
+    fn drop(&mut self) {
+        self.0.release(self.1);
+    }
+}
+
 /// A peer that completed the handshake: TLS, preface and an accepted `Hello`.
 struct Authenticated {
     rd: ReadHalf<Tls>,
@@ -114,6 +124,8 @@ struct Authenticated {
     buf: Vec<u8>,
     server: String,
     agent_version: String,
+    instance: String,
+    hostname: String,
 }
 
 /// TLS, preface and `Hello`, all within one deadline (not one per read, which a peer
@@ -167,6 +179,8 @@ async fn handshake(
             server_id,
             token,
             agent_version,
+            instance,
+            hostname,
         }) => {
             if !lifeboat_common::config::valid_name(&server_id) {
                 let msg = format!("server id {server_id:?} must be 1-64 of [A-Za-z0-9._-]");
@@ -192,6 +206,8 @@ async fn handshake(
                 buf,
                 server: server_id,
                 agent_version,
+                instance,
+                hostname,
             }))
         }
         Some(other) => {
@@ -229,6 +245,8 @@ async fn run(
         mut buf,
         server,
         agent_version,
+        instance,
+        hostname,
     }) = auth
     else {
         return Ok(());
@@ -243,9 +261,34 @@ async fn run(
     };
     tracing::Span::current().record("server", server.as_str());
 
-    // One connection per server: tell an older one to go, then take the slot.
+    // One machine per server id, one connection per server: claim the server (an older
+    // connection of the same machine is told to go), then take the slot.
     let slot = shared.slot(&server);
-    slot.kick.notify_waiters();
+    let me = Holder::new(&instance, &hostname, &peer.to_string());
+    let server_dir = shared.catalog.server_dir(&server);
+    let last = ServerStatus::load(&server_dir).map(|st| LastHolder {
+        holder: Holder::new(&st.instance, &st.hostname, &st.peer),
+        last_seen_unix_ms: st.last_seen_unix_ms,
+    });
+    let lease_ms = shared.config.server_lease_minutes * 60_000;
+    let (generation, mut newer) = match slot.claim(&server, me, last, now_ms(), lease_ms) {
+        Ok(c) => c,
+        Err(msg) => {
+            let refused = RefusedClaim {
+                instance: instance.clone(),
+                hostname: hostname.clone(),
+                peer: peer.to_string(),
+                at_unix_ms: now_ms(),
+                reason: msg.clone(),
+            };
+            if let Err(e) = refused.save(&server_dir) {
+                tracing::warn!("recording the refused claim on server {server}: {e}");
+            }
+            send_now(&mut wr, &error(ErrorCode::Auth, false, msg.clone())).await;
+            return Err(msg);
+        }
+    };
+    let _claim = Released(&slot, generation);
     let _held = match tokio::time::timeout(SLOT_TIMEOUT, slot.lock.lock()).await {
         Ok(g) => g,
         Err(_) => {
@@ -254,6 +297,9 @@ async fn run(
             return Err(msg);
         }
     };
+    if *newer.borrow_and_update() != generation {
+        return Err("replaced by a newer connection of the same server".into());
+    }
     tracing::info!(%agent_version, "agent connected");
 
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(1024);
@@ -304,6 +350,7 @@ async fn run(
         server.clone(),
         agent_version,
         peer.to_string(),
+        (instance, hostname),
     );
     // With the batch the processor holds, at most 2 × BATCH frames of this connection are
     // in memory at once (≈ 75 MiB at the frame cap).
@@ -313,7 +360,7 @@ async fn run(
     let reason: Result<(), String> = loop {
         let frame = tokio::select! {
             f = read_frame(&mut rd, &mut buf, IDLE_TIMEOUT, MAX_FRAME) => f,
-            _ = slot.kick.notified() => break Err("replaced by a newer connection of the same server".into()),
+            _ = newer.changed() => break Err("replaced by a newer connection of the same server".into()),
             _ = stop.changed() => break Ok(()),
             _ = work_tx.closed() => break Ok(()),
             _ = out_tx.closed() => break Err("stopped writing to the agent".into()),

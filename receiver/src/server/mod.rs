@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Semaphore};
 
 /// Everything connections share.
 pub struct Shared {
@@ -35,11 +35,102 @@ pub struct Shared {
     pub peer_log: RateLimit,
 }
 
-/// One slot per server id: a single connection replicates a server at a time.
+/// One slot per server id: a single connection replicates a server at a time, and a
+/// server id belongs to one machine (instance) at a time.
 pub struct ServerSlot {
     pub lock: tokio::sync::Mutex<()>,
-    /// Tells the current holder that a newer connection for the server has arrived.
-    pub kick: Notify,
+    /// Bumped by every accepted claim: a holder whose generation is no longer the newest
+    /// leaves. (A watch, unlike a notification, is never lost when nobody is waiting.)
+    generation: watch::Sender<u64>,
+    holder: Mutex<Option<Holder>>,
+}
+
+/// The machine holding (or about to hold) a server's slot.
+#[derive(Clone, Debug)]
+pub struct Holder {
+    pub instance: String,
+    pub hostname: String,
+    pub peer: String,
+    generation: u64,
+}
+
+impl Holder {
+    pub fn new(instance: &str, hostname: &str, peer: &str) -> Holder {
+        Holder {
+            instance: instance.to_string(),
+            hostname: hostname.to_string(),
+            peer: peer.to_string(),
+            generation: 0,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "host {} (instance {}, from {})",
+            self.hostname, self.instance, self.peer
+        )
+    }
+}
+
+/// What the previous session of a server left on disk: which machine it was and when it was
+/// last heard from.
+pub struct LastHolder {
+    pub holder: Holder,
+    pub last_seen_unix_ms: u64,
+}
+
+impl ServerSlot {
+    /// Claims the server for `me`. Refused (with a message naming both machines) while
+    /// another instance is connected, or was last heard from less than `lease_ms` ago. A new
+    /// connection of the same instance is granted and the older one is told to leave.
+    /// Returns the claim's generation and a watch that changes when a newer claim arrives.
+    pub fn claim(
+        &self,
+        server: &str,
+        mut me: Holder,
+        last: Option<LastHolder>,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> Result<(u64, watch::Receiver<u64>), String> {
+        let mut holder = self.holder.lock().unwrap_or_else(|e| e.into_inner());
+        let other = match &*holder {
+            Some(h) if h.instance != me.instance => Some((h.clone(), "is connected now".into())),
+            Some(_) => None,
+            None => last.and_then(|l| {
+                let age = now_ms.saturating_sub(l.last_seen_unix_ms);
+                (!l.holder.instance.is_empty()
+                    && l.holder.instance != me.instance
+                    && age < lease_ms)
+                    .then(|| (l.holder, format!("was last heard from {}s ago", age / 1000)))
+            }),
+        };
+        if let Some((h, when)) = other {
+            return Err(format!(
+                "server id {server} belongs to {} which {when}; refused {}. Two machines \
+                 (a cloned VM?) share one server_id: give one its own server_id in \
+                 agent.toml; if {} replaced the old machine, run `lifeboat-receiver release \
+                 --server {server}` or wait until the old one has been silent for \
+                 server_lease_minutes",
+                h.describe(),
+                me.describe(),
+                me.hostname
+            ));
+        }
+        self.generation.send_modify(|g| *g += 1);
+        me.generation = *self.generation.borrow();
+        let newer = self.generation.subscribe();
+        let generation = me.generation;
+        *holder = Some(me);
+        Ok((generation, newer))
+    }
+
+    /// Ends the claim of `generation`, unless a newer claim replaced it.
+    pub fn release(&self, generation: u64) {
+        let mut holder = self.holder.lock().unwrap_or_else(|e| e.into_inner());
+        if holder.as_ref().is_some_and(|h| h.generation == generation) {
+            *holder = None;
+        }
+    }
 }
 
 impl Shared {
@@ -49,7 +140,8 @@ impl Shared {
             .or_insert_with(|| {
                 Arc::new(ServerSlot {
                     lock: tokio::sync::Mutex::new(()),
-                    kick: Notify::new(),
+                    generation: watch::channel(0).0,
+                    holder: Mutex::new(None),
                 })
             })
             .clone()

@@ -91,13 +91,26 @@ impl Session {
         server: String,
         agent_version: String,
         peer: String,
+        (instance, hostname): (String, String),
     ) -> Session {
         let dir = shared.catalog.server_dir(&server);
         let mut status = ServerStatus::load(&dir).unwrap_or_default();
+        if !status.instance.is_empty() && status.instance != instance {
+            tracing::warn!(
+                "server {server} moves from host {} (instance {}) to host {hostname} \
+                 (instance {instance})",
+                status.hostname,
+                status.instance
+            );
+        }
+        crate::status::RefusedClaim::clear(&dir);
         status.server = server.clone();
         status.connected = true;
         status.peer = peer;
         status.agent_version = agent_version;
+        status.instance = instance;
+        status.hostname = hostname;
+        status.clock_skew_ms = None;
         status.last_seen_unix_ms = now_ms();
         Session {
             shared,
@@ -322,6 +335,9 @@ impl Session {
                     .server_dir(&self.server)
                     .join("disks")
                     .join(&disk_id);
+                // Opening may compact; GC must not read the disk's live state meanwhile.
+                let shared = self.shared.clone();
+                let _refs = shared.gc_lock.read().unwrap_or_else(|e| e.into_inner());
                 let mut disk = LiveDisk::open(&dir, &disk_id, size)?;
                 self.forget_missing(&mut disk)?;
                 let digest = disk.manifest.digest();
@@ -364,10 +380,19 @@ impl Session {
                 consistency,
                 disks,
             } => {
+                // A commit writes a point and compacts live manifests: GC must see either
+                // all of it or none of it.
+                let shared = self.shared.clone();
+                let _refs = shared.gc_lock.read().unwrap_or_else(|e| e.into_inner());
                 self.commit(point, created_unix_ms, consistency, &disks, out)?;
             }
-            Message::Progress { disks } => {
-                self.status.last_seen_unix_ms = now_ms();
+            Message::Progress {
+                agent_unix_ms,
+                disks,
+            } => {
+                let now = now_ms();
+                self.status.last_seen_unix_ms = now;
+                self.note_skew(agent_unix_ms as i64 - now as i64);
                 for p in disks {
                     if let Some(d) = self.disks.get(&p.handle) {
                         if let Some(s) = self.status.disks.iter_mut().find(|s| s.id == d.id) {
@@ -383,15 +408,29 @@ impl Session {
         Ok(())
     }
 
+    /// Records the agent's clock skew; logs it (once per session) past `max_clock_skew_secs`.
+    fn note_skew(&mut self, skew_ms: i64) {
+        let limit = self.shared.config.max_clock_skew_secs as i64 * 1000;
+        let was_over = self.status.clock_skew_ms.is_some_and(|s| s.abs() > limit);
+        self.status.clock_skew_ms = Some(skew_ms);
+        if skew_ms.abs() > limit && !was_over {
+            tracing::warn!(
+                server = %self.server,
+                skew_secs = skew_ms / 1000,
+                "the agent's clock is {}s {} the receiver's (max_clock_skew_secs = {}); \
+                 points are timed and retained by the receiver's clock",
+                skew_ms.abs() / 1000,
+                if skew_ms > 0 { "ahead of" } else { "behind" },
+                limit / 1000
+            );
+        }
+    }
+
     /// Marks absent (zero) every block of the live manifest that the store no longer has
     /// (quarantined by `scrub`, or lost): the digest then differs from the agent's, the agent
-    /// takes our manifest, and its scan sends that content again.
+    /// takes our manifest, and its scan sends that content again. The caller holds the GC
+    /// lock shared.
     fn forget_missing(&self, disk: &mut LiveDisk) -> Result<(), Fail> {
-        let _guard = self
-            .shared
-            .gc_lock
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
         let mut present = std::collections::HashMap::new();
         let mut missing = Vec::new();
         for (i, h) in disk.manifest.hashes.iter().enumerate() {
@@ -522,6 +561,7 @@ impl Session {
             point,
             created_unix_ms,
             committed_unix_ms: now_ms(),
+            agent_clock_skew_ms: self.status.clock_skew_ms,
             consistency,
             target: self.shared.target.name().to_string(),
             disks: records,
@@ -538,6 +578,7 @@ impl Session {
         self.last_point = Some(point);
         self.status.last_point = Some(point);
         self.status.last_point_created_unix_ms = Some(created_unix_ms);
+        self.status.last_point_committed_unix_ms = Some(rec.committed_unix_ms);
         self.save_status();
         tracing::info!(point, consistency = ?consistency, "point committed");
         let _ = out.blocking_send(Message::Committed { point });
