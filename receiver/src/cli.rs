@@ -111,7 +111,7 @@ pub enum Command {
     #[command(after_help = "Examples:\n  \
         lifeboat-receiver points --server web-01\n  \
         lifeboat-receiver restore --server web-01 --disk root --point 42 --to /srv/restore/root.img\n  \
-        lifeboat-receiver restore --server web-01 --disk data --to /dev/nvme1n1\n\n\
+        lifeboat-receiver restore --server web-01 --disk data --to /dev/nvme1n1 --force\n\n\
         Every block is checked against the point's manifest; the destination is read back and\n\
         checked again unless --no-verify. Exit code 65: a block is missing or corrupt (named).")]
     Restore {
@@ -127,7 +127,8 @@ pub enum Command {
         /// Destination: a new file, or a block device at least as large as the disk.
         #[arg(long)]
         to: PathBuf,
-        /// Overwrite an existing non-empty regular file.
+        /// Overwrite an existing file, or restore onto a block device (opened exclusively:
+        /// refused while mounted or in use).
         #[arg(long)]
         force: bool,
         /// Skip reading the destination back after writing (faster; proves less).

@@ -195,7 +195,7 @@ fn block_devices_replicate_and_restore() {
     std::fs::write(&dst_file, &junk).unwrap();
     let dst = Loop::attach(&dst_file).unwrap();
     for (point, expected) in [("1", &first), ("2", &second)] {
-        let o = rx.restore("bdev", "root", point, &dst.dev);
+        let o = rx.restore_with("bdev", "root", point, &dst.dev, &["--force"]);
         assert!(o.status.success(), "point {point}: {}", stderr(&o));
         assert!(stdout(&o).contains("zero blocks written"), "{}", stdout(&o));
         assert!(

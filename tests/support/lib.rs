@@ -270,7 +270,19 @@ impl Receiver {
 
     /// Restores a disk of a point to `to`; returns the command's output.
     pub fn restore(&self, server: &str, disk: &str, point: &str, to: &Path) -> Output {
-        self.cli(&[
+        self.restore_with(server, disk, point, to, &[])
+    }
+
+    /// As [`Receiver::restore`], with extra arguments (e.g. `--force`).
+    pub fn restore_with(
+        &self,
+        server: &str,
+        disk: &str,
+        point: &str,
+        to: &Path,
+        extra: &[&str],
+    ) -> Output {
+        let mut args = vec![
             "restore",
             "--server",
             server,
@@ -280,7 +292,9 @@ impl Receiver {
             point,
             "--to",
             to.to_str().unwrap(),
-        ])
+        ];
+        args.extend_from_slice(extra);
+        self.cli(&args)
     }
 
     /// Restores a disk of a point to a new file and checks it holds exactly `expected`.

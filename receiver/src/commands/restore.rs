@@ -34,14 +34,40 @@ pub struct Request {
 #[error("{0}")]
 pub struct DataError(pub String);
 
+/// Opens where a restore writes. A block device needs `--force` and is opened exclusively
+/// (`O_EXCL`: refused while mounted or held by anyone else). A file is created new, mode
+/// 0600 (a disk image holds everything the server held), never through a symlink; an
+/// existing one is overwritten only with `--force`.
 fn open_destination(to: &Path, size: u64, force: bool) -> anyhow::Result<(File, bool)> {
-    match std::fs::metadata(to) {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let meta = std::fs::symlink_metadata(to);
+    match &meta {
+        Ok(m) if m.file_type().is_symlink() => bail!(
+            "{} is a symbolic link; name the file or device it points to",
+            to.display()
+        ),
         Ok(m) if m.file_type().is_block_device() => {
+            if !force {
+                bail!(
+                    "{} is a block device: everything on it will be overwritten; pass --force \
+                     to restore onto it",
+                    to.display()
+                );
+            }
             let mut f = OpenOptions::new()
                 .write(true)
                 .read(true)
+                .custom_flags(libc::O_EXCL)
                 .open(to)
-                .with_context(|| format!("opening block device {}", to.display()))?;
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::EBUSY) => anyhow::anyhow!(
+                        "block device {} is in use (mounted, or open exclusively by another \
+                         program): unmount or release it first",
+                        to.display()
+                    ),
+                    _ => anyhow::Error::new(e)
+                        .context(format!("opening block device {}", to.display())),
+                })?;
             let dev_size = f.seek(SeekFrom::End(0))?;
             if dev_size < size {
                 bail!(
@@ -52,22 +78,31 @@ fn open_destination(to: &Path, size: u64, force: bool) -> anyhow::Result<(File, 
             }
             Ok((f, true))
         }
-        Ok(m) if m.is_file() && m.len() > 0 && !force => bail!(
-            "{} exists and is not empty; pass --force to overwrite it",
-            to.display()
-        ),
         Ok(m) if !m.is_file() => bail!(
             "{} is neither a regular file nor a block device",
             to.display()
         ),
+        Ok(_) if !force => bail!(
+            "{} already exists; pass --force to overwrite it",
+            to.display()
+        ),
         _ => {
-            let f = OpenOptions::new()
-                .write(true)
+            let mut opts = OpenOptions::new();
+            opts.write(true)
                 .read(true)
-                .create(true)
-                .truncate(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW);
+            if meta.is_ok() {
+                opts.truncate(true);
+            } else {
+                opts.create_new(true);
+            }
+            let f = opts
                 .open(to)
                 .with_context(|| format!("creating {}", to.display()))?;
+            // An overwritten file keeps no wider mode than a new one.
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("setting mode 0600 on {}", to.display()))?;
             // Sparse: every block not written reads as zeros.
             f.set_len(size)
                 .with_context(|| format!("sizing {} to {size} bytes", to.display()))?;
