@@ -38,10 +38,16 @@ pub enum Command {
         #[arg(long, default_value_t = 3600)]
         give_up_after_secs: u64,
     },
-    /// Check a config file; exit 64 naming the first problem.
+    /// Check a config file and this host against it: every field, every disk path (exists,
+    /// readable, a block device or a regular file) and the state directory (writable). Exit
+    /// 64 naming the first problem. The systemd unit runs it before each start.
     Validate {
         #[arg(long, default_value = "/etc/lifeboat/agent.toml")]
         config: PathBuf,
+        /// Check the file alone, not this host's disks and state directory (for a config
+        /// written for another machine).
+        #[arg(long)]
+        file_only: bool,
     },
     /// Show the state of the agent that uses this config (from its state directory).
     Status {
@@ -54,6 +60,44 @@ pub enum Command {
 
 fn load(path: &Path) -> anyhow::Result<AgentConfig> {
     Ok(AgentConfig::load(path)?)
+}
+
+/// Where the shipped systemd unit lets the agent write (`StateDirectory=lifeboat`).
+const UNIT_STATE_DIR: &str = "/var/lib/lifeboat";
+
+/// Checks this host against `cfg`: each disk can be read, the state directory written.
+/// Returns warnings; a problem that stops the agent is a [`ConfigError`] (exit 64).
+fn check_host(path: &Path, cfg: &AgentConfig) -> Result<Vec<String>, ConfigError> {
+    let invalid = |field: String, message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        field,
+        message,
+    };
+    for (i, d) in cfg.disks.iter().enumerate() {
+        crate::source::inspect(&d.path).map_err(|e| {
+            invalid(
+                format!("disks[{i}].path"),
+                format!("disk {}: {} cannot be used: {e}", d.id, d.path.display()),
+            )
+        })?;
+    }
+    crate::state::check_writable(&cfg.state_dir).map_err(|e| {
+        invalid(
+            "state_dir".into(),
+            format!("{}: {e}", cfg.state_dir.display()),
+        )
+    })?;
+    let mut warnings = Vec::new();
+    if !cfg.state_dir.starts_with(UNIT_STATE_DIR) {
+        warnings.push(format!(
+            "state_dir {} is outside {UNIT_STATE_DIR}, the only directory the shipped \
+             lifeboat-agent.service may write (ProtectSystem=strict): under that unit the \
+             agent cannot keep its state; add ReadWritePaths={} to the unit, or move it",
+            cfg.state_dir.display(),
+            cfg.state_dir.display()
+        ));
+    }
+    Ok(warnings)
 }
 
 pub fn run(cli: Cli) -> u8 {
@@ -75,13 +119,14 @@ pub fn run(cli: Cli) -> u8 {
             ))?;
             Ok(())
         }),
-        Command::Validate { config } => load(&config).map(|cfg| {
-            println!("{}: ok ({} disk(s), receiver {})", config.display(), cfg.disks.len(), cfg.receiver.address);
-            for d in &cfg.disks {
-                if let Err(e) = crate::source::inspect(&d.path) {
-                    println!("warning: disk {}: {}: {e}", d.id, d.path.display());
+        Command::Validate { config, file_only } => load(&config).and_then(|cfg| {
+            if !file_only {
+                for w in check_host(&config, &cfg)? {
+                    println!("warning: {w}");
                 }
             }
+            println!("{}: ok ({} disk(s), receiver {})", config.display(), cfg.disks.len(), cfg.receiver.address);
+            Ok(())
         }),
         Command::Status { config, json } => load(&config).and_then(|cfg| crate::status::show(&cfg, json)),
     };

@@ -116,3 +116,33 @@ impl StateDir {
         serde_json::from_slice(&std::fs::read(root.join("status.json")).ok()?).ok()
     }
 }
+
+/// Whether the agent could keep its state in `dir`: `dir` (or, before it exists, its nearest
+/// existing ancestor) is a directory this process may write, on a writable filesystem.
+#[allow(unsafe_code)]
+pub fn check_writable(dir: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut p = dir;
+    while !p.exists() {
+        p = p
+            .parent()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no existing ancestor"))?;
+    }
+    if !p.is_dir() {
+        return Err(io::Error::other(format!(
+            "{} is not a directory",
+            p.display()
+        )));
+    }
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: access(2) reads the NUL-terminated path `c`, which lives across the call.
+    let r = unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("{} is not writable: {e}", p.display()),
+        ));
+    }
+    Ok(())
+}

@@ -142,6 +142,23 @@ pub fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
+/// True for what TLS can check a certificate against: an IP address, or a DNS name of
+/// dot-separated labels of letters, digits and inner hyphens.
+pub fn valid_server_name(s: &str) -> bool {
+    if s.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 /// Parses `sha256:<64 hex>` (or bare hex) into 32 bytes.
 pub fn parse_fingerprint(s: &str) -> Option<[u8; 32]> {
     let hexpart = s.strip_prefix("sha256:").unwrap_or(s);
@@ -182,11 +199,41 @@ impl AgentConfig {
                 "must be between 1 and 19",
             ));
         }
+        if !(self.compression_level..=19).contains(&self.compression_level_max) {
+            return Err(invalid(
+                path,
+                "compression_level_max",
+                format!(
+                    "must be between compression_level ({}) and 19",
+                    self.compression_level
+                ),
+            ));
+        }
+        if self.bandwidth_limit_mbps > 1_000_000 {
+            return Err(invalid(
+                path,
+                "bandwidth_limit_mbps",
+                "must be at most 1000000 (1 Tbit/s); 0 means no limit",
+            ));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(invalid(path, "state_dir", "must be an absolute path"));
+        }
         if self.workers > 256 {
             return Err(invalid(path, "workers", "must be at most 256"));
         }
         if self.receiver.address.is_empty() || !self.receiver.address.contains(':') {
             return Err(invalid(path, "receiver.address", "must be host:port"));
+        }
+        if !valid_server_name(&self.receiver.server_name) {
+            return Err(invalid(
+                path,
+                "receiver.server_name",
+                format!(
+                    "{:?} is not a DNS name or IP address (default \"lifeboat-receiver\")",
+                    self.receiver.server_name
+                ),
+            ));
         }
         if parse_fingerprint(&self.receiver.ca_fingerprint).is_none() {
             return Err(invalid(
@@ -228,11 +275,11 @@ impl AgentConfig {
                     format!("{:?} is used twice", d.id),
                 ));
             }
-            if d.path.as_os_str().is_empty() {
+            if !d.path.is_absolute() {
                 return Err(invalid(
                     path,
                     format!("disks[{i}].path"),
-                    "must not be empty",
+                    format!("{:?} must be an absolute path", d.path),
                 ));
             }
         }
@@ -510,6 +557,29 @@ path = "/dev/sda"
             .unwrap_err()
             .to_string();
         assert!(e.contains("server_id"), "{e}");
+        for (extra, field) in [
+            ("compression_level_max = 30\n", "compression_level_max"),
+            (
+                "compression_level = 5\ncompression_level_max = 3\n",
+                "compression_level_max",
+            ),
+            ("state_dir = \"var/lib\"\n", "state_dir"),
+            (
+                "bandwidth_limit_mbps = 9999999999\n",
+                "bandwidth_limit_mbps",
+            ),
+        ] {
+            let e = check(&format!("{extra}{GOOD}")).unwrap_err().to_string();
+            assert!(e.contains(field), "{extra}: {e}");
+        }
+        let e = check(&GOOD.replace("token = \"t\"", "token = \"t\"\nserver_name = \"a b\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("receiver.server_name"), "{e}");
+        let e = check(&GOOD.replace("/dev/sda", "dev/sda"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("disks[0].path"), "{e}");
     }
 
     #[test]

@@ -28,8 +28,9 @@ fn shipped_example_configs_validate() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap();
+    // Written for a host with /dev/sda and /dev/sdb: the file alone is checked.
     let o = Command::new(bin("lifeboat-agent"))
-        .args(["validate", "--config"])
+        .args(["validate", "--file-only", "--config"])
         .arg(root.join("packaging/agent.toml.example"))
         .output()
         .unwrap();
@@ -55,6 +56,68 @@ fn bad_config_exits_64_naming_the_field() {
     assert_eq!(o.status.code(), Some(64));
     assert!(
         stderr(&o).contains("receiver.ca_fingerprint"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn validate_checks_this_host_disks_and_state_dir() {
+    let w = workdir();
+    let rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    make_image(&img, 2, 0, 5);
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("v-01", &[("root", &img)]));
+    let validate = |cfg: &std::path::Path| {
+        Command::new(bin("lifeboat-agent"))
+            .args(["validate", "--config"])
+            .arg(cfg)
+            .output()
+            .unwrap()
+    };
+    let o = validate(&agent.config);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Outside /var/lib/lifeboat: the shipped unit could not write it.
+    assert!(stdout(&o).contains("warning: state_dir"), "{}", stdout(&o));
+
+    // A disk that does not exist.
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    let missing = w.path().join("missing.toml");
+    std::fs::write(
+        &missing,
+        text.replace(img.to_str().unwrap(), "/nonexistent/disk.img"),
+    )
+    .unwrap();
+    let o = validate(&missing);
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("disks[0].path") && stderr(&o).contains("/nonexistent/disk.img"),
+        "{}",
+        stderr(&o)
+    );
+    // --file-only checks the file alone.
+    let o = Command::new(bin("lifeboat-agent"))
+        .args(["validate", "--file-only", "--config"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // A disk that is a directory; a state_dir under a file.
+    std::fs::write(&missing, text.replace(img.to_str().unwrap(), "/tmp")).unwrap();
+    let o = validate(&missing);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("disks[0].path"), "{}", stderr(&o));
+    let state = agent.state_dir.to_str().unwrap().to_string();
+    std::fs::write(
+        &missing,
+        text.replace(&state, &format!("{}/sub", img.display())),
+    )
+    .unwrap();
+    let o = validate(&missing);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(
+        stderr(&o).contains("state_dir") && stderr(&o).contains("not a directory"),
         "{}",
         stderr(&o)
     );
