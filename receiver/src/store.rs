@@ -62,6 +62,9 @@ pub fn verify(hash: BlockHash, codec: Codec, data: Vec<u8>) -> Result<VerifiedBl
     Ok(VerifiedBlock { hash, codec, data })
 }
 
+/// Under `quarantine/`: see [`Store::quarantine_mark`].
+const QUARANTINE_MARK: &str = "mark";
+
 /// Counts staged files, for unique temp names.
 static STAGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -74,16 +77,13 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store under `root`, clearing leftover temp files.
+    /// Opens (creating if needed) the store under `root`. Leaves `tmp/` alone: a running
+    /// `serve` may have a batch in flight there (see [`Store::clear_tmp`]).
     pub fn open(root: &Path) -> Result<Store, StoreError> {
         let blocks = root.join("blocks");
         let tmp = root.join("tmp");
         for d in [&blocks, &tmp] {
             lifeboat_common::durable::create_dir_all_durable(d).map_err(io_err(d))?;
-        }
-        for e in fs::read_dir(&tmp).map_err(io_err(&tmp))? {
-            let e = e.map_err(io_err(&tmp))?;
-            let _ = fs::remove_file(e.path());
         }
         let root_file = File::open(root).map_err(io_err(root))?;
         Ok(Store {
@@ -92,6 +92,23 @@ impl Store {
             tmp,
             root_file,
         })
+    }
+
+    /// Removes temp files a crashed `serve` left behind. Only the holder of the serve lock
+    /// (the one process that writes the store) may call it, which the argument proves.
+    pub fn clear_tmp(&self, _serve: &lifeboat_common::lock::DirLock) -> Result<(), StoreError> {
+        for e in fs::read_dir(&self.tmp).map_err(io_err(&self.tmp))? {
+            let e = e.map_err(io_err(&self.tmp))?;
+            let _ = fs::remove_file(e.path());
+        }
+        Ok(())
+    }
+
+    /// Changes after every quarantine (by `scrub`, in any process): a session that sees it
+    /// change re-checks its disks for missing blocks before the next point. (A fresh random
+    /// value written after each move, so no two quarantines ever leave the same mark.)
+    pub fn quarantine_mark(&self) -> Option<Vec<u8>> {
+        fs::read(self.root.join("quarantine").join(QUARANTINE_MARK)).ok()
     }
 
     pub fn path_of(&self, hash: &BlockHash) -> PathBuf {
@@ -220,14 +237,18 @@ impl Store {
         Ok(out)
     }
 
-    /// Moves a block aside to `store/quarantine/` (kept for inspection, never read again).
-    /// The next connection of every disk that referenced it asks its agent to resend it.
+    /// Moves a block aside to `store/quarantine/` (kept for inspection, never read again),
+    /// then changes the [`Store::quarantine_mark`]: every live session re-checks its disks
+    /// before its next point and asks its agent to resend what is missing.
     pub fn quarantine(&self, hash: &BlockHash) -> Result<PathBuf, StoreError> {
         let dir = self.root.join("quarantine");
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let dst = dir.join(format!("{}.{}", hash.to_hex(), crate::status::now_ms()));
         let src = self.path_of(hash);
         fs::rename(&src, &dst).map_err(io_err(&src))?;
+        let mark = dir.join(QUARANTINE_MARK);
+        lifeboat_common::durable::write_atomic(&mark, &rand::random::<[u8; 16]>())
+            .map_err(io_err(&mark))?;
         self.sync()?;
         Ok(dst)
     }

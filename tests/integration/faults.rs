@@ -293,6 +293,7 @@ fn scrub_quarantines_rot_and_the_agent_heals_every_point() {
     assert_eq!(
         std::fs::read_dir(rx.dir.join("store/quarantine"))
             .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name() != "mark")
             .count(),
         1
     );
@@ -318,4 +319,94 @@ fn scrub_quarantines_rot_and_the_agent_heals_every_point() {
         "{}",
         stdout(&o)
     );
+}
+
+/// Flips a byte in the stored block at `victim`.
+fn rot(victim: &std::path::Path) {
+    let mut bytes = std::fs::read(victim).unwrap();
+    bytes[100] ^= 0x01;
+    std::fs::write(victim, bytes).unwrap();
+}
+
+#[test]
+fn a_block_quarantined_under_a_live_session_is_never_named_by_a_new_point() {
+    let w = workdir();
+    let rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    let data = random_image(&img, 10, 321);
+    let mut agent = Agent::new(
+        w.path(),
+        &rx,
+        &AgentSpec::new("live-rot", &[("root", &img)]),
+    );
+    agent.spawn();
+    wait_for("the first point", Duration::from_secs(60), || {
+        !rx.points("live-rot").is_empty()
+    });
+    // Rot, found by scrub while the agent stays connected.
+    rot(&rx.store_blocks()[0]);
+    let o = rx.cli(&["scrub"]);
+    assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+    let after_scrub = rx
+        .points("live-rot")
+        .iter()
+        .filter_map(|p| p["point"].as_u64())
+        .max()
+        .unwrap();
+    // A point committed after the scrub must restore: the session noticed the quarantine
+    // (without a reconnect to prompt it) and had the agent resend the block first.
+    wait_for(
+        "two points after the scrub",
+        Duration::from_secs(60),
+        || {
+            rx.points("live-rot")
+                .iter()
+                .filter_map(|p| p["point"].as_u64())
+                .any(|p| p >= after_scrub + 2)
+        },
+    );
+    agent.kill();
+    rx.expect_restore("live-rot", "root", "latest", &data);
+    // The commit after the scrub was refused with the reason (the receiver's manifest no
+    // longer names the block), and the agent resent it.
+    let log = agent.log_text();
+    assert!(log.contains("DigestMismatch"), "{log}");
+    assert!(rx.log_text().contains("blocks missing from the store"));
+    // Content addressing heals the older points too.
+    for p in rx.points("live-rot") {
+        let n = p["point"].as_u64().unwrap().to_string();
+        rx.expect_restore("live-rot", "root", &n, &data);
+    }
+}
+
+#[test]
+fn scrub_during_a_sync_breaks_nothing() {
+    let w = workdir();
+    let rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    let data = random_image(&img, 64, 654);
+    let mut spec = AgentSpec::new("scrubbed", &[("root", &img)]);
+    spec.bandwidth_mbps = 40; // ~8 s of sync: many batches in flight during the scrubs
+    let mut agent = Agent::new(w.path(), &rx, &spec);
+    agent.spawn();
+    let mut scrubs = 0;
+    while rx.points("scrubbed").is_empty() {
+        let o = rx.cli(&["scrub"]);
+        assert!(o.status.success(), "scrub: {}", stderr(&o));
+        scrubs += 1;
+        assert!(scrubs < 2000, "no point after {scrubs} scrubs");
+    }
+    agent.kill();
+    assert!(scrubs >= 3, "only {scrubs} scrubs ran during the sync");
+    let log = rx.log_text();
+    assert!(
+        !log.contains("staging store I/O") && !log.contains("Storage"),
+        "a scrub broke a batch in flight: {log}"
+    );
+    assert!(
+        !agent.log_text().contains("interrupted"),
+        "{}",
+        agent.log_text()
+    );
+    rx.expect_restore("scrubbed", "root", "latest", &data);
 }

@@ -209,6 +209,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let tls = crate::tls::server_config(&state_dir)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let store = Store::open(&state_dir.join("store"))?;
+    store.clear_tmp(&_lock)?;
     let tokens = Tokens::load(&state_dir)?;
     let shared = Arc::new(Shared {
         catalog: Catalog::new(&state_dir),

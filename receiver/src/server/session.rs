@@ -36,6 +36,9 @@ pub struct Session {
     status_saved_ms: u64,
     /// The server's newest committed point (0: none), once read from the catalog.
     last_point: Option<u64>,
+    /// The store's quarantine mark when this session last checked its disks for missing
+    /// blocks (see `Store::quarantine_mark`).
+    quarantine_seen: Option<Vec<u8>>,
 }
 
 /// A failure that ends the session, with the Error frame to send first.
@@ -112,6 +115,8 @@ impl Session {
         status.hostname = hostname;
         status.clock_skew_ms = None;
         status.last_seen_unix_ms = now_ms();
+        // Read before any disk is checked, so a quarantine after it is always noticed.
+        let quarantine_seen = shared.store.quarantine_mark();
         Session {
             shared,
             server,
@@ -120,6 +125,7 @@ impl Session {
             status,
             status_saved_ms: 0,
             last_point: None,
+            quarantine_seen,
         }
     }
 
@@ -339,7 +345,7 @@ impl Session {
                 let shared = self.shared.clone();
                 let _refs = shared.gc_lock.read().unwrap_or_else(|e| e.into_inner());
                 let mut disk = LiveDisk::open(&dir, &disk_id, size)?;
-                self.forget_missing(&mut disk)?;
+                Self::forget_missing(&shared.store, &mut disk)?;
                 let digest = disk.manifest.digest();
                 tracing::info!(disk = %disk_id, size, blocks = disk.manifest.hashes.len(), "disk opened");
                 self.disks.insert(handle, disk);
@@ -430,15 +436,12 @@ impl Session {
     /// (quarantined by `scrub`, or lost): the digest then differs from the agent's, the agent
     /// takes our manifest, and its scan sends that content again. The caller holds the GC
     /// lock shared.
-    fn forget_missing(&self, disk: &mut LiveDisk) -> Result<(), Fail> {
+    /// Returns how many blocks it marked.
+    fn forget_missing(store: &crate::store::Store, disk: &mut LiveDisk) -> Result<usize, Fail> {
         let mut present = std::collections::HashMap::new();
         let mut missing = Vec::new();
         for (i, h) in disk.manifest.hashes.iter().enumerate() {
-            if !h.is_zero()
-                && !*present
-                    .entry(*h)
-                    .or_insert_with(|| self.shared.store.has(h))
-            {
+            if !h.is_zero() && !*present.entry(*h).or_insert_with(|| store.has(h)) {
                 missing.push((i as u64, BlockHash::ZERO));
             }
         }
@@ -449,9 +452,9 @@ impl Session {
                 "blocks missing from the store; asking the agent to send them again"
             );
             disk.record(&missing)?;
-            self.shared.store.sync()?;
+            store.sync()?;
         }
-        Ok(())
+        Ok(missing.len())
     }
 
     fn commit(
@@ -464,6 +467,15 @@ impl Session {
     ) -> Result<(), Fail> {
         if disks.is_empty() {
             return Err(protocol(format!("point {point}: Commit names no disk")));
+        }
+        // A block quarantined since the disks were checked must not be named by this point:
+        // mark it absent (the digests then differ, and the agent resends it first).
+        let mark = self.shared.store.quarantine_mark();
+        if mark != self.quarantine_seen {
+            self.quarantine_seen = mark;
+            for d in self.disks.values_mut() {
+                Self::forget_missing(&self.shared.store, d)?;
+            }
         }
         for (handle, digest) in disks {
             let d = self.disks.get(handle).ok_or_else(|| {
