@@ -64,7 +64,30 @@ pub struct PointRecord {
     /// The snapshot target that holds the point ("local").
     pub target: String,
     pub disks: Vec<DiskRecord>,
+    /// Why the point cannot be restored, once found damaged (from the point's `damaged` file,
+    /// never from `point.json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damaged: Option<String>,
 }
+
+/// What [`Catalog::point_manifests`] found.
+pub enum PointManifests {
+    /// Every manifest of the point, verified.
+    Sound(Vec<Manifest>),
+    /// Why the point cannot be restored.
+    Damaged(String),
+}
+
+/// Every block the listed points reference, and the points found damaged on the way.
+#[derive(Debug, Default)]
+pub struct References {
+    pub hashes: std::collections::HashSet<BlockHash>,
+    /// (server, point, why): a manifest that no longer decodes or matches its record.
+    pub damaged: Vec<(String, u64, String)>,
+}
+
+/// In a point's directory: why the point was found damaged.
+const DAMAGED: &str = "damaged";
 
 pub struct Catalog {
     servers: PathBuf,
@@ -128,7 +151,10 @@ impl Catalog {
             match fs::read(&p) {
                 // A damaged record is reported, never allowed to stop new points or listings.
                 Ok(bytes) => match serde_json::from_slice::<PointRecord>(&bytes) {
-                    Ok(rec) => out.push(rec),
+                    Ok(mut rec) => {
+                        rec.damaged = fs::read_to_string(e.path().join(DAMAGED)).ok();
+                        out.push(rec)
+                    }
                     Err(e) => tracing::error!(
                         "point record {} is unreadable ({e}); that point is not listed",
                         p.display()
@@ -220,18 +246,55 @@ impl Catalog {
         fs::remove_dir_all(&dir).map_err(ioe(&dir))
     }
 
-    /// Every block hash referenced by any listed point of any server.
-    pub fn referenced(&self) -> Result<std::collections::HashSet<BlockHash>, CatalogError> {
-        let mut set = std::collections::HashSet::new();
+    /// Reads and verifies every manifest of a point. A manifest that is gone, does not
+    /// decode or does not match its record makes the point [`PointManifests::Damaged`]; an
+    /// I/O error is an error, since the manifest may be fine (its blocks must not be swept).
+    pub fn point_manifests(&self, rec: &PointRecord) -> Result<PointManifests, CatalogError> {
+        let mut out = Vec::with_capacity(rec.disks.len());
+        for d in &rec.disks {
+            match self.manifest(rec, &d.id) {
+                Ok(m) => out.push(m),
+                Err(CatalogError::Io { path, source })
+                    if source.kind() != io::ErrorKind::NotFound =>
+                {
+                    return Err(CatalogError::Io { path, source })
+                }
+                Err(e) => return Ok(PointManifests::Damaged(e.to_string())),
+            }
+        }
+        Ok(PointManifests::Sound(out))
+    }
+
+    /// Every block hash referenced by any listed point of any server, and the points found
+    /// damaged on the way (reported, not fatal: one bad point must not stop GC for everyone).
+    pub fn referenced(&self) -> Result<References, CatalogError> {
+        let mut refs = References::default();
         for server in self.servers()? {
             for rec in self.points(&server)? {
-                for d in &rec.disks {
-                    let m = self.manifest(&rec, &d.id)?;
-                    set.extend(m.hashes.into_iter().filter(|h| !h.is_zero()));
+                if rec.damaged.is_some() {
+                    continue;
+                }
+                match self.point_manifests(&rec)? {
+                    PointManifests::Sound(ms) => {
+                        for m in ms {
+                            refs.hashes
+                                .extend(m.hashes.into_iter().filter(|h| !h.is_zero()));
+                        }
+                    }
+                    PointManifests::Damaged(why) => {
+                        refs.damaged.push((server.clone(), rec.point, why))
+                    }
                 }
             }
         }
-        Ok(set)
+        Ok(refs)
+    }
+
+    /// Records durably that a point cannot be restored, and why; `points` and `servers`
+    /// report it, and retention no longer counts it as a point kept.
+    pub fn mark_damaged(&self, server: &str, point: u64, why: &str) -> Result<(), CatalogError> {
+        let path = self.point_dir(server, point).join(DAMAGED);
+        durable::write_atomic(&path, why.as_bytes()).map_err(ioe(&path))
     }
 }
 
@@ -249,6 +312,7 @@ mod tests {
             consistency: Consistency::BestEffort,
             target: "local".into(),
             disks: vec![],
+            damaged: None,
         }
     }
 

@@ -7,6 +7,11 @@
 //! every listed manifest and lists the store, so it is skipped when nothing can have become
 //! garbage except through rare failed batches, which the hourly sweep collects.
 //!
+//! Damage: a point whose manifest is gone, corrupt or does not match its record is marked
+//! damaged (reported by `points` and `servers`, never restorable) and the pass goes on for
+//! everything else; retention deletes a point only after the points kept in its place were
+//! verified, so a damaged newest point never costs the good ones before it.
+//!
 //! One consistent view: inside `serve` the pass holds `Shared::gc_lock` exclusively, and
 //! everything that adds or moves a reference holds it shared for its whole duration: a batch
 //! that checks blocks' presence and journals them, `OpenDisk` (which may compact the live
@@ -17,7 +22,7 @@
 //! pass takes `gc.lock` exclusively and skips its turn when a restore holds it shared. GC runs
 //! only inside `serve` (no other command deletes blocks).
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, PointManifests};
 use crate::disk::read_live;
 use crate::retention;
 use crate::store::Store;
@@ -31,6 +36,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub struct GcReport {
     pub points_deleted: usize,
     pub blocks_deleted: usize,
+    /// Points found damaged (their manifest unreadable) and marked so.
+    pub points_damaged: usize,
     pub skipped_busy: bool,
     /// Whether the block sweep ran.
     pub swept: bool,
@@ -62,18 +69,7 @@ pub fn run_pass(
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
     let mut report = GcReport::default();
     for server in catalog.servers()? {
-        let points = catalog.points(&server)?;
-        let pairs: Vec<(u64, u64)> = points
-            .iter()
-            // The receiver's clock: an agent's wrong clock must never age points.
-            .map(|p| (p.point, p.committed_unix_ms))
-            .collect();
-        let keep = retention::keep(&pairs, now_ms, policy);
-        for p in points.iter().filter(|p| !keep.contains(&p.point)) {
-            catalog.delete(&server, p.point)?;
-            report.points_deleted += 1;
-            tracing::info!(server = %server, point = p.point, "retention: point deleted");
-        }
+        apply_retention(&catalog, &server, now_ms, policy, &mut report)?;
     }
     tracing::debug!(
         points_deleted = report.points_deleted,
@@ -83,7 +79,11 @@ pub fn run_pass(
         return Ok(report);
     }
     report.swept = true;
-    let mut referenced = catalog.referenced()?;
+    let refs = catalog.referenced()?;
+    for (server, point, why) in &refs.damaged {
+        damaged(&catalog, server, *point, why, &mut report)?;
+    }
+    let mut referenced = refs.hashes;
     for server in catalog.servers()? {
         let disks = catalog.server_dir(&server).join("disks");
         if let Ok(rd) = std::fs::read_dir(&disks) {
@@ -115,6 +115,69 @@ pub fn run_pass(
         );
     }
     Ok(report)
+}
+
+/// Deletes the points of `server` that the policy no longer keeps. A damaged point is no
+/// point to keep: retention neither counts it nor deletes it (it stays listed as damaged for
+/// the operator). And a point is deleted only once every point kept in its place has been
+/// verified restorable (its manifests read and checked), so a damaged newest point never
+/// costs the good ones before it.
+fn apply_retention(
+    catalog: &Catalog,
+    server: &str,
+    now_ms: u64,
+    policy: &RetentionConfig,
+    report: &mut GcReport,
+) -> anyhow::Result<()> {
+    loop {
+        let points: Vec<_> = catalog
+            .points(server)?
+            .into_iter()
+            .filter(|p| p.damaged.is_none())
+            .collect();
+        // The receiver's clock: an agent's wrong clock must never age points.
+        let pairs: Vec<(u64, u64)> = points
+            .iter()
+            .map(|p| (p.point, p.committed_unix_ms))
+            .collect();
+        let keep = retention::keep(&pairs, now_ms, policy);
+        if points.iter().all(|p| keep.contains(&p.point)) {
+            return Ok(());
+        }
+        let mut found_damage = false;
+        for p in points.iter().filter(|p| keep.contains(&p.point)) {
+            if let PointManifests::Damaged(why) = catalog.point_manifests(p)? {
+                damaged(catalog, server, p.point, &why, report)?;
+                found_damage = true;
+            }
+        }
+        if found_damage {
+            continue; // decide again without the damaged points
+        }
+        for p in points.iter().filter(|p| !keep.contains(&p.point)) {
+            catalog.delete(server, p.point)?;
+            report.points_deleted += 1;
+            tracing::info!(server = %server, point = p.point, "retention: point deleted");
+        }
+        return Ok(());
+    }
+}
+
+fn damaged(
+    catalog: &Catalog,
+    server: &str,
+    point: u64,
+    why: &str,
+    report: &mut GcReport,
+) -> anyhow::Result<()> {
+    tracing::error!(
+        server = %server,
+        point,
+        "point {point} of server {server} is damaged and cannot be restored: {why}"
+    );
+    catalog.mark_damaged(server, point, why)?;
+    report.points_damaged += 1;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -73,3 +73,90 @@ fn gc_removes_what_no_listed_point_needs_and_nothing_else() {
     let o = rx.restore("gc-01", "root", "latest", &out);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn a_damaged_manifest_is_reported_and_gc_goes_on_for_the_rest() {
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    make_image(&img, 6, 0, 700);
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("gc-02", &[("root", &img)]));
+    let mut versions = Vec::new();
+    for round in 0..3 {
+        // Every block fresh: each point's blocks are its own.
+        let mut data = vec![0u8; std::fs::metadata(&img).unwrap().len() as usize];
+        Rng::new(710 + round).fill(&mut data);
+        std::fs::write(&img, &data).unwrap();
+        versions.push(data);
+        agent.run_once_ok();
+    }
+    assert_eq!(rx.points("gc-02").len(), 3);
+    let before = rx.store_blocks().len();
+
+    // Point 3's manifest rots.
+    let m = rx
+        .dir
+        .join("servers/gc-02/points/0000000000000003/root.manifest");
+    let mut bytes = std::fs::read(&m).unwrap();
+    bytes[40] ^= 0xff;
+    std::fs::write(&m, bytes).unwrap();
+
+    rx.kill();
+    let cfg = rx.dir.join("receiver.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("recent_minutes = 10", "recent_minutes = 0")
+        .replace("gc_grace_minutes = 10", "gc_grace_minutes = 0");
+    std::fs::write(&cfg, text).unwrap();
+    rx.gc_interval_secs = 1;
+    rx.restart();
+    // Point 1 goes by retention (point 2 is the newest restorable one), its blocks are
+    // collected although point 3 cannot be read.
+    let t = std::time::Instant::now();
+    while !(rx.points("gc-02").len() == 2 && rx.store_blocks().len() < before) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "GC did not collect point 1: {}",
+            rx.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let points = rx.points("gc-02");
+    let numbers: Vec<u64> = points
+        .iter()
+        .map(|p| p["point"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, vec![2, 3]);
+    assert!(points[0]["damaged"].is_null());
+    let why = points[1]["damaged"].as_str().unwrap_or_default();
+    assert!(why.contains("root.manifest"), "{points:?}");
+    assert!(rx.log_text().contains("point 3 of server gc-02 is damaged"));
+    assert!(
+        !rx.log_text().contains("gc pass failed"),
+        "{}",
+        rx.log_text()
+    );
+    let listing = stdout(&rx.cli(&["points", "--server", "gc-02"]));
+    assert!(
+        listing.contains("DAMAGED") && listing.contains("point 3 is damaged"),
+        "{listing}"
+    );
+    let listing = stdout(&rx.cli(&["servers"]));
+    assert!(listing.contains("gc-02: point 3 is damaged"), "{listing}");
+    // Point 2 restores; point 3 fails naming its manifest.
+    rx.expect_restore("gc-02", "root", "2", &versions[1]);
+    let o = rx.restore("gc-02", "root", "3", &w.path().join("p3.img"));
+    assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+    // A later pass does not report it again.
+    let reports = rx
+        .log_text()
+        .matches("is damaged and cannot be restored")
+        .count();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        rx.log_text()
+            .matches("is damaged and cannot be restored")
+            .count(),
+        reports
+    );
+}

@@ -32,9 +32,10 @@ pub fn run(state_dir: &Path, server: &str, json: bool) -> anyhow::Result<()> {
             vec![
                 p.point.to_string(),
                 fmt_utc(p.committed_unix_ms),
-                match p.consistency {
-                    Consistency::CrashConsistent => "crash-consistent".into(),
-                    Consistency::BestEffort => "best-effort".into(),
+                match (&p.damaged, p.consistency) {
+                    (Some(_), _) => "DAMAGED".into(),
+                    (None, Consistency::CrashConsistent) => "crash-consistent".into(),
+                    (None, Consistency::BestEffort) => "best-effort".into(),
                 },
                 p.disks
                     .iter()
@@ -45,6 +46,17 @@ pub fn run(state_dir: &Path, server: &str, json: bool) -> anyhow::Result<()> {
                 fmt_bytes(changed * BLOCK_SIZE as u64),
                 p.target.clone(),
             ]
+        })
+        .collect();
+    let damaged: Vec<String> = points
+        .iter()
+        .filter_map(|p| {
+            p.damaged.as_ref().map(|why| {
+                format!(
+                    "warning: point {} is damaged and cannot be restored: {why}",
+                    p.point
+                )
+            })
         })
         .collect();
     print_table(
@@ -59,5 +71,8 @@ pub fn run(state_dir: &Path, server: &str, json: bool) -> anyhow::Result<()> {
         ],
         &rows,
     );
+    for d in &damaged {
+        println!("{d}");
+    }
     Ok(())
 }

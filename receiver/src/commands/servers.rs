@@ -45,6 +45,14 @@ pub fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
                 st.instance
             ));
         }
+        for p in catalog.points(&server)? {
+            if let Some(why) = &p.damaged {
+                notes.push(format!(
+                    "{server}: point {} is damaged and cannot be restored: {why}",
+                    p.point
+                ));
+            }
+        }
         if skew_over {
             notes.push(format!(
                 "{server}: the agent's clock is {} off the receiver's (max_clock_skew_secs = {})",

@@ -574,6 +574,7 @@ impl Session {
             created_unix_ms,
             committed_unix_ms: now_ms(),
             agent_clock_skew_ms: self.status.clock_skew_ms,
+            damaged: None,
             consistency,
             target: self.shared.target.name().to_string(),
             disks: records,
