@@ -4,8 +4,16 @@
 //! On disk, under `servers/<server>/disks/<disk>/`: `live.manifest` (the state at the last
 //! compaction, manifest format) and `journal`, an append-only list of records
 //! `index u64 | hash 32 | check u32` written (and made durable) before the block is acked.
-//! `check` is the first four bytes of blake3(index ‖ hash): a torn tail record fails it and
-//! ends the replay. Records are absolute (index → hash), so replaying one twice is harmless.
+//! `check` is the first four bytes of blake3(index ‖ hash). Records are absolute (index →
+//! hash), so replaying one twice is harmless.
+//!
+//! Replay applies every record that passes its check. Bad records at the tail are a write
+//! torn by a crash (never acknowledged: the ack follows the sync) and are dropped quietly. A
+//! bad record followed by good ones is damage: it is logged as an error and counted, the
+//! records around it still apply, and the disk is compacted at once. The live manifest may
+//! then lack an acknowledged update, so its digest differs from the agent's: the agent
+//! adopts the receiver's manifest and verify-scans the disk (hash compare), resending what
+//! differs. (A block a replayed record names but the store lacks is marked absent at open.)
 
 use lifeboat_common::durable;
 use lifeboat_common::manifest::{Manifest, ManifestError};
@@ -50,13 +58,25 @@ pub struct LiveDisk {
     pub manifest: Manifest,
     journal: File,
     journal_records: u64,
+    /// Journal records found damaged when the disk was opened (see the module docs).
+    pub damaged_records: u64,
 }
 
-/// Applies journal records over `manifest` until the first that fails its check; returns
-/// the length of the good prefix in bytes. Records past the disk's end are ignored.
-fn replay(manifest: &mut Manifest, bytes: &[u8]) -> usize {
-    let mut good = 0;
-    for rec in bytes.chunks_exact(RECORD) {
+/// What a journal replay found.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Replay {
+    /// Bytes up to the end of the last good record (what the journal keeps).
+    good_len: usize,
+    /// Bad records followed by good ones: damage, not a torn tail.
+    damaged: u64,
+}
+
+/// Applies every journal record that passes its check over `manifest` (see the module docs).
+/// Records past the disk's end are ignored.
+fn replay(manifest: &mut Manifest, bytes: &[u8]) -> Replay {
+    let mut out = Replay::default();
+    let mut bad_run = 0u64;
+    for (n, rec) in bytes.chunks_exact(RECORD).enumerate() {
         let mut ib = [0u8; 8];
         ib.copy_from_slice(&rec[..8]);
         let index = u64::from_le_bytes(ib);
@@ -64,14 +84,17 @@ fn replay(manifest: &mut Manifest, bytes: &[u8]) -> usize {
         h.copy_from_slice(&rec[8..40]);
         let hash = BlockHash(h);
         if rec[40..44] != check(index, &hash) {
-            break;
+            bad_run += 1;
+            continue;
         }
+        out.damaged += bad_run;
+        bad_run = 0;
         if let Some(slot) = manifest.hashes.get_mut(index as usize) {
             *slot = hash;
         }
-        good += RECORD;
+        out.good_len = (n + 1) * RECORD;
     }
-    good
+    out
 }
 
 fn check(index: u64, hash: &BlockHash) -> [u8; 4] {
@@ -108,7 +131,8 @@ impl LiveDisk {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(ioe(&jpath)(e)),
         };
-        let good = replay(&mut manifest, &bytes);
+        let replayed = replay(&mut manifest, &bytes);
+        let good = replayed.good_len;
         let journal = OpenOptions::new()
             .create(true)
             .append(true)
@@ -124,8 +148,19 @@ impl LiveDisk {
             manifest,
             journal,
             journal_records: (good / RECORD) as u64,
+            damaged_records: replayed.damaged,
         };
-        if d.manifest.disk_size != size || !mpath.exists() {
+        if replayed.damaged > 0 {
+            tracing::error!(
+                disk = id,
+                records = replayed.damaged,
+                "journal {} is damaged: {} record(s) fail their check between good ones; \
+                 the disk's acknowledged state may lack them, so its agent will verify-scan it",
+                jpath.display(),
+                replayed.damaged
+            );
+        }
+        if replayed.damaged > 0 || d.manifest.disk_size != size || !mpath.exists() {
             d.manifest.resize(size);
             d.compact()?;
         }
@@ -209,7 +244,7 @@ impl LiveDisk {
 pub fn read_live(dir: &Path) -> Option<Manifest> {
     let mut m = Manifest::decode(&fs::read(dir.join("live.manifest")).ok()?).ok()?;
     if let Ok(bytes) = fs::read(dir.join("journal")) {
-        replay(&mut m, &bytes);
+        let _ = replay(&mut m, &bytes);
     }
     Some(m)
 }
@@ -250,6 +285,53 @@ mod tests {
         let disk = LiveDisk::open(d.path(), "root", size * 2).unwrap();
         assert_eq!(disk.manifest.hashes.len(), 8);
         assert_eq!(disk.manifest.hashes[3], BlockHash([3; 32]));
+    }
+
+    #[test]
+    fn damage_mid_journal_is_counted_and_the_records_around_it_apply() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 4 * BLOCK_SIZE as u64;
+        let mut disk = LiveDisk::open(d.path(), "root", size).unwrap();
+        disk.record(&[(0, BlockHash([1; 32]))]).unwrap();
+        disk.record(&[(1, BlockHash([2; 32]))]).unwrap();
+        disk.record(&[(2, BlockHash([3; 32]))]).unwrap();
+        drop(disk);
+        let j = d.path().join("journal");
+        let mut bytes = fs::read(&j).unwrap();
+        bytes[RECORD + 10] ^= 0xff; // the middle record
+        fs::write(&j, &bytes).unwrap();
+        let disk = LiveDisk::open(d.path(), "root", size).unwrap();
+        assert_eq!(disk.damaged_records, 1);
+        assert_eq!(disk.manifest.hashes[0], BlockHash([1; 32]));
+        assert_eq!(
+            disk.manifest.hashes[1],
+            BlockHash::ZERO,
+            "the damaged record applied"
+        );
+        assert_eq!(disk.manifest.hashes[2], BlockHash([3; 32]));
+        // Compacted at once: the damage is reported once, not at every open.
+        assert_eq!(disk.journal_records(), 0);
+        drop(disk);
+        assert_eq!(
+            LiveDisk::open(d.path(), "root", size)
+                .unwrap()
+                .damaged_records,
+            0
+        );
+        // A bad record at the tail is a torn write, not damage.
+        let mut disk = LiveDisk::open(d.path(), "root", size).unwrap();
+        disk.record(&[(3, BlockHash([4; 32])), (0, BlockHash([5; 32]))])
+            .unwrap();
+        drop(disk);
+        let mut bytes = fs::read(&j).unwrap();
+        let n = bytes.len();
+        bytes[n - 1] ^= 0xff;
+        fs::write(&j, &bytes).unwrap();
+        let disk = LiveDisk::open(d.path(), "root", size).unwrap();
+        assert_eq!(disk.damaged_records, 0);
+        assert_eq!(disk.journal_records(), 1);
+        assert_eq!(disk.manifest.hashes[3], BlockHash([4; 32]));
+        assert_eq!(disk.manifest.hashes[0], BlockHash([1; 32]));
     }
 
     #[test]

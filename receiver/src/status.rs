@@ -18,6 +18,9 @@ pub struct Counters {
     pub refs_received: u64,
     /// Blocks rejected because their data did not match their hash.
     pub blocks_rejected: u64,
+    /// Journal records found damaged (failing their check between good ones) at disk open.
+    #[serde(default)]
+    pub journal_records_damaged: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -410,3 +410,42 @@ fn scrub_during_a_sync_breaks_nothing() {
     );
     rx.expect_restore("scrubbed", "root", "latest", &data);
 }
+
+#[test]
+fn journal_damage_is_loud_and_the_disk_is_verified_again() {
+    let w = workdir();
+    let rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    let blocks = 120u64;
+    let data = random_image(&img, blocks as usize, 811);
+    let mut spec = AgentSpec::new("jdamage", &[("root", &img)]);
+    spec.bandwidth_mbps = 80;
+    let mut agent = Agent::new(w.path(), &rx, &spec);
+    agent.spawn();
+    let journal = rx.dir.join("servers/jdamage/disks/root/journal");
+    // Records are journaled as blocks are acknowledged; a point compacts them away.
+    wait_for("a journal of 20 records", Duration::from_secs(60), || {
+        std::fs::metadata(&journal).is_ok_and(|m| m.len() >= 20 * 44)
+    });
+    agent.kill();
+    wait_for("the session to end", Duration::from_secs(30), || {
+        let o = rx.cli(&["servers", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v[0]["connected"] == false
+    });
+    assert!(rx.points("jdamage").is_empty(), "the sync finished first");
+    // Damage one record in the middle (the receiver reads the journal at the next open).
+    let mut bytes = std::fs::read(&journal).unwrap();
+    bytes[5 * 44 + 20] ^= 0xff;
+    std::fs::write(&journal, &bytes).unwrap();
+
+    agent.run_once_ok();
+    assert!(
+        rx.log_text()
+            .contains("is damaged: 1 record(s) fail their check"),
+        "{}",
+        rx.log_text()
+    );
+    assert_eq!(rx.counter("jdamage", "journal_records_damaged"), 1);
+    rx.expect_restore("jdamage", "root", "latest", &data);
+}

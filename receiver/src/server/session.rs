@@ -345,6 +345,7 @@ impl Session {
                 let shared = self.shared.clone();
                 let _refs = shared.gc_lock.read().unwrap_or_else(|e| e.into_inner());
                 let mut disk = LiveDisk::open(&dir, &disk_id, size)?;
+                self.status.counters.journal_records_damaged += disk.damaged_records;
                 Self::forget_missing(&shared.store, &mut disk)?;
                 let digest = disk.manifest.digest();
                 tracing::info!(disk = %disk_id, size, blocks = disk.manifest.hashes.len(), "disk opened");
