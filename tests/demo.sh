@@ -4,11 +4,11 @@
 # cut a point, change the image, cut another, restore both points, and show that the restored
 # bytes equal the source at each point.
 #
-#   bash tests/demo.sh            # work dir: /tmp/lifeboat-demo (LIFEBOAT_DEMO_DIR to change)
+#   bash tests/demo.sh            # work dir: /var/tmp/lifeboat-demo (LIFEBOAT_DEMO_DIR to change)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/lifeboat-target}"
-demo="${LIFEBOAT_DEMO_DIR:-/tmp/lifeboat-demo}"
+demo="${LIFEBOAT_DEMO_DIR:-/var/tmp/lifeboat-demo}"
 if [ -t 1 ]; then say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }; else say() { printf '\n== %s\n' "$*"; }; fi
 
 if ! command -v mkfs.ext4 >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

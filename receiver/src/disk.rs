@@ -175,7 +175,7 @@ impl LiveDisk {
         }
     }
 
-    /// Appends index → hash records; they become durable at the caller's next store sync.
+    /// Appends index → hash records; they are durable once [`LiveDisk::sync`] returns.
     pub fn record(&mut self, entries: &[(u64, BlockHash)]) -> Result<(), DiskError> {
         let blocks = self.manifest.hashes.len() as u64;
         let mut buf = Vec::with_capacity(entries.len() * RECORD);
@@ -202,6 +202,12 @@ impl LiveDisk {
         }
         self.journal_records += entries.len() as u64;
         Ok(())
+    }
+
+    /// Makes every record appended so far durable (`fdatasync` of the journal).
+    pub fn sync(&mut self) -> Result<(), DiskError> {
+        let jpath = self.dir.join("journal");
+        self.journal.sync_data().map_err(self.io(jpath))
     }
 
     /// Where the journal and manifest stand now, to undo a batch with [`LiveDisk::rollback`].

@@ -3,6 +3,7 @@
 //! - [`server`]: TLS listener and per-agent sessions.
 //! - [`store`]: the content-addressed staging store.
 //! - [`disk`]: each disk's live manifest and journal.
+//! - [`durability`]: what the state directory must offer, checked at `serve`.
 //! - [`catalog`] and [`target`]: committed points and where they are written.
 //! - [`retention`] and [`gc`]: which points are kept, which blocks can go.
 //! - [`commands`]: one file per CLI command.
@@ -12,6 +13,7 @@ pub mod catalog;
 pub mod cli;
 pub mod commands;
 pub mod disk;
+pub mod durability;
 pub mod gc;
 pub mod retention;
 pub mod server;

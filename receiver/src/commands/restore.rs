@@ -9,7 +9,7 @@
 
 use super::{fmt_bytes, parallel};
 use crate::catalog::Catalog;
-use crate::store::Store;
+use crate::store::{BlockStore, DirStore};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use lifeboat_common::block::{block_len, hash_block};
@@ -135,7 +135,7 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
     let manifest = catalog
         .manifest(&rec, &req.disk)
         .map_err(|e| DataError(format!("server {} point {}: {e}", rec.server, rec.point)))?;
-    let store = Store::open(&state_dir.join("store"))?;
+    let store = DirStore::open(&state_dir.join("store"))?;
     let size = manifest.disk_size;
     let (dst, is_device) = open_destination(&req.to, size, req.force)?;
     let ctx =

@@ -8,13 +8,13 @@
 
 use super::{fmt_bytes, parallel};
 use crate::commands::restore::{progress, DataError};
-use crate::store::{Store, StoreError};
+use crate::store::{BlockStore, DirStore, StoreError};
 use lifeboat_common::BLOCK_SIZE;
 use std::path::Path;
 use std::sync::Mutex;
 
 pub fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
-    let store = Store::open(&state_dir.join("store"))?;
+    let store = DirStore::open(&state_dir.join("store"))?;
     let blocks = store.list()?;
     let pb = progress(blocks.len() as u64 * BLOCK_SIZE as u64, "scrub");
     let bad: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
@@ -24,7 +24,7 @@ pub fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
             Ok(_) | Err(StoreError::Missing { .. }) => {}
             Err(e @ StoreError::Corrupt { .. }) => {
                 let moved = store.quarantine(&hash)?;
-                tracing::error!("{e}; moved to {}", moved.display());
+                tracing::error!("{e}; moved to {moved}");
                 bad.lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push((hash.to_hex(), e.to_string()));

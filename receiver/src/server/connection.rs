@@ -380,7 +380,11 @@ async fn run(
                 // One stat per hash: off the async runtime.
                 let s = shared.clone();
                 let present = tokio::task::spawn_blocking(move || {
-                    hashes.iter().map(|h| s.store.has(h)).collect()
+                    // A lookup that fails answers "absent": the agent sends the data.
+                    hashes
+                        .iter()
+                        .map(|h| s.store.has(h).unwrap_or(false))
+                        .collect()
                 })
                 .await
                 .unwrap_or_default();

@@ -8,7 +8,7 @@ mod session;
 
 use crate::auth::Tokens;
 use crate::catalog::Catalog;
-use crate::store::Store;
+use crate::store::{BlockStore, DirStore};
 use crate::target::local::LocalTarget;
 use crate::target::SnapshotTarget;
 use anyhow::Context;
@@ -24,7 +24,7 @@ use tokio::sync::{watch, Semaphore};
 /// Everything connections share.
 pub struct Shared {
     pub state_dir: PathBuf,
-    pub store: Store,
+    pub store: Box<dyn BlockStore>,
     pub catalog: Catalog,
     pub target: Box<dyn SnapshotTarget>,
     pub tokens: Tokens,
@@ -208,14 +208,15 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let _lock = lifeboat_common::lock::lock_dir(&state_dir, "serve")?;
     let tls = crate::tls::server_config(&state_dir)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let store = Store::open(&state_dir.join("store"))?;
+    crate::durability::check(&state_dir)?;
+    let store = DirStore::open(&state_dir.join("store"))?;
     store.clear_tmp(&_lock)?;
     let tokens = Tokens::load(&state_dir)?;
     let shared = Arc::new(Shared {
         catalog: Catalog::new(&state_dir),
         target: Box::new(LocalTarget::new(Catalog::new(&state_dir))),
         state_dir: state_dir.clone(),
-        store,
+        store: Box::new(store),
         tokens,
         gc_lock: RwLock::new(()),
         servers: Mutex::new(HashMap::new()),
@@ -253,7 +254,12 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             let sweep_anyway = last_sweep.elapsed() >= Duration::from_secs(3600);
             let r = tokio::task::spawn_blocking(move || {
                 let _w = s.gc_lock.write().unwrap_or_else(|e| e.into_inner());
-                crate::gc::run_pass(&s.state_dir, &s.store, &s.config.retention, sweep_anyway)
+                crate::gc::run_pass(
+                    &s.state_dir,
+                    s.store.as_ref(),
+                    &s.config.retention,
+                    sweep_anyway,
+                )
             })
             .await;
             match r {

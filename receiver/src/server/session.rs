@@ -10,7 +10,7 @@ use super::Shared;
 use crate::catalog::{DiskRecord, PointRecord};
 use crate::disk::LiveDisk;
 use crate::status::{now_ms, ServerStatus};
-use crate::store::{self, StoreError, VerifiedBlock};
+use crate::store::{self, BlockStore, StoreError, VerifiedBlock};
 use lifeboat_common::manifest::Manifest;
 use lifeboat_common::protocol::{Consistency, DiskState, ErrorCode, Message, MAX_HASHES};
 use lifeboat_common::BlockHash;
@@ -258,7 +258,7 @@ impl Session {
                     self.disk_id(handle)?;
                     self.status.counters.refs_received += 1;
                     let in_batch = verified.iter().any(|v| v.hash == hash);
-                    if !in_batch && !shared.store.has(&hash) {
+                    if !in_batch && !shared.store.has(&hash)? {
                         let _ = out.blocking_send(Message::NeedData { seq });
                         continue;
                     }
@@ -268,35 +268,42 @@ impl Session {
                 _ => {}
             }
         }
-        let disks = &mut self.disks;
+        // The blocks, durable; then the journal records that name them, durable; then acks.
+        let stored = shared.store.insert(&verified)?;
         let mut checkpoints = Vec::new();
-        let stored = shared
-            .store
-            .insert_batch_then(&verified, || -> Result<(), Fail> {
-                for (handle, entries) in &records {
-                    if let Some(d) = disks.get_mut(handle) {
-                        checkpoints.push((*handle, d.checkpoint(entries)));
-                        d.record(entries)?;
-                    }
+        if let Err(f) = self.journal(&records, &mut checkpoints) {
+            // Nothing of this batch is acknowledged: forget what it recorded, so that the
+            // live manifests name only durable, acknowledged content.
+            for (handle, cp) in checkpoints {
+                if let Some(d) = self.disks.get_mut(&handle) {
+                    d.rollback(cp);
                 }
-                Ok(())
-            });
-        let stored = match stored {
-            Ok(n) => n,
-            Err(f) => {
-                // Nothing of this batch is acknowledged: forget what it recorded, so that the
-                // live manifests name only durable, acknowledged content.
-                for (handle, cp) in checkpoints {
-                    if let Some(d) = self.disks.get_mut(&handle) {
-                        d.rollback(cp);
-                    }
-                }
-                return Err(f);
             }
-        };
+            return Err(f);
+        }
         self.status.counters.blocks_stored += stored as u64;
         if !acks.is_empty() {
             let _ = out.blocking_send(Message::Acks { seqs: acks });
+        }
+        Ok(())
+    }
+
+    /// Appends the batch's records to the disks' journals and makes them durable.
+    fn journal(
+        &mut self,
+        records: &HashMap<u32, Vec<(u64, BlockHash)>>,
+        checkpoints: &mut Vec<(u32, crate::disk::Checkpoint)>,
+    ) -> Result<(), Fail> {
+        for (handle, entries) in records {
+            if let Some(d) = self.disks.get_mut(handle) {
+                checkpoints.push((*handle, d.checkpoint(entries)));
+                d.record(entries)?;
+            }
+        }
+        for handle in records.keys() {
+            if let Some(d) = self.disks.get_mut(handle) {
+                d.sync()?;
+            }
         }
         Ok(())
     }
@@ -346,7 +353,7 @@ impl Session {
                 let _refs = shared.gc_lock.read().unwrap_or_else(|e| e.into_inner());
                 let mut disk = LiveDisk::open(&dir, &disk_id, size)?;
                 self.status.counters.journal_records_damaged += disk.damaged_records;
-                Self::forget_missing(&shared.store, &mut disk)?;
+                Self::forget_missing(shared.store.as_ref(), &mut disk)?;
                 let digest = disk.manifest.digest();
                 tracing::info!(disk = %disk_id, size, blocks = disk.manifest.hashes.len(), "disk opened");
                 self.disks.insert(handle, disk);
@@ -438,11 +445,22 @@ impl Session {
     /// takes our manifest, and its scan sends that content again. The caller holds the GC
     /// lock shared.
     /// Returns how many blocks it marked.
-    fn forget_missing(store: &crate::store::Store, disk: &mut LiveDisk) -> Result<usize, Fail> {
+    fn forget_missing(store: &dyn BlockStore, disk: &mut LiveDisk) -> Result<usize, Fail> {
         let mut present = std::collections::HashMap::new();
         let mut missing = Vec::new();
         for (i, h) in disk.manifest.hashes.iter().enumerate() {
-            if !h.is_zero() && !*present.entry(*h).or_insert_with(|| store.has(h)) {
+            if h.is_zero() {
+                continue;
+            }
+            let held = match present.get(h) {
+                Some(&p) => p,
+                None => {
+                    let p = store.has(h)?;
+                    present.insert(*h, p);
+                    p
+                }
+            };
+            if !held {
                 missing.push((i as u64, BlockHash::ZERO));
             }
         }
@@ -453,7 +471,7 @@ impl Session {
                 "blocks missing from the store; asking the agent to send them again"
             );
             disk.record(&missing)?;
-            store.sync()?;
+            disk.sync()?;
         }
         Ok(missing.len())
     }
@@ -475,7 +493,7 @@ impl Session {
         if mark != self.quarantine_seen {
             self.quarantine_seen = mark;
             for d in self.disks.values_mut() {
-                Self::forget_missing(&self.shared.store, d)?;
+                Self::forget_missing(self.shared.store.as_ref(), d)?;
             }
         }
         for (handle, digest) in disks {
@@ -548,7 +566,7 @@ impl Session {
                     .unwrap_or(BlockHash::ZERO);
                 if *h != before {
                     changed += 1;
-                    if !self.shared.store.has(h) {
+                    if !self.shared.store.has(h)? {
                         return Err(Fail {
                             code: ErrorCode::Storage,
                             retryable: true,

@@ -1,96 +1,57 @@
-//! Staging store: every block the receiver has acknowledged, content-addressed.
+//! The directory backend of the staging store (the default).
 //!
 //! Layout: `store/blocks/<2 hex>/<64 hex>`, each file `codec u8 | encoded bytes` (zstd as the
-//! agent sent it, or raw). A block is verified (decoded, blake3 compared to its name) before
-//! it is inserted, and again every time it is read.
+//! agent sent it, or raw); `store/tmp/` for staging; `store/quarantine/` for corrupt blocks.
 //!
-//! Durability is a group commit ([`Store::insert_batch`]): the batch's temp files are written,
-//! `syncfs` makes their content durable, they are renamed to their final names, and a second
+//! [`BlockStore::insert`] is a group commit: the batch's temp files are written, `syncfs`
+//! makes their content durable, they are renamed to their final names, and a second
 //! `syncfs` makes the names durable. So a final name only ever points at durable, verified
-//! content, and after `insert_batch` returns every block of the batch survives a crash.
+//! content, and when `insert` returns every block of the batch survives a crash. `syncfs`
+//! reports writeback errors of the filesystem since the descriptor was opened on Linux 5.8
+//! and later, which `serve` requires (see `crate::durability`).
 
+use super::{io_err, BlockStore, StoreError, VerifiedBlock};
 use crate::sys;
 use lifeboat_common::block::hash_block;
-use lifeboat_common::codec::{self, Codec, CodecError};
+use lifeboat_common::codec::{self, Codec};
 use lifeboat_common::BlockHash;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("block {hash}: data hashes to {actual}, not to its name")]
-    HashMismatch { hash: BlockHash, actual: BlockHash },
-    #[error("block {hash}: {source}")]
-    Codec { hash: BlockHash, source: CodecError },
-    #[error("block {hash} is not in the staging store")]
-    Missing { hash: BlockHash },
-    #[error("block {hash} in the staging store is corrupt: {why}")]
-    Corrupt { hash: BlockHash, why: String },
-    #[error("staging store I/O on {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-}
-
-impl StoreError {
-    /// True when trying again later can help (I/O), false for bad content.
-    pub fn retryable(&self) -> bool {
-        matches!(self, StoreError::Io { .. })
-    }
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// A block checked against its name, ready to insert.
-pub struct VerifiedBlock {
-    pub hash: BlockHash,
-    pub codec: Codec,
-    pub data: Vec<u8>,
-}
-
-/// Decodes `data` and checks it hashes to `hash`.
-pub fn verify(hash: BlockHash, codec: Codec, data: Vec<u8>) -> Result<VerifiedBlock, StoreError> {
-    let plain = codec::decode(codec, &data).map_err(|source| StoreError::Codec { hash, source })?;
-    let actual = hash_block(&plain);
-    if actual != hash {
-        return Err(StoreError::HashMismatch { hash, actual });
-    }
-    Ok(VerifiedBlock { hash, codec, data })
-}
-
-/// Under `quarantine/`: see [`Store::quarantine_mark`].
+/// Under `quarantine/`: see [`BlockStore::quarantine_mark`].
 const QUARANTINE_MARK: &str = "mark";
 
 /// Counts staged files, for unique temp names.
 static STAGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-pub struct Store {
+pub struct DirStore {
     root: PathBuf,
     blocks: PathBuf,
     tmp: PathBuf,
     /// Held open for syncfs.
     root_file: File,
+    /// Blocks renamed to their names whose names are not durable yet (a batch between its
+    /// rename and its last `syncfs`).
+    unsynced: std::sync::Mutex<std::collections::HashSet<BlockHash>>,
 }
 
-impl Store {
+impl DirStore {
     /// Opens (creating if needed) the store under `root`. Leaves `tmp/` alone: a running
-    /// `serve` may have a batch in flight there (see [`Store::clear_tmp`]).
-    pub fn open(root: &Path) -> Result<Store, StoreError> {
+    /// `serve` may have a batch in flight there (see [`DirStore::clear_tmp`]).
+    pub fn open(root: &Path) -> Result<DirStore, StoreError> {
         let blocks = root.join("blocks");
         let tmp = root.join("tmp");
         for d in [&blocks, &tmp] {
             lifeboat_common::durable::create_dir_all_durable(d).map_err(io_err(d))?;
         }
         let root_file = File::open(root).map_err(io_err(root))?;
-        Ok(Store {
+        Ok(DirStore {
             root: root.to_path_buf(),
             blocks,
             tmp,
             root_file,
+            unsynced: Default::default(),
         })
     }
 
@@ -104,59 +65,26 @@ impl Store {
         Ok(())
     }
 
-    /// Changes after every quarantine (by `scrub`, in any process): a session that sees it
-    /// change re-checks its disks for missing blocks before the next point. (A fresh random
-    /// value written after each move, so no two quarantines ever leave the same mark.)
-    pub fn quarantine_mark(&self) -> Option<Vec<u8>> {
-        fs::read(self.root.join("quarantine").join(QUARANTINE_MARK)).ok()
-    }
-
     pub fn path_of(&self, hash: &BlockHash) -> PathBuf {
         let hex = hash.to_hex();
         self.blocks.join(&hex[..2]).join(hex)
     }
 
-    pub fn has(&self, hash: &BlockHash) -> bool {
-        hash.is_zero() || self.path_of(hash).is_file()
-    }
-
-    /// Durably inserts verified blocks (group commit, see the module docs). Blocks already
-    /// present are skipped. Returns how many were new.
-    pub fn insert_batch(&self, blocks: &[VerifiedBlock]) -> Result<usize, StoreError> {
-        self.insert_batch_then(blocks, || Ok(()))
-    }
-
-    /// As [`Store::insert_batch`], and runs `then` after the blocks have their final names
-    /// and before the last `syncfs`, so what `then` writes on this filesystem (the disks'
-    /// journals) is made durable by the same sync. `then` never sees a block that is not
-    /// durable.
-    pub fn insert_batch_then<E: From<StoreError>>(
-        &self,
-        blocks: &[VerifiedBlock],
-        then: impl FnOnce() -> Result<(), E>,
-    ) -> Result<usize, E> {
-        let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
-        let result = self.stage_and_publish(blocks, &mut staged);
-        if result.is_err() {
-            // Leave nothing behind in tmp/ (a full disk must not stay full).
-            for (tmp, _) in &staged {
-                let _ = fs::remove_file(tmp);
-            }
-        }
-        result?;
-        then()?;
-        self.sync()?;
-        Ok(staged.len())
-    }
-
+    /// Writes and renames the blocks not yet present; returns whether one of those present
+    /// was published by another batch that has not synced yet (so this one must sync too).
     fn stage_and_publish(
         &self,
         blocks: &[VerifiedBlock],
         staged: &mut Vec<(PathBuf, PathBuf)>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
+        let mut others_unsynced = false;
         for b in blocks {
             let dst = self.path_of(&b.hash);
-            if dst.is_file() || staged.iter().any(|(_, d)| *d == dst) {
+            if staged.iter().any(|(_, d)| *d == dst) {
+                continue;
+            }
+            if dst.is_file() {
+                others_unsynced |= self.unsynced().contains(&b.hash);
                 continue;
             }
             // Unique per staged file: sessions of different servers may store the same content
@@ -171,9 +99,12 @@ impl Store {
             f.write_all(&b.data).map_err(io_err(&tmp))?;
         }
         if staged.is_empty() {
-            return Ok(());
+            return Ok(others_unsynced);
         }
         sys::syncfs(&self.root_file).map_err(io_err(&self.root))?;
+        // Listed before renamed: whoever sees a name also sees that it is not durable yet.
+        self.unsynced()
+            .extend(staged.iter().filter_map(|(_, dst)| name_of(dst)));
         for (tmp, dst) in staged.iter() {
             if let Some(dir) = dst.parent() {
                 if !dir.is_dir() {
@@ -182,16 +113,73 @@ impl Store {
             }
             fs::rename(tmp, dst).map_err(io_err(dst))?;
         }
-        Ok(())
+        Ok(others_unsynced)
     }
 
-    /// Makes everything written so far durable.
-    pub fn sync(&self) -> Result<(), StoreError> {
+    fn unsynced(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<BlockHash>> {
+        self.unsynced.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
         sys::syncfs(&self.root_file).map_err(io_err(&self.root))
+    }
+}
+
+/// The block a path under `blocks/` names.
+fn name_of(path: &Path) -> Option<BlockHash> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(BlockHash::from_hex)
+}
+
+impl BlockStore for DirStore {
+    fn insert(&self, blocks: &[VerifiedBlock]) -> Result<usize, StoreError> {
+        let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let result = self.stage_and_publish(blocks, &mut staged);
+        if result.is_err() {
+            // Leave nothing behind in tmp/ (a full disk must not stay full).
+            for (tmp, _) in &staged {
+                let _ = fs::remove_file(tmp);
+            }
+        }
+        let others_unsynced = result?;
+        if !staged.is_empty() || others_unsynced {
+            // The names, durable (ours, and any another batch renamed and has not synced).
+            // Once any sync after a block's rename returns, its name is durable (a later
+            // rename over it replaces one durable inode with another). After a failed sync
+            // the names stay listed as not durable until an insert of the same block syncs.
+            self.sync()?;
+            let mut unsynced = self.unsynced();
+            for b in blocks {
+                unsynced.remove(&b.hash);
+            }
+        }
+        Ok(staged.len())
+    }
+
+    /// True only for a block whose name is durable: one another batch renamed but has not
+    /// synced yet counts as absent (its Ref gets NeedData, its Have "send it").
+    fn has(&self, hash: &BlockHash) -> Result<bool, StoreError> {
+        if hash.is_zero() {
+            return Ok(true);
+        }
+        if self.unsynced().contains(hash) {
+            return Ok(false);
+        }
+        let p = self.path_of(hash);
+        match fs::metadata(&p) {
+            Ok(m) => Ok(m.is_file()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(&p)(e)),
+        }
+    }
+
+    fn quarantine_mark(&self) -> Option<Vec<u8>> {
+        fs::read(self.root.join("quarantine").join(QUARANTINE_MARK)).ok()
     }
 
     /// Reads, decodes and verifies a block; returns its plain bytes (`BLOCK_SIZE` long).
-    pub fn read(&self, hash: &BlockHash) -> Result<Vec<u8>, StoreError> {
+    fn read(&self, hash: &BlockHash) -> Result<Vec<u8>, StoreError> {
         let path = self.path_of(hash);
         let raw = match fs::read(&path) {
             Ok(r) => r,
@@ -215,7 +203,7 @@ impl Store {
     }
 
     /// Every block name in the store with its file's modification time.
-    pub fn list(&self) -> Result<Vec<(BlockHash, std::time::SystemTime)>, StoreError> {
+    fn list(&self) -> Result<Vec<(BlockHash, std::time::SystemTime)>, StoreError> {
         let mut out = Vec::new();
         for sub in fs::read_dir(&self.blocks).map_err(io_err(&self.blocks))? {
             let sub = sub.map_err(io_err(&self.blocks))?.path();
@@ -238,9 +226,9 @@ impl Store {
     }
 
     /// Moves a block aside to `store/quarantine/` (kept for inspection, never read again),
-    /// then changes the [`Store::quarantine_mark`]: every live session re-checks its disks
+    /// then changes the [`BlockStore::quarantine_mark`]: every live session re-checks its disks
     /// before its next point and asks its agent to resend what is missing.
-    pub fn quarantine(&self, hash: &BlockHash) -> Result<PathBuf, StoreError> {
+    fn quarantine(&self, hash: &BlockHash) -> Result<String, StoreError> {
         let dir = self.root.join("quarantine");
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let dst = dir.join(format!("{}.{}", hash.to_hex(), crate::status::now_ms()));
@@ -250,11 +238,11 @@ impl Store {
         lifeboat_common::durable::write_atomic(&mark, &rand::random::<[u8; 16]>())
             .map_err(io_err(&mark))?;
         self.sync()?;
-        Ok(dst)
+        Ok(dst.display().to_string())
     }
 
     /// Removes a block. Only the garbage collector calls this.
-    pub fn remove(&self, hash: &BlockHash) -> Result<(), StoreError> {
+    fn remove(&self, hash: &BlockHash) -> Result<(), StoreError> {
         let p = self.path_of(hash);
         match fs::remove_file(&p) {
             Ok(()) => Ok(()),
@@ -267,12 +255,13 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::verify;
     use lifeboat_common::BLOCK_SIZE;
 
     #[test]
     fn concurrent_inserts_of_the_same_block_stay_whole() {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let s = DirStore::open(d.path()).unwrap();
         let data = b"shared by many servers ".repeat(5000);
         let hash = hash_block(&data);
         let (c, enc) = codec::encode(&data, 1).unwrap();
@@ -281,7 +270,7 @@ mod tests {
                 sc.spawn(|| {
                     for _ in 0..20 {
                         let v = verify(hash, c, enc.clone()).unwrap();
-                        s.insert_batch(&[v]).unwrap();
+                        s.insert(&[v]).unwrap();
                     }
                 });
             }
@@ -291,20 +280,37 @@ mod tests {
     }
 
     #[test]
+    fn a_name_not_yet_durable_is_not_held_and_a_later_insert_syncs_it() {
+        let d = tempfile::tempdir().unwrap();
+        let s = DirStore::open(d.path()).unwrap();
+        let data = b"published by another batch ".repeat(100);
+        let hash = hash_block(&data);
+        let (c, enc) = codec::encode(&data, 1).unwrap();
+        s.insert(&[verify(hash, c, enc.clone()).unwrap()]).unwrap();
+        assert!(s.has(&hash).unwrap());
+        // As if another batch had renamed it and not synced yet.
+        s.unsynced().insert(hash);
+        assert!(!s.has(&hash).unwrap(), "an undurable name counted as held");
+        // This batch finds the name, so it syncs, after which the name is durable.
+        assert_eq!(s.insert(&[verify(hash, c, enc).unwrap()]).unwrap(), 0);
+        assert!(s.has(&hash).unwrap());
+    }
+
+    #[test]
     fn insert_read_and_reject() {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let s = DirStore::open(d.path()).unwrap();
         let data = b"block content ".repeat(1000);
         let hash = hash_block(&data);
         let (c, enc) = codec::encode(&data, 1).unwrap();
         let v = verify(hash, c, enc.clone()).unwrap();
-        assert_eq!(s.insert_batch(&[v]).unwrap(), 1);
-        assert!(s.has(&hash));
+        assert_eq!(s.insert(&[v]).unwrap(), 1);
+        assert!(s.has(&hash).unwrap());
         let back = s.read(&hash).unwrap();
         assert_eq!(back.len(), BLOCK_SIZE);
         assert_eq!(&back[..data.len()], &data[..]);
         // Same block again: not new.
-        assert_eq!(s.insert_batch(&[verify(hash, c, enc).unwrap()]).unwrap(), 0);
+        assert_eq!(s.insert(&[verify(hash, c, enc).unwrap()]).unwrap(), 0);
 
         // Wrong content for a name is refused before it reaches the store.
         let other = hash_block(b"other");
@@ -313,7 +319,7 @@ mod tests {
             verify(other, c2, enc2),
             Err(StoreError::HashMismatch { .. })
         ));
-        assert!(!s.has(&other));
+        assert!(!s.has(&other).unwrap());
 
         // Corruption on disk is caught on read, naming the block.
         let p = s.path_of(&hash);

@@ -1,0 +1,97 @@
+//! Staging store: every block the receiver has acknowledged, content-addressed by blake3.
+//!
+//! One contract, several backends ([`BlockStore`]): a directory ([`dir::DirStore`], the
+//! default) and, later, S3. The contract, which every acknowledgement relies on:
+//!
+//! - [`BlockStore::insert`] returns only when every block it was given is durable: after a
+//!   crash (or power cut) at any instant after it returned, the block reads back whole.
+//! - Nothing else an ack depends on hides in the store's durability: the disks' journals are
+//!   made durable by their own sync ([`crate::disk::LiveDisk::sync`]), not as a side effect.
+//! - A block is verified (decoded, blake3 compared to its name) before it is inserted
+//!   ([`verify`]), and [`BlockStore::read`] verifies it again: data read back is never
+//!   trusted.
+//! - Removal (GC) and quarantine need not be durable: a block that comes back after a crash
+//!   is garbage again at the next sweep, or corrupt again at the next scrub.
+
+pub mod dir;
+
+pub use dir::DirStore;
+
+use lifeboat_common::block::hash_block;
+use lifeboat_common::codec::{self, Codec, CodecError};
+use lifeboat_common::BlockHash;
+use std::io;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("block {hash}: data hashes to {actual}, not to its name")]
+    HashMismatch { hash: BlockHash, actual: BlockHash },
+    #[error("block {hash}: {source}")]
+    Codec { hash: BlockHash, source: CodecError },
+    #[error("block {hash} is not in the staging store")]
+    Missing { hash: BlockHash },
+    #[error("block {hash} in the staging store is corrupt: {why}")]
+    Corrupt { hash: BlockHash, why: String },
+    #[error("staging store I/O on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+impl StoreError {
+    /// True when trying again later can help (I/O), false for bad content.
+    pub fn retryable(&self) -> bool {
+        matches!(self, StoreError::Io { .. })
+    }
+}
+
+fn io_err(path: &std::path::Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A block checked against its name, ready to insert.
+pub struct VerifiedBlock {
+    pub hash: BlockHash,
+    pub codec: Codec,
+    pub data: Vec<u8>,
+}
+
+/// Decodes `data` and checks it hashes to `hash`.
+pub fn verify(hash: BlockHash, codec: Codec, data: Vec<u8>) -> Result<VerifiedBlock, StoreError> {
+    let plain = codec::decode(codec, &data).map_err(|source| StoreError::Codec { hash, source })?;
+    let actual = hash_block(&plain);
+    if actual != hash {
+        return Err(StoreError::HashMismatch { hash, actual });
+    }
+    Ok(VerifiedBlock { hash, codec, data })
+}
+
+/// What every staging-store backend provides (see the module docs for the contract).
+pub trait BlockStore: Send + Sync {
+    /// Durably inserts verified blocks; returns how many were new. Returns only when every
+    /// block of `blocks` is durable.
+    fn insert(&self, blocks: &[VerifiedBlock]) -> Result<usize, StoreError>;
+
+    /// Whether the store holds `hash` (the zero block always counts as held).
+    fn has(&self, hash: &BlockHash) -> Result<bool, StoreError>;
+
+    /// Reads, decodes and verifies a block; returns its plain bytes (`BLOCK_SIZE` long).
+    fn read(&self, hash: &BlockHash) -> Result<Vec<u8>, StoreError>;
+
+    /// Every block with the time it was stored.
+    fn list(&self) -> Result<Vec<(BlockHash, SystemTime)>, StoreError>;
+
+    /// Removes a block. Only the garbage collector calls this.
+    fn remove(&self, hash: &BlockHash) -> Result<(), StoreError>;
+
+    /// Moves a corrupt block aside (kept for inspection, never read again) and changes the
+    /// [`BlockStore::quarantine_mark`]; returns where it went, for people.
+    fn quarantine(&self, hash: &BlockHash) -> Result<String, StoreError>;
+
+    /// Changes after every quarantine, in any process: a session that sees it change
+    /// re-checks its disks for missing blocks before its next point.
+    fn quarantine_mark(&self) -> Option<Vec<u8>>;
+}
