@@ -27,7 +27,11 @@ impl Limiter {
 
     /// How long to wait before sending `n` bytes; takes the tokens.
     pub fn take(&mut self, n: usize) -> Duration {
-        let now = Instant::now();
+        self.take_at(n, Instant::now())
+    }
+
+    /// As [`Limiter::take`], at the instant `now` (tests give fixed instants).
+    pub fn take_at(&mut self, n: usize, now: Instant) -> Duration {
         let elapsed = now.duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.bytes_per_sec).min(self.burst);
@@ -48,11 +52,18 @@ mod tests {
     fn waits_in_proportion() {
         assert!(Limiter::new(0).is_none());
         let mut l = Limiter::new(8).unwrap(); // 1 MB/s, burst 1 MiB
-        assert_eq!(l.take(1024 * 1024), Duration::ZERO);
-        let wait = l.take(500_000);
-        assert!(
-            wait > Duration::from_millis(400) && wait < Duration::from_millis(600),
-            "{wait:?}"
-        );
+        let t0 = l.last;
+        assert_eq!(l.take_at(1024 * 1024, t0), Duration::ZERO);
+        // The bucket is empty: 500 kB take exactly 0.5 s.
+        assert_eq!(l.take_at(500_000, t0), Duration::from_millis(500));
+        // 0.75 s later 750 kB have come back: the 500 kB debt is repaid and 250 kB are in
+        // the bucket, so 600 kB more wait for 350 kB: 0.35 s.
+        let t1 = t0 + Duration::from_millis(750);
+        assert_eq!(l.take_at(0, t1), Duration::ZERO);
+        assert_eq!(l.take_at(600_000, t1), Duration::from_millis(350));
+        // Idle for long: the bucket refills to its burst, no further.
+        let t2 = t1 + Duration::from_secs(60);
+        assert_eq!(l.take_at(1024 * 1024, t2), Duration::ZERO);
+        assert_eq!(l.take_at(1_000_000, t2), Duration::from_secs(1));
     }
 }

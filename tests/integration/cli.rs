@@ -3,24 +3,40 @@
 use lifeboat_tests::*;
 use std::process::Command;
 
+/// The subcommands a `--help` lists (its "Commands:" section, first word of each line).
+fn commands_in_help(program: &str) -> Vec<String> {
+    let o = Command::new(bin(program)).arg("--help").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    stdout(&o)
+        .lines()
+        .skip_while(|l| l.trim() != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
 #[test]
 fn help_lists_every_command() {
-    let o = Command::new(bin("lifeboat-receiver"))
-        .arg("--help")
-        .output()
-        .unwrap();
-    let text = stdout(&o);
-    for c in ["init", "serve", "validate", "servers", "points", "restore"] {
-        assert!(text.contains(c), "receiver --help lacks {c}:\n{text}");
-    }
-    let o = Command::new(bin("lifeboat-agent"))
-        .arg("--help")
-        .output()
-        .unwrap();
-    let text = stdout(&o);
-    for c in ["run", "validate", "status"] {
-        assert!(text.contains(c), "agent --help lacks {c}:\n{text}");
-    }
+    assert_eq!(
+        commands_in_help("lifeboat-receiver"),
+        [
+            "init",
+            "serve",
+            "scrub",
+            "token-add",
+            "validate",
+            "servers",
+            "release",
+            "points",
+            "restore",
+            "help"
+        ]
+    );
+    assert_eq!(
+        commands_in_help("lifeboat-agent"),
+        ["run", "validate", "status", "help"]
+    );
 }
 
 #[test]
@@ -131,6 +147,15 @@ fn listings_and_status_after_a_sync() {
     make_image(&img, 6, 0, 2);
     let agent = Agent::new(w.path(), &rx, &AgentSpec::new("app-01", &[("root", &img)]));
     agent.run_once_ok();
+    // The session ends (and is listed disconnected) shortly after the agent exits.
+    wait_for(
+        "the session to end",
+        std::time::Duration::from_secs(30),
+        || {
+            let o = rx.cli(&["servers", "--json"]);
+            serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()[0]["connected"] == false
+        },
+    );
 
     let o = rx.cli(&["servers"]);
     let t = stdout(&o);

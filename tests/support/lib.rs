@@ -264,8 +264,20 @@ impl Receiver {
         }
     }
 
+    /// A counter of the server's status; panics when the status or the counter is missing
+    /// (a renamed or lost counter must not read as 0).
     pub fn counter(&self, server: &str, name: &str) -> u64 {
-        self.counters(server)[name].as_u64().unwrap_or(0)
+        self.try_counter(server, name).unwrap_or_else(|| {
+            panic!(
+                "server {server} has no counter {name:?}: {}",
+                self.counters(server)
+            )
+        })
+    }
+
+    /// A counter, or `None` before the receiver first saved the server's status.
+    pub fn try_counter(&self, server: &str, name: &str) -> Option<u64> {
+        self.counters(server)[name].as_u64()
     }
 
     /// Restores a disk of a point to `to`; returns the command's output.
@@ -535,7 +547,10 @@ pub fn mutate(path: &Path, seed: u64, changes: usize) -> Vec<u8> {
             }
         }
     }
-    std::fs::write(path, &data).unwrap();
+    // In place, as a disk is written: never truncated under a scanning agent.
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&data, 0).unwrap();
     data
 }
 
