@@ -70,20 +70,26 @@ pub struct PointRecord {
     pub damaged: Option<String>,
 }
 
-/// What [`Catalog::point_manifests`] found.
-pub enum PointManifests {
-    /// Every manifest of the point, verified.
-    Sound(Vec<Manifest>),
-    /// Why the point cannot be restored.
+/// What [`Catalog::disk_manifest`] found for one disk of a point.
+pub enum ManifestState {
+    /// Read and verified.
+    Sound(Manifest),
+    /// Certainly bad (gone, corrupt, or not the manifest its record names): that disk of
+    /// the point cannot be restored.
     Damaged(String),
+    /// Cannot tell (an I/O error, or a format this build does not read): whatever it
+    /// references must be kept.
+    Unknown(String),
 }
 
-/// Every block the listed points reference, and the points found damaged on the way.
+/// Every block the listed points reference, and what could not be read on the way.
 #[derive(Debug, Default)]
 pub struct References {
     pub hashes: std::collections::HashSet<BlockHash>,
-    /// (server, point, why): a manifest that no longer decodes or matches its record.
-    pub damaged: Vec<(String, u64, String)>,
+    /// (server, point, disk, why): manifests found damaged, not yet marked so.
+    pub damaged: Vec<(String, u64, String, String)>,
+    /// What could not be read: while anything is here, nothing may be swept.
+    pub unknown: Vec<String>,
 }
 
 /// In a point's directory: why the point was found damaged.
@@ -139,11 +145,21 @@ impl Catalog {
 
     /// Listed points of a server, oldest first. Unreadable records are logged and skipped.
     pub fn points(&self, server: &str) -> Result<Vec<PointRecord>, CatalogError> {
+        Ok(self.scan_points(server)?.0)
+    }
+
+    /// As [`Catalog::points`], with the paths of the records that could not be read (GC must
+    /// not sweep what they may reference).
+    pub fn scan_points(
+        &self,
+        server: &str,
+    ) -> Result<(Vec<PointRecord>, Vec<PathBuf>), CatalogError> {
         let dir = self.server_dir(server).join("points");
         let mut out = Vec::new();
+        let mut unreadable = Vec::new();
         let rd = match fs::read_dir(&dir) {
             Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((out, unreadable)),
             Err(e) => return Err(ioe(&dir)(e)),
         };
         for e in rd.flatten() {
@@ -155,17 +171,20 @@ impl Catalog {
                         rec.damaged = fs::read_to_string(e.path().join(DAMAGED)).ok();
                         out.push(rec)
                     }
-                    Err(e) => tracing::error!(
-                        "point record {} is unreadable ({e}); that point is not listed",
-                        p.display()
-                    ),
+                    Err(err) => {
+                        tracing::error!(
+                            "point record {} is unreadable ({err}); that point is not listed",
+                            p.display()
+                        );
+                        unreadable.push(p);
+                    }
                 },
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(ioe(&p)(e)),
             }
         }
         out.sort_by_key(|p| p.point);
-        Ok(out)
+        Ok((out, unreadable))
     }
 
     /// Resolves `latest` or a point number for a server.
@@ -246,43 +265,55 @@ impl Catalog {
         fs::remove_dir_all(&dir).map_err(ioe(&dir))
     }
 
-    /// Reads and verifies every manifest of a point. A manifest that is gone, does not
-    /// decode or does not match its record makes the point [`PointManifests::Damaged`]; an
-    /// I/O error is an error, since the manifest may be fine (its blocks must not be swept).
-    pub fn point_manifests(&self, rec: &PointRecord) -> Result<PointManifests, CatalogError> {
-        let mut out = Vec::with_capacity(rec.disks.len());
-        for d in &rec.disks {
-            match self.manifest(rec, &d.id) {
-                Ok(m) => out.push(m),
-                Err(CatalogError::Io { path, source })
-                    if source.kind() != io::ErrorKind::NotFound =>
-                {
-                    return Err(CatalogError::Io { path, source })
+    /// Reads and verifies the manifest of one disk of a point, saying whether it is sound,
+    /// certainly damaged, or cannot be judged (see [`ManifestState`]).
+    pub fn disk_manifest(&self, rec: &PointRecord, disk: &str) -> ManifestState {
+        match self.manifest(rec, disk) {
+            Ok(m) => ManifestState::Sound(m),
+            Err(e @ CatalogError::Io { .. }) => match &e {
+                CatalogError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                    ManifestState::Damaged(e.to_string())
                 }
-                Err(e) => return Ok(PointManifests::Damaged(e.to_string())),
-            }
+                _ => ManifestState::Unknown(e.to_string()),
+            },
+            Err(
+                e @ CatalogError::Manifest {
+                    source: ManifestError::Version(_),
+                    ..
+                },
+            ) => ManifestState::Unknown(e.to_string()),
+            Err(e) => ManifestState::Damaged(e.to_string()),
         }
-        Ok(PointManifests::Sound(out))
     }
 
-    /// Every block hash referenced by any listed point of any server, and the points found
-    /// damaged on the way (reported, not fatal: one bad point must not stop GC for everyone).
+    /// Every block hash referenced by any listed point of any server. A damaged disk
+    /// manifest is reported (once: not again once its point is marked), never fatal, and the
+    /// point's other disks still count; anything unreadable is listed in `unknown`.
     pub fn referenced(&self) -> Result<References, CatalogError> {
         let mut refs = References::default();
         for server in self.servers()? {
-            for rec in self.points(&server)? {
-                if rec.damaged.is_some() {
-                    continue;
-                }
-                match self.point_manifests(&rec)? {
-                    PointManifests::Sound(ms) => {
-                        for m in ms {
-                            refs.hashes
-                                .extend(m.hashes.into_iter().filter(|h| !h.is_zero()));
+            let (points, unreadable) = self.scan_points(&server)?;
+            refs.unknown.extend(
+                unreadable
+                    .iter()
+                    .map(|p| format!("{} is unreadable", p.display())),
+            );
+            for rec in points {
+                for d in &rec.disks {
+                    match self.disk_manifest(&rec, &d.id) {
+                        ManifestState::Sound(m) => refs
+                            .hashes
+                            .extend(m.hashes.into_iter().filter(|h| !h.is_zero())),
+                        ManifestState::Damaged(why) => {
+                            let known = rec.damaged.as_deref().is_some_and(|t| {
+                                t.lines().any(|l| l.starts_with(&format!("disk {}:", d.id)))
+                            });
+                            if !known {
+                                refs.damaged
+                                    .push((server.clone(), rec.point, d.id.clone(), why));
+                            }
                         }
-                    }
-                    PointManifests::Damaged(why) => {
-                        refs.damaged.push((server.clone(), rec.point, why))
+                        ManifestState::Unknown(why) => refs.unknown.push(why),
                     }
                 }
             }
@@ -290,11 +321,20 @@ impl Catalog {
         Ok(refs)
     }
 
-    /// Records durably that a point cannot be restored, and why; `points` and `servers`
-    /// report it, and retention no longer counts it as a point kept.
-    pub fn mark_damaged(&self, server: &str, point: u64, why: &str) -> Result<(), CatalogError> {
+    /// Records durably that a disk of a point cannot be restored, and why (one line per
+    /// disk in the point's `damaged` file); `points` and `servers` report it, and retention no
+    /// longer counts the point as one kept.
+    pub fn mark_damaged(
+        &self,
+        server: &str,
+        point: u64,
+        disk: &str,
+        why: &str,
+    ) -> Result<(), CatalogError> {
         let path = self.point_dir(server, point).join(DAMAGED);
-        durable::write_atomic(&path, why.as_bytes()).map_err(ioe(&path))
+        let mut text = fs::read_to_string(&path).unwrap_or_default();
+        text.push_str(&format!("disk {disk}: {}\n", why.replace('\n', " ")));
+        durable::write_atomic(&path, text.as_bytes()).map_err(ioe(&path))
     }
 }
 

@@ -22,12 +22,13 @@
 //! pass takes `gc.lock` exclusively and skips its turn when a restore holds it shared. GC runs
 //! only inside `serve` (no other command deletes blocks).
 
-use crate::catalog::{Catalog, PointManifests};
+use crate::catalog::{Catalog, ManifestState};
 use crate::disk::read_live;
 use crate::retention;
 use crate::store::BlockStore;
 use crate::sys;
 use lifeboat_common::config::RetentionConfig;
+use lifeboat_common::BlockHash;
 use std::fs::File;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -68,8 +69,20 @@ pub fn run_pass(
     let catalog = Catalog::new(state_dir);
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
     let mut report = GcReport::default();
+    let quarantined = store.quarantined()?;
     for server in catalog.servers()? {
-        apply_retention(&catalog, &server, now_ms, policy, &mut report)?;
+        // One server's trouble never stops retention for the others.
+        if let Err(e) = apply_retention(
+            &catalog,
+            store,
+            &quarantined,
+            &server,
+            now_ms,
+            policy,
+            &mut report,
+        ) {
+            tracing::error!(server = %server, "retention skipped for server {server}: {e:#}");
+        }
     }
     tracing::debug!(
         points_deleted = report.points_deleted,
@@ -80,8 +93,15 @@ pub fn run_pass(
     }
     report.swept = true;
     let refs = catalog.referenced()?;
-    for (server, point, why) in &refs.damaged {
-        damaged(&catalog, server, *point, why, &mut report)?;
+    for (server, point, disk, why) in &refs.damaged {
+        damaged(&catalog, server, *point, disk, why, &mut report)?;
+    }
+    if let Some(first) = refs.unknown.first() {
+        tracing::warn!(
+            unreadable = refs.unknown.len(),
+            "gc: not sweeping blocks this pass: {first}"
+        );
+        return Ok(report);
     }
     let mut referenced = refs.hashes;
     for server in catalog.servers()? {
@@ -116,44 +136,83 @@ pub fn run_pass(
     Ok(report)
 }
 
-/// Deletes the points of `server` that the policy no longer keeps. A damaged point is no
-/// point to keep: retention neither counts it nor deletes it (it stays listed as damaged for
-/// the operator). And a point is deleted only once every point kept in its place has been
-/// verified restorable (its manifests read and checked), so a damaged newest point never
-/// costs the good ones before it.
+/// Deletes the points of `server` that the policy no longer keeps.
+///
+/// A point is deleted only once every point kept in its place was verified restorable: its
+/// manifests sound, and none of its blocks quarantined and still missing. A damaged point
+/// (marked) is neither counted nor deleted: it stays listed for the operator. A point whose
+/// blocks are quarantined and not yet resent is not counted this pass (it may heal), so the
+/// points it would replace stay. A manifest that cannot be judged stops retention for the
+/// server this pass.
 fn apply_retention(
     catalog: &Catalog,
+    store: &dyn BlockStore,
+    quarantined: &std::collections::HashSet<BlockHash>,
     server: &str,
     now_ms: u64,
     policy: &RetentionConfig,
     report: &mut GcReport,
 ) -> anyhow::Result<()> {
+    let mut unhealed = std::collections::HashSet::new();
     loop {
         let points: Vec<_> = catalog
             .points(server)?
             .into_iter()
             .filter(|p| p.damaged.is_none())
             .collect();
+        let candidates: Vec<_> = points
+            .iter()
+            .filter(|p| !unhealed.contains(&p.point))
+            .collect();
         // The receiver's clock: an agent's wrong clock must never age points.
-        let pairs: Vec<(u64, u64)> = points
+        let pairs: Vec<(u64, u64)> = candidates
             .iter()
             .map(|p| (p.point, p.committed_unix_ms))
             .collect();
         let keep = retention::keep(&pairs, now_ms, policy);
-        if points.iter().all(|p| keep.contains(&p.point)) {
+        let doomed: Vec<_> = candidates
+            .iter()
+            .filter(|p| !keep.contains(&p.point))
+            .collect();
+        if doomed.is_empty() {
             return Ok(());
         }
-        let mut found_damage = false;
-        for p in points.iter().filter(|p| keep.contains(&p.point)) {
-            if let PointManifests::Damaged(why) = catalog.point_manifests(p)? {
-                damaged(catalog, server, p.point, &why, report)?;
-                found_damage = true;
+        let mut changed = false;
+        for p in candidates.iter().filter(|p| keep.contains(&p.point)) {
+            for d in &p.disks {
+                match catalog.disk_manifest(p, &d.id) {
+                    ManifestState::Sound(m) => {
+                        let missing = m
+                            .hashes
+                            .iter()
+                            .find(|h| quarantined.contains(h) && !store.has(h).unwrap_or(false));
+                        if let Some(h) = missing {
+                            tracing::warn!(
+                                server = %server,
+                                point = p.point,
+                                "retention: point {} names quarantined block {h} (disk {}), not \
+                                 resent yet: the points before it stay",
+                                p.point,
+                                d.id
+                            );
+                            unhealed.insert(p.point);
+                            changed = true;
+                        }
+                    }
+                    ManifestState::Damaged(why) => {
+                        damaged(catalog, server, p.point, &d.id, &why, report)?;
+                        changed = true;
+                    }
+                    ManifestState::Unknown(why) => {
+                        anyhow::bail!("cannot verify point {}: {why}", p.point)
+                    }
+                }
             }
         }
-        if found_damage {
-            continue; // decide again without the damaged points
+        if changed {
+            continue; // decide again without the points that cannot be restored now
         }
-        for p in points.iter().filter(|p| !keep.contains(&p.point)) {
+        for p in doomed {
             catalog.delete(server, p.point)?;
             report.points_deleted += 1;
             tracing::info!(server = %server, point = p.point, "retention: point deleted");
@@ -166,15 +225,16 @@ fn damaged(
     catalog: &Catalog,
     server: &str,
     point: u64,
+    disk: &str,
     why: &str,
     report: &mut GcReport,
 ) -> anyhow::Result<()> {
     tracing::error!(
         server = %server,
         point,
-        "point {point} of server {server} is damaged and cannot be restored: {why}"
+        "point {point} of server {server} is damaged (disk {disk}) and cannot be restored: {why}"
     );
-    catalog.mark_damaged(server, point, why)?;
+    catalog.mark_damaged(server, point, disk, why)?;
     report.points_damaged += 1;
     Ok(())
 }

@@ -53,8 +53,9 @@ pub fn run(state_dir: &Path, server: &str, json: bool) -> anyhow::Result<()> {
         .filter_map(|p| {
             p.damaged.as_ref().map(|why| {
                 format!(
-                    "warning: point {} is damaged and cannot be restored: {why}",
-                    p.point
+                    "warning: point {} is damaged and cannot be restored: {}",
+                    p.point,
+                    why.trim().replace('\n', "; ")
                 )
             })
         })

@@ -48,8 +48,9 @@ pub fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
         for p in catalog.points(&server)? {
             if let Some(why) = &p.damaged {
                 notes.push(format!(
-                    "{server}: point {} is damaged and cannot be restored: {why}",
-                    p.point
+                    "{server}: point {} is damaged and cannot be restored: {}",
+                    p.point,
+                    why.trim().replace('\n', "; ")
                 ));
             }
         }

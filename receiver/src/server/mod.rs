@@ -243,15 +243,15 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let mut gc_stop = stop_rx.clone();
     let gc_interval = opts.gc_interval;
     let gc = tokio::spawn(async move {
-        // A full sweep at least hourly, even when retention deleted nothing.
-        let mut last_sweep = std::time::Instant::now();
+        // A sweep at the first pass (what a crash left behind), then at least hourly.
+        let mut last_sweep: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(gc_interval) => {}
                 _ = gc_stop.changed() => return,
             }
             let s = gc_shared.clone();
-            let sweep_anyway = last_sweep.elapsed() >= Duration::from_secs(3600);
+            let sweep_anyway = last_sweep.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600));
             let r = tokio::task::spawn_blocking(move || {
                 let _w = s.gc_lock.write().unwrap_or_else(|e| e.into_inner());
                 crate::gc::run_pass(
@@ -265,7 +265,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             match r {
                 Ok(Ok(report)) => {
                     if report.swept {
-                        last_sweep = std::time::Instant::now();
+                        last_sweep = Some(std::time::Instant::now());
                     }
                 }
                 Ok(Err(e)) => tracing::error!("gc pass failed: {e:#}"),

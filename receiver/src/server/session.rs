@@ -39,6 +39,8 @@ pub struct Session {
     /// The store's quarantine mark when this session last checked its disks for missing
     /// blocks (see `Store::quarantine_mark`).
     quarantine_seen: Option<Vec<u8>>,
+    /// Replies to send once the current step returns (see [`Session::process`]).
+    outbox: Vec<Message>,
 }
 
 /// A failure that ends the session, with the Error frame to send first.
@@ -126,6 +128,7 @@ impl Session {
             status_saved_ms: 0,
             last_point: None,
             quarantine_seen,
+            outbox: Vec::new(),
         }
     }
 
@@ -188,18 +191,40 @@ impl Session {
     }
 
     /// Runs in a blocking thread: file I/O and hashing happen here.
+    ///
+    /// Replies are queued in `outbox` and sent only after each step returns, with no lock
+    /// held: an agent that stops reading can stall its own session, never GC or the others.
     fn process(&mut self, batch: Vec<Message>, out: &Out) -> Result<(), Fail> {
         let mut pending = Vec::new();
+        let mut result = Ok(());
         for m in batch {
             match m {
                 Message::Block { .. } | Message::Ref { .. } => pending.push(m),
                 other => {
-                    self.apply(std::mem::take(&mut pending), out)?;
-                    self.control(other, out)?;
+                    result = self
+                        .apply(std::mem::take(&mut pending))
+                        .and_then(|()| self.control(other));
+                    self.flush(out);
+                    if result.is_err() {
+                        return result;
+                    }
                 }
             }
         }
-        self.apply(pending, out)
+        if result.is_ok() {
+            result = self.apply(pending);
+        }
+        self.flush(out);
+        result
+    }
+
+    /// Sends the queued replies (blocking while the writer's queue is full).
+    fn flush(&mut self, out: &Out) {
+        for m in std::mem::take(&mut self.outbox) {
+            if out.blocking_send(m).is_err() {
+                return; // the writer is gone; the connection is ending
+            }
+        }
     }
 
     fn disk_id(&self, handle: u32) -> Result<&str, Fail> {
@@ -210,7 +235,7 @@ impl Session {
     }
 
     /// One group commit of Block and Ref messages.
-    fn apply(&mut self, items: Vec<Message>, out: &Out) -> Result<(), Fail> {
+    fn apply(&mut self, items: Vec<Message>) -> Result<(), Fail> {
         if items.is_empty() {
             return Ok(());
         }
@@ -259,7 +284,7 @@ impl Session {
                     self.status.counters.refs_received += 1;
                     let in_batch = verified.iter().any(|v| v.hash == hash);
                     if !in_batch && !shared.store.has(&hash)? {
-                        let _ = out.blocking_send(Message::NeedData { seq });
+                        self.outbox.push(Message::NeedData { seq });
                         continue;
                     }
                     records.entry(handle).or_default().push((index, hash));
@@ -283,7 +308,7 @@ impl Session {
         }
         self.status.counters.blocks_stored += stored as u64;
         if !acks.is_empty() {
-            let _ = out.blocking_send(Message::Acks { seqs: acks });
+            self.outbox.push(Message::Acks { seqs: acks });
         }
         Ok(())
     }
@@ -308,7 +333,7 @@ impl Session {
         Ok(())
     }
 
-    fn control(&mut self, m: Message, out: &Out) -> Result<(), Fail> {
+    fn control(&mut self, m: Message) -> Result<(), Fail> {
         match m {
             Message::OpenDisk {
                 handle,
@@ -364,7 +389,7 @@ impl Session {
                     state: DiskState::Rescan,
                     backlog_blocks: 0,
                 });
-                let _ = out.blocking_send(Message::DiskOpened { handle, digest });
+                self.outbox.push(Message::DiskOpened { handle, digest });
                 self.save_status();
             }
             Message::GetManifest { handle } => {
@@ -376,7 +401,7 @@ impl Session {
                 let mut start = 0usize;
                 loop {
                     let end = (start + MAX_HASHES).min(disk.manifest.hashes.len());
-                    let _ = out.blocking_send(Message::ManifestChunk {
+                    self.outbox.push(Message::ManifestChunk {
                         handle,
                         start: start as u64,
                         total,
@@ -398,7 +423,7 @@ impl Session {
                 // all of it or none of it.
                 let shared = self.shared.clone();
                 let _refs = shared.gc_lock.read().unwrap_or_else(|e| e.into_inner());
-                self.commit(point, created_unix_ms, consistency, &disks, out)?;
+                self.commit(point, created_unix_ms, consistency, &disks)?;
             }
             Message::Progress {
                 agent_unix_ms,
@@ -482,7 +507,6 @@ impl Session {
         created_unix_ms: u64,
         consistency: Consistency,
         disks: &[(u32, BlockHash)],
-        out: &Out,
     ) -> Result<(), Fail> {
         if disks.is_empty() {
             return Err(protocol(format!("point {point}: Commit names no disk")));
@@ -505,7 +529,7 @@ impl Session {
             let live = d.manifest.digest();
             if live != *digest {
                 // Not fatal: the agent re-reads our manifest and rescans.
-                let _ = out.blocking_send(Message::Error {
+                self.outbox.push(Message::Error {
                     code: ErrorCode::DigestMismatch,
                     retryable: true,
                     message: format!(
@@ -543,7 +567,7 @@ impl Session {
                 })
             });
             if same {
-                let _ = out.blocking_send(Message::Committed { point });
+                self.outbox.push(Message::Committed { point });
                 return Ok(());
             }
             return Err(protocol(format!(
@@ -613,7 +637,7 @@ impl Session {
         self.status.last_point_committed_unix_ms = Some(rec.committed_unix_ms);
         self.save_status();
         tracing::info!(point, consistency = ?consistency, "point committed");
-        let _ = out.blocking_send(Message::Committed { point });
+        self.outbox.push(Message::Committed { point });
         Ok(())
     }
 }

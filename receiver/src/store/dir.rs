@@ -174,6 +174,23 @@ impl BlockStore for DirStore {
         }
     }
 
+    fn quarantined(&self) -> Result<std::collections::HashSet<BlockHash>, StoreError> {
+        let dir = self.root.join("quarantine");
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Default::default()),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        Ok(rd
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name();
+                let hex = name.to_str()?.split('.').next()?.to_string();
+                BlockHash::from_hex(&hex)
+            })
+            .collect())
+    }
+
     fn quarantine_mark(&self) -> Option<Vec<u8>> {
         fs::read(self.root.join("quarantine").join(QUARANTINE_MARK)).ok()
     }

@@ -91,6 +91,9 @@ pub trait BlockStore: Send + Sync {
     /// [`BlockStore::quarantine_mark`]; returns where it went, for people.
     fn quarantine(&self, hash: &BlockHash) -> Result<String, StoreError>;
 
+    /// Every block ever quarantined (it may have been stored again since).
+    fn quarantined(&self) -> Result<std::collections::HashSet<BlockHash>, StoreError>;
+
     /// Changes after every quarantine, in any process: a session that sees it change
     /// re-checks its disks for missing blocks before its next point.
     fn quarantine_mark(&self) -> Option<Vec<u8>>;
