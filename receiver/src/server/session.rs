@@ -196,26 +196,21 @@ impl Session {
     /// held: an agent that stops reading can stall its own session, never GC or the others.
     fn process(&mut self, batch: Vec<Message>, out: &Out) -> Result<(), Fail> {
         let mut pending = Vec::new();
-        let mut result = Ok(());
         for m in batch {
             match m {
                 Message::Block { .. } | Message::Ref { .. } => pending.push(m),
                 other => {
-                    result = self
+                    let r = self
                         .apply(std::mem::take(&mut pending))
                         .and_then(|()| self.control(other));
                     self.flush(out);
-                    if result.is_err() {
-                        return result;
-                    }
+                    r?;
                 }
             }
         }
-        if result.is_ok() {
-            result = self.apply(pending);
-        }
+        let r = self.apply(pending);
         self.flush(out);
-        result
+        r
     }
 
     /// Sends the queued replies (blocking while the writer's queue is full).
