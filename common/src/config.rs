@@ -336,9 +336,14 @@ pub struct ReceiverConfig {
     /// 64 MiB of manifest in memory per TiB of an open disk.
     #[serde(default = "default_max_disk_size_gib")]
     pub max_disk_size_gib: u64,
-    /// Most disks one server may replicate.
+    /// Most disks one server may replicate (counting every disk the receiver holds for it).
     #[serde(default = "default_max_disks_per_server")]
     pub max_disks_per_server: usize,
+    /// Memory for the manifests of all open disks together, MiB: an open disk takes 2 × 64
+    /// MiB per TiB (its live manifest and its last point's). A disk that would pass it is
+    /// refused with a retryable error naming this setting.
+    #[serde(default = "default_max_manifest_memory_mib")]
+    pub max_manifest_memory_mib: u64,
     /// Largest difference tolerated between an agent's clock and the receiver's before it is
     /// logged and flagged in `servers` (retention always uses the receiver's clock).
     #[serde(default = "default_max_clock_skew_secs")]
@@ -390,6 +395,9 @@ fn default_max_disk_size_gib() -> u64 {
 }
 fn default_max_disks_per_server() -> usize {
     64
+}
+fn default_max_manifest_memory_mib() -> u64 {
+    8192
 }
 fn default_max_clock_skew_secs() -> u64 {
     300
@@ -479,6 +487,13 @@ impl ReceiverConfig {
                 "must be at most 10080 (7 days)",
             ));
         }
+        if self.max_manifest_memory_mib < 64 {
+            return Err(invalid(
+                path,
+                "max_manifest_memory_mib",
+                "must be at least 64",
+            ));
+        }
         if self.max_clock_skew_secs == 0 {
             return Err(invalid(path, "max_clock_skew_secs", "must be at least 1"));
         }
@@ -503,6 +518,7 @@ impl Default for ReceiverConfig {
             handshake_timeout_secs: default_handshake_timeout_secs(),
             max_disk_size_gib: default_max_disk_size_gib(),
             max_disks_per_server: default_max_disks_per_server(),
+            max_manifest_memory_mib: default_max_manifest_memory_mib(),
             max_clock_skew_secs: default_max_clock_skew_secs(),
             server_lease_minutes: default_server_lease_minutes(),
         }

@@ -160,10 +160,13 @@ impl LiveDisk {
                 replayed.damaged
             );
         }
-        if replayed.damaged > 0 || d.manifest.disk_size != size || !mpath.exists() {
+        // A new disk's all-zero manifest is first written at its first point (it can be
+        // gigabytes); until then the journal alone holds its state.
+        if replayed.damaged > 0 || (d.manifest.disk_size != size && mpath.exists()) {
             d.manifest.resize(size);
             d.compact()?;
         }
+        d.manifest.resize(size);
         Ok(d)
     }
 
@@ -253,6 +256,40 @@ pub fn read_live(dir: &Path) -> Option<Manifest> {
         let _ = replay(&mut m, &bytes);
     }
     Some(m)
+}
+
+/// Every block a disk's live state may reference: its live manifest's and every good
+/// journal record's (a superset: superseded records count too, which only keeps more).
+/// `Err` when the state exists but cannot be read: nothing may be swept then.
+pub fn live_references(dir: &Path) -> Result<Vec<BlockHash>, String> {
+    let mut out = Vec::new();
+    let mpath = dir.join("live.manifest");
+    match fs::read(&mpath) {
+        Ok(bytes) => match Manifest::decode(&bytes) {
+            Ok(m) => out.extend(m.hashes.into_iter().filter(|h| !h.is_zero())),
+            Err(e) => return Err(format!("{}: {e}", mpath.display())),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", mpath.display())),
+    }
+    let jpath = dir.join("journal");
+    match fs::read(&jpath) {
+        Ok(bytes) => {
+            for rec in bytes.chunks_exact(RECORD) {
+                let mut ib = [0u8; 8];
+                ib.copy_from_slice(&rec[..8]);
+                let mut h = [0u8; 32];
+                h.copy_from_slice(&rec[8..40]);
+                let hash = BlockHash(h);
+                if rec[40..44] == check(u64::from_le_bytes(ib), &hash) && !hash.is_zero() {
+                    out.push(hash);
+                }
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", jpath.display())),
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

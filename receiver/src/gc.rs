@@ -23,7 +23,7 @@
 //! only inside `serve` (no other command deletes blocks).
 
 use crate::catalog::{Catalog, ManifestState};
-use crate::disk::read_live;
+use crate::disk::live_references;
 use crate::retention;
 use crate::store::BlockStore;
 use crate::sys;
@@ -108,12 +108,13 @@ pub fn run_pass(
         let disks = catalog.server_dir(&server).join("disks");
         if let Ok(rd) = std::fs::read_dir(&disks) {
             for e in rd.flatten() {
-                if let Some(m) = read_live(&e.path()) {
-                    referenced.extend(m.hashes.into_iter().filter(|h| !h.is_zero()));
-                } else if e.path().join("journal").exists() {
-                    // A disk whose live state cannot be read: keep everything this pass.
-                    tracing::warn!(path = %e.path().display(), "gc: live state unreadable, skipping block deletion");
-                    return Ok(report);
+                match live_references(&e.path()) {
+                    Ok(hashes) => referenced.extend(hashes),
+                    Err(why) => {
+                        // A disk whose live state cannot be read: keep everything this pass.
+                        tracing::warn!("gc: not sweeping blocks this pass: {why}");
+                        return Ok(report);
+                    }
                 }
             }
         }

@@ -319,6 +319,42 @@ fn absurd_disk_sizes_and_too_many_disks_are_refused_and_others_go_on() {
         e.contains("disk c") && e.contains("max_disks_per_server"),
         "{e}"
     );
+    // Reconnecting with other disk ids does not get past the limit either: it counts the
+    // disks the receiver holds, not those of one connection.
+    let mut c = RawClient::connect(&rx);
+    c.preface();
+    let mut out = hello("many", &rx.token);
+    out.extend(open(0, "d", small));
+    c.send(&out).unwrap();
+    let e = refusal(&c.read_frames(3));
+    assert!(
+        e.contains("disk d") && e.contains("2 disks on this receiver"),
+        "{e}"
+    );
+
+    // Manifest memory: a 1 TiB disk needs 128 MiB of it.
+    rx.set_config("max_manifest_memory_mib", "64");
+    let mut c = RawClient::connect(&rx);
+    c.preface();
+    let mut out = hello("big", &rx.token);
+    out.extend(open(0, "root", 1 << 40));
+    c.send(&out).unwrap();
+    let replies = c.read_frames(3);
+    let e = replies
+        .iter()
+        .find_map(|m| match m {
+            Message::Error {
+                code: ErrorCode::Storage,
+                retryable: true,
+                message,
+            } => Some(message.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no retryable refusal: {replies:?}"));
+    assert!(
+        e.contains("need 128 MiB") && e.contains("max_manifest_memory_mib (64)"),
+        "{e}"
+    );
     good_agent_still_served(w.path(), &rx, "after-huge");
 }
 

@@ -33,6 +33,49 @@ pub struct Shared {
     pub gc_lock: RwLock<()>,
     servers: Mutex<HashMap<String, Arc<ServerSlot>>>,
     pub peer_log: RateLimit,
+    /// Memory for open disks' manifests (`max_manifest_memory_mib`).
+    pub manifest_memory: Arc<Budget>,
+}
+
+/// A quantity shared by every session (bytes of manifest memory), reserved before use.
+pub struct Budget {
+    limit: u64,
+    used: Mutex<u64>,
+}
+
+/// Returned to its [`Budget`] when dropped.
+pub struct Reservation {
+    budget: Arc<Budget>,
+    amount: u64,
+}
+
+impl Budget {
+    pub fn new(limit: u64) -> Arc<Budget> {
+        Arc::new(Budget {
+            limit,
+            used: Mutex::new(0),
+        })
+    }
+
+    /// Reserves `amount`, or says how much is free.
+    pub fn reserve(self: &Arc<Self>, amount: u64) -> Result<Reservation, u64> {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if used.saturating_add(amount) > self.limit {
+            return Err(self.limit.saturating_sub(*used));
+        }
+        *used += amount;
+        Ok(Reservation {
+            budget: self.clone(),
+            amount,
+        })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut used = self.budget.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used = used.saturating_sub(self.amount);
+    }
 }
 
 /// One slot per server id: a single connection replicates a server at a time, and a
@@ -221,6 +264,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         gc_lock: RwLock::new(()),
         servers: Mutex::new(HashMap::new()),
         peer_log: RateLimit::new(20),
+        manifest_memory: Budget::new(config.max_manifest_memory_mib << 20),
         config: config.clone(),
     });
     mark_all_disconnected(&shared);

@@ -41,6 +41,8 @@ pub struct Session {
     quarantine_seen: Option<Vec<u8>>,
     /// Replies to send once the current step returns (see [`Session::process`]).
     outbox: Vec<Message>,
+    /// Manifest memory held for the open disks, returned when the session ends.
+    reservations: Vec<super::Reservation>,
 }
 
 /// A failure that ends the session, with the Error frame to send first.
@@ -129,6 +131,7 @@ impl Session {
             last_point: None,
             quarantine_seen,
             outbox: Vec::new(),
+            reservations: Vec::new(),
         }
     }
 
@@ -354,14 +357,42 @@ impl Session {
                         cfg.max_disk_size_gib
                     )));
                 }
-                if self.disks.len() >= cfg.max_disks_per_server {
+                // Every disk this receiver holds for the server counts, open or not.
+                let disks_dir = self.shared.catalog.server_dir(&self.server).join("disks");
+                let mut known: std::collections::HashSet<String> = std::fs::read_dir(&disks_dir)
+                    .map(|rd| {
+                        rd.flatten()
+                            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                known.extend(self.disks.values().map(|d| d.id.clone()));
+                if !known.contains(&disk_id) && known.len() >= cfg.max_disks_per_server {
                     return Err(protocol(format!(
-                        "disk {disk_id}: server {} already has {} disks open, this receiver's \
+                        "disk {disk_id}: server {} already has {} disks on this receiver, its \
                          max_disks_per_server",
                         self.server,
-                        self.disks.len()
+                        known.len()
                     )));
                 }
+                // The live manifest and the last point's, 32 bytes a block each.
+                let need = 2 * 32 * lifeboat_common::block::block_count(size);
+                let reservation =
+                    self.shared
+                        .manifest_memory
+                        .reserve(need)
+                        .map_err(|free| Fail {
+                            code: ErrorCode::Storage,
+                            retryable: true,
+                            message: format!(
+                        "disk {disk_id}: its manifests need {} MiB and only {} MiB of this \
+                         receiver's max_manifest_memory_mib ({}) are free",
+                        need.div_ceil(1 << 20),
+                        free >> 20,
+                        cfg.max_manifest_memory_mib
+                    ),
+                        })?;
+                self.reservations.push(reservation);
                 let dir = self
                     .shared
                     .catalog
@@ -507,7 +538,10 @@ impl Session {
             return Err(protocol(format!("point {point}: Commit names no disk")));
         }
         // A block quarantined since the disks were checked must not be named by this point:
-        // mark it absent (the digests then differ, and the agent resends it first).
+        // mark it absent (the digests then differ, and the agent resends it first). The
+        // fence keeps any quarantine out until the point is written.
+        let shared = self.shared.clone();
+        let _fence = shared.store.quarantine_fence()?;
         let mark = self.shared.store.quarantine_mark();
         if mark != self.quarantine_seen {
             self.quarantine_seen = mark;

@@ -10,7 +10,7 @@
 //! reports writeback errors of the filesystem since the descriptor was opened on Linux 5.8
 //! and later, which `serve` requires (see `crate::durability`).
 
-use super::{io_err, BlockStore, StoreError, VerifiedBlock};
+use super::{io_err, BlockStore, Fence, StoreError, VerifiedBlock};
 use crate::sys;
 use lifeboat_common::block::hash_block;
 use lifeboat_common::codec::{self, Codec};
@@ -120,6 +120,20 @@ impl DirStore {
         self.unsynced.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The quarantine fence: a `flock` on `store/quarantine.lock`, on a descriptor of its own
+    /// (flock belongs to the open file, so threads must not share one).
+    fn fence(&self, exclusive: bool) -> Result<File, StoreError> {
+        let path = self.root.join("quarantine.lock");
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        sys::flock(&f, exclusive, false).map_err(io_err(&path))?;
+        Ok(f)
+    }
+
     fn sync(&self) -> Result<(), StoreError> {
         sys::syncfs(&self.root_file).map_err(io_err(&self.root))
     }
@@ -191,6 +205,10 @@ impl BlockStore for DirStore {
             .collect())
     }
 
+    fn quarantine_fence(&self) -> Result<Fence, StoreError> {
+        Ok(Fence::new(self.fence(false)?))
+    }
+
     fn quarantine_mark(&self) -> Option<Vec<u8>> {
         fs::read(self.root.join("quarantine").join(QUARANTINE_MARK)).ok()
     }
@@ -248,6 +266,7 @@ impl BlockStore for DirStore {
     fn quarantine(&self, hash: &BlockHash) -> Result<String, StoreError> {
         let dir = self.root.join("quarantine");
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let _exclusive = self.fence(true)?;
         let dst = dir.join(format!("{}.{}", hash.to_hex(), crate::status::now_ms()));
         let src = self.path_of(hash);
         fs::rename(&src, &dst).map_err(io_err(&src))?;

@@ -69,6 +69,15 @@ pub fn verify(hash: BlockHash, codec: Codec, data: Vec<u8>) -> Result<VerifiedBl
     Ok(VerifiedBlock { hash, codec, data })
 }
 
+/// A held fence (see [`BlockStore::quarantine_fence`]); released when dropped.
+pub struct Fence(#[allow(dead_code)] Box<dyn Send>);
+
+impl Fence {
+    pub fn new(guard: impl Send + 'static) -> Fence {
+        Fence(Box::new(guard))
+    }
+}
+
 /// What every staging-store backend provides (see the module docs for the contract).
 pub trait BlockStore: Send + Sync {
     /// Durably inserts verified blocks; returns how many were new. Returns only when every
@@ -90,6 +99,11 @@ pub trait BlockStore: Send + Sync {
     /// Moves a corrupt block aside (kept for inspection, never read again) and changes the
     /// [`BlockStore::quarantine_mark`]; returns where it went, for people.
     fn quarantine(&self, hash: &BlockHash) -> Result<String, StoreError>;
+
+    /// Held shared by a session from reading the [`BlockStore::quarantine_mark`] until its
+    /// point is written; [`BlockStore::quarantine`] takes it exclusively around the move and
+    /// the new mark. So no point is written between a quarantine and the session noticing.
+    fn quarantine_fence(&self) -> Result<Fence, StoreError>;
 
     /// Every block ever quarantined (it may have been stored again since).
     fn quarantined(&self) -> Result<std::collections::HashSet<BlockHash>, StoreError>;
