@@ -3,7 +3,7 @@
 //! - [`block`]: the 512 KiB block geometry, blake3 block ids and the zero-block sentinel.
 //! - [`codec`]: zstd on the wire and at rest.
 //! - [`manifest`]: the ordered list of block hashes of one disk at one point (docs/formats.md).
-//! - [`protocol`]: wire protocol v1, sans-IO (docs/protocol.md).
+//! - [`protocol`]: wire protocol v2, sans-IO (docs/protocol.md).
 //! - [`config`]: the agent's and the receiver's configuration files.
 //! - [`durable`]: write-tmp, fsync, rename, fsync-dir.
 

@@ -1,4 +1,4 @@
-//! Wire protocol v1, sans-IO: encode into and decode from byte buffers; no sockets here.
+//! Wire protocol v2, sans-IO: encode into and decode from byte buffers; no sockets here.
 //!
 //! A connection starts with a 12-byte preface each way (`"LIFEBOAT"`, version u16, flags u16),
 //! then carries frames: `len u32 LE | type u8 | payload`, where `len` counts the type byte and
@@ -10,7 +10,8 @@ use crate::block::{BlockHash, BLOCK_SIZE};
 use crate::codec::Codec;
 
 pub const PREFACE_MAGIC: &[u8; 8] = b"LIFEBOAT";
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2: `Hello` carries the agent's instance and host name, `Progress` its clock.
+pub const PROTOCOL_VERSION: u16 = 2;
 pub const PREFACE_LEN: usize = 12;
 /// Hard cap on `len` (type byte + payload): one compressed block plus headroom.
 pub const MAX_FRAME: usize = BLOCK_SIZE + 64 * 1024;
@@ -87,6 +88,8 @@ pub enum ErrorCode {
     Storage = 5,
     DigestMismatch = 6,
     Internal = 7,
+    /// The receiver is at a limit (connections, the server's slot): try again later.
+    Busy = 8,
 }
 
 impl ErrorCode {
@@ -99,6 +102,7 @@ impl ErrorCode {
             5 => ErrorCode::Storage,
             6 => ErrorCode::DigestMismatch,
             7 => ErrorCode::Internal,
+            8 => ErrorCode::Busy,
             _ => return None,
         })
     }
@@ -113,7 +117,7 @@ pub struct DiskProgress {
     pub backlog_blocks: u64,
 }
 
-/// Every message of protocol v1. Direction: A = agent → receiver, R = receiver → agent.
+/// Every message of protocol v2. Direction: A = agent → receiver, R = receiver → agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     /// A: who the agent is and its token. First frame after the preface. `instance` names
@@ -199,7 +203,7 @@ pub enum Message {
 pub enum DecodeError {
     #[error("bad preface: expected \"LIFEBOAT\", got {0:?}")]
     BadPreface(Vec<u8>),
-    #[error("unsupported protocol version {0} (this build speaks version 1)")]
+    #[error("unsupported protocol version {0} (this build speaks version {PROTOCOL_VERSION}: upgrade the older of agent and receiver)")]
     Version(u16),
     #[error("frame of {len} bytes exceeds the {cap}-byte cap")]
     Oversized { len: usize, cap: usize },
@@ -953,9 +957,9 @@ mod tests {
 
     #[test]
     fn preface_checks() {
-        assert_eq!(check_preface(&preface(1)), Ok(1));
-        assert_eq!(check_preface(&preface(2)), Err(DecodeError::Version(2)));
-        let mut p = preface(1);
+        assert_eq!(check_preface(&preface(2)), Ok(2));
+        assert_eq!(check_preface(&preface(1)), Err(DecodeError::Version(1)));
+        let mut p = preface(2);
         p[0] = b'X';
         assert!(matches!(check_preface(&p), Err(DecodeError::BadPreface(_))));
     }

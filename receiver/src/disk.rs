@@ -62,13 +62,20 @@ pub struct LiveDisk {
     pub damaged_records: u64,
 }
 
+/// The most records one append writes (a session's batch appends at most one record per
+/// message; `session::BATCH` is checked against it): a bad tail longer than this cannot be
+/// one torn write, so it is damage.
+pub const MAX_RECORDS_PER_APPEND: u64 = 64;
+
 /// What a journal replay found.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Replay {
     /// Bytes up to the end of the last good record (what the journal keeps).
     good_len: usize,
-    /// Bad records followed by good ones: damage, not a torn tail.
+    /// Bad records followed by good ones, or a bad tail too long to be one torn write.
     damaged: u64,
+    /// Bad records at the tail, dropped as a torn write.
+    torn: u64,
 }
 
 /// Applies every journal record that passes its check over `manifest` (see the module docs).
@@ -93,6 +100,11 @@ fn replay(manifest: &mut Manifest, bytes: &[u8]) -> Replay {
             *slot = hash;
         }
         out.good_len = (n + 1) * RECORD;
+    }
+    if bad_run > MAX_RECORDS_PER_APPEND {
+        out.damaged += bad_run;
+    } else {
+        out.torn = bad_run;
     }
     out
 }
@@ -150,11 +162,21 @@ impl LiveDisk {
             journal_records: (good / RECORD) as u64,
             damaged_records: replayed.damaged,
         };
+        if replayed.torn > 0 {
+            tracing::warn!(
+                disk = id,
+                records = replayed.torn,
+                "journal {}: dropped {} unacknowledged record(s) torn by a crash",
+                jpath.display(),
+                replayed.torn
+            );
+        }
         if replayed.damaged > 0 {
             tracing::error!(
                 disk = id,
                 records = replayed.damaged,
-                "journal {} is damaged: {} record(s) fail their check between good ones; \
+                "journal {} is damaged: {} record(s) fail their check (between good ones, or \
+                 more at the tail than one write holds); \
                  the disk's acknowledged state may lack them, so its agent will verify-scan it",
                 jpath.display(),
                 replayed.damaged
@@ -375,6 +397,19 @@ mod tests {
         assert_eq!(disk.journal_records(), 1);
         assert_eq!(disk.manifest.hashes[3], BlockHash([4; 32]));
         assert_eq!(disk.manifest.hashes[0], BlockHash([1; 32]));
+        // A bad tail longer than one append can write is damage, not a torn write.
+        drop(disk);
+        let mut bytes = fs::read(&j).unwrap();
+        let good = bytes.len();
+        for k in 0..(MAX_RECORDS_PER_APPEND as usize + 1) {
+            bytes.extend_from_slice(&(k as u64 % 4).to_le_bytes());
+            bytes.extend_from_slice(&[7u8; 32]);
+            bytes.extend_from_slice(&[0u8; 4]); // a check that fails
+        }
+        fs::write(&j, &bytes).unwrap();
+        let disk = LiveDisk::open(d.path(), "root", size).unwrap();
+        assert_eq!(disk.damaged_records, MAX_RECORDS_PER_APPEND + 1);
+        assert_eq!(good / RECORD, 1);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The few system calls std does not wrap: `syncfs` and `flock`.
+//! The few system calls std does not wrap: `syncfs`, `flock` and `geteuid`.
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -39,4 +39,10 @@ pub fn flock(f: &File, exclusive: bool, nonblocking: bool) -> io::Result<bool> {
         return Ok(false);
     }
     Err(e)
+}
+
+/// The effective user id of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid(2) takes no arguments and cannot fail.
+    unsafe { libc::geteuid() }
 }

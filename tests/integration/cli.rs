@@ -243,6 +243,31 @@ fn restore_is_safe_to_aim() {
     }
     assert_eq!(std::fs::read(&target).unwrap(), b"keep");
 
+    // A FIFO is refused at once (never blocked on); a file with a second link is not
+    // overwritten (whoever holds the other link would read the image).
+    let fifo = w.path().join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let o = rx.restore_with("aim", "root", "latest", &fifo, &["--force"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("neither a regular file nor a block device"),
+        "{}",
+        stderr(&o)
+    );
+    let linked = w.path().join("linked.img");
+    std::fs::write(&linked, b"x").unwrap();
+    std::fs::hard_link(&linked, w.path().join("other-link")).unwrap();
+    let o = rx.restore_with("aim", "root", "latest", &linked, &["--force"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("2 link(s)"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(&linked).unwrap(), b"x");
+
     // A block device needs --force, and is refused while mounted.
     let dev_file = w.path().join("dev.img");
     std::fs::File::create(&dev_file)

@@ -615,7 +615,10 @@ impl RawClient {
 
     /// Sends the preface and reads the receiver's.
     pub fn preface(&mut self) {
-        self.send(&lifeboat_common::protocol::preface(1)).unwrap();
+        self.send(&lifeboat_common::protocol::preface(
+            lifeboat_common::protocol::PROTOCOL_VERSION,
+        ))
+        .unwrap();
         let mut p = [0u8; 12];
         self.stream.read_exact(&mut p).unwrap();
         assert_eq!(&p[..8], b"LIFEBOAT");

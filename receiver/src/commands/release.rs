@@ -10,7 +10,9 @@ pub fn run(state_dir: &Path, server: &str) -> anyhow::Result<()> {
     let Some(mut st) = ServerStatus::load(&dir) else {
         bail!("server {server:?} has never connected to this receiver (see `lifeboat-receiver servers`)");
     };
-    if st.connected {
+    // `connected` is only true while a serve runs: after a crash it is stale.
+    let serve_running = lifeboat_common::lock::lock_dir(state_dir, "serve").is_err();
+    if st.connected && serve_running {
         bail!(
             "server {server} is connected now from host {} (instance {}, {}): stop that agent \
              first, or give the other machine its own server_id",

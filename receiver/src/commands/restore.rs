@@ -34,81 +34,97 @@ pub struct Request {
 #[error("{0}")]
 pub struct DataError(pub String);
 
-/// Opens where a restore writes. A block device needs `--force` and is opened exclusively
-/// (`O_EXCL`: refused while mounted or held by anyone else). A file is created new, mode
-/// 0600 (a disk image holds everything the server held), never through a symlink; an
-/// existing one is overwritten only with `--force`.
+/// Opens where a restore writes. A new file is created here, mode 0600 (a disk image holds
+/// everything the server held), never through a symlink. Anything already there is opened
+/// without following a link or blocking on a FIFO, and judged by what was opened, not by an
+/// earlier look at the path: a block device needs `--force` and is opened exclusively
+/// (`O_EXCL`: refused while mounted or held by anyone else); a regular file needs `--force`,
+/// and must be ours with a single link.
 fn open_destination(to: &Path, size: u64, force: bool) -> anyhow::Result<(File, bool)> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let meta = std::fs::symlink_metadata(to);
-    match &meta {
-        Ok(m) if m.file_type().is_symlink() => bail!(
-            "{} is a symbolic link; name the file or device it points to",
-            to.display()
-        ),
-        Ok(m) if m.file_type().is_block_device() => {
-            if !force {
-                bail!(
-                    "{} is a block device: everything on it will be overwritten; pass --force \
-                     to restore onto it",
-                    to.display()
-                );
-            }
-            let mut f = OpenOptions::new()
-                .write(true)
-                .read(true)
-                .custom_flags(libc::O_EXCL)
-                .open(to)
-                .map_err(|e| match e.raw_os_error() {
-                    Some(libc::EBUSY) => anyhow::anyhow!(
-                        "block device {} is in use (mounted, or open exclusively by another \
-                         program): unmount or release it first",
-                        to.display()
-                    ),
-                    _ => anyhow::Error::new(e)
-                        .context(format!("opening block device {}", to.display())),
-                })?;
-            let dev_size = f.seek(SeekFrom::End(0))?;
-            if dev_size < size {
-                bail!(
-                    "block device {} holds {} bytes, less than the disk's {size}",
-                    to.display(),
-                    dev_size
-                );
-            }
-            Ok((f, true))
-        }
-        Ok(m) if !m.is_file() => bail!(
-            "{} is neither a regular file nor a block device",
-            to.display()
-        ),
-        Ok(_) if !force => bail!(
-            "{} already exists; pass --force to overwrite it",
-            to.display()
-        ),
-        _ => {
-            let mut opts = OpenOptions::new();
-            opts.write(true)
-                .read(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW);
-            if meta.is_ok() {
-                opts.truncate(true);
-            } else {
-                opts.create_new(true);
-            }
-            let f = opts
-                .open(to)
-                .with_context(|| format!("creating {}", to.display()))?;
-            // An overwritten file keeps no wider mode than a new one.
-            f.set_permissions(std::fs::Permissions::from_mode(0o600))
-                .with_context(|| format!("setting mode 0600 on {}", to.display()))?;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(to)
+    {
+        Ok(f) => {
             // Sparse: every block not written reads as zeros.
             f.set_len(size)
                 .with_context(|| format!("sizing {} to {size} bytes", to.display()))?;
-            Ok((f, false))
+            return Ok((f, false));
         }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("creating {}", to.display()))),
     }
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_EXCL)
+        .open(to)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => anyhow::anyhow!(
+                "{} is a symbolic link; name the file or device it points to",
+                to.display()
+            ),
+            Some(libc::EBUSY) => anyhow::anyhow!(
+                "block device {} is in use (mounted, or open exclusively by another program): \
+                 unmount or release it first",
+                to.display()
+            ),
+            _ => anyhow::Error::new(e).context(format!("opening {}", to.display())),
+        })?;
+    let m = f
+        .metadata()
+        .with_context(|| format!("inspecting {}", to.display()))?;
+    if m.file_type().is_block_device() {
+        if !force {
+            bail!(
+                "{} is a block device: everything on it will be overwritten; pass --force to \
+                 restore onto it",
+                to.display()
+            );
+        }
+        let mut f = f;
+        let dev_size = f.seek(SeekFrom::End(0))?;
+        if dev_size < size {
+            bail!(
+                "block device {} holds {} bytes, less than the disk's {size}",
+                to.display(),
+                dev_size
+            );
+        }
+        return Ok((f, true));
+    }
+    if !m.is_file() {
+        bail!(
+            "{} is neither a regular file nor a block device",
+            to.display()
+        );
+    }
+    if !force {
+        bail!(
+            "{} already exists; pass --force to overwrite it",
+            to.display()
+        );
+    }
+    if m.uid() != crate::sys::euid() || m.nlink() != 1 {
+        bail!(
+            "{} belongs to uid {} and has {} link(s): refusing to overwrite it (another \
+             user could read the image); remove it first",
+            to.display(),
+            m.uid(),
+            m.nlink()
+        );
+    }
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting mode 0600 on {}", to.display()))?;
+    f.set_len(0)
+        .and_then(|()| f.set_len(size))
+        .with_context(|| format!("sizing {} to {size} bytes", to.display()))?;
+    Ok((f, false))
 }
 
 pub fn progress(len: u64, what: &str) -> ProgressBar {

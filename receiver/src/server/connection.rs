@@ -10,6 +10,7 @@ use lifeboat_common::protocol::{
     PREFACE_LEN,
 };
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -107,6 +108,11 @@ async fn send_now<W: AsyncWrite + Unpin>(wr: &mut W, m: &Message) {
 
 type Tls = tokio_rustls::server::TlsStream<TcpStream>;
 
+/// Where a handshake stands, for the message when its deadline passes.
+const STAGE_TLS: u8 = 0;
+const STAGE_PREFACE: u8 = 1;
+const STAGE_HELLO: u8 = 2;
+
 /// Ends a claim on the server's slot when the connection ends, however it ends.
 struct Released<'a>(&'a ServerSlot, u64);
 
@@ -135,6 +141,7 @@ async fn handshake(
     shared: &Shared,
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
+    stage: &AtomicU8,
 ) -> Result<Option<Authenticated>, String> {
     let tls = match acceptor.accept(tcp).await {
         // A port probe (load balancer, monitoring) connects and closes without a word.
@@ -146,6 +153,7 @@ async fn handshake(
         Ok(tls) => tls,
     };
     let (mut rd, mut wr) = tokio::io::split(tls);
+    stage.store(STAGE_PREFACE, Ordering::Relaxed);
 
     let mut pre = [0u8; PREFACE_LEN];
     rd.read_exact(&mut pre)
@@ -165,6 +173,7 @@ async fn handshake(
     }
 
     let mut buf = Vec::new();
+    stage.store(STAGE_HELLO, Ordering::Relaxed);
     // The caller's deadline bounds the whole handshake; this one never fires first.
     let per_read = Duration::from_secs(shared.config.handshake_timeout_secs + 1);
     let hello = match read_frame(&mut rd, &mut buf, per_read, MAX_PREAUTH_FRAME).await {
@@ -229,12 +238,19 @@ async fn run(
     agents: Arc<Semaphore>,
 ) -> Result<(), String> {
     let limit = Duration::from_secs(shared.config.handshake_timeout_secs);
-    let auth = match tokio::time::timeout(limit, handshake(shared, acceptor, tcp)).await {
+    let stage = AtomicU8::new(STAGE_TLS);
+    let auth = match tokio::time::timeout(limit, handshake(shared, acceptor, tcp, &stage)).await {
         Err(_) => {
+            let waiting_for = match stage.load(Ordering::Relaxed) {
+                STAGE_TLS => "the TLS handshake",
+                STAGE_PREFACE => "the preface",
+                _ => "Hello",
+            };
             return Err(format!(
-                "handshake not completed within {}s (handshake_timeout_secs)",
+                "handshake not completed within {}s (handshake_timeout_secs): still waiting \
+                 for {waiting_for}",
                 limit.as_secs()
-            ))
+            ));
         }
         Ok(r) => r?,
     };
@@ -256,7 +272,7 @@ async fn run(
             "server {server} refused: the receiver already serves max_connections = {} agents",
             shared.config.max_connections
         );
-        send_now(&mut wr, &error(ErrorCode::Internal, true, msg.clone())).await;
+        send_now(&mut wr, &error(ErrorCode::Busy, true, msg.clone())).await;
         return Err(msg);
     };
     tracing::Span::current().record("server", server.as_str());
@@ -293,7 +309,7 @@ async fn run(
         Ok(g) => g,
         Err(_) => {
             let msg = format!("server {server} is still replicating on another connection");
-            send_now(&mut wr, &error(ErrorCode::Internal, true, msg.clone())).await;
+            send_now(&mut wr, &error(ErrorCode::Busy, true, msg.clone())).await;
             return Err(msg);
         }
     };

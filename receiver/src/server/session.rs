@@ -20,6 +20,8 @@ use tokio::sync::mpsc;
 
 /// Most messages applied as one group commit.
 pub const BATCH: usize = 64;
+// One batch appends at most one journal record per message to a disk.
+const _: () = assert!(BATCH as u64 <= crate::disk::MAX_RECORDS_PER_APPEND);
 
 pub enum SessionEnd {
     Done,
@@ -457,7 +459,10 @@ impl Session {
             } => {
                 let now = now_ms();
                 self.status.last_seen_unix_ms = now;
-                self.note_skew(agent_unix_ms as i64 - now as i64);
+                // Hostile values must not overflow: compute wide, clamp.
+                let skew = (agent_unix_ms as i128 - now as i128)
+                    .clamp(-(i64::MAX as i128), i64::MAX as i128) as i64;
+                self.note_skew(skew);
                 for p in disks {
                     if let Some(d) = self.disks.get(&p.handle) {
                         if let Some(s) = self.status.disks.iter_mut().find(|s| s.id == d.id) {
