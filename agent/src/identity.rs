@@ -39,12 +39,18 @@ pub fn load(state_dir: &Path) -> io::Result<Identity> {
             id
         }
     };
+    let machine = read_trimmed("/etc/machine-id");
+    let hardware = read_trimmed("/sys/class/dmi/id/product_uuid");
+    if hardware.is_empty() {
+        tracing::warn!(
+            "no SMBIOS product UUID (/sys/class/dmi/id/product_uuid): this machine's instance id \
+             rests on /etc/machine-id and {}; a clone of its disk that keeps both (a recovery \
+             instance, a copied VM) would claim to be this machine",
+            path.display()
+        );
+    }
     let mut h = blake3::Hasher::new();
-    for part in [
-        read_trimmed("/etc/machine-id"),
-        read_trimmed("/sys/class/dmi/id/product_uuid"),
-        install,
-    ] {
+    for part in [machine, hardware, install] {
         h.update(&(part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }

@@ -329,6 +329,9 @@ pub struct ReceiverConfig {
     /// their own budget, so unauthenticated peers can never take the slots agents need.
     #[serde(default = "default_max_pending_handshakes")]
     pub max_pending_handshakes: usize,
+    /// Of those, most from one source address (so one address cannot take them all).
+    #[serde(default = "default_max_pending_handshakes_per_source")]
+    pub max_pending_handshakes_per_source: usize,
     /// Seconds a peer has for the whole handshake (TLS, preface and Hello together).
     #[serde(default = "default_handshake_timeout_secs")]
     pub handshake_timeout_secs: u64,
@@ -386,6 +389,9 @@ fn default_max_connections() -> usize {
 }
 fn default_max_pending_handshakes() -> usize {
     64
+}
+fn default_max_pending_handshakes_per_source() -> usize {
+    8
 }
 fn default_handshake_timeout_secs() -> u64 {
     10
@@ -459,6 +465,13 @@ impl ReceiverConfig {
                 "must be at least 1",
             ));
         }
+        if self.max_pending_handshakes_per_source == 0 {
+            return Err(invalid(
+                path,
+                "max_pending_handshakes_per_source",
+                "must be at least 1",
+            ));
+        }
         if !(1..=300).contains(&self.handshake_timeout_secs) {
             return Err(invalid(
                 path,
@@ -515,6 +528,7 @@ impl Default for ReceiverConfig {
             retention: RetentionConfig::default(),
             max_connections: default_max_connections(),
             max_pending_handshakes: default_max_pending_handshakes(),
+            max_pending_handshakes_per_source: default_max_pending_handshakes_per_source(),
             handshake_timeout_secs: default_handshake_timeout_secs(),
             max_disk_size_gib: default_max_disk_size_gib(),
             max_disks_per_server: default_max_disks_per_server(),

@@ -7,7 +7,9 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 fn hello(server: &str, token: &str) -> Vec<u8> {
-    hello_as(server, token, &format!("raw-{server}"))
+    // 16 hex digits, as an agent's instance id is.
+    let h = blake3::hash(server.as_bytes()).to_hex();
+    hello_as(server, token, &h[..16])
 }
 
 /// A `Hello` from machine `instance` (a server id belongs to one instance at a time).

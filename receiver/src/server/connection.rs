@@ -3,7 +3,7 @@
 //! applies blocks, refs and commits in order (see `session.rs`), and the writer sends replies.
 
 use super::session::{Session, SessionEnd};
-use super::{Holder, LastHolder, ServerSlot, Shared};
+use super::{HandshakeTicket, Holder, LastHolder, ServerSlot, Shared};
 use crate::status::{now_ms, RefusedClaim, ServerStatus};
 use lifeboat_common::protocol::{
     self, decode_frame_capped, DecodeError, ErrorCode, Message, MAX_FRAME, MAX_PREAUTH_FRAME,
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::Instrument;
 
 /// A refusal sent during the handshake waits this long for the peer to read it.
@@ -40,12 +40,12 @@ pub async fn handle(
     tcp: TcpStream,
     peer: SocketAddr,
     stop: watch::Receiver<bool>,
-    handshake_permit: OwnedSemaphorePermit,
+    ticket: HandshakeTicket,
     agents: Arc<Semaphore>,
 ) {
     let span = tracing::info_span!("conn", %peer, server = tracing::field::Empty);
     async move {
-        let r = run(&shared, acceptor, tcp, peer, stop, handshake_permit, agents).await;
+        let r = run(&shared, acceptor, tcp, peer, stop, ticket, agents).await;
         match r {
             Ok(()) => tracing::debug!("connection closed"),
             Err(reason) => {
@@ -196,6 +196,20 @@ async fn handshake(
                 send_now(&mut wr, &error(ErrorCode::Protocol, false, msg.clone())).await;
                 return Err(msg);
             }
+            let valid_instance =
+                instance.len() == 16 && instance.bytes().all(|b| b.is_ascii_hexdigit());
+            if !valid_instance
+                || hostname.is_empty()
+                || hostname.len() > 255
+                || hostname.chars().any(char::is_control)
+            {
+                let msg = format!(
+                    "server {server_id}: Hello names instance {instance:?} on host {hostname:?}: \
+                     an instance is 16 hex digits, a host name 1-255 printable characters"
+                );
+                send_now(&mut wr, &error(ErrorCode::Protocol, false, msg.clone())).await;
+                return Err(msg);
+            }
             if let Err(why) = shared.tokens.check(&token, &server_id) {
                 let msg = format!("token refused for server {server_id}: {why}");
                 send_now(
@@ -234,7 +248,7 @@ async fn run(
     tcp: TcpStream,
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
-    handshake_permit: OwnedSemaphorePermit,
+    ticket: HandshakeTicket,
     agents: Arc<Semaphore>,
 ) -> Result<(), String> {
     let limit = Duration::from_secs(shared.config.handshake_timeout_secs);
@@ -254,7 +268,7 @@ async fn run(
         }
         Ok(r) => r?,
     };
-    drop(handshake_permit);
+    drop(ticket);
     let Some(Authenticated {
         mut rd,
         mut wr,

@@ -37,6 +37,55 @@ pub struct Shared {
     pub manifest_memory: Arc<Budget>,
 }
 
+/// A peer's place among the pending handshakes: one of `max_pending_handshakes`, and one of
+/// its source address's `max_pending_handshakes_per_source` (so one address cannot take
+/// them all). Given back when dropped (the handshake ended, either way).
+pub struct HandshakeTicket {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    sources: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl HandshakeTicket {
+    fn take(
+        handshakes: &Arc<Semaphore>,
+        sources: &Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+        per_source: usize,
+    ) -> Result<HandshakeTicket, String> {
+        let mut map = sources.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&ip).copied().unwrap_or(0) >= per_source {
+            return Err(format!(
+                "{per_source} connections from {ip} are still in their handshake \
+                 (max_pending_handshakes_per_source)"
+            ));
+        }
+        let permit = handshakes
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "max_pending_handshakes peers are still in their handshake".to_string())?;
+        // Only admitted sources have an entry: refusals never grow the map.
+        *map.entry(ip).or_insert(0) += 1;
+        Ok(HandshakeTicket {
+            _permit: permit,
+            sources: sources.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for HandshakeTicket {
+    fn drop(&mut self) {
+        let mut map = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// A quantity shared by every session (bytes of manifest memory), reserved before use.
 pub struct Budget {
     limit: u64,
@@ -280,6 +329,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     // Two budgets: peers still in their handshake, and authenticated agents. A flood of
     // unauthenticated peers can exhaust only the first.
     let handshakes = Arc::new(Semaphore::new(config.max_pending_handshakes));
+    let sources: Arc<Mutex<HashMap<std::net::IpAddr, usize>>> = Default::default();
     let agents = Arc::new(Semaphore::new(config.max_connections));
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -331,24 +381,21 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                    let (allowed, dropped) = shared.peer_log.allow();
-                    if allowed {
-                        tracing::warn!(
-                            %peer,
-                            dropped_similar = dropped,
-                            "connection refused: max_pending_handshakes ({}) peers are still \
-                             in their handshake",
-                            config.max_pending_handshakes
-                        );
+                let ticket = match HandshakeTicket::take(&handshakes, &sources, peer.ip(), config.max_pending_handshakes_per_source) {
+                    Ok(t) => t,
+                    Err(why) => {
+                        let (allowed, dropped) = shared.peer_log.allow();
+                        if allowed {
+                            tracing::warn!(%peer, dropped_similar = dropped, "connection refused: {why}");
+                        }
+                        continue;
                     }
-                    continue;
                 };
                 let shared = shared.clone();
                 let acceptor = acceptor.clone();
                 let stop = stop_rx.clone();
                 let agents = agents.clone();
-                tasks.spawn(connection::handle(shared, acceptor, tcp, peer, stop, permit, agents));
+                tasks.spawn(connection::handle(shared, acceptor, tcp, peer, stop, ticket, agents));
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             _ = sigterm.recv() => break,
@@ -387,5 +434,121 @@ fn mark_all_disconnected(shared: &Shared) {
                 let _ = st.save(&dir);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_source_cannot_take_every_handshake_place() {
+        let handshakes = Arc::new(Semaphore::new(4));
+        let sources: Arc<Mutex<HashMap<std::net::IpAddr, usize>>> = Default::default();
+        let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let b: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let take = |ip| HandshakeTicket::take(&handshakes, &sources, ip, 2);
+        let a1 = take(a).unwrap();
+        let _a2 = take(a).unwrap();
+        let e = take(a).err().unwrap();
+        assert!(e.contains("2 connections from 10.0.0.1"), "{e}");
+        // Another source still gets in, up to the global budget.
+        let _b1 = take(b).unwrap();
+        let _b2 = take(b).unwrap();
+        let e = take(b).err().unwrap();
+        assert!(e.contains("from 10.0.0.2"), "{e}");
+        drop(a1);
+        let _a3 = take(a).unwrap();
+        assert_eq!(handshakes.available_permits(), 0);
+        let c: std::net::IpAddr = "10.0.0.3".parse().unwrap();
+        let e = take(c).err().unwrap();
+        assert!(e.contains("max_pending_handshakes"), "{e}");
+        assert_eq!(
+            sources.lock().unwrap().get(&c),
+            None,
+            "a refusal grew the map"
+        );
+    }
+
+    #[test]
+    fn a_second_machine_is_refused_while_the_first_holds_the_server() {
+        let slot = ServerSlot {
+            lock: tokio::sync::Mutex::new(()),
+            generation: watch::channel(0).0,
+            holder: Mutex::new(None),
+        };
+        let lease = 60_000;
+        let (g1, mut newer1) = slot
+            .claim(
+                "web",
+                Holder::new("aaaa", "host-a", "1.1.1.1:1"),
+                None,
+                0,
+                lease,
+            )
+            .unwrap();
+        let e = slot
+            .claim(
+                "web",
+                Holder::new("bbbb", "host-b", "2.2.2.2:2"),
+                None,
+                0,
+                lease,
+            )
+            .unwrap_err();
+        assert!(
+            e.contains("host host-a (instance aaaa") && e.contains("host host-b (instance bbbb"),
+            "{e}"
+        );
+        // The same machine again: granted, and the older connection is told, even though it
+        // was not waiting when the newer one arrived.
+        let (g2, _) = slot
+            .claim(
+                "web",
+                Holder::new("aaaa", "host-a", "1.1.1.1:3"),
+                None,
+                0,
+                lease,
+            )
+            .unwrap();
+        assert!(newer1.has_changed().unwrap());
+        assert_ne!(*newer1.borrow_and_update(), g1);
+        // The older one leaving does not release the newer one's claim.
+        slot.release(g1);
+        assert!(slot
+            .claim(
+                "web",
+                Holder::new("bbbb", "host-b", "2.2.2.2:2"),
+                None,
+                0,
+                lease
+            )
+            .is_err());
+        slot.release(g2);
+        // Gone, but heard from within the lease: still refused; after it: granted.
+        let last = || {
+            Some(LastHolder {
+                holder: Holder::new("aaaa", "host-a", "1.1.1.1:3"),
+                last_seen_unix_ms: 1_000,
+            })
+        };
+        assert!(slot
+            .claim(
+                "web",
+                Holder::new("bbbb", "host-b", "2.2.2.2:2"),
+                last(),
+                30_000,
+                lease
+            )
+            .is_err());
+        assert!(slot
+            .claim(
+                "web",
+                Holder::new("bbbb", "host-b", "2.2.2.2:2"),
+                last(),
+                61_001,
+                lease
+            )
+            .is_ok());
     }
 }
