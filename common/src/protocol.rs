@@ -908,6 +908,71 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_frame(&bytes);
         }
+
+        /// Valid frames with their bodies mutated (bytes flipped, the type changed, the body
+        /// cut or extended with the length kept consistent): every body decoder is reached.
+        /// No panic, and whatever decodes re-encodes to the very same bytes (canonical).
+        #[test]
+        fn mutated_valid_frames_never_panic(
+            m in arb_message(),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+            new_type in proptest::option::of(1u8..=17),
+            resize in proptest::option::of(-16i32..16),
+        ) {
+            let mut frame = Vec::new();
+            m.encode(&mut frame);
+            let mut body = frame[4..].to_vec();
+            if let Some(t) = new_type {
+                body[0] = t;
+            }
+            for (at, x) in flips {
+                // Past the type byte (changed above, or not).
+                let i = 1 + at % (body.len() - 1).max(1);
+                if i < body.len() {
+                    body[i] ^= x;
+                }
+            }
+            if let Some(d) = resize {
+                let len = (body.len() as i64 + d as i64).max(1) as usize;
+                body.resize(len, 0xa5);
+            }
+            let mut out = (body.len() as u32).to_le_bytes().to_vec();
+            out.extend_from_slice(&body);
+            if let Ok(Some((decoded, used))) = decode_frame(&out) {
+                prop_assert_eq!(used, out.len());
+                let mut again = Vec::new();
+                decoded.encode(&mut again);
+                prop_assert_eq!(again, out);
+            }
+        }
+    }
+
+    /// The mutation test above must reach the body decoders, not stop at the length.
+    #[test]
+    fn mutations_reach_the_body_decoders() {
+        let mut errors = std::collections::HashSet::new();
+        let mut frame = Vec::new();
+        Message::Commit {
+            point: 3,
+            created_unix_ms: 4,
+            consistency: Consistency::BestEffort,
+            disks: vec![(0, BlockHash([9; 32]))],
+        }
+        .encode(&mut frame);
+        for t in 1..=17u8 {
+            for cut in 0..frame.len() - 5 {
+                let mut body = frame[4..].to_vec();
+                body[0] = t;
+                body.truncate(body.len() - cut);
+                let mut out = (body.len() as u32).to_le_bytes().to_vec();
+                out.extend_from_slice(&body);
+                if let Err(e) = decode_frame(&out) {
+                    errors.insert(std::mem::discriminant(&e));
+                }
+            }
+        }
+        // Truncated, Trailing, Invalid and UnknownType all seen.
+        assert!(errors.len() >= 4, "{errors:?}");
     }
 
     #[test]

@@ -58,6 +58,45 @@ mod tests {
         }
     }
 
+    /// The policy, stated independently: exactly the newest point, every recent point, and
+    /// for each tier the newest point of every bucket that has a point young enough for it.
+    /// (Lower bound and upper bound at once: a tier that deleted everything fails here.)
+    fn assert_exactly_the_policy(pts: &[(u64, u64)], now: u64, p: &RetentionConfig) {
+        let k = keep(pts, now, p);
+        let mut expected = HashSet::new();
+        if let Some(newest) = pts.iter().max_by_key(|(n, t)| (*t, *n)) {
+            expected.insert(newest.0);
+        }
+        let tiers = [
+            (HOUR_MS, 10 * MIN_MS),
+            (DAY_MS, HOUR_MS),
+            (p.daily_days * DAY_MS, DAY_MS),
+        ];
+        for (max_age, width) in tiers {
+            let mut buckets: std::collections::BTreeMap<u64, (u64, u64)> = Default::default();
+            for &(n, t) in pts {
+                let age = now - t;
+                if age <= p.recent_minutes * MIN_MS {
+                    expected.insert(n);
+                } else if age <= max_age {
+                    let b = buckets.entry(t / width).or_insert((t, n));
+                    if (t, n) > *b {
+                        *b = (t, n);
+                    }
+                }
+            }
+            expected.extend(buckets.values().map(|&(_, n)| n));
+        }
+        assert_eq!(
+            k.len(),
+            expected.len(),
+            "kept {} points, the policy says {}",
+            k.len(),
+            expected.len()
+        );
+        assert_eq!(k, expected);
+    }
+
     #[test]
     fn keeps_recent_then_thins_out() {
         let now = 100 * DAY_MS;
@@ -96,6 +135,10 @@ mod tests {
             .collect();
         assert!(old.len() <= 2, "{old:?}");
         assert!(k.len() < pts.len() / 4);
+        // Each hour of the last day and each 10 minutes of the last hour keeps a point.
+        assert!(per_hour.len() >= 23, "{per_hour:?}");
+        assert_exactly_the_policy(&pts, now, &policy(10, 7));
+        assert_exactly_the_policy(&pts, now, &policy(0, 1));
     }
 
     #[test]
@@ -125,6 +168,7 @@ mod tests {
         for step in 1..50 {
             let now = base + 2000 * 97_000 + step * 37 * MIN_MS;
             let k = keep(&pts, now, &p);
+            assert_exactly_the_policy(&pts, now, &p);
             assert!(
                 k.is_subset(&prev),
                 "step {step}: {:?}",

@@ -3,6 +3,15 @@
 use lifeboat_tests::*;
 use std::time::Duration;
 
+/// Waits until the receiver has journaled `records` blocks of `server`'s disk `root` (the
+/// journal is written before each ack, with no lag, unlike the saved counters).
+fn wait_for_journal(rx: &Receiver, server: &str, records: u64) {
+    let journal = rx.dir.join(format!("servers/{server}/disks/root/journal"));
+    wait_for("blocks to be journaled", Duration::from_secs(60), || {
+        std::fs::metadata(&journal).is_ok_and(|m| m.len() >= records * 44)
+    });
+}
+
 /// Incompressible, so the bandwidth limit makes the sync last long enough to interrupt.
 fn random_image(path: &std::path::Path, blocks: usize, seed: u64) -> Vec<u8> {
     let mut rng = Rng::new(seed);
@@ -25,12 +34,9 @@ fn agent_killed_mid_initial_sync_resumes_without_resending() {
     spec.bandwidth_mbps = 80;
     let mut agent = Agent::new(w.path(), &rx, &spec);
     agent.spawn();
-    // The receiver saves its counters every 2 s while a session runs.
-    wait_for(
-        "a fifth of the disk to arrive",
-        Duration::from_secs(60),
-        || rx.try_counter("kill-agent", "blocks_stored").unwrap_or(0) >= blocks / 5,
-    );
+    // Half the disk acknowledged: more than a window's worth, so a resume that forgot what
+    // was acknowledged would show in what run 2 sends.
+    wait_for_journal(&rx, "kill-agent", blocks / 2);
     agent.kill();
     // Once the session ends the receiver's counters are final for the first run.
     wait_for(
@@ -48,11 +54,20 @@ fn agent_killed_mid_initial_sync_resumes_without_resending() {
         stored_before < blocks,
         "the sync finished before the kill; nothing was tested"
     );
+    let refs_before = rx.counter("kill-agent", "refs_received");
 
     agent.run_once_ok();
     let received = rx.counter("kill-agent", "blocks_received");
     let stored = rx.counter("kill-agent", "blocks_stored");
     assert_eq!(stored, blocks, "every block stored exactly once");
+    // Nor were they queried again: a dedupe answer would have turned each into a Ref (the
+    // image has no zero or repeated blocks). At most the window that was in flight.
+    let refs = rx.counter("kill-agent", "refs_received") - refs_before;
+    assert!(
+        refs <= 64,
+        "run 2 sent {refs} Refs: it re-queried blocks acknowledged before the kill \
+         ({stored_before} of them)"
+    );
     // Blocks acknowledged before the kill were not sent again. (A block that was in flight,
     // sent but not yet acknowledged, may legitimately be sent twice.)
     assert!(
@@ -148,15 +163,17 @@ fn hung_receiver_is_detected_and_replication_recovers() {
     let img = w.path().join("disk.img");
     let data = random_image(&img, 120, 55);
     let mut spec = AgentSpec::new("hung-rx", &[("root", &img)]);
-    spec.bandwidth_mbps = 160;
+    spec.bandwidth_mbps = 40; // ~12 s of sync: the hang lands in the middle
     spec.timeout_secs = 4;
     let mut agent = Agent::new(w.path(), &rx, &spec);
     agent.spawn();
-    wait_for("some blocks to arrive", Duration::from_secs(60), || {
-        rx.try_counter("hung-rx", "blocks_stored").unwrap_or(0) >= 10
-    });
+    wait_for_journal(&rx, "hung-rx", 10);
     // The process stays, its sockets stay open, nothing answers.
     rx.signal(libc::SIGSTOP);
+    assert!(
+        rx.points("hung-rx").is_empty(),
+        "the sync finished before the hang; nothing was tested"
+    );
     wait_for(
         "the agent to notice the silence",
         Duration::from_secs(60),
@@ -181,19 +198,22 @@ fn receiver_sigterm_drains_and_restarts_cleanly() {
     let img = w.path().join("disk.img");
     let data = random_image(&img, 80, 66);
     let mut spec = AgentSpec::new("drain", &[("root", &img)]);
-    spec.bandwidth_mbps = 160;
+    spec.bandwidth_mbps = 40; // ~8 s of sync: the signal lands in the middle
     let mut agent = Agent::new(w.path(), &rx, &spec);
     agent.spawn();
-    wait_for("some blocks to arrive", Duration::from_secs(60), || {
-        rx.try_counter("drain", "blocks_stored").unwrap_or(0) >= 10
-    });
+    wait_for_journal(&rx, "drain", 10);
     rx.signal(libc::SIGTERM);
     wait_for("the receiver to exit", Duration::from_secs(20), || {
         !rx.is_running()
     });
+    assert!(
+        rx.points("drain").is_empty(),
+        "the sync finished before the signal; nothing was tested"
+    );
     let log = rx.log_text();
     assert!(
-        log.contains("draining connections") && log.contains("lifeboat-receiver stopped"),
+        log.contains("draining connections connections=1")
+            && log.contains("lifeboat-receiver stopped"),
         "{log}"
     );
     // After a drain no server is shown as connected.
