@@ -16,10 +16,10 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-const NETWORK_BOUND: f64 = 0.8;
-const CPU_BOUND: f64 = 0.2;
-const SPARE_CPU: f64 = 0.3;
-const BUSY_CPU: f64 = 0.1;
+pub const NETWORK_BOUND: f64 = 0.8;
+pub const CPU_BOUND: f64 = 0.2;
+pub const SPARE_CPU: f64 = 0.3;
+pub const BUSY_CPU: f64 = 0.1;
 
 pub struct LevelControl {
     min: i32,
