@@ -6,11 +6,13 @@
 //! - [`protocol`]: wire protocol v2, sans-IO (docs/protocol.md).
 //! - [`config`]: the agent's and the receiver's configuration files.
 //! - [`durable`]: write-tmp, fsync, rename, fsync-dir.
+//! - [`fuzzing`]: the fuzz targets' checks, also run over the regression corpus by the tests.
 
 pub mod block;
 pub mod codec;
 pub mod config;
 pub mod durable;
+pub mod fuzzing;
 pub mod lock;
 pub mod logging;
 pub mod manifest;

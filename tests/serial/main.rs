@@ -50,7 +50,10 @@ fn compression_level_climbs_when_the_network_is_the_bottleneck() {
     let (floor, ceiling) = (1i64, 9i64);
     let mut level = floor;
     let (mut judged, mut raised) = (0, 0);
-    let periods: Vec<&str> = log.lines().filter(|l| l.contains("compression period")).collect();
+    let periods: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("compression period"))
+        .collect();
     assert!(!periods.is_empty(), "no compression periods logged:\n{log}");
     for line in &periods {
         let net: f64 = field(line, "network_share").parse().unwrap();
@@ -84,7 +87,10 @@ fn compression_level_climbs_when_the_network_is_the_bottleneck() {
         level,
         "the status disagrees with the last decision"
     );
-    eprintln!("{judged} of {} periods judged; the level rose {raised} time(s)", periods.len());
+    eprintln!(
+        "{judged} of {} periods judged; the level rose {raised} time(s)",
+        periods.len()
+    );
     let out = w.path().join("out.img");
     assert!(rx
         .restore("slow-link", "root", "latest", &out)

@@ -1,0 +1,215 @@
+//! The fuzz targets' checks over every committed input under `common/fuzz/regressions/`:
+//! seeds (one valid frame of each message type, manifests) and any input a fuzz run ever
+//! found a bug with (add it there, named for what it found). `cargo fuzz` can start from
+//! them too: `cargo fuzz run decode_frame fuzz/regressions/decode_frame`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use lifeboat_common::codec::Codec;
+use lifeboat_common::manifest::Manifest;
+use lifeboat_common::protocol::{Consistency, DiskProgress, DiskState, ErrorCode, Message};
+use lifeboat_common::{fuzzing, BlockHash, BLOCK_SIZE};
+use std::path::PathBuf;
+
+fn dir(target: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/regressions")
+        .join(target)
+}
+
+fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir(target))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir(target).display()))
+        .map(|e| {
+            let p = e.unwrap().path();
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn every_frame_input_decodes_canonically_or_fails_cleanly() {
+    let files = corpus("decode_frame");
+    assert!(files.len() >= 17, "only {} frame inputs", files.len());
+    for (p, bytes) in files {
+        let r = std::panic::catch_unwind(|| fuzzing::frames(&bytes));
+        assert!(r.is_ok(), "{} breaks the frame decoder", p.display());
+        // Seeds are valid frames: the check ran the re-encoding, not just a refusal.
+        if p.file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("seed-")
+        {
+            assert!(
+                matches!(lifeboat_common::protocol::decode_frame(&bytes), Ok(Some(_))),
+                "seed {} no longer decodes (protocol changed? rewrite the seeds)",
+                p.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn every_manifest_input_decodes_canonically_or_fails_cleanly() {
+    let files = corpus("decode_manifest");
+    assert!(files.len() >= 3, "only {} manifest inputs", files.len());
+    for (p, bytes) in files {
+        let r = std::panic::catch_unwind(|| fuzzing::manifest(&bytes));
+        assert!(r.is_ok(), "{} breaks the manifest decoder", p.display());
+        if p.file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("seed-")
+        {
+            assert!(
+                Manifest::decode(&bytes).is_ok(),
+                "seed {} no longer decodes",
+                p.display()
+            );
+        }
+    }
+}
+
+/// One message of every type.
+fn seeds() -> Vec<(&'static str, Message)> {
+    let h = BlockHash([7; 32]);
+    vec![
+        (
+            "hello",
+            Message::Hello {
+                server_id: "web-01".into(),
+                token: "t".into(),
+                agent_version: "0.1.0".into(),
+                instance: "0123456789abcdef".into(),
+                hostname: "web-01".into(),
+            },
+        ),
+        (
+            "welcome",
+            Message::Welcome {
+                receiver_version: "0.1.0".into(),
+                last_point: 3,
+            },
+        ),
+        (
+            "open_disk",
+            Message::OpenDisk {
+                handle: 0,
+                disk_id: "root".into(),
+                size: 10 * BLOCK_SIZE as u64,
+            },
+        ),
+        (
+            "disk_opened",
+            Message::DiskOpened {
+                handle: 0,
+                digest: h,
+            },
+        ),
+        ("get_manifest", Message::GetManifest { handle: 0 }),
+        (
+            "manifest_chunk",
+            Message::ManifestChunk {
+                handle: 0,
+                start: 0,
+                total: 2,
+                hashes: vec![h, BlockHash::ZERO],
+            },
+        ),
+        (
+            "have",
+            Message::Have {
+                req: 1,
+                hashes: vec![h; 3],
+            },
+        ),
+        (
+            "have_reply",
+            Message::HaveReply {
+                req: 1,
+                present: vec![true, false, true],
+            },
+        ),
+        (
+            "block",
+            Message::Block {
+                seq: 1,
+                handle: 0,
+                index: 4,
+                hash: h,
+                codec: Codec::Raw,
+                data: vec![1, 2, 3],
+            },
+        ),
+        (
+            "ref",
+            Message::Ref {
+                seq: 2,
+                handle: 0,
+                index: 5,
+                hash: h,
+            },
+        ),
+        ("acks", Message::Acks { seqs: vec![1, 2] }),
+        ("need_data", Message::NeedData { seq: 2 }),
+        (
+            "commit",
+            Message::Commit {
+                point: 4,
+                created_unix_ms: 1_700_000_000_000,
+                consistency: Consistency::BestEffort,
+                disks: vec![(0, h)],
+            },
+        ),
+        ("committed", Message::Committed { point: 4 }),
+        (
+            "progress",
+            Message::Progress {
+                agent_unix_ms: 1_700_000_000_000,
+                disks: vec![DiskProgress {
+                    handle: 0,
+                    state: DiskState::Continuous,
+                    backlog_blocks: 0,
+                }],
+            },
+        ),
+        (
+            "error",
+            Message::Error {
+                code: ErrorCode::Busy,
+                retryable: true,
+                message: "busy".into(),
+            },
+        ),
+    ]
+}
+
+/// Writes the seed corpus (by hand, after a protocol change:
+/// `cargo test -p lifeboat-common --test fuzz_regressions -- --ignored`).
+#[test]
+#[ignore]
+fn write_seeds() {
+    let frames = dir("decode_frame");
+    std::fs::create_dir_all(&frames).unwrap();
+    let mut stream = Vec::new();
+    for (name, m) in seeds() {
+        let mut out = Vec::new();
+        m.encode(&mut out);
+        stream.extend_from_slice(&out);
+        std::fs::write(frames.join(format!("seed-{name}")), out).unwrap();
+    }
+    std::fs::write(frames.join("seed-stream-of-all"), stream).unwrap();
+    let manifests = dir("decode_manifest");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let empty = Manifest::zeroed(0);
+    std::fs::write(manifests.join("seed-empty"), empty.encode()).unwrap();
+    let mut m = Manifest::zeroed(3 * BLOCK_SIZE as u64 + 17);
+    m.hashes[1] = BlockHash([7; 32]);
+    std::fs::write(manifests.join("seed-partial-tail"), m.encode()).unwrap();
+    let full = Manifest::zeroed(64 * BLOCK_SIZE as u64);
+    std::fs::write(manifests.join("seed-zeroed"), full.encode()).unwrap();
+}
