@@ -36,3 +36,25 @@ echo "== build (the integration tests run the real binaries)"
 cargo build --workspace --bins
 echo "== tests"
 cargo test --workspace
+
+# A bounded fuzz run of each decoder, from the committed regression corpus (new inputs go to
+# a scratch corpus). cargo-fuzz runs on the stable toolchain without a sanitizer. Longer by
+# hand: LIFEBOAT_FUZZ_SECS=600 bash tests/run.sh
+fuzz_secs="${LIFEBOAT_FUZZ_SECS:-20}"
+if [ "$fuzz_secs" -gt 0 ]; then
+  echo "== fuzz (${fuzz_secs}s per target)"
+  command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz >/dev/null
+  scratch="$(mktemp -d)"
+  for t in decode_frame decode_manifest; do
+    mkdir -p "$scratch/$t"
+    if ! (cd common && cargo fuzz run "$t" -s none --target-dir "$CARGO_TARGET_DIR/fuzz" \
+        "$scratch/$t" "fuzz/regressions/$t" -- -max_total_time="$fuzz_secs") \
+        >"$scratch/$t.log" 2>&1; then
+      tail -40 "$scratch/$t.log" >&2
+      echo "fuzz: $t failed; the input is in common/fuzz/artifacts/$t/ (add it to fuzz/regressions/$t)" >&2
+      exit 1
+    fi
+    echo "$t: $(grep -E '^Done' "$scratch/$t.log" | tail -1)"
+  done
+  rm -rf "$scratch"
+fi
