@@ -26,6 +26,16 @@ pub mod tracker;
 pub use cli::Cli;
 
 /// Runs a parsed command line; returns the exit code.
+///
+/// Any panic, on any thread, aborts the process after it is reported: a reader or worker
+/// thread that died would leave the pipeline waiting forever (a ghost that looks alive).
+/// systemd restarts the agent, and nothing it keeps needs a clean exit.
 pub fn main_with(cli: Cli) -> u8 {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("lifeboat-agent: aborting after a panic (systemd restarts the service)");
+        std::process::abort();
+    }));
     cli::run(cli)
 }

@@ -469,3 +469,54 @@ fn journal_damage_is_loud_and_the_disk_is_verified_again() {
     assert_eq!(rx.counter("jdamage", "journal_records_damaged"), 1);
     rx.expect_restore("jdamage", "root", "latest", &data);
 }
+
+/// A panic in one agent's session (a bug: injected here, in debug builds only) ends that
+/// session alone: the receiver keeps serving every other agent, and logs it as an error.
+#[test]
+fn a_panicking_session_takes_no_other_session_down() {
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    rx.kill();
+    rx.env = vec![("LIFEBOAT_TEST_PANIC_ON_DISK".into(), "boom".into())];
+    rx.restart();
+    let img = w.path().join("disk.img");
+    let data = random_image(&img, 40, 91);
+    // A healthy agent in the middle of its sync when the other's session panics.
+    let mut spec = AgentSpec::new("healthy", &[("root", &img)]);
+    spec.bandwidth_mbps = 40;
+    let mut healthy = Agent::new(w.path(), &rx, &spec);
+    healthy.spawn();
+    wait_for_journal(&rx, "healthy", 5);
+    let bad_root = w.path().join("bad");
+    std::fs::create_dir_all(&bad_root).unwrap();
+    let bad = Agent::new(&bad_root, &rx, &AgentSpec::new("victim", &[("boom", &img)]));
+    let o = bad.run_once(3);
+    assert!(!o.status.success());
+    assert!(rx.is_running(), "the receiver died with the session");
+    wait_for("the panic in the log", Duration::from_secs(10), || {
+        rx.log_text()
+            .contains("server victim: session panicked and was ended")
+    });
+    wait_for("the healthy agent's point", Duration::from_secs(60), || {
+        !rx.points("healthy").is_empty()
+    });
+    healthy.kill();
+    assert!(
+        !healthy.log_text().contains("replication interrupted"),
+        "the healthy agent lost its session: {}",
+        healthy.log_text()
+    );
+    rx.expect_restore("healthy", "root", "latest", &data);
+    // The tests run the dev profile, which always unwinds: the release profile must too, or
+    // this isolation is dead code in the binaries users run.
+    let manifest = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"),
+    )
+    .unwrap();
+    let release = &manifest[manifest.find("[profile.release]").unwrap()..];
+    let release = &release[..release[1..].find("\n[").map_or(release.len(), |i| i + 1)];
+    assert!(
+        release.contains("panic = \"unwind\""),
+        "release profile: {release}"
+    );
+}

@@ -451,11 +451,17 @@ async fn run(
     drop(work_tx);
     let end = processor
         .await
-        .unwrap_or(SessionEnd::Failed("session task panicked".into()));
+        .unwrap_or_else(|e| SessionEnd::Panicked(e.to_string()));
     drop(out_tx);
     let _ = writer.await;
     tracing::info!("agent disconnected");
     match (reason, end) {
+        (_, SessionEnd::Panicked(e)) => {
+            // A bug, never a peer's doing alone: logged in full, not rate-limited. Only this
+            // session ended; its state is reread from disk at the next connection.
+            tracing::error!("server {server}: session panicked and was ended: {e}");
+            Err(format!("session panicked: {e}"))
+        }
         (_, SessionEnd::Failed(e)) => Err(e),
         (r, SessionEnd::Done) => r,
     }

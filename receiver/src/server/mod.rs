@@ -2,6 +2,11 @@
 //!
 //! Shutdown (SIGTERM/SIGINT): stop accepting, tell every connection to stop reading, let each
 //! finish the batch it holds (so everything it acks is durable), wait up to the grace period.
+//!
+//! Panics: the receiver unwinds (release profile `panic = "unwind"`). A panic in one agent's
+//! session ends that session only, logged as an error; its state is on disk and is reread at
+//! the agent's next connection. Shared state survives it: every lock is taken with
+//! `unwrap_or_else(into_inner)`, and what a panicked batch left half done was never acked.
 
 mod connection;
 mod session;
@@ -397,7 +402,13 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 let agents = agents.clone();
                 tasks.spawn(connection::handle(shared, acceptor, tcp, peer, stop, ticket, agents));
             }
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = done {
+                    if e.is_panic() {
+                        tracing::error!("a connection task panicked (that connection ended): {e}");
+                    }
+                }
+            }
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }

@@ -26,6 +26,8 @@ const _: () = assert!(BATCH as u64 <= crate::disk::MAX_RECORDS_PER_APPEND);
 pub enum SessionEnd {
     Done,
     Failed(String),
+    /// The processor panicked (a bug): the session ends, the receiver goes on.
+    Panicked(String),
 }
 
 pub struct Session {
@@ -156,7 +158,7 @@ impl Session {
             .await;
             let (s, r) = match joined {
                 Ok(x) => x,
-                Err(e) => return SessionEnd::Failed(format!("session processor panicked: {e}")),
+                Err(e) => return SessionEnd::Panicked(e.to_string()),
             };
             self = s;
             if let Err(f) = r {
@@ -340,6 +342,11 @@ impl Session {
                 disk_id,
                 size,
             } => {
+                // Fault injection for the panic-isolation test; compiled out of release builds.
+                #[cfg(debug_assertions)]
+                if std::env::var("LIFEBOAT_TEST_PANIC_ON_DISK").as_deref() == Ok(disk_id.as_str()) {
+                    panic!("test-induced panic opening disk {disk_id}");
+                }
                 if !lifeboat_common::config::valid_name(&disk_id) {
                     return Err(protocol(format!(
                         "disk id {disk_id:?} must be 1-64 of [A-Za-z0-9._-]"
