@@ -459,3 +459,109 @@ fn the_agent_refuses_a_receiver_whose_ca_is_not_the_pinned_one() {
     assert!(!other.dir.join("servers/pinned").exists());
     assert!(!real.dir.join("servers/pinned").exists());
 }
+
+#[test]
+fn max_connections_refuses_the_next_agent_clearly_and_frees_up() {
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    rx.set_config("max_connections", "1");
+    let img = w.path().join("disk.img");
+    make_image(&img, 4, 0, 23);
+    let mut first = Agent::new(w.path(), &rx, &AgentSpec::new("first", &[("root", &img)]));
+    first.spawn();
+    wait_for("the first agent's point", Duration::from_secs(60), || {
+        !rx.points("first").is_empty()
+    });
+    let second = Agent::new(w.path(), &rx, &AgentSpec::new("second", &[("root", &img)]));
+    let o = second.run_once(3);
+    assert!(
+        !o.status.success(),
+        "a second agent got in past max_connections = 1"
+    );
+    assert!(
+        stderr(&o).contains("already serves max_connections = 1 agents"),
+        "{}",
+        stderr(&o)
+    );
+    first.kill();
+    second.run_once_ok();
+}
+
+#[test]
+fn refusals_a_peer_triggers_are_logged_at_a_bounded_rate() {
+    let w = workdir();
+    let rx = Receiver::start(w.path());
+    // 150 connections that fail their TLS handshake, as fast as they come.
+    for _ in 0..150 {
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", rx.port)).unwrap();
+        let _ = tcp.write_all(b"GET / HTTP/1.0\r\n\r\n");
+        let mut sink = [0u8; 64];
+        let _ = tcp.read(&mut sink);
+    }
+    // One more after the window, which reports how many were left out.
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", rx.port)).unwrap();
+    let _ = tcp.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    let mut sink = [0u8; 64];
+    let _ = tcp.read(&mut sink);
+    wait_for(
+        "the summary of dropped lines",
+        Duration::from_secs(10),
+        || {
+            rx.log_text().lines().any(|l| {
+                l.contains("TLS handshake failed")
+                    && !l.contains("dropped_similar=0")
+                    && l.contains("dropped_similar=")
+            })
+        },
+    );
+    let lines = rx
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("TLS handshake failed"))
+        .count();
+    // 20 a second: the flood takes a few seconds at most on a loaded machine.
+    assert!(lines < 100, "{lines} log lines for 151 bad peers");
+}
+
+#[test]
+fn tokens_are_never_logged() {
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    rx.kill();
+    rx.env = vec![("LIFEBOAT_LOG".into(), "debug".into())];
+    rx.restart();
+    let img = w.path().join("disk.img");
+    make_image(&img, 4, 0, 29);
+    let wrong = "f00dfeed".repeat(8);
+    let mut spec = AgentSpec::new("secretive", &[("root", &img)]);
+    spec.token = Some(wrong.clone());
+    let refused = Agent::new(w.path(), &rx, &spec);
+    let debug = ["env", "LIFEBOAT_LOG=debug"];
+    let o = refused.run_once_wrapped(&debug, 2);
+    assert!(!o.status.success());
+    let good_root = w.path().join("good");
+    std::fs::create_dir_all(&good_root).unwrap();
+    let good = Agent::new(
+        &good_root,
+        &rx,
+        &AgentSpec::new("secretive2", &[("root", &img)]),
+    );
+    let o2 = good.run_once_wrapped(&debug, 60);
+    assert!(o2.status.success(), "{}", stderr(&o2));
+    let key = std::fs::read_to_string(rx.dir.join("tls/server.key")).unwrap();
+    let key_line = key.lines().nth(1).unwrap().to_string();
+    for (what, text) in [
+        ("receiver log", rx.log_text()),
+        ("refused agent's output", stderr(&o) + &stdout(&o)),
+        ("agent's output", stderr(&o2) + &stdout(&o2)),
+    ] {
+        assert!(text.len() > 200, "{what} is too short to judge: {text}");
+        assert!(
+            !text.contains(&rx.token),
+            "{what} contains the enrolment token"
+        );
+        assert!(!text.contains(&wrong), "{what} contains the refused token");
+        assert!(!text.contains(&key_line), "{what} contains the TLS key");
+    }
+}
