@@ -97,6 +97,13 @@ impl Proc {
         }
     }
 
+    /// Waits for the process to exit by itself; true when it exited 0.
+    pub fn wait(&mut self) -> bool {
+        self.child
+            .take()
+            .is_some_and(|mut c| c.wait().unwrap().success())
+    }
+
     /// After the process exited by itself: reap it so that it may be started again.
     pub fn forget(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -447,6 +454,24 @@ impl Agent {
         let mut cmd = Command::new(bin("lifeboat-agent"));
         cmd.args(["run", "--config"]).arg(&self.config);
         self.proc.start(cmd);
+    }
+
+    /// Starts `run --once` in the background (to be killed, or waited for with
+    /// [`Agent::wait`]).
+    pub fn spawn_once(&mut self) {
+        let mut cmd = Command::new(bin("lifeboat-agent"));
+        cmd.args(["run", "--once", "--give-up-after-secs", "120", "--config"])
+            .arg(&self.config);
+        self.proc.start(cmd);
+    }
+
+    /// Waits for a background agent to exit; true when it exited 0.
+    pub fn wait(&mut self) -> bool {
+        self.proc.wait()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.proc.is_running()
     }
 
     pub fn kill(&mut self) {
