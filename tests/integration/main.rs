@@ -7,3 +7,4 @@ mod e2e;
 mod faults;
 mod gc;
 mod identity;
+mod power_cut;

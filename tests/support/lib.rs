@@ -694,30 +694,55 @@ impl Drop for Loop {
 /// running out of space for real.
 pub struct SmallFs {
     pub dir: PathBuf,
+    /// The image file the loop device writes to: what a disk would hold after a power cut.
+    pub img: PathBuf,
+}
+
+/// Runs a command; its stderr as the error.
+fn run_ok(c: &mut Command) -> Result<(), String> {
+    c.output().map_err(|e| e.to_string()).and_then(|o| {
+        if o.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&o.stderr).into_owned())
+        }
+    })
 }
 
 impl SmallFs {
     pub fn new(root: &Path, mib: u64) -> Result<SmallFs, String> {
-        let img = root.join("smallfs.img");
-        let dir = root.join("smallfs");
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        SmallFs::with_options(root, "smallfs", mib, "defaults")
+    }
+
+    /// A new `mib`-MiB ext4 image `<root>/<name>.img`, mounted at `<root>/<name>` with
+    /// `options`.
+    pub fn with_options(
+        root: &Path,
+        name: &str,
+        mib: u64,
+        options: &str,
+    ) -> Result<SmallFs, String> {
+        let img = root.join(format!("{name}.img"));
         let f = std::fs::File::create(&img).map_err(|e| e.to_string())?;
         f.set_len(mib << 20).map_err(|e| e.to_string())?;
-        let ok = |c: &mut Command| {
-            c.output().map_err(|e| e.to_string()).and_then(|o| {
-                if o.status.success() {
-                    Ok(())
-                } else {
-                    Err(String::from_utf8_lossy(&o.stderr).into_owned())
-                }
-            })
-        };
-        ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img))?;
-        ok(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&img)
-            .arg(&dir))?;
-        Ok(SmallFs { dir })
+        run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img))?;
+        SmallFs::mount(root, name, &img, options)
+    }
+
+    /// Mounts an existing image (ext4 replays its journal, as after a power cut).
+    pub fn mount(root: &Path, name: &str, img: &Path, options: &str) -> Result<SmallFs, String> {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        run_ok(
+            Command::new("mount")
+                .args(["-o", &format!("loop,{options}")])
+                .arg(img)
+                .arg(&dir),
+        )?;
+        Ok(SmallFs {
+            dir,
+            img: img.to_path_buf(),
+        })
     }
 
     /// Fills the filesystem with a ballast file until only `leave_mib` remain free.
@@ -752,6 +777,7 @@ impl SmallFs {
 
 impl Drop for SmallFs {
     fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
         let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
     }
 }

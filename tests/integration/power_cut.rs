@@ -1,0 +1,193 @@
+//! Power cuts, simulated with the real kernel: the receiver's state lives on an ext4 image
+//! without a journal, mounted through a loop device. On such a filesystem nothing reaches the
+//! image but what is synced (or written back after 30 s), and one file's fsync does not carry
+//! others' metadata along, so a copy of the image taken at an instant is what the disk would
+//! hold had the power failed then. Repaired by e2fsck and mounted, the copy must hold every
+//! acknowledged block and every listed point, whole.
+
+use lifeboat_tests::*;
+use std::process::Command;
+
+/// A fresh journal-less ext4 mount, or `None` (said loudly; an error under CI).
+fn volatile_disk(w: &std::path::Path) -> Option<SmallFs> {
+    volatile_disk_at(w, w)
+}
+
+/// As [`volatile_disk`], with the image file in `at` and the mount under `w`.
+fn volatile_disk_at(at: &std::path::Path, w: &std::path::Path) -> Option<SmallFs> {
+    let img = at.join("state.img");
+    let made = std::fs::File::create(&img)
+        .and_then(|f| f.set_len(256 << 20))
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            let o = Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-O", "^has_journal"])
+                .arg(&img)
+                .output()
+                .map_err(|e| e.to_string())?;
+            if o.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&o.stderr).into_owned())
+            }
+        })
+        .and_then(|()| SmallFs::mount(w, "state", &img, "defaults"));
+    match made {
+        Ok(fs) => Some(fs),
+        Err(why) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "power-cut tests need root, mkfs.ext4 and loop devices in CI: {why}"
+            );
+            eprintln!("SKIPPED (loudly): power-cut test: {why}");
+            None
+        }
+    }
+}
+
+/// Copies the image as it is now (the power fails), repairs it as a boot would, mounts it.
+fn cut(w: &std::path::Path, fs: &SmallFs, name: &str) -> SmallFs {
+    let copy = w.join(format!("{name}.img"));
+    std::fs::copy(&fs.img, &copy).unwrap();
+    // e2fsck exits 1 when it repaired something: both are fine.
+    let code = Command::new("e2fsck")
+        .args(["-f", "-y"])
+        .arg(&copy)
+        .output()
+        .unwrap()
+        .status
+        .code();
+    assert!(matches!(code, Some(0) | Some(1)), "e2fsck: {code:?}");
+    SmallFs::mount(w, name, &copy, "defaults").unwrap()
+}
+
+fn receiver_cli(state: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin("lifeboat-receiver"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_power_cut_right_after_a_point_keeps_it_whole() {
+    let w = workdir();
+    let Some(fs) = volatile_disk(w.path()) else {
+        return;
+    };
+    let rx = Receiver::start_at(w.path(), &fs.dir.join("receiver"));
+    let img = w.path().join("disk.img");
+    let mut data = vec![0u8; 24 * lifeboat_common::BLOCK_SIZE];
+    Rng::new(12).fill(&mut data);
+    std::fs::write(&img, &data).unwrap();
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("cut", &[("root", &img)]));
+    for round in 0..3u64 {
+        if round > 0 {
+            data = mutate(&img, 100 + round, 6);
+        }
+        agent.run_once_ok();
+        // The agent has its Committed: the power fails now.
+        let after = cut(w.path(), &fs, &format!("cut-{round}"));
+        let state = after.dir.join("receiver");
+        let o = receiver_cli(&state, &["points", "--server", "cut", "--json"]);
+        assert!(o.status.success(), "round {round}: {}", stderr(&o));
+        let points: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(
+            points.as_array().unwrap().len() as u64,
+            round + 1,
+            "round {round}: a committed point was lost"
+        );
+        let out = w.path().join(format!("restored-{round}.img"));
+        let o = receiver_cli(
+            &state,
+            &[
+                "restore",
+                "--server",
+                "cut",
+                "--disk",
+                "root",
+                "--point",
+                "latest",
+                "--to",
+                out.to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "round {round}: {}", stderr(&o));
+        assert!(
+            std::fs::read(&out).unwrap() == data,
+            "round {round}: the point restored other bytes after the cut"
+        );
+        let o = receiver_cli(&state, &["scrub"]);
+        assert!(o.status.success(), "round {round}: {}", stdout(&o));
+        drop(after);
+    }
+    drop(rx);
+}
+
+/// Writes that fail underneath the receiver (the loop device's backing store is full, so
+/// writeback fails and `syncfs` reports it): nothing that did not reach the disk is
+/// acknowledged. Every block the agent holds as acknowledged is in the image afterwards.
+#[test]
+fn failed_writeback_is_never_acknowledged() {
+    let w = workdir();
+    let tiny = w.path().join("tiny");
+    std::fs::create_dir_all(&tiny).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=40m", "tmpfs"])
+        .arg(&tiny)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        assert!(std::env::var_os("CI").is_none(), "tmpfs mount needed in CI");
+        eprintln!("SKIPPED (loudly): cannot mount a tmpfs here");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _tiny = Unmount(tiny.clone());
+    // The state image claims 256 MiB; only about 40 MiB of it can ever be written.
+    let Some(fs) = volatile_disk_at(&tiny, w.path()) else {
+        return;
+    };
+    let mut rx = Receiver::start_at(w.path(), &fs.dir.join("receiver"));
+    let img = w.path().join("disk.img");
+    let mut data = vec![0u8; 120 * lifeboat_common::BLOCK_SIZE];
+    Rng::new(13).fill(&mut data);
+    std::fs::write(&img, &data).unwrap();
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("eio", &[("root", &img)]));
+    let o = agent.run_once(8);
+    assert!(!o.status.success(), "60 MiB fit in 40: nothing was tested");
+    let log = rx.log_text();
+    assert!(
+        log.contains("Input/output error") || log.contains("No space left"),
+        "no write error reached the receiver: {log}"
+    );
+    rx.kill();
+    // What the agent holds as acknowledged (saved when it gave up).
+    let acked = lifeboat_common::manifest::Manifest::decode(
+        &std::fs::read(agent.state_dir.join("disks/root.manifest")).unwrap(),
+    )
+    .unwrap();
+    let acked: Vec<_> = acked.hashes.iter().filter(|h| !h.is_zero()).collect();
+    assert!(
+        !acked.is_empty(),
+        "nothing was acknowledged: nothing was tested"
+    );
+    // The power fails: what the image holds must include every acknowledged block, whole.
+    let after = cut(w.path(), &fs, "after-eio");
+    let store = after.dir.join("receiver/store/blocks");
+    for h in &acked {
+        let hex = h.to_hex();
+        assert!(
+            store.join(&hex[..2]).join(&hex).is_file(),
+            "block {hex} was acknowledged but is not on the disk"
+        );
+    }
+    let o = receiver_cli(&after.dir.join("receiver"), &["scrub"]);
+    assert!(o.status.success(), "{}", stdout(&o));
+}
