@@ -10,6 +10,13 @@
 //! permitted) so both read the image from disk. Lifeboat's time is the agent's `run --once`:
 //! connect, read and hash every block, compress, send, receiver verifies and stores durably,
 //! point committed. zstd's is `zstd -1 -T2 -f image -o image.zst`.
+//!
+//! After the last timed run the point is restored (timed apart: `restore` checks every block
+//! against the manifest and reads the destination back) and compared with the source byte
+//! for byte, so the figures are of a sync that really produced the data.
+//!
+//! `--device` runs the same against a fully allocated loop device holding the image (root
+//! needed): a block device has no holes to skip, so every byte is read, hashed and checked.
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -21,6 +28,7 @@ struct Args {
     dir: PathBuf,
     size_gib: u64,
     source: PathBuf,
+    device: bool,
 }
 
 fn args() -> Result<Args> {
@@ -29,6 +37,7 @@ fn args() -> Result<Args> {
         dir: PathBuf::from("/var/tmp/lifeboat-bench"),
         size_gib: 8,
         source: PathBuf::from("/usr"),
+        device: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -38,8 +47,9 @@ fn args() -> Result<Args> {
             "--dir" => a.dir = v()?.into(),
             "--size-gib" => a.size_gib = v()?.parse()?,
             "--source" => a.source = v()?.into(),
+            "--device" => a.device = true,
             "-h" | "--help" => {
-                println!("e2e-bench [--runs N (3)] [--dir D (/var/tmp/lifeboat-bench)] [--size-gib G (8)] [--source DIR (/usr)]");
+                println!("e2e-bench [--runs N (3)] [--dir D (/var/tmp/lifeboat-bench)] [--size-gib G (8)] [--source DIR (/usr)] [--device]");
                 std::process::exit(0);
             }
             // `cargo bench` passes --bench; ignore it.
@@ -105,13 +115,17 @@ fn allocated(p: &Path) -> Result<u64> {
     Ok(std::fs::metadata(p)?.blocks() * 512)
 }
 
+/// `zstd -1 -T2` of `img` (a file or a device) from stdin to `out`.
 fn time_zstd(img: &Path, out: &Path) -> Result<Duration> {
     let t = Instant::now();
-    run(Command::new("zstd")
-        .args(["-q", "-1", "-T2", "-f"])
-        .arg(img)
-        .arg("-o")
-        .arg(out))?;
+    let status = Command::new("zstd")
+        .args(["-q", "-1", "-T2", "-c"])
+        .stdin(std::fs::File::open(img)?)
+        .stdout(std::fs::File::create(out)?)
+        .status()?;
+    if !status.success() {
+        bail!("zstd failed on {}: {status}", img.display());
+    }
     Ok(t.elapsed())
 }
 
@@ -127,9 +141,19 @@ struct SyncRun {
     stored: u64,
     agent_peak: u64,
     receiver_peak: u64,
+    /// The restore of the point, when asked for: how long it took.
+    restored: Option<Duration>,
 }
 
-fn time_lifeboat(a: &Args, img: &Path, rx: &Path, agent: &Path) -> Result<SyncRun> {
+/// One timed initial sync of `img`; with `verify`, then restores the point (timed apart)
+/// and compares it with `img` byte for byte.
+fn time_lifeboat(
+    a: &Args,
+    img: &Path,
+    rx: &Path,
+    agent: &Path,
+    verify: bool,
+) -> Result<SyncRun> {
     let work = a.dir.join("run");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -193,12 +217,58 @@ fn time_lifeboat(a: &Args, img: &Path, rx: &Path, agent: &Path) -> Result<SyncRu
         bail!("agent failed: {status}");
     }
     let stored = du(&state.join("store"))?;
+    let restored = if verify {
+        let out = work.join("restored.img");
+        drop_caches();
+        let t = Instant::now();
+        run(Command::new(rx).arg("--state-dir").arg(&state).args([
+            "restore", "--server", "bench", "--disk", "root", "--point", "latest", "--to",
+        ]).arg(&out))?;
+        let took = t.elapsed();
+        let same = Command::new("cmp").arg("-s").arg(img).arg(&out).status()?;
+        if !same.success() {
+            bail!("the restored point differs from {}", img.display());
+        }
+        let _ = std::fs::remove_file(&out);
+        Some(took)
+    } else {
+        None
+    };
     Ok(SyncRun {
         took,
         stored,
         agent_peak,
         receiver_peak,
+        restored,
     })
+}
+
+/// A fully allocated copy of `img` on a loop device (detached on drop).
+struct LoopDevice {
+    dev: PathBuf,
+    file: PathBuf,
+}
+
+impl LoopDevice {
+    fn of(img: &Path, dir: &Path) -> Result<LoopDevice> {
+        let file = dir.join("full.img");
+        eprintln!("copying the image without holes to {} (once per run of the bench)", file.display());
+        run(Command::new("cp").arg("--sparse=never").arg(img).arg(&file))?;
+        let dev = run(Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on"])
+            .arg(&file))?;
+        Ok(LoopDevice {
+            dev: PathBuf::from(dev.trim()),
+            file,
+        })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+        let _ = std::fs::remove_file(&self.file);
+    }
 }
 
 fn du(p: &Path) -> Result<u64> {
@@ -211,38 +281,22 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn main() -> Result<()> {
-    let a = args()?;
-    let rx = sibling("lifeboat-receiver")?;
-    let agent = sibling("lifeboat-agent")?;
-    let img = reference_image(&a)?;
-    let data = allocated(&img)?;
-    let logical = std::fs::metadata(&img)?.len();
+/// Runs the comparison on `source` (the sparse image, or a device holding it) and prints it.
+fn compare(a: &Args, label: &str, source: &Path, data: u64, rx: &Path, agent: &Path) -> Result<()> {
     let zst = a.dir.join("ref.img.zst");
-    let cache_note = if drop_caches() {
-        "page cache dropped before each run"
-    } else {
-        "page cache NOT dropped (not permitted)"
-    };
-    eprintln!(
-        "image {}: {:.2} GiB logical, {:.2} GiB allocated; {} runs each; {cache_note}",
-        img.display(),
-        logical as f64 / (1u64 << 30) as f64,
-        data as f64 / (1u64 << 30) as f64,
-        a.runs
-    );
     let (mut zs, mut ls, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut stored, mut agent_peak, mut receiver_peak) = (0, 0, 0);
+    let (mut stored, mut agent_peak, mut receiver_peak, mut restored) = (0, 0, 0, None);
     for i in 0..a.runs {
         drop_caches();
-        let z = time_zstd(&img, &zst)?.as_secs_f64();
-        let r = time_lifeboat(&a, &img, &rx, &agent)?;
+        let z = time_zstd(source, &zst)?.as_secs_f64();
+        let r = time_lifeboat(a, source, rx, agent, i + 1 == a.runs)?;
         let l = r.took.as_secs_f64();
         stored = r.stored;
         agent_peak = agent_peak.max(r.agent_peak);
         receiver_peak = receiver_peak.max(r.receiver_peak);
+        restored = restored.or(r.restored);
         eprintln!(
-            "run {}: zstd {z:.2}s  lifeboat {l:.2}s  ratio {:.2}",
+            "{label} run {}: zstd {z:.2}s  lifeboat {l:.2}s  ratio {:.2}",
             i + 1,
             l / z
         );
@@ -253,11 +307,7 @@ fn main() -> Result<()> {
     let zstd_size = std::fs::metadata(&zst)?.len();
     let _ = std::fs::remove_file(&zst);
     let (z, l, r) = (median(&mut zs), median(&mut ls), median(&mut ratios));
-    println!(
-        "reference image: {:.2} GiB logical, {:.2} GiB data",
-        logical as f64 / (1u64 << 30) as f64,
-        data as f64 / (1u64 << 30) as f64
-    );
+    println!("== {label}: {}", source.display());
     println!(
         "zstd -1 -T2:        median {z:.2}s  ({:.0} MiB/s of data), output {:.2} GiB",
         data as f64 / z / (1 << 20) as f64,
@@ -285,5 +335,56 @@ fn main() -> Result<()> {
         agent_peak as f64 / (1 << 20) as f64,
         receiver_peak as f64 / (1 << 20) as f64
     );
+    if let Some(t) = restored {
+        println!(
+            "restore of the last run's point: {:.2}s ({:.0} MiB/s of disk), every block \
+             verified, read back, and identical to the source",
+            t.as_secs_f64(),
+            std::fs::metadata(source).map(|m| m.len()).unwrap_or(0).max(device_size(source)) as f64
+                / t.as_secs_f64()
+                / (1 << 20) as f64
+        );
+    }
+    Ok(())
+}
+
+/// A block device's size (0 for anything else).
+fn device_size(p: &Path) -> u64 {
+    use std::io::Seek;
+    std::fs::File::open(p)
+        .and_then(|mut f| f.seek(std::io::SeekFrom::End(0)))
+        .unwrap_or(0)
+}
+
+fn main() -> Result<()> {
+    let a = args()?;
+    let rx = sibling("lifeboat-receiver")?;
+    let agent = sibling("lifeboat-agent")?;
+    let img = reference_image(&a)?;
+    let data = allocated(&img)?;
+    let logical = std::fs::metadata(&img)?.len();
+    let cache_note = if drop_caches() {
+        "page cache dropped before each run"
+    } else {
+        "page cache NOT dropped (not permitted)"
+    };
+    eprintln!(
+        "image {}: {:.2} GiB logical, {:.2} GiB allocated; {} runs each; {cache_note}",
+        img.display(),
+        logical as f64 / (1u64 << 30) as f64,
+        data as f64 / (1u64 << 30) as f64,
+        a.runs
+    );
+    println!(
+        "reference image: {:.2} GiB logical, {:.2} GiB data",
+        logical as f64 / (1u64 << 30) as f64,
+        data as f64 / (1u64 << 30) as f64
+    );
+    compare(&a, "sparse file", &img, data, &rx, &agent)?;
+    if a.device {
+        let dev = LoopDevice::of(&img, &a.dir)?;
+        // Every byte of a device is read: throughput is of the whole disk.
+        compare(&a, "fully allocated loop device", &dev.dev, logical, &rx, &agent)?;
+    }
     Ok(())
 }
