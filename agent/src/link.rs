@@ -26,7 +26,7 @@ const QUEUED_PIECES: usize = 4;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum LinkError {
     #[error("connecting to receiver {addr}: {why}")]
     Connect { addr: String, why: String },
@@ -62,7 +62,8 @@ pub struct Link {
     out: Vec<u8>,
     to_writer: Option<mpsc::Sender<Vec<u8>>>,
     writer: Option<tokio::task::JoinHandle<()>>,
-    writer_error: Arc<Mutex<Option<String>>>,
+    /// Why the writer stopped, when it did.
+    writer_error: Arc<Mutex<Option<LinkError>>>,
     sent: Arc<AtomicU64>,
     reader: tokio::task::JoinHandle<()>,
     pub bytes_sent: u64,
@@ -88,9 +89,9 @@ async fn write_pieces(
     mut limiter: Option<Limiter>,
     timeout: Duration,
     sent: Arc<AtomicU64>,
-    error: Arc<Mutex<Option<String>>>,
+    error: Arc<Mutex<Option<LinkError>>>,
 ) {
-    let fail = |e: String| {
+    let fail = |e: LinkError| {
         *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
     };
     while let Some(piece) = rx.recv().await {
@@ -108,13 +109,9 @@ async fn write_pieces(
             Ok(Ok(())) => {
                 sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
             }
-            Ok(Err(e)) => return fail(e.to_string()),
-            Err(_) => {
-                return fail(format!(
-                    "receiver did not take data within {}s",
-                    timeout.as_secs()
-                ))
-            }
+            Ok(Err(e)) => return fail(LinkError::Lost(e.to_string())),
+            // The receiver stopped reading: as hung as one that stopped answering.
+            Err(_) => return fail(LinkError::Timeout(timeout.as_secs())),
         }
     }
     // The channel closed: the link is being closed cleanly (close_notify).
@@ -276,13 +273,7 @@ impl Link {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone();
-                return Err(match why {
-                    Some(w) if w.starts_with("receiver did not take data") => {
-                        LinkError::Timeout(self.reply_timeout.as_secs())
-                    }
-                    Some(w) => LinkError::Lost(w),
-                    None => LinkError::Lost("writer stopped".into()),
-                });
+                return Err(why.unwrap_or_else(|| LinkError::Lost("writer stopped".into())));
             }
         }
         self.out.clear();

@@ -147,13 +147,7 @@ struct SyncRun {
 
 /// One timed initial sync of `img`; with `verify`, then restores the point (timed apart)
 /// and compares it with `img` byte for byte.
-fn time_lifeboat(
-    a: &Args,
-    img: &Path,
-    rx: &Path,
-    agent: &Path,
-    verify: bool,
-) -> Result<SyncRun> {
+fn time_lifeboat(a: &Args, img: &Path, rx: &Path, agent: &Path, verify: bool) -> Result<SyncRun> {
     let work = a.dir.join("run");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -221,9 +215,13 @@ fn time_lifeboat(
         let out = work.join("restored.img");
         drop_caches();
         let t = Instant::now();
-        run(Command::new(rx).arg("--state-dir").arg(&state).args([
-            "restore", "--server", "bench", "--disk", "root", "--point", "latest", "--to",
-        ]).arg(&out))?;
+        run(Command::new(rx)
+            .arg("--state-dir")
+            .arg(&state)
+            .args([
+                "restore", "--server", "bench", "--disk", "root", "--point", "latest", "--to",
+            ])
+            .arg(&out))?;
         let took = t.elapsed();
         let same = Command::new("cmp").arg("-s").arg(img).arg(&out).status()?;
         if !same.success() {
@@ -252,7 +250,10 @@ struct LoopDevice {
 impl LoopDevice {
     fn of(img: &Path, dir: &Path) -> Result<LoopDevice> {
         let file = dir.join("full.img");
-        eprintln!("copying the image without holes to {} (once per run of the bench)", file.display());
+        eprintln!(
+            "copying the image without holes to {} (once per run of the bench)",
+            file.display()
+        );
         run(Command::new("cp").arg("--sparse=never").arg(img).arg(&file))?;
         let dev = run(Command::new("losetup")
             .args(["--find", "--show", "--direct-io=on"])
@@ -340,7 +341,10 @@ fn compare(a: &Args, label: &str, source: &Path, data: u64, rx: &Path, agent: &P
             "restore of the last run's point: {:.2}s ({:.0} MiB/s of disk), every block \
              verified, read back, and identical to the source",
             t.as_secs_f64(),
-            std::fs::metadata(source).map(|m| m.len()).unwrap_or(0).max(device_size(source)) as f64
+            std::fs::metadata(source)
+                .map(|m| m.len())
+                .unwrap_or(0)
+                .max(device_size(source)) as f64
                 / t.as_secs_f64()
                 / (1 << 20) as f64
         );
@@ -384,7 +388,14 @@ fn main() -> Result<()> {
     if a.device {
         let dev = LoopDevice::of(&img, &a.dir)?;
         // Every byte of a device is read: throughput is of the whole disk.
-        compare(&a, "fully allocated loop device", &dev.dev, logical, &rx, &agent)?;
+        compare(
+            &a,
+            "fully allocated loop device",
+            &dev.dev,
+            logical,
+            &rx,
+            &agent,
+        )?;
     }
     Ok(())
 }

@@ -5,6 +5,10 @@
 //! the payload and never exceeds [`MAX_FRAME`]. An oversized length is refused as soon as the
 //! four length bytes arrive, before any payload is buffered. Every decode failure is a
 //! [`DecodeError`] value that names what was wrong. Full description: docs/protocol.md.
+//!
+//! Every message is declared once, in the `messages!` table below: type byte, name, fields in
+//! wire order and each field's codec (capped lists, a bitmap, block data). The enum, the
+//! encoder and the decoder are generated from it.
 
 use crate::block::{BlockHash, BLOCK_SIZE};
 use crate::codec::Codec;
@@ -117,86 +121,343 @@ pub struct DiskProgress {
     pub backlog_blocks: u64,
 }
 
-/// Every message of protocol v2. Direction: A = agent → receiver, R = receiver → agent.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Message {
+/// Declares every message once: its type byte, its name, its fields in wire order and how
+/// each is encoded (`=> Codec`; plain [`Wire`] values by default). From the table come the
+/// [`Message`] enum, `name`, the type byte, the encoder and the decoder: a new message is one
+/// entry here (and its cases in the proptest strategy and the fuzz seeds).
+macro_rules! messages {
+    ($(
+        $(#[$doc:meta])*
+        $ty:literal $name:ident { $( $field:ident : $fty:ty $(=> $codec:ty)? ),* $(,)? }
+    )*) => {
+        /// Every message of protocol v2. Direction: A = agent → receiver, R = receiver → agent.
+        #[derive(Clone, Debug, PartialEq, Eq)]
+        pub enum Message {
+            $( $(#[$doc])* $name { $( $field: $fty ),* }, )*
+        }
+
+        impl Message {
+            /// The message's name, for logs and errors.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $( Message::$name { .. } => stringify!($name), )*
+                }
+            }
+
+            fn type_byte(&self) -> u8 {
+                match self {
+                    $( Message::$name { .. } => $ty, )*
+                }
+            }
+
+            fn encode_body(&self, w: &mut Writer<'_>) {
+                match self {
+                    $( Message::$name { $( $field ),* } => {
+                        $( <field_codec!($($codec)?) as FieldCodec<$fty>>::put($field, w); )*
+                    } )*
+                }
+            }
+        }
+
+        /// A message type's name, for decode errors ("unknown" for none).
+        fn type_name(t: u8) -> &'static str {
+            match t {
+                $( $ty => stringify!($name), )*
+                _ => "unknown",
+            }
+        }
+
+        fn decode_fields(t: u8, r: &mut Reader<'_>) -> Result<Message, DecodeError> {
+            Ok(match t {
+                $( $ty => Message::$name {
+                    $( $field: <field_codec!($($codec)?) as FieldCodec<$fty>>::get(
+                        r,
+                        stringify!($field),
+                    )?, )*
+                }, )*
+                other => return Err(DecodeError::UnknownType(other)),
+            })
+        }
+    };
+}
+
+/// The codec of a field: the one named, or [`Plain`].
+macro_rules! field_codec {
+    () => {
+        Plain
+    };
+    ($c:ty) => {
+        $c
+    };
+}
+
+/// A value with one wire form.
+trait Wire: Sized {
+    fn put(&self, w: &mut Writer<'_>);
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError>;
+}
+
+impl Wire for u32 {
+    fn put(&self, w: &mut Writer<'_>) {
+        w.u32(*self);
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        r.u32()
+    }
+}
+
+impl Wire for u64 {
+    fn put(&self, w: &mut Writer<'_>) {
+        w.u64(*self);
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        r.u64()
+    }
+}
+
+impl Wire for bool {
+    fn put(&self, w: &mut Writer<'_>) {
+        w.0.push(u8::from(*self));
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        r.bool()
+    }
+}
+
+impl Wire for String {
+    fn put(&self, w: &mut Writer<'_>) {
+        w.str(self);
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        r.str()
+    }
+}
+
+impl Wire for BlockHash {
+    fn put(&self, w: &mut Writer<'_>) {
+        w.hash(self);
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        r.hash()
+    }
+}
+
+impl Wire for Codec {
+    fn put(&self, w: &mut Writer<'_>) {
+        w.0.push(*self as u8);
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let c = r.u8()?;
+        Codec::from_u8(c).ok_or_else(|| r.invalid(format!("unknown codec {c}")))
+    }
+}
+
+impl Wire for Consistency {
+    fn put(&self, w: &mut Writer<'_>) {
+        w.0.push(*self as u8);
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        match r.u8()? {
+            0 => Ok(Consistency::BestEffort),
+            1 => Ok(Consistency::CrashConsistent),
+            v => Err(r.invalid(format!("unknown consistency {v}"))),
+        }
+    }
+}
+
+impl Wire for ErrorCode {
+    fn put(&self, w: &mut Writer<'_>) {
+        w.u16(*self as u16);
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let c = r.u16()?;
+        ErrorCode::from_u16(c).ok_or_else(|| r.invalid(format!("unknown error code {c}")))
+    }
+}
+
+impl Wire for DiskProgress {
+    fn put(&self, w: &mut Writer<'_>) {
+        w.u32(self.handle);
+        w.0.push(self.state as u8);
+        w.u64(self.backlog_blocks);
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let handle = r.u32()?;
+        let s = r.u8()?;
+        let state =
+            DiskState::from_u8(s).ok_or_else(|| r.invalid(format!("unknown disk state {s}")))?;
+        Ok(DiskProgress {
+            handle,
+            state,
+            backlog_blocks: r.u64()?,
+        })
+    }
+}
+
+impl<A: Wire, B: Wire> Wire for (A, B) {
+    fn put(&self, w: &mut Writer<'_>) {
+        self.0.put(w);
+        self.1.put(w);
+    }
+    fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok((A::get(r)?, B::get(r)?))
+    }
+}
+
+/// How one field of type `T` is written and read; `what` names the field in errors.
+trait FieldCodec<T> {
+    fn put(v: &T, w: &mut Writer<'_>);
+    fn get(r: &mut Reader<'_>, what: &'static str) -> Result<T, DecodeError>;
+}
+
+/// A [`Wire`] value as it is.
+struct Plain;
+
+impl<T: Wire> FieldCodec<T> for Plain {
+    fn put(v: &T, w: &mut Writer<'_>) {
+        v.put(w);
+    }
+    fn get(r: &mut Reader<'_>, _what: &'static str) -> Result<T, DecodeError> {
+        T::get(r)
+    }
+}
+
+/// A list: `u32` count, at most `CAP` (refused before anything is allocated), then the items.
+struct List<const CAP: usize>;
+
+impl<T: Wire, const CAP: usize> FieldCodec<Vec<T>> for List<CAP> {
+    fn put(v: &Vec<T>, w: &mut Writer<'_>) {
+        w.u32(v.len() as u32);
+        for x in v {
+            x.put(w);
+        }
+    }
+    fn get(r: &mut Reader<'_>, what: &'static str) -> Result<Vec<T>, DecodeError> {
+        let n = r.count(CAP, what)?;
+        (0..n).map(|_| T::get(r)).collect()
+    }
+}
+
+/// Booleans as a bitmap: `u32` count (at most `CAP`), then ⌈count/8⌉ bytes, least
+/// significant bit first, padding bits zero.
+struct Bitmap<const CAP: usize>;
+
+impl<const CAP: usize> FieldCodec<Vec<bool>> for Bitmap<CAP> {
+    fn put(v: &Vec<bool>, w: &mut Writer<'_>) {
+        w.u32(v.len() as u32);
+        let mut bits = vec![0u8; v.len().div_ceil(8)];
+        for (i, p) in v.iter().enumerate() {
+            if *p {
+                bits[i / 8] |= 1 << (i % 8);
+            }
+        }
+        w.0.extend_from_slice(&bits);
+    }
+    fn get(r: &mut Reader<'_>, what: &'static str) -> Result<Vec<bool>, DecodeError> {
+        let n = r.count(CAP, what)?;
+        let bits = r.take(n.div_ceil(8))?;
+        if n % 8 != 0 && bits[n / 8] >> (n % 8) != 0 {
+            return Err(r.invalid("bitmap padding bits are not zero"));
+        }
+        Ok((0..n).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect())
+    }
+}
+
+/// A block's encoded bytes: `u32` length, at most one block plus zstd's worst-case growth.
+struct BlockData;
+
+impl FieldCodec<Vec<u8>> for BlockData {
+    fn put(v: &Vec<u8>, w: &mut Writer<'_>) {
+        w.u32(v.len() as u32);
+        w.0.extend_from_slice(v);
+    }
+    fn get(r: &mut Reader<'_>, _what: &'static str) -> Result<Vec<u8>, DecodeError> {
+        let n = r.u32()? as usize;
+        if n > BLOCK_SIZE + BLOCK_SIZE / 64 {
+            return Err(r.invalid(format!("block data of {n} bytes is too large")));
+        }
+        Ok(r.take(n)?.to_vec())
+    }
+}
+
+messages! {
     /// A: who the agent is and its token. First frame after the preface. `instance` names
     /// the machine and agent installation (stable across restarts, different on a clone with
     /// its own state); `hostname` is for people.
-    Hello {
+    1 Hello {
         server_id: String,
         token: String,
         agent_version: String,
         instance: String,
         hostname: String,
-    },
+    }
     /// R: the token is accepted; `last_point` is the server's newest committed point (0: none).
-    Welcome {
+    2 Welcome {
         receiver_version: String,
         last_point: u64,
-    },
+    }
     /// A: describe a disk under a connection-local handle.
-    OpenDisk {
+    3 OpenDisk {
         handle: u32,
         disk_id: String,
         size: u64,
-    },
+    }
     /// R: the receiver's durable view of the disk (digest of its live manifest).
-    DiskOpened { handle: u32, digest: BlockHash },
+    4 DiskOpened { handle: u32, digest: BlockHash }
     /// A: send me your live manifest of this disk.
-    GetManifest { handle: u32 },
+    5 GetManifest { handle: u32 }
     /// R: part of a live manifest, `start` is the first block index of `hashes`.
-    ManifestChunk {
+    6 ManifestChunk {
         handle: u32,
         start: u64,
         total: u64,
-        hashes: Vec<BlockHash>,
-    },
+        hashes: Vec<BlockHash> => List<MAX_HASHES>,
+    }
     /// A: which of these hashes do you lack? (dedupe query)
-    Have { req: u64, hashes: Vec<BlockHash> },
+    7 Have { req: u64, hashes: Vec<BlockHash> => List<MAX_HASHES> }
     /// R: `present[i]` answers `hashes[i]` of request `req`.
-    HaveReply { req: u64, present: Vec<bool> },
+    8 HaveReply { req: u64, present: Vec<bool> => Bitmap<MAX_HASHES> }
     /// A: block `index` of a disk now holds this content.
-    Block {
+    9 Block {
         seq: u64,
         handle: u32,
         index: u64,
         hash: BlockHash,
         codec: Codec,
-        data: Vec<u8>,
-    },
+        data: Vec<u8> => BlockData,
+    }
     /// A: block `index` now holds content the receiver already has (or zeros, with ZERO).
-    Ref {
+    10 Ref {
         seq: u64,
         handle: u32,
         index: u64,
         hash: BlockHash,
-    },
+    }
     /// R: these Block/Ref sequence numbers are durable.
-    Acks { seqs: Vec<u64> },
+    11 Acks { seqs: Vec<u64> => List<MAX_ACKS> }
     /// R: the Ref `seq` named content the receiver no longer has; send the data.
-    NeedData { seq: u64 },
+    12 NeedData { seq: u64 }
     /// A: cut point `point` over these disks, whose manifests have these digests.
-    Commit {
+    13 Commit {
         point: u64,
         created_unix_ms: u64,
         consistency: Consistency,
-        disks: Vec<(u32, BlockHash)>,
-    },
+        disks: Vec<(u32, BlockHash)> => List<MAX_DISKS>,
+    }
     /// R: point `point` is durable and listed.
-    Committed { point: u64 },
+    14 Committed { point: u64 }
     /// A: replication progress, for the receiver's listing; `agent_unix_ms` is the agent's
     /// clock when it was sent (the receiver measures the skew, never trusts it).
-    Progress {
+    15 Progress {
         agent_unix_ms: u64,
-        disks: Vec<DiskProgress>,
-    },
+        disks: Vec<DiskProgress> => List<MAX_DISKS>,
+    }
     /// Either way: a refusal with a reason.
-    Error {
+    16 Error {
         code: ErrorCode,
         retryable: bool,
         message: String,
-    },
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -270,183 +531,12 @@ pub fn decode_frame_capped(
 }
 
 impl Message {
-    /// The message's name, for logs and errors.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Message::Hello { .. } => "Hello",
-            Message::Welcome { .. } => "Welcome",
-            Message::OpenDisk { .. } => "OpenDisk",
-            Message::DiskOpened { .. } => "DiskOpened",
-            Message::GetManifest { .. } => "GetManifest",
-            Message::ManifestChunk { .. } => "ManifestChunk",
-            Message::Have { .. } => "Have",
-            Message::HaveReply { .. } => "HaveReply",
-            Message::Block { .. } => "Block",
-            Message::Ref { .. } => "Ref",
-            Message::Acks { .. } => "Acks",
-            Message::NeedData { .. } => "NeedData",
-            Message::Commit { .. } => "Commit",
-            Message::Committed { .. } => "Committed",
-            Message::Progress { .. } => "Progress",
-            Message::Error { .. } => "Error",
-        }
-    }
-
-    fn type_byte(&self) -> u8 {
-        match self {
-            Message::Hello { .. } => 1,
-            Message::Welcome { .. } => 2,
-            Message::OpenDisk { .. } => 3,
-            Message::DiskOpened { .. } => 4,
-            Message::GetManifest { .. } => 5,
-            Message::ManifestChunk { .. } => 6,
-            Message::Have { .. } => 7,
-            Message::HaveReply { .. } => 8,
-            Message::Block { .. } => 9,
-            Message::Ref { .. } => 10,
-            Message::Acks { .. } => 11,
-            Message::NeedData { .. } => 12,
-            Message::Commit { .. } => 13,
-            Message::Committed { .. } => 14,
-            Message::Progress { .. } => 15,
-            Message::Error { .. } => 16,
-        }
-    }
-
     /// Appends this message as one frame to `out`.
     ///
     /// The caller keeps within the caps ([`MAX_HASHES`], [`MAX_ACKS`], one block of data);
     /// the peer's decoder refuses anything past them.
     pub fn encode(&self, out: &mut Vec<u8>) {
         framed(out, self.type_byte(), |w| self.encode_body(w));
-    }
-
-    fn encode_body(&self, w: &mut Writer<'_>) {
-        match self {
-            Message::Hello {
-                server_id,
-                token,
-                agent_version,
-                instance,
-                hostname,
-            } => {
-                w.str(server_id);
-                w.str(token);
-                w.str(agent_version);
-                w.str(instance);
-                w.str(hostname);
-            }
-            Message::Welcome {
-                receiver_version,
-                last_point,
-            } => {
-                w.str(receiver_version);
-                w.u64(*last_point);
-            }
-            Message::OpenDisk {
-                handle,
-                disk_id,
-                size,
-            } => {
-                w.u32(*handle);
-                w.str(disk_id);
-                w.u64(*size);
-            }
-            Message::DiskOpened { handle, digest } => {
-                w.u32(*handle);
-                w.hash(digest);
-            }
-            Message::GetManifest { handle } => w.u32(*handle),
-            Message::ManifestChunk {
-                handle,
-                start,
-                total,
-                hashes,
-            } => {
-                w.u32(*handle);
-                w.u64(*start);
-                w.u64(*total);
-                w.hashes(hashes);
-            }
-            Message::Have { req, hashes } => {
-                w.u64(*req);
-                w.hashes(hashes);
-            }
-            Message::HaveReply { req, present } => {
-                w.u64(*req);
-                w.u32(present.len() as u32);
-                let mut bits = vec![0u8; present.len().div_ceil(8)];
-                for (i, p) in present.iter().enumerate() {
-                    if *p {
-                        bits[i / 8] |= 1 << (i % 8);
-                    }
-                }
-                w.0.extend_from_slice(&bits);
-            }
-            Message::Block {
-                seq,
-                handle,
-                index,
-                hash,
-                codec,
-                data,
-            } => block_body(w, *seq, *handle, *index, hash, *codec, data),
-            Message::Ref {
-                seq,
-                handle,
-                index,
-                hash,
-            } => {
-                w.u64(*seq);
-                w.u32(*handle);
-                w.u64(*index);
-                w.hash(hash);
-            }
-            Message::Acks { seqs } => {
-                w.u32(seqs.len() as u32);
-                for s in seqs {
-                    w.u64(*s);
-                }
-            }
-            Message::NeedData { seq } => w.u64(*seq),
-            Message::Commit {
-                point,
-                created_unix_ms,
-                consistency,
-                disks,
-            } => {
-                w.u64(*point);
-                w.u64(*created_unix_ms);
-                w.0.push(*consistency as u8);
-                w.u32(disks.len() as u32);
-                for (h, d) in disks {
-                    w.u32(*h);
-                    w.hash(d);
-                }
-            }
-            Message::Committed { point } => w.u64(*point),
-            Message::Progress {
-                agent_unix_ms,
-                disks,
-            } => {
-                w.u64(*agent_unix_ms);
-                w.u32(disks.len() as u32);
-                for d in disks {
-                    w.u32(d.handle);
-                    w.0.push(d.state as u8);
-                    w.u64(d.backlog_blocks);
-                }
-            }
-            Message::Error {
-                code,
-                retryable,
-                message,
-            } => {
-                w.u16(*code as u16);
-                w.0.push(u8::from(*retryable));
-                w.str(message);
-            }
-        }
     }
 }
 
@@ -517,12 +607,6 @@ impl Writer<'_> {
         self.u16(end as u16);
         self.0.extend_from_slice(&s.as_bytes()[..end]);
     }
-    fn hashes(&mut self, hs: &[BlockHash]) {
-        self.u32(hs.len() as u32);
-        for h in hs {
-            self.hash(h);
-        }
-    }
 }
 
 struct Reader<'a> {
@@ -584,10 +668,6 @@ impl<'a> Reader<'a> {
         let b = self.take(n)?;
         String::from_utf8(b.to_vec()).map_err(|_| self.invalid("string is not UTF-8"))
     }
-    fn hashes(&mut self) -> Result<Vec<BlockHash>, DecodeError> {
-        let n = self.count(MAX_HASHES, "hashes")?;
-        (0..n).map(|_| self.hash()).collect()
-    }
     fn bool(&mut self) -> Result<bool, DecodeError> {
         match self.u8()? {
             0 => Ok(false),
@@ -597,31 +677,6 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn type_name(t: u8) -> &'static str {
-    const NAMES: [&str; 16] = [
-        "Hello",
-        "Welcome",
-        "OpenDisk",
-        "DiskOpened",
-        "GetManifest",
-        "ManifestChunk",
-        "Have",
-        "HaveReply",
-        "Block",
-        "Ref",
-        "Acks",
-        "NeedData",
-        "Commit",
-        "Committed",
-        "Progress",
-        "Error",
-    ];
-    NAMES
-        .get((t as usize).wrapping_sub(1))
-        .copied()
-        .unwrap_or("unknown")
-}
-
 fn decode_body(body: &[u8]) -> Result<Message, DecodeError> {
     let t = body[0];
     let msg = type_name(t);
@@ -629,137 +684,12 @@ fn decode_body(body: &[u8]) -> Result<Message, DecodeError> {
         buf: &body[1..],
         msg,
     };
-    let m = match t {
-        1 => Message::Hello {
-            server_id: r.str()?,
-            token: r.str()?,
-            agent_version: r.str()?,
-            instance: r.str()?,
-            hostname: r.str()?,
-        },
-        2 => Message::Welcome {
-            receiver_version: r.str()?,
-            last_point: r.u64()?,
-        },
-        3 => Message::OpenDisk {
-            handle: r.u32()?,
-            disk_id: r.str()?,
-            size: r.u64()?,
-        },
-        4 => Message::DiskOpened {
-            handle: r.u32()?,
-            digest: r.hash()?,
-        },
-        5 => Message::GetManifest { handle: r.u32()? },
-        6 => Message::ManifestChunk {
-            handle: r.u32()?,
-            start: r.u64()?,
-            total: r.u64()?,
-            hashes: r.hashes()?,
-        },
-        7 => Message::Have {
-            req: r.u64()?,
-            hashes: r.hashes()?,
-        },
-        8 => {
-            let req = r.u64()?;
-            let n = r.count(MAX_HASHES, "answers")?;
-            let bits = r.take(n.div_ceil(8))?;
-            if n % 8 != 0 && bits[n / 8] >> (n % 8) != 0 {
-                return Err(r.invalid("bitmap padding bits are not zero"));
-            }
-            let present = (0..n).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect();
-            Message::HaveReply { req, present }
+    let m = decode_fields(t, &mut r)?;
+    if let Message::Block { hash, .. } = &m {
+        if hash.is_zero() {
+            return Err(r.invalid("a Block frame cannot carry the zero hash"));
         }
-        9 => {
-            let seq = r.u64()?;
-            let handle = r.u32()?;
-            let index = r.u64()?;
-            let hash = r.hash()?;
-            let c = r.u8()?;
-            let codec = Codec::from_u8(c).ok_or_else(|| r.invalid(format!("unknown codec {c}")))?;
-            let n = r.u32()? as usize;
-            if n > BLOCK_SIZE + BLOCK_SIZE / 64 {
-                return Err(r.invalid(format!("block data of {n} bytes is too large")));
-            }
-            let data = r.take(n)?.to_vec();
-            if hash.is_zero() {
-                return Err(r.invalid("a Block frame cannot carry the zero hash"));
-            }
-            Message::Block {
-                seq,
-                handle,
-                index,
-                hash,
-                codec,
-                data,
-            }
-        }
-        10 => Message::Ref {
-            seq: r.u64()?,
-            handle: r.u32()?,
-            index: r.u64()?,
-            hash: r.hash()?,
-        },
-        11 => {
-            let n = r.count(MAX_ACKS, "acks")?;
-            let seqs = (0..n).map(|_| r.u64()).collect::<Result<_, _>>()?;
-            Message::Acks { seqs }
-        }
-        12 => Message::NeedData { seq: r.u64()? },
-        13 => {
-            let point = r.u64()?;
-            let created_unix_ms = r.u64()?;
-            let consistency = match r.u8()? {
-                0 => Consistency::BestEffort,
-                1 => Consistency::CrashConsistent,
-                v => return Err(r.invalid(format!("unknown consistency {v}"))),
-            };
-            let n = r.count(MAX_DISKS, "disks")?;
-            let disks = (0..n)
-                .map(|_| Ok((r.u32()?, r.hash()?)))
-                .collect::<Result<_, DecodeError>>()?;
-            Message::Commit {
-                point,
-                created_unix_ms,
-                consistency,
-                disks,
-            }
-        }
-        14 => Message::Committed { point: r.u64()? },
-        15 => {
-            let agent_unix_ms = r.u64()?;
-            let n = r.count(MAX_DISKS, "disks")?;
-            let disks = (0..n)
-                .map(|_| {
-                    let handle = r.u32()?;
-                    let s = r.u8()?;
-                    let state = DiskState::from_u8(s)
-                        .ok_or_else(|| r.invalid(format!("unknown disk state {s}")))?;
-                    Ok(DiskProgress {
-                        handle,
-                        state,
-                        backlog_blocks: r.u64()?,
-                    })
-                })
-                .collect::<Result<_, DecodeError>>()?;
-            Message::Progress {
-                agent_unix_ms,
-                disks,
-            }
-        }
-        16 => {
-            let c = r.u16()?;
-            let code = ErrorCode::from_u16(c)
-                .ok_or_else(|| r.invalid(format!("unknown error code {c}")))?;
-            Message::Error {
-                code,
-                retryable: r.bool()?,
-                message: r.str()?,
-            }
-        }
-        other => return Err(DecodeError::UnknownType(other)),
-    };
+    }
     if !r.buf.is_empty() {
         return Err(DecodeError::Trailing(r.buf.len(), msg));
     }

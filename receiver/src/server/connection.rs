@@ -462,7 +462,21 @@ async fn run(
             tracing::error!("server {server}: session panicked and was ended: {e}");
             Err(format!("session panicked: {e}"))
         }
-        (_, SessionEnd::Failed(e)) => Err(e),
+        (_, SessionEnd::Failed(f)) => Err(format!(
+            "{} ({:?}, {}): {}",
+            if f.retryable {
+                "refused for now"
+            } else {
+                "refused"
+            },
+            f.code,
+            if f.retryable {
+                "the agent will retry"
+            } else {
+                "retrying will not help"
+            },
+            f.message
+        )),
         (r, SessionEnd::Done) => r,
     }
 }

@@ -25,7 +25,8 @@ const _: () = assert!(BATCH as u64 <= crate::disk::MAX_RECORDS_PER_APPEND);
 
 pub enum SessionEnd {
     Done,
-    Failed(String),
+    /// Refused with this error (already sent to the agent as an Error frame).
+    Failed(Fail),
     /// The processor panicked (a bug): the session ends, the receiver goes on.
     Panicked(String),
 }
@@ -50,10 +51,12 @@ pub struct Session {
 }
 
 /// A failure that ends the session, with the Error frame to send first.
-struct Fail {
-    code: ErrorCode,
-    retryable: bool,
-    message: String,
+#[derive(Debug)]
+pub struct Fail {
+    pub code: ErrorCode,
+    /// Whether the agent trying again later can help.
+    pub retryable: bool,
+    pub message: String,
 }
 
 impl From<StoreError> for Fail {
@@ -169,7 +172,7 @@ impl Session {
                         message: f.message.clone(),
                     })
                     .await;
-                end = SessionEnd::Failed(f.message);
+                end = SessionEnd::Failed(f);
                 break;
             }
         }
