@@ -148,14 +148,7 @@ fn listings_and_status_after_a_sync() {
     let agent = Agent::new(w.path(), &rx, &AgentSpec::new("app-01", &[("root", &img)]));
     agent.run_once_ok();
     // The session ends (and is listed disconnected) shortly after the agent exits.
-    wait_for(
-        "the session to end",
-        std::time::Duration::from_secs(30),
-        || {
-            let o = rx.cli(&["servers", "--json"]);
-            serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()[0]["connected"] == false
-        },
-    );
+    rx.wait_disconnected("app-01");
 
     let o = rx.cli(&["servers"]);
     let t = stdout(&o);

@@ -25,15 +25,7 @@ fn gc_removes_what_no_listed_point_needs_and_nothing_else() {
     let before = rx.store_blocks().len();
 
     // Keep as little as the policy allows: the newest point of each 10-minute bucket.
-    rx.kill();
-    let cfg = rx.dir.join("receiver.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    let text = text
-        .replace("recent_minutes = 10", "recent_minutes = 0")
-        .replace("gc_grace_minutes = 10", "gc_grace_minutes = 0");
-    std::fs::write(&cfg, text).unwrap();
-    rx.gc_interval_secs = 1;
-    rx.restart();
+    rx.restart_with_retention(0, 7, 0);
     // All three points fall in one 10-minute bucket, or (rarely) straddle two.
     wait_for(
         "retention to drop older points",
@@ -101,15 +93,7 @@ fn a_damaged_manifest_is_reported_and_gc_goes_on_for_the_rest() {
     bytes[40] ^= 0xff;
     std::fs::write(&m, bytes).unwrap();
 
-    rx.kill();
-    let cfg = rx.dir.join("receiver.toml");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("recent_minutes = 10", "recent_minutes = 0")
-        .replace("gc_grace_minutes = 10", "gc_grace_minutes = 0");
-    std::fs::write(&cfg, text).unwrap();
-    rx.gc_interval_secs = 1;
-    rx.restart();
+    rx.restart_with_retention(0, 7, 0);
     // Point 1 goes by retention (point 2 is the newest restorable one), its blocks are
     // collected although point 3 cannot be read.
     let t = std::time::Instant::now();
@@ -195,14 +179,7 @@ fn the_sound_disks_of_a_damaged_point_are_kept() {
     agent.run_once_ok();
     let before = rx.store_blocks().len();
 
-    rx.kill();
-    let cfg = rx.dir.join("receiver.toml");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("gc_grace_minutes = 10", "gc_grace_minutes = 0");
-    std::fs::write(&cfg, text).unwrap();
-    rx.gc_interval_secs = 1;
-    rx.restart();
+    rx.restart_with_retention(10, 7, 0);
     // A serve sweeps at its first pass: point 1 is found damaged there.
     wait_for("point 1 marked damaged", Duration::from_secs(30), || {
         rx.points("two")[0]["damaged"].is_string()

@@ -65,15 +65,7 @@ fn a_second_machine_with_the_same_server_id_is_refused_naming_both() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("is connected now"), "{}", stderr(&o));
     first.kill();
-    wait_for(
-        "the server to show disconnected",
-        Duration::from_secs(150),
-        || {
-            let o = rx.cli(&["servers", "--json"]);
-            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-            v[0]["connected"] == false
-        },
-    );
+    rx.wait_disconnected("web-01");
     let o = clone.run_once(5);
     assert!(!o.status.success(), "the lease did not hold");
     let o = rx.cli(&["release", "--server", "web-01"]);

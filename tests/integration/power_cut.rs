@@ -10,18 +10,23 @@ use std::process::Command;
 
 /// A fresh journal-less ext4 mount, or `None` (said loudly; an error under CI).
 fn volatile_disk(w: &std::path::Path) -> Option<SmallFs> {
-    volatile_disk_at(w, w)
+    state_disk_at(w, w, &["-O", "^has_journal"])
 }
 
-/// As [`volatile_disk`], with the image file in `at` and the mount under `w`.
-fn volatile_disk_at(at: &std::path::Path, w: &std::path::Path) -> Option<SmallFs> {
+/// An ext4 image in `at` made with `mkfs_options`, mounted under `w`.
+fn state_disk_at(
+    at: &std::path::Path,
+    w: &std::path::Path,
+    mkfs_options: &[&str],
+) -> Option<SmallFs> {
     let img = at.join("state.img");
     let made = std::fs::File::create(&img)
         .and_then(|f| f.set_len(256 << 20))
         .map_err(|e| e.to_string())
         .and_then(|()| {
             let o = Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-O", "^has_journal"])
+                .args(["-q", "-F"])
+                .args(mkfs_options)
                 .arg(&img)
                 .output()
                 .map_err(|e| e.to_string())?;
@@ -128,6 +133,15 @@ fn a_power_cut_right_after_a_point_keeps_it_whole() {
 /// Writes that fail underneath the receiver (the loop device's backing store is full, so
 /// writeback fails and `syncfs` reports it): nothing that did not reach the disk is
 /// acknowledged. Every block the agent holds as acknowledged is in the image afterwards.
+///
+/// On ext4 with its journal, as a receiver runs. Without a journal this cannot hold, for any
+/// program: a failed write can tear directory blocks that were already durable (an htree
+/// split rewrites them), and names acknowledged earlier vanish after e2fsck (seen here about
+/// one run in five, even with the directories fsync'd). docs/formats.md requires a journaling
+/// filesystem for the state directory. With the journal, ignoring `syncfs` errors is not
+/// caught here either (the aborted journal turns the filesystem read-only, and what was
+/// committed survives), so this checks "acknowledged ⇒ durable" under failing writes, not
+/// that the receiver reads the error.
 #[test]
 fn failed_writeback_is_never_acknowledged() {
     let w = workdir();
@@ -151,7 +165,7 @@ fn failed_writeback_is_never_acknowledged() {
     }
     let _tiny = Unmount(tiny.clone());
     // The state image claims 256 MiB; only about 40 MiB of it can ever be written.
-    let Some(fs) = volatile_disk_at(&tiny, w.path()) else {
+    let Some(fs) = state_disk_at(&tiny, w.path(), &[]) else {
         return;
     };
     let mut rx = Receiver::start_at(w.path(), &fs.dir.join("receiver"));
@@ -164,7 +178,13 @@ fn failed_writeback_is_never_acknowledged() {
     assert!(!o.status.success(), "60 MiB fit in 40: nothing was tested");
     let log = rx.log_text();
     assert!(
-        log.contains("Input/output error") || log.contains("No space left"),
+        [
+            "Input/output error",
+            "No space left",
+            "Read-only file system"
+        ]
+        .iter()
+        .any(|e| log.contains(e)),
         "no write error reached the receiver: {log}"
     );
     rx.kill();

@@ -112,16 +112,7 @@ fn gc_every_second_never_takes_a_block_a_point_needs() {
         .unwrap_or(30);
     let w = workdir();
     let mut rx = Receiver::start(w.path());
-    rx.kill();
-    let cfg = rx.dir.join("receiver.toml");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("recent_minutes = 10", "recent_minutes = 0")
-        .replace("daily_days = 7", "daily_days = 1")
-        .replace("gc_grace_minutes = 10", "gc_grace_minutes = 0");
-    std::fs::write(&cfg, text).unwrap();
-    rx.gc_interval_secs = 1;
-    rx.restart();
+    rx.restart_with_retention(0, 1, 0);
 
     let blocks = 48;
     let img = w.path().join("busy.img");
@@ -198,16 +189,7 @@ fn crash_matrix_every_listed_point_restores_byte_exact() {
         .unwrap_or(12);
     let w = workdir();
     let mut rx = Receiver::start(w.path());
-    rx.kill();
-    let cfg = rx.dir.join("receiver.toml");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("recent_minutes = 10", "recent_minutes = 0")
-        .replace("daily_days = 7", "daily_days = 1")
-        .replace("gc_grace_minutes = 10", "gc_grace_minutes = 0");
-    std::fs::write(&cfg, text).unwrap();
-    rx.gc_interval_secs = 1;
-    rx.restart();
+    rx.restart_with_retention(0, 1, 0);
 
     let blocks = 32;
     let img = w.path().join("crash.img");

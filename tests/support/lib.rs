@@ -238,6 +238,43 @@ impl Receiver {
         }
     }
 
+    /// Restarts with the given retention (`recent_minutes`, `daily_days`, `gc_grace_minutes`)
+    /// and a retention/GC pass every second.
+    pub fn restart_with_retention(&mut self, recent_minutes: u64, daily_days: u64, grace: u64) {
+        self.proc.kill();
+        let path = self.dir.join("receiver.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let set = |line: &str| {
+            let key = line.split('=').next().unwrap_or("").trim();
+            match key {
+                "recent_minutes" => format!("recent_minutes = {recent_minutes}"),
+                "daily_days" => format!("daily_days = {daily_days}"),
+                "gc_grace_minutes" => format!("gc_grace_minutes = {grace}"),
+                _ => line.to_string(),
+            }
+        };
+        let text: Vec<String> = text.lines().map(set).collect();
+        std::fs::write(&path, text.join("\n") + "\n").unwrap();
+        self.gc_interval_secs = 1;
+        self.restart();
+    }
+
+    /// Waits until `servers` lists `server` as disconnected (its session has ended).
+    pub fn wait_disconnected(&self, server: &str) {
+        wait_for(
+            &format!("server {server} to show disconnected"),
+            Duration::from_secs(150),
+            || {
+                let o = self.cli(&["servers", "--json"]);
+                let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s["server"] == server && s["connected"] == false)
+            },
+        );
+    }
+
     /// Runs a receiver CLI command against this state dir.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(bin("lifeboat-receiver"))
@@ -777,7 +814,12 @@ impl SmallFs {
 
 impl Drop for SmallFs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
-        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        let clean = Command::new("umount")
+            .arg(&self.dir)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !clean {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).output();
+        }
     }
 }
