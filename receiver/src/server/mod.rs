@@ -231,6 +231,27 @@ impl ServerSlot {
 }
 
 impl Shared {
+    /// What every connection of a `serve` of `state_dir` shares (the local target).
+    pub fn new(
+        state_dir: &std::path::Path,
+        store: Box<dyn BlockStore>,
+        tokens: Tokens,
+        config: ReceiverConfig,
+    ) -> Shared {
+        Shared {
+            catalog: Catalog::new(state_dir),
+            target: Box::new(LocalTarget::new(Catalog::new(state_dir))),
+            state_dir: state_dir.to_path_buf(),
+            store,
+            tokens,
+            gc_lock: RwLock::new(()),
+            servers: Mutex::new(HashMap::new()),
+            peer_log: RateLimit::new(20),
+            manifest_memory: Budget::new(config.max_manifest_memory_mib << 20),
+            config,
+        }
+    }
+
     pub fn slot(&self, server: &str) -> Arc<ServerSlot> {
         let mut map = self.servers.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(server.to_string())
@@ -309,18 +330,12 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let store = DirStore::open(&state_dir.join("store"))?;
     store.clear_tmp(&_lock)?;
     let tokens = Tokens::load(&state_dir)?;
-    let shared = Arc::new(Shared {
-        catalog: Catalog::new(&state_dir),
-        target: Box::new(LocalTarget::new(Catalog::new(&state_dir))),
-        state_dir: state_dir.clone(),
-        store: Box::new(store),
+    let shared = Arc::new(Shared::new(
+        &state_dir,
+        Box::new(store),
         tokens,
-        gc_lock: RwLock::new(()),
-        servers: Mutex::new(HashMap::new()),
-        peer_log: RateLimit::new(20),
-        manifest_memory: Budget::new(config.max_manifest_memory_mib << 20),
-        config: config.clone(),
-    });
+        config.clone(),
+    ));
     mark_all_disconnected(&shared);
 
     let listener = TcpListener::bind(&config.listen)

@@ -685,3 +685,155 @@ impl Session {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Tokens;
+    use crate::store::DirStore;
+    use lifeboat_common::codec::Codec;
+    use lifeboat_common::config::ReceiverConfig;
+    use lifeboat_common::protocol::DiskProgress;
+    use lifeboat_common::BLOCK_SIZE;
+    use proptest::prelude::*;
+
+    /// What an authenticated agent may send, hostile or not: handles and indexes in and out
+    /// of range, sizes up to absurd, blocks that match their hash or not, commits with
+    /// digests right or wrong.
+    fn arb_step() -> impl Strategy<Value = Message> {
+        let handle = 0u32..4;
+        let index = prop_oneof![0u64..12, Just(u64::MAX), any::<u64>()];
+        let content = prop_oneof![Just(0u8), 1u8..4];
+        prop_oneof![
+            (
+                handle.clone(),
+                prop_oneof![Just("root"), Just("data"), Just("../x"), Just("")],
+                prop_oneof![
+                    Just(0u64),
+                    Just(8 * BLOCK_SIZE as u64),
+                    Just(8 * BLOCK_SIZE as u64 + 7),
+                    Just(u64::MAX),
+                    any::<u64>()
+                ]
+            )
+                .prop_map(|(handle, id, size)| Message::OpenDisk {
+                    handle,
+                    disk_id: id.into(),
+                    size
+                }),
+            (
+                any::<u64>(),
+                handle.clone(),
+                index.clone(),
+                content.clone(),
+                any::<bool>()
+            )
+                .prop_map(|(seq, handle, index, c, honest)| {
+                    let data = vec![c; 4096];
+                    let hash = if honest {
+                        lifeboat_common::block::hash_block(&data)
+                    } else {
+                        BlockHash([c.wrapping_add(9); 32])
+                    };
+                    Message::Block {
+                        seq,
+                        handle,
+                        index,
+                        hash,
+                        codec: Codec::Raw,
+                        data,
+                    }
+                }),
+            (any::<u64>(), handle.clone(), index, any::<[u8; 32]>()).prop_map(
+                |(seq, handle, index, h)| Message::Ref {
+                    seq,
+                    handle,
+                    index,
+                    hash: BlockHash(h)
+                }
+            ),
+            (
+                0u64..5,
+                proptest::collection::vec((handle.clone(), any::<[u8; 32]>()), 0..3)
+            )
+                .prop_map(|(point, disks)| Message::Commit {
+                    point,
+                    created_unix_ms: 1,
+                    consistency: lifeboat_common::protocol::Consistency::BestEffort,
+                    disks: disks.into_iter().map(|(h, d)| (h, BlockHash(d))).collect(),
+                }),
+            handle
+                .clone()
+                .prop_map(|handle| Message::GetManifest { handle }),
+            (any::<u64>(), handle).prop_map(|(t, handle)| Message::Progress {
+                agent_unix_ms: t,
+                disks: vec![DiskProgress {
+                    handle,
+                    state: lifeboat_common::protocol::DiskState::Continuous,
+                    backlog_blocks: u64::MAX,
+                }],
+            }),
+            Just(Message::NeedData { seq: 1 }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Any sequence of messages from an authenticated agent: the session never panics,
+        /// never allocates past its budget (a 2^64-byte disk is refused, not allocated), and
+        /// every failure is an error it sends, not a crash.
+        #[test]
+        fn arbitrary_sessions_never_panic(
+            batches in proptest::collection::vec(proptest::collection::vec(arb_step(), 1..6), 1..6)
+        ) {
+            let d = tempfile::tempdir_in(".").unwrap();
+            std::fs::write(d.path().join(crate::auth::TOKENS), "").unwrap();
+            let store = DirStore::open(&d.path().join("store")).unwrap();
+            let config = ReceiverConfig {
+                max_manifest_memory_mib: 64,
+                ..ReceiverConfig::default()
+            };
+            let shared = Arc::new(super::super::Shared::new(
+                d.path(),
+                Box::new(store),
+                Tokens::load(d.path()).unwrap(),
+                config,
+            ));
+            let mut session = Session::new(
+                shared,
+                "fuzz".into(),
+                "test".into(),
+                "127.0.0.1:1".into(),
+                ("0123456789abcdef".into(), "host".into()),
+            );
+            let (tx, mut rx) = mpsc::channel(100_000);
+            // A well-behaved start, so the arbitrary part meets an open disk with content.
+            let data = vec![1u8; 4096];
+            let start = vec![
+                Message::OpenDisk { handle: 0, disk_id: "root".into(), size: 8 * BLOCK_SIZE as u64 },
+                Message::Block {
+                    seq: 0,
+                    handle: 0,
+                    index: 1,
+                    hash: lifeboat_common::block::hash_block(&data),
+                    codec: Codec::Raw,
+                    data,
+                },
+            ];
+            prop_assert!(session.process(start, &tx).is_ok());
+            let mut replies = 0;
+            while rx.try_recv().is_ok() {
+                replies += 1;
+            }
+            prop_assert_eq!(replies, 2, "DiskOpened and Acks");
+            for batch in batches {
+                let r = session.process(batch, &tx);
+                while rx.try_recv().is_ok() {}
+                if r.is_err() {
+                    break; // the session ends here, as `run` would end it
+                }
+            }
+        }
+    }
+}
