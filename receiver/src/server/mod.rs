@@ -140,6 +140,19 @@ pub struct ServerSlot {
     /// leaves. (A watch, unlike a notification, is never lost when nobody is waiting.)
     generation: watch::Sender<u64>,
     holder: Mutex<Option<Holder>>,
+    /// Recent takeovers of a live claim by the same instance from another address:
+    /// (when, from where).
+    moves: Mutex<Vec<(u64, String)>>,
+}
+
+/// Takeovers by one instance from changing addresses within this window ...
+const FLAP_WINDOW_MS: u64 = 10 * 60_000;
+/// ... this many times, mean two machines with one identity.
+const FLAP_MOVES: usize = 3;
+
+/// The address part of "ip:port" (or the whole string).
+fn ip_of(peer: &str) -> &str {
+    peer.rsplit_once(':').map_or(peer, |(ip, _)| ip)
 }
 
 /// The machine holding (or about to hold) a server's slot.
@@ -213,6 +226,33 @@ impl ServerSlot {
                 me.hostname
             ));
         }
+        // The same instance again, from another address, while connected: a reconnect after
+        // an address change, or two machines that copied every part of the identity (a clone
+        // without its own SMBIOS UUID). Taking over back and forth is the second.
+        if let Some(h) = &*holder {
+            if ip_of(&h.peer) != ip_of(&me.peer) {
+                let mut moves = self.moves.lock().unwrap_or_else(|e| e.into_inner());
+                moves.retain(|(t, _)| now_ms.saturating_sub(*t) < FLAP_WINDOW_MS);
+                moves.push((now_ms, ip_of(&me.peer).to_string()));
+                let addresses: std::collections::HashSet<&str> =
+                    moves.iter().map(|(_, a)| a.as_str()).collect();
+                if moves.len() >= FLAP_MOVES && addresses.len() >= 2 {
+                    return Err(format!(
+                        "server id {server}: instance {} connected from {} and from {} in \
+                         turn, {} times in {} minutes: two machines share its whole identity \
+                         (a clone of the disk, with the agent's state and /etc/machine-id); \
+                         refused {}. Stop the agent on the clone, or give it its own \
+                         server_id and delete its /var/lib/lifeboat/install-id",
+                        me.instance,
+                        ip_of(&h.peer),
+                        ip_of(&me.peer),
+                        moves.len(),
+                        FLAP_WINDOW_MS / 60_000,
+                        me.describe()
+                    ));
+                }
+            }
+        }
         self.generation.send_modify(|g| *g += 1);
         me.generation = *self.generation.borrow();
         let newer = self.generation.subscribe();
@@ -260,6 +300,7 @@ impl Shared {
                     lock: tokio::sync::Mutex::new(()),
                     generation: watch::channel(0).0,
                     holder: Mutex::new(None),
+                    moves: Mutex::new(Vec::new()),
                 })
             })
             .clone()
@@ -502,6 +543,7 @@ mod tests {
             lock: tokio::sync::Mutex::new(()),
             generation: watch::channel(0).0,
             holder: Mutex::new(None),
+            moves: Mutex::new(Vec::new()),
         };
         let lease = 60_000;
         let (g1, mut newer1) = slot
@@ -576,5 +618,31 @@ mod tests {
                 lease
             )
             .is_ok());
+    }
+
+    #[test]
+    fn one_identity_on_two_machines_is_refused_once_they_take_turns() {
+        let slot = ServerSlot {
+            lock: tokio::sync::Mutex::new(()),
+            generation: watch::channel(0).0,
+            holder: Mutex::new(None),
+            moves: Mutex::new(Vec::new()),
+        };
+        let claim = |peer: &str, t: u64| {
+            slot.claim("web", Holder::new("aaaa", "web", peer), None, t, 60_000)
+        };
+        // A reconnect from a new address (DHCP) is fine, as is one from the same address.
+        claim("10.0.0.1:5", 0).unwrap();
+        claim("10.0.0.1:6", 1_000).unwrap();
+        claim("10.0.0.2:7", 2_000).unwrap();
+        // Back and forth: the third move between addresses within 10 minutes is refused.
+        claim("10.0.0.1:8", 3_000).unwrap();
+        let e = claim("10.0.0.2:9", 4_000).unwrap_err();
+        assert!(
+            e.contains("instance aaaa connected from 10.0.0.1 and from 10.0.0.2 in turn"),
+            "{e}"
+        );
+        // Long after, a single move is fine again.
+        claim("10.0.0.2:9", 4_000 + 11 * 60_000).unwrap();
     }
 }
