@@ -10,7 +10,7 @@ use lifeboat_common::protocol::{
     PREFACE_LEN,
 };
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -107,6 +107,12 @@ async fn send_now<W: AsyncWrite + Unpin>(wr: &mut W, m: &Message) {
 }
 
 type Tls = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// The agent's clock minus ours, in ms; hostile values cannot overflow (computed wide,
+/// clamped), and never equal the "not measured" `i64::MIN`.
+fn skew_ms(agent_unix_ms: u64, now_ms: u64) -> i64 {
+    (agent_unix_ms as i128 - now_ms as i128).clamp(-(i64::MAX as i128), i64::MAX as i128) as i64
+}
 
 /// Where a handshake stands, for the message when its deadline passes.
 const STAGE_TLS: u8 = 0;
@@ -375,12 +381,14 @@ async fn run(
         })
         .await;
 
+    let skew = Arc::new(AtomicI64::new(i64::MIN));
     let session = Session::new(
         shared.clone(),
         server.clone(),
         agent_version,
         peer.to_string(),
         (instance, hostname),
+        skew.clone(),
     );
     // With the batch the processor holds, at most 2 × BATCH frames of this connection are
     // in memory at once (≈ 75 MiB at the frame cap).
@@ -432,6 +440,10 @@ async fn run(
             | Message::Ref { .. }
             | Message::Commit { .. }
             | Message::Progress { .. } => {
+                if let Message::Progress { agent_unix_ms, .. } = &m {
+                    // Measured as the frame arrives, not after the blocks queued before it.
+                    skew.store(skew_ms(*agent_unix_ms, now_ms()), Ordering::Relaxed);
+                }
                 if work_tx.send(m).await.is_err() {
                     break Err("session ended".into());
                 }

@@ -46,6 +46,9 @@ pub struct Session {
     quarantine_seen: Option<Vec<u8>>,
     /// Replies to send once the current step returns (see [`Session::process`]).
     outbox: Vec<Message>,
+    /// The agent's clock skew, measured by the connection as each Progress arrived
+    /// (`i64::MIN`: not yet).
+    measured_skew: Arc<std::sync::atomic::AtomicI64>,
     /// Manifest memory held for the open disks, returned when the session ends.
     reservations: Vec<super::Reservation>,
 }
@@ -106,6 +109,7 @@ impl Session {
         agent_version: String,
         peer: String,
         (instance, hostname): (String, String),
+        measured_skew: Arc<std::sync::atomic::AtomicI64>,
     ) -> Session {
         let dir = shared.catalog.server_dir(&server);
         let mut status = ServerStatus::load(&dir).unwrap_or_default();
@@ -138,6 +142,7 @@ impl Session {
             last_point: None,
             quarantine_seen,
             outbox: Vec::new(),
+            measured_skew,
             reservations: Vec::new(),
         }
     }
@@ -463,16 +468,15 @@ impl Session {
                 let _refs = shared.gc_lock.read().unwrap_or_else(|e| e.into_inner());
                 self.commit(point, created_unix_ms, consistency, &disks)?;
             }
-            Message::Progress {
-                agent_unix_ms,
-                disks,
-            } => {
-                let now = now_ms();
-                self.status.last_seen_unix_ms = now;
-                // Hostile values must not overflow: compute wide, clamp.
-                let skew = (agent_unix_ms as i128 - now as i128)
-                    .clamp(-(i64::MAX as i128), i64::MAX as i128) as i64;
-                self.note_skew(skew);
+            // Its clock was read by the connection as the frame arrived (`measured_skew`).
+            Message::Progress { disks, .. } => {
+                self.status.last_seen_unix_ms = now_ms();
+                let skew = self
+                    .measured_skew
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if skew != i64::MIN {
+                    self.note_skew(skew);
+                }
                 for p in disks {
                     if let Some(d) = self.disks.get(&p.handle) {
                         if let Some(s) = self.status.disks.iter_mut().find(|s| s.id == d.id) {
@@ -806,6 +810,7 @@ mod tests {
                 "test".into(),
                 "127.0.0.1:1".into(),
                 ("0123456789abcdef".into(), "host".into()),
+                Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
             );
             let (tx, mut rx) = mpsc::channel(100_000);
             // A well-behaved start, so the arbitrary part meets an open disk with content.
