@@ -95,6 +95,12 @@ impl Manifest {
             return Err(ManifestError::Truncated(buf.len()));
         }
         let (body, sum) = buf.split_at(buf.len() - 32);
+        // The checksum first: a corrupt file is `Checksum`, whatever byte the damage hit, so
+        // `Version` means a whole manifest written by another build (its readers must keep
+        // what it references, where a corrupt one is simply damaged).
+        if blake3::hash(body).as_bytes() != sum {
+            return Err(ManifestError::Checksum);
+        }
         if &body[..8] != MAGIC {
             return Err(ManifestError::BadMagic);
         }
@@ -128,9 +134,6 @@ impl Manifest {
                 actual: buf.len(),
                 count,
             });
-        }
-        if blake3::hash(body).as_bytes() != sum {
-            return Err(ManifestError::Checksum);
         }
         let hashes = payload
             .chunks_exact(32)
@@ -180,9 +183,25 @@ mod tests {
         let mut m = Manifest::zeroed(3 * BLOCK_SIZE as u64);
         m.hashes[1] = BlockHash([7; 32]);
         let enc = m.encode();
+        // Any damage is a checksum failure, whatever it hit (a cut, the version bytes) ...
         assert!(matches!(
             Manifest::decode(&enc[..enc.len() - 1]),
-            Err(ManifestError::Length { .. })
+            Err(ManifestError::Checksum)
+        ));
+        let mut bad = enc.clone();
+        bad[8] ^= 1;
+        assert!(matches!(
+            Manifest::decode(&bad),
+            Err(ManifestError::Checksum)
+        ));
+        // ... while a whole manifest of another version says so.
+        let mut newer = enc[..enc.len() - 32].to_vec();
+        newer[8] = 2;
+        let sum = *blake3::hash(&newer).as_bytes();
+        newer.extend_from_slice(&sum);
+        assert!(matches!(
+            Manifest::decode(&newer),
+            Err(ManifestError::Version(2))
         ));
         assert!(Manifest::decode(&enc[..10]).is_err());
         m.resize(BLOCK_SIZE as u64 + 1);

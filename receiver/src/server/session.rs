@@ -214,6 +214,12 @@ impl Session {
         for m in batch {
             match m {
                 Message::Block { .. } | Message::Ref { .. } => pending.push(m),
+                Message::GetManifest { handle } => {
+                    let r = self.apply(std::mem::take(&mut pending));
+                    self.flush(out);
+                    r?;
+                    self.stream_manifest(handle, out)?;
+                }
                 other => {
                     let r = self
                         .apply(std::mem::take(&mut pending))
@@ -226,6 +232,33 @@ impl Session {
         let r = self.apply(pending);
         self.flush(out);
         r
+    }
+
+    /// Sends a disk's live manifest in chunks, each as it is made (no lock is held, and a
+    /// copy of the whole manifest never waits in the outbox).
+    fn stream_manifest(&mut self, handle: u32, out: &Out) -> Result<(), Fail> {
+        let disk = self
+            .disks
+            .get(&handle)
+            .ok_or_else(|| protocol(format!("disk handle {handle} was never opened")))?;
+        let total = disk.manifest.hashes.len() as u64;
+        let mut start = 0usize;
+        loop {
+            let end = (start + MAX_HASHES).min(disk.manifest.hashes.len());
+            let chunk = Message::ManifestChunk {
+                handle,
+                start: start as u64,
+                total,
+                hashes: disk.manifest.hashes[start..end].to_vec(),
+            };
+            if out.blocking_send(chunk).is_err() {
+                return Ok(()); // the writer is gone; the connection is ending
+            }
+            start = end;
+            if start >= disk.manifest.hashes.len() {
+                return Ok(());
+            }
+        }
     }
 
     /// Sends the queued replies (blocking while the writer's queue is full).
@@ -435,26 +468,13 @@ impl Session {
                 self.outbox.push(Message::DiskOpened { handle, digest });
                 self.save_status();
             }
-            Message::GetManifest { handle } => {
-                let disk = self
-                    .disks
-                    .get(&handle)
-                    .ok_or_else(|| protocol(format!("disk handle {handle} was never opened")))?;
-                let total = disk.manifest.hashes.len() as u64;
-                let mut start = 0usize;
-                loop {
-                    let end = (start + MAX_HASHES).min(disk.manifest.hashes.len());
-                    self.outbox.push(Message::ManifestChunk {
-                        handle,
-                        start: start as u64,
-                        total,
-                        hashes: disk.manifest.hashes[start..end].to_vec(),
-                    });
-                    start = end;
-                    if start >= disk.manifest.hashes.len() {
-                        break;
-                    }
-                }
+            // `process` streams these itself (`stream_manifest`): never handed here.
+            Message::GetManifest { .. } => {
+                return Err(Fail {
+                    code: ErrorCode::Internal,
+                    retryable: true,
+                    message: "GetManifest reached the wrong handler (a receiver bug)".into(),
+                })
             }
             Message::Commit {
                 point,
@@ -591,9 +611,13 @@ impl Session {
         let catalog = &self.shared.catalog;
         if self.last_point.is_none() {
             // Once per session: the newest point and its manifests (for changed-block counts).
+            // Only the disks open now: their memory is reserved, a disk no longer sent is not.
             let existing = catalog.points(&self.server)?;
             if let Some(last) = existing.last() {
                 for r in &last.disks {
+                    if !self.disks.values().any(|d| d.id == r.id) {
+                        continue;
+                    }
                     if let Ok(m) = catalog.manifest(last, &r.id) {
                         self.previous.insert(r.id.clone(), m);
                     }

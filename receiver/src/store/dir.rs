@@ -29,8 +29,8 @@ pub struct DirStore {
     root: PathBuf,
     blocks: PathBuf,
     tmp: PathBuf,
-    /// Held open for syncfs.
-    root_file: File,
+    /// Set by a failed `syncfs`: see [`DirStore::sync_on`].
+    poisoned: std::sync::atomic::AtomicBool,
     /// Blocks renamed to their names whose names are not durable yet (a batch between its
     /// rename and its last `syncfs`).
     unsynced: std::sync::Mutex<std::collections::HashSet<BlockHash>>,
@@ -45,12 +45,12 @@ impl DirStore {
         for d in [&blocks, &tmp] {
             lifeboat_common::durable::create_dir_all_durable(d).map_err(io_err(d))?;
         }
-        let root_file = File::open(root).map_err(io_err(root))?;
+
         Ok(DirStore {
             root: root.to_path_buf(),
             blocks,
             tmp,
-            root_file,
+            poisoned: Default::default(),
             unsynced: Default::default(),
         })
     }
@@ -70,21 +70,24 @@ impl DirStore {
         self.blocks.join(&hex[..2]).join(hex)
     }
 
-    /// Writes and renames the blocks not yet present; returns whether one of those present
-    /// was published by another batch that has not synced yet (so this one must sync too).
+    /// Writes and renames the blocks not yet present; returns those present that another
+    /// batch published and has not synced yet (so this one must sync too).
     fn stage_and_publish(
         &self,
+        fs: &File,
         blocks: &[VerifiedBlock],
         staged: &mut Vec<(PathBuf, PathBuf)>,
-    ) -> Result<bool, StoreError> {
-        let mut others_unsynced = false;
+    ) -> Result<Vec<BlockHash>, StoreError> {
+        let mut others_unsynced = Vec::new();
         for b in blocks {
             let dst = self.path_of(&b.hash);
             if staged.iter().any(|(_, d)| *d == dst) {
                 continue;
             }
             if dst.is_file() {
-                others_unsynced |= self.unsynced().contains(&b.hash);
+                if self.unsynced().contains(&b.hash) {
+                    others_unsynced.push(b.hash);
+                }
                 continue;
             }
             // Unique per staged file: sessions of different servers may store the same content
@@ -101,7 +104,7 @@ impl DirStore {
         if staged.is_empty() {
             return Ok(others_unsynced);
         }
-        sys::syncfs(&self.root_file).map_err(io_err(&self.root))?;
+        self.sync_on(fs)?;
         // Listed before renamed: whoever sees a name also sees that it is not durable yet.
         self.unsynced()
             .extend(staged.iter().filter_map(|(_, dst)| name_of(dst)));
@@ -134,8 +137,38 @@ impl DirStore {
         Ok(f)
     }
 
+    /// `syncfs` through `fs` (this batch's descriptor). A failure poisons the store: the
+    /// page cache may have dropped the failed pages and later syncs would report success, so
+    /// nothing written before can be trusted durable until `serve` restarts.
+    fn sync_on(&self, fs: &File) -> Result<(), StoreError> {
+        sys::syncfs(fs).map_err(|e| {
+            self.poisoned
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            tracing::error!(
+                "staging store {}: syncfs failed ({e}); refusing every write until the \
+                 receiver is restarted (check the disk first: nothing is acknowledged meanwhile)",
+                self.root.display()
+            );
+            io_err(&self.root)(e)
+        })
+    }
+
+    fn check_poisoned(&self) -> Result<(), StoreError> {
+        if self.poisoned.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Io {
+                path: self.root.clone(),
+                source: io::Error::other(
+                    "an earlier syncfs failed: restart the receiver after checking the disk",
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes the store's whole filesystem durable through a fresh descriptor (quarantine).
     fn sync(&self) -> Result<(), StoreError> {
-        sys::syncfs(&self.root_file).map_err(io_err(&self.root))
+        let fs = File::open(&self.root).map_err(io_err(&self.root))?;
+        self.sync_on(&fs)
     }
 }
 
@@ -148,8 +181,13 @@ fn name_of(path: &Path) -> Option<BlockHash> {
 
 impl BlockStore for DirStore {
     fn insert(&self, blocks: &[VerifiedBlock]) -> Result<usize, StoreError> {
+        self.check_poisoned()?;
+        // A descriptor of this batch's own, opened before it writes anything: `syncfs`
+        // reports a writeback error once per descriptor, so on a shared one another batch's
+        // sync could consume the error of this batch's pages.
+        let fs = File::open(&self.root).map_err(io_err(&self.root))?;
         let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
-        let result = self.stage_and_publish(blocks, &mut staged);
+        let result = self.stage_and_publish(&fs, blocks, &mut staged);
         if result.is_err() {
             // Leave nothing behind in tmp/ (a full disk must not stay full).
             for (tmp, _) in &staged {
@@ -157,15 +195,20 @@ impl BlockStore for DirStore {
             }
         }
         let others_unsynced = result?;
-        if !staged.is_empty() || others_unsynced {
+        if !staged.is_empty() || !others_unsynced.is_empty() {
             // The names, durable (ours, and any another batch renamed and has not synced).
             // Once any sync after a block's rename returns, its name is durable (a later
             // rename over it replaces one durable inode with another). After a failed sync
             // the names stay listed as not durable until an insert of the same block syncs.
-            self.sync()?;
+            self.sync_on(&fs)?;
+            // Only what this batch published, or saw unsynced before its sync: an entry
+            // another batch added since is that batch's to clear.
             let mut unsynced = self.unsynced();
-            for b in blocks {
-                unsynced.remove(&b.hash);
+            for h in staged.iter().filter_map(|(_, dst)| name_of(dst)) {
+                unsynced.remove(&h);
+            }
+            for h in &others_unsynced {
+                unsynced.remove(h);
             }
         }
         Ok(staged.len())
@@ -177,15 +220,16 @@ impl BlockStore for DirStore {
         if hash.is_zero() {
             return Ok(true);
         }
-        if self.unsynced().contains(hash) {
-            return Ok(false);
-        }
+        self.check_poisoned()?;
+        // The file first, then the list: a batch lists a name before it renames, so a name
+        // seen here was either listed already or is durable.
         let p = self.path_of(hash);
-        match fs::metadata(&p) {
-            Ok(m) => Ok(m.is_file()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(io_err(&p)(e)),
-        }
+        let present = match fs::metadata(&p) {
+            Ok(m) => m.is_file(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(io_err(&p)(e)),
+        };
+        Ok(present && !self.unsynced().contains(hash))
     }
 
     fn quarantined(&self) -> Result<std::collections::HashSet<BlockHash>, StoreError> {
@@ -267,12 +311,14 @@ impl BlockStore for DirStore {
         let dir = self.root.join("quarantine");
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let _exclusive = self.fence(true)?;
-        let dst = dir.join(format!("{}.{}", hash.to_hex(), crate::status::now_ms()));
-        let src = self.path_of(hash);
-        fs::rename(&src, &dst).map_err(io_err(&src))?;
+        // The mark first: if the move then fails, sessions re-check for nothing; the other
+        // way round, a block could vanish with no session told.
         let mark = dir.join(QUARANTINE_MARK);
         lifeboat_common::durable::write_atomic(&mark, &rand::random::<[u8; 16]>())
             .map_err(io_err(&mark))?;
+        let dst = dir.join(format!("{}.{}", hash.to_hex(), crate::status::now_ms()));
+        let src = self.path_of(hash);
+        fs::rename(&src, &dst).map_err(io_err(&src))?;
         self.sync()?;
         Ok(dst.display().to_string())
     }
