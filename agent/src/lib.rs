@@ -3,7 +3,8 @@
 //! - [`tracker`]: which blocks may have changed (hash scan; eBPF later).
 //! - [`reader`]: the block reader, io_uring or pread.
 //! - [`pipeline`]: reader thread → hashing/compressing workers → sender.
-//! - [`replicate`]: the protocol client: window, dedupe queries, acks, commits.
+//! - [`replicate`]: the protocol client: cycles, commits; [`window`]: the send window
+//!   (dedupe queries, acks, resends), sans-IO.
 //! - [`link`] and [`tls`]: the TLS connection with the pinned receiver CA.
 //! - [`run`]: the reconnecting main loop; [`state`]: what survives a restart.
 //! - [`identity`]: which machine this is, so a clone cannot pass for it.
@@ -22,6 +23,7 @@ pub mod state;
 pub mod status;
 pub mod tls;
 pub mod tracker;
+pub mod window;
 
 pub use cli::Cli;
 

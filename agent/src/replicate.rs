@@ -1,34 +1,29 @@
 //! One connection's replication: open the disks (adopting the receiver's manifest when the
 //! digests differ), then cycles of scan → send → ack → commit.
 //!
-//! Sending: every changed block gets a sequence number. A zero block goes as a `Ref` to the
-//! zero hash; a block whose hash the receiver is known to hold (acked earlier on this
-//! connection) goes as a `Ref`; the rest are asked about in batched `Have` queries (up to 256
-//! hashes, or whatever queued within 2 ms), and sent as data only when the receiver lacks
-//! them. At most [`WINDOW`] blocks are unacknowledged at once: that bounds memory and is the
+//! Sending follows the rules of [`crate::window`] (sans-IO): zero blocks and content known
+//! to the receiver go as `Ref`s, the rest is asked about in batched `Have` queries (up to 256
+//! hashes, or whatever queued within 2 ms) and sent as data only when the receiver lacks it.
+//! At most [`WINDOW`] blocks are unacknowledged at once: that bounds memory and is the
 //! backpressure on the scan. An acknowledged block updates the acknowledged manifest; nothing
 //! is forgotten before its ack. After a cycle has every block acked, a `Commit` cuts the point.
 
 use crate::link::{Link, LinkError};
-use crate::pipeline::{self, Payload, Prepared, ScanInput, ScanProgress};
+use crate::pipeline::{self, Prepared, ScanInput, ScanProgress};
 use crate::state::{AgentState, AgentStatus, DiskStatus, StateDir};
 use crate::tracker::{hashscan::HashScan, Tracker};
+use crate::window::Window;
+pub use crate::window::WINDOW;
 use lifeboat_common::block::block_count;
-use lifeboat_common::codec::Codec;
 use lifeboat_common::config::AgentConfig;
 use lifeboat_common::manifest::Manifest;
 use lifeboat_common::now_ms;
-use lifeboat_common::protocol::{self, Consistency, DiskProgress, DiskState, ErrorCode, Message};
-use lifeboat_common::BlockHash;
-use std::collections::{HashMap, HashSet};
+use lifeboat_common::protocol::{Consistency, DiskProgress, DiskState, ErrorCode, Message};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// Most blocks sent (or queried) and not yet acknowledged.
-pub const WINDOW: usize = 64;
-const HAVE_BATCH: usize = 256;
 const HAVE_DELAY: Duration = Duration::from_millis(2);
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// Persist the acknowledged manifests at least this often during a long cycle.
@@ -67,13 +62,6 @@ impl ReplicateError {
             _ => true,
         }
     }
-}
-
-struct Entry {
-    disk: usize,
-    index: u64,
-    hash: BlockHash,
-    data: Option<(Codec, Vec<u8>)>,
 }
 
 pub struct Replicator {
@@ -387,6 +375,9 @@ impl Replicator {
         Ok(changed)
     }
 
+    /// Feeds the send window ([`crate::window`]) from the pipeline and the link until every
+    /// prepared block is acknowledged. The decisions are the window's; this loop does the
+    /// I/O, the timers, progress and the compression level.
     async fn send_loop(
         &mut self,
         link: &mut Link,
@@ -394,16 +385,7 @@ impl Replicator {
         progress: &[Arc<ScanProgress>],
         started: Instant,
     ) -> Result<(), ReplicateError> {
-        let n = self.cfg.disks.len();
-        let mut next_seq = 1u64;
-        let mut next_req = 1u64;
-        let mut inflight: HashMap<u64, Entry> = HashMap::new();
-        let mut have_batch: Vec<(u64, Entry)> = Vec::new();
-        let mut have_wait: HashMap<u64, Vec<(u64, Entry)>> = HashMap::new();
-        let mut waiting = 0usize;
-        let mut known: HashSet<BlockHash> = HashSet::new();
-        let mut sent_data: HashSet<BlockHash> = HashSet::new();
-        let mut outstanding = vec![0u64; n];
+        let mut window = Window::new(self.cfg.disks.len());
         let mut have_deadline = tokio::time::Instant::now();
         let mut tick = tokio::time::interval(PROGRESS_EVERY);
         let mut last_persist = Instant::now();
@@ -416,80 +398,32 @@ impl Replicator {
         let mut full_time = Duration::ZERO;
 
         loop {
-            let room = inflight.len() + waiting + have_batch.len() < WINDOW;
             tokio::select! {
-                p = rx.recv(), if room && !scans_done => match p {
+                p = rx.recv(), if window.has_room() && !scans_done => match p {
                     None => scans_done = true,
                     Some(p) => {
-                        outstanding[p.disk] += 1;
-                        let seq = next_seq;
-                        next_seq += 1;
-                        let handle = p.disk as u32;
-                        match p.payload {
-                            Payload::Zero => {
-                                link.queue(&Message::Ref { seq, handle, index: p.index, hash: BlockHash::ZERO });
-                                inflight.insert(seq, Entry { disk: p.disk, index: p.index, hash: BlockHash::ZERO, data: None });
-                            }
-                            Payload::Data { codec, bytes } => {
-                                let e = Entry { disk: p.disk, index: p.index, hash: p.hash, data: Some((codec, bytes)) };
-                                if known.contains(&p.hash) || sent_data.contains(&p.hash) {
-                                    link.queue(&Message::Ref { seq, handle, index: p.index, hash: p.hash });
-                                    inflight.insert(seq, e);
-                                } else {
-                                    if have_batch.is_empty() {
-                                        have_deadline = tokio::time::Instant::now() + HAVE_DELAY;
-                                    }
-                                    have_batch.push((seq, e));
-                                }
-                            }
+                        if window.offer(p, link.out_buf()) {
+                            have_deadline = tokio::time::Instant::now() + HAVE_DELAY;
                         }
                     }
                 },
-                _ = tokio::time::sleep_until(have_deadline), if !have_batch.is_empty() => {}
+                _ = tokio::time::sleep_until(have_deadline), if window.pending_queries() > 0 => {}
                 m = link.recv(link.reply_timeout) => match m.inspect(|_| last_heard = Instant::now())? {
-                    Message::HaveReply { req, present } => {
-                        let batch = have_wait.remove(&req).ok_or_else(|| LinkError::Protocol(format!("HaveReply for unknown request {req}")))?;
-                        if batch.len() != present.len() {
-                            return Err(LinkError::Protocol(format!("HaveReply {req} answers {} of {} hashes", present.len(), batch.len())).into());
-                        }
-                        waiting -= batch.len();
-                        for ((seq, e), has) in batch.into_iter().zip(present) {
-                            let handle = e.disk as u32;
-                            if has || sent_data.contains(&e.hash) {
-                                link.queue(&Message::Ref { seq, handle, index: e.index, hash: e.hash });
-                            } else if let Some((codec, data)) = &e.data {
-                                protocol::encode_block(link.out_buf(), seq, handle, e.index, &e.hash, *codec, data);
-                                sent_data.insert(e.hash);
-                            }
-                            inflight.insert(seq, e);
-                        }
-                    }
+                    Message::HaveReply { req, present } => window.have_reply(req, &present, link.out_buf())?,
                     Message::Acks { seqs } => {
-                        for seq in seqs {
-                            if let Some(e) = inflight.remove(&seq) {
-                                if let Some(slot) = self.acked[e.disk].hashes.get_mut(e.index as usize) {
-                                    *slot = e.hash;
-                                }
-                                outstanding[e.disk] = outstanding[e.disk].saturating_sub(1);
-                                if !e.hash.is_zero() {
-                                    known.insert(e.hash);
-                                }
+                        for a in window.acks(&seqs) {
+                            if let Some(slot) = self.acked[a.disk].hashes.get_mut(a.index as usize) {
+                                *slot = a.hash;
                             }
                         }
                     }
-                    Message::NeedData { seq } => {
-                        let e = inflight.get(&seq).ok_or_else(|| LinkError::Protocol(format!("NeedData for unknown block {seq}")))?;
-                        let Some((codec, data)) = &e.data else {
-                            return Err(LinkError::Protocol(format!("NeedData for zero block {seq}")).into());
-                        };
-                        protocol::encode_block(link.out_buf(), seq, e.disk as u32, e.index, &e.hash, *codec, data);
-                    }
+                    Message::NeedData { seq } => window.need_data(seq, link.out_buf())?,
                     other => return Err(LinkError::Protocol(format!("unexpected {} while sending blocks", other.name())).into()),
                 },
                 _ = tick.tick() => {
                     // The other branches keep re-arming the receive timeout; this catches a
                     // receiver that has gone silent with blocks outstanding.
-                    if (!inflight.is_empty() || waiting > 0) && last_heard.elapsed() > link.reply_timeout {
+                    if window.awaiting_receiver() && last_heard.elapsed() > link.reply_timeout {
                         return Err(LinkError::Timeout(link.reply_timeout.as_secs()).into());
                     }
                     // `full_since` is kept current at the end of every turn of the loop.
@@ -512,7 +446,7 @@ impl Replicator {
                     self.status.compression_level = self.level.level();
                     period_start = now;
                     full_time = Duration::ZERO;
-                    let m = self.progress_message(&outstanding, progress, started);
+                    let m = self.progress_message(&window.outstanding, progress, started);
                     link.queue(&m);
                     self.status.bytes_sent = link.bytes_sent;
                     if last_persist.elapsed() >= PERSIST_EVERY {
@@ -524,25 +458,13 @@ impl Replicator {
                     }
                 }
             }
-            if !have_batch.is_empty()
-                && (have_batch.len() >= HAVE_BATCH
-                    || tokio::time::Instant::now() >= have_deadline
-                    || scans_done
-                    || !room)
-            {
-                let req = next_req;
-                next_req += 1;
-                let hashes = have_batch.iter().map(|(_, e)| e.hash).collect();
-                link.queue(&Message::Have { req, hashes });
-                waiting += have_batch.len();
-                have_wait.insert(req, std::mem::take(&mut have_batch));
-            }
+            let due = tokio::time::Instant::now() >= have_deadline || scans_done;
+            window.query(due, link.out_buf());
             // Time spent writing (and in the bandwidth limiter) is network-bound time.
             let writing = Instant::now();
             link.flush().await?;
             full_time += writing.elapsed();
-            let full = inflight.len() + waiting + have_batch.len() >= WINDOW;
-            match (full, full_since) {
+            match (!window.has_room(), full_since) {
                 (true, None) => full_since = Some(Instant::now()),
                 (false, Some(t)) => {
                     full_time += t.elapsed();
@@ -550,7 +472,7 @@ impl Replicator {
                 }
                 _ => {}
             }
-            if scans_done && inflight.is_empty() && waiting == 0 && have_batch.is_empty() {
+            if scans_done && window.is_empty() {
                 return Ok(());
             }
         }

@@ -1,0 +1,372 @@
+//! The send window, sans-IO: what the agent sends for each prepared block and what becomes
+//! acknowledged, decided from events (a block offered, a `HaveReply`, `Acks`, `NeedData`)
+//! with no socket and no clock. `replicate.rs` feeds it from the pipeline and the link and
+//! writes out what it encodes; the tests here drive it directly.
+//!
+//! Rules: at most [`WINDOW`] blocks are unacknowledged (sent, or waiting for a dedupe answer).
+//! A zero block, or content already acknowledged or sent in this session, goes as a `Ref`
+//! at once. Other content is asked about in batched `Have` queries, then sent as a `Ref`
+//! (the receiver has it) or a `Block`. A block is forgotten only when acknowledged; a
+//! `NeedData` for a `Ref` resends its data.
+
+use crate::link::LinkError;
+use crate::pipeline::{Payload, Prepared};
+use lifeboat_common::codec::Codec;
+use lifeboat_common::protocol::{self, Message};
+use lifeboat_common::BlockHash;
+use std::collections::{HashMap, HashSet};
+
+/// Most blocks unacknowledged at once.
+pub const WINDOW: usize = 64;
+/// Most hashes in one dedupe query.
+pub const HAVE_BATCH: usize = 256;
+
+struct Entry {
+    disk: usize,
+    index: u64,
+    hash: BlockHash,
+    /// The encoded content, kept for a `NeedData` (None for the zero block).
+    data: Option<(Codec, Vec<u8>)>,
+}
+
+/// A block the receiver acknowledged: `disk`'s block `index` now durably holds `hash`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Acked {
+    pub disk: usize,
+    pub index: u64,
+    pub hash: BlockHash,
+}
+
+pub struct Window {
+    next_seq: u64,
+    next_req: u64,
+    inflight: HashMap<u64, Entry>,
+    /// Blocks to ask about in the next `Have`.
+    have_batch: Vec<(u64, Entry)>,
+    /// Blocks asked about, by request.
+    have_wait: HashMap<u64, Vec<(u64, Entry)>>,
+    waiting: usize,
+    /// Content the receiver acknowledged in this session.
+    known: HashSet<BlockHash>,
+    /// Content sent as data in this session.
+    sent_data: HashSet<BlockHash>,
+    /// Unacknowledged blocks per disk.
+    pub outstanding: Vec<u64>,
+}
+
+impl Window {
+    pub fn new(disks: usize) -> Window {
+        Window {
+            next_seq: 1,
+            next_req: 1,
+            inflight: HashMap::new(),
+            have_batch: Vec::new(),
+            have_wait: HashMap::new(),
+            waiting: 0,
+            known: HashSet::new(),
+            sent_data: HashSet::new(),
+            outstanding: vec![0; disks],
+        }
+    }
+
+    fn open(&self) -> usize {
+        self.inflight.len() + self.waiting + self.have_batch.len()
+    }
+
+    /// Whether another block may be taken.
+    pub fn has_room(&self) -> bool {
+        self.open() < WINDOW
+    }
+
+    /// Whether blocks are out with the receiver (sent, or asked about).
+    pub fn awaiting_receiver(&self) -> bool {
+        !self.inflight.is_empty() || self.waiting > 0
+    }
+
+    /// Nothing unacknowledged and nothing queued.
+    pub fn is_empty(&self) -> bool {
+        self.open() == 0
+    }
+
+    /// Blocks queued for the next `Have` (0: none).
+    pub fn pending_queries(&self) -> usize {
+        self.have_batch.len()
+    }
+
+    /// Takes a prepared block: a `Ref` is encoded into `out` at once, or the block waits for
+    /// a dedupe query. Returns true when it started a new query batch (the caller's cue to
+    /// start the batching delay).
+    pub fn offer(&mut self, p: Prepared, out: &mut Vec<u8>) -> bool {
+        self.outstanding[p.disk] += 1;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let handle = p.disk as u32;
+        match p.payload {
+            Payload::Zero => {
+                Message::Ref {
+                    seq,
+                    handle,
+                    index: p.index,
+                    hash: BlockHash::ZERO,
+                }
+                .encode(out);
+                self.inflight.insert(
+                    seq,
+                    Entry {
+                        disk: p.disk,
+                        index: p.index,
+                        hash: BlockHash::ZERO,
+                        data: None,
+                    },
+                );
+                false
+            }
+            Payload::Data { codec, bytes } => {
+                let e = Entry {
+                    disk: p.disk,
+                    index: p.index,
+                    hash: p.hash,
+                    data: Some((codec, bytes)),
+                };
+                if self.known.contains(&p.hash) || self.sent_data.contains(&p.hash) {
+                    Message::Ref {
+                        seq,
+                        handle,
+                        index: p.index,
+                        hash: p.hash,
+                    }
+                    .encode(out);
+                    self.inflight.insert(seq, e);
+                    false
+                } else {
+                    let first = self.have_batch.is_empty();
+                    self.have_batch.push((seq, e));
+                    first
+                }
+            }
+        }
+    }
+
+    /// Sends the queued dedupe query, when there is one and `due` (the batching delay is
+    /// over, the batch is full, the scan ended or the window is full).
+    pub fn query(&mut self, due: bool, out: &mut Vec<u8>) {
+        if self.have_batch.is_empty()
+            || !(due || self.have_batch.len() >= HAVE_BATCH || !self.has_room())
+        {
+            return;
+        }
+        let req = self.next_req;
+        self.next_req += 1;
+        let hashes = self.have_batch.iter().map(|(_, e)| e.hash).collect();
+        Message::Have { req, hashes }.encode(out);
+        self.waiting += self.have_batch.len();
+        self.have_wait
+            .insert(req, std::mem::take(&mut self.have_batch));
+    }
+
+    /// The receiver's answer to a dedupe query: each block goes as a `Ref` (held) or a
+    /// `Block` (not held), encoded into `out`.
+    pub fn have_reply(
+        &mut self,
+        req: u64,
+        present: &[bool],
+        out: &mut Vec<u8>,
+    ) -> Result<(), LinkError> {
+        let batch = self
+            .have_wait
+            .remove(&req)
+            .ok_or_else(|| LinkError::Protocol(format!("HaveReply for unknown request {req}")))?;
+        if batch.len() != present.len() {
+            return Err(LinkError::Protocol(format!(
+                "HaveReply {req} answers {} of {} hashes",
+                present.len(),
+                batch.len()
+            )));
+        }
+        self.waiting -= batch.len();
+        for ((seq, e), &has) in batch.into_iter().zip(present) {
+            let handle = e.disk as u32;
+            if has || self.sent_data.contains(&e.hash) {
+                Message::Ref {
+                    seq,
+                    handle,
+                    index: e.index,
+                    hash: e.hash,
+                }
+                .encode(out);
+            } else if let Some((codec, data)) = &e.data {
+                protocol::encode_block(out, seq, handle, e.index, &e.hash, *codec, data);
+                self.sent_data.insert(e.hash);
+            }
+            self.inflight.insert(seq, e);
+        }
+        Ok(())
+    }
+
+    /// Acknowledgements: returns what became durable, for the caller to record.
+    pub fn acks(&mut self, seqs: &[u64]) -> Vec<Acked> {
+        let mut done = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            if let Some(e) = self.inflight.remove(seq) {
+                self.outstanding[e.disk] = self.outstanding[e.disk].saturating_sub(1);
+                if !e.hash.is_zero() {
+                    self.known.insert(e.hash);
+                }
+                done.push(Acked {
+                    disk: e.disk,
+                    index: e.index,
+                    hash: e.hash,
+                });
+            }
+        }
+        done
+    }
+
+    /// The receiver lacks the content of `Ref` `seq`: its data is encoded into `out`.
+    pub fn need_data(&mut self, seq: u64, out: &mut Vec<u8>) -> Result<(), LinkError> {
+        let e = self
+            .inflight
+            .get(&seq)
+            .ok_or_else(|| LinkError::Protocol(format!("NeedData for unknown block {seq}")))?;
+        let Some((codec, data)) = &e.data else {
+            return Err(LinkError::Protocol(format!(
+                "NeedData for zero block {seq}"
+            )));
+        };
+        protocol::encode_block(out, seq, e.disk as u32, e.index, &e.hash, *codec, data);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lifeboat_common::protocol::decode_frame;
+
+    fn frames(out: &mut Vec<u8>) -> Vec<Message> {
+        let mut v = Vec::new();
+        let mut rest = &out[..];
+        while let Ok(Some((m, used))) = decode_frame(rest) {
+            v.push(m);
+            rest = &rest[used..];
+        }
+        assert!(rest.is_empty(), "a partial frame was encoded");
+        out.clear();
+        v
+    }
+
+    fn data(disk: usize, index: u64, byte: u8) -> Prepared {
+        let bytes = vec![byte; 100];
+        Prepared {
+            disk,
+            index,
+            hash: lifeboat_common::block::hash_block(&bytes),
+            payload: Payload::Data {
+                codec: Codec::Raw,
+                bytes,
+            },
+        }
+    }
+
+    #[test]
+    fn dedupe_query_then_ref_or_block_then_ack() {
+        let mut w = Window::new(2);
+        let mut out = Vec::new();
+        // A zero block goes at once as a Ref; content waits for a query.
+        assert!(!w.offer(
+            Prepared {
+                disk: 0,
+                index: 0,
+                hash: BlockHash::ZERO,
+                payload: Payload::Zero
+            },
+            &mut out
+        ));
+        assert!(w.offer(data(0, 1, 1), &mut out));
+        assert!(!w.offer(data(1, 2, 2), &mut out));
+        let f = frames(&mut out);
+        assert!(matches!(&f[..], [Message::Ref { seq: 1, hash, .. }] if hash.is_zero()));
+        assert_eq!(w.pending_queries(), 2);
+        w.query(false, &mut out);
+        assert!(out.is_empty(), "queried before it was due");
+        w.query(true, &mut out);
+        let f = frames(&mut out);
+        let Message::Have { req, hashes } = &f[0] else {
+            panic!("{f:?}")
+        };
+        assert_eq!(hashes.len(), 2);
+        // The receiver holds the first, not the second.
+        w.have_reply(*req, &[true, false], &mut out).unwrap();
+        let f = frames(&mut out);
+        assert!(
+            matches!(
+                f[0],
+                Message::Ref {
+                    seq: 2,
+                    index: 1,
+                    ..
+                }
+            ),
+            "{f:?}"
+        );
+        assert!(
+            matches!(
+                f[1],
+                Message::Block {
+                    seq: 3,
+                    index: 2,
+                    ..
+                }
+            ),
+            "{f:?}"
+        );
+        assert!(w.awaiting_receiver());
+        assert_eq!(w.outstanding, vec![2, 1]);
+        // Acks: what they name becomes durable; unknown ones are ignored.
+        let done = w.acks(&[3, 99, 1]);
+        assert_eq!(done.len(), 2);
+        assert_eq!(done[0].index, 2);
+        assert_eq!(w.outstanding, vec![1, 0]);
+        // Content acknowledged this session goes as a Ref without asking.
+        w.offer(data(1, 7, 2), &mut out);
+        assert!(matches!(
+            frames(&mut out)[..],
+            [Message::Ref { index: 7, .. }]
+        ));
+        // NeedData resends the data of a Ref; a zero block has none.
+        w.need_data(2, &mut out).unwrap();
+        assert!(matches!(
+            frames(&mut out)[..],
+            [Message::Block { seq: 2, .. }]
+        ));
+        assert!(w.acks(&[2, 4]).len() == 2 && w.is_empty());
+    }
+
+    #[test]
+    fn the_window_bounds_what_is_unacknowledged_and_replies_are_checked() {
+        let mut w = Window::new(1);
+        let mut out = Vec::new();
+        for i in 0..WINDOW as u64 {
+            assert!(w.has_room());
+            w.offer(data(0, i, i as u8), &mut out);
+        }
+        assert!(!w.has_room());
+        // A full window sends its query even before the delay is over.
+        w.query(false, &mut out);
+        let f = frames(&mut out);
+        let Message::Have { req, .. } = f[0] else {
+            panic!()
+        };
+        assert!(w
+            .have_reply(req + 1, &[], &mut out)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown request"));
+        assert!(w
+            .have_reply(req, &[true], &mut out)
+            .unwrap_err()
+            .to_string()
+            .contains("answers 1 of 64"));
+        assert!(w.need_data(12345, &mut out).is_err());
+    }
+}
