@@ -378,6 +378,89 @@ mod tests {
         assert!(s.has(&hash).unwrap());
     }
 
+    /// A write that fails under the store (its filesystem's device runs out of room, so
+    /// writeback fails and `syncfs` reports EIO): `insert` fails, so nothing is acknowledged,
+    /// and the store refuses everything after. Real kernel, real loop device; root needed.
+    #[test]
+    fn a_failed_syncfs_fails_the_insert_and_poisons_the_store() {
+        use std::process::Command;
+        let run = |c: &mut Command| c.output().is_ok_and(|o| o.status.success());
+        let base = tempfile::tempdir_in(".").unwrap();
+        let tiny = base.path().join("tiny");
+        let mnt = base.path().join("mnt");
+        fs::create_dir_all(&tiny).unwrap();
+        fs::create_dir_all(&mnt).unwrap();
+        let img = tiny.join("store.img");
+        let ready = run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+            .arg(&tiny))
+            && File::create(&img)
+                .and_then(|f| f.set_len(256 << 20))
+                .is_ok()
+            && run(Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-O", "^has_journal"])
+                .arg(&img))
+            && run(Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt));
+        struct Unmount(Vec<PathBuf>);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                for p in &self.0 {
+                    let _ = std::process::Command::new("umount")
+                        .arg("-l")
+                        .arg(p)
+                        .output();
+                }
+            }
+        }
+        let _cleanup = Unmount(vec![mnt.clone(), tiny.clone()]);
+        if !ready {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "root, tmpfs and loop devices needed in CI"
+            );
+            eprintln!("SKIPPED (loudly): cannot mount a loop filesystem here");
+            return;
+        }
+        let s = DirStore::open(&mnt.join("store")).unwrap();
+        let mut seed = 1u64;
+        let mut failed = None;
+        // 8 incompressible blocks (4 MiB) a batch: the 24 MiB under the image run out after a
+        // few batches.
+        for batch in 0..32 {
+            let blocks: Vec<_> = (0..8)
+                .map(|_| {
+                    let mut data = vec![0u8; BLOCK_SIZE];
+                    for b in data.iter_mut() {
+                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                        *b = (seed >> 56) as u8;
+                    }
+                    verify(hash_block(&data), Codec::Raw, data).unwrap()
+                })
+                .collect();
+            if let Err(e) = s.insert(&blocks) {
+                failed = Some((batch, e.to_string()));
+                break;
+            }
+        }
+        let (batch, e) = failed.expect("every insert succeeded: no write failed, nothing tested");
+        assert!(batch > 0, "the first insert failed: {e}");
+        // Any failure will do here (ENOSPC at write, EIO at sync); what matters is what follows.
+        let again = s.insert(&[verify(hash_block(b"x"), Codec::Raw, b"x".to_vec()).unwrap()]);
+        let e2 = again.err().map(|e| e.to_string()).unwrap_or_default();
+        if e.contains("Input/output error") {
+            assert!(
+                e2.contains("earlier syncfs failed"),
+                "not poisoned after EIO: {e2}"
+            );
+            assert!(s.has(&hash_block(b"x")).is_err());
+        } else {
+            eprintln!("NOTE: the write failed before the sync ({e}); poisoning not exercised");
+        }
+    }
+
     #[test]
     fn insert_read_and_reject() {
         let d = tempfile::tempdir().unwrap();
