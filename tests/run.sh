@@ -37,24 +37,29 @@ cargo build --workspace --bins
 echo "== tests"
 cargo test --workspace
 
-# A bounded fuzz run of each decoder, from the committed regression corpus (new inputs go to
-# a scratch corpus). cargo-fuzz runs on the stable toolchain without a sanitizer. Longer by
-# hand: LIFEBOAT_FUZZ_SECS=600 bash tests/run.sh
+# A bounded fuzz run of each decoder and of a receiver session, from the committed regression
+# corpus (new inputs go to a scratch corpus). cargo-fuzz runs on the stable toolchain without
+# a sanitizer. Longer by hand: LIFEBOAT_FUZZ_SECS=600 bash tests/run.sh
 fuzz_secs="${LIFEBOAT_FUZZ_SECS:-20}"
 if [ "$fuzz_secs" -gt 0 ]; then
   echo "== fuzz (${fuzz_secs}s per target)"
   command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz >/dev/null
   scratch="$(mktemp -d)"
-  for t in decode_frame decode_manifest; do
+  # Each line: crate, target, seed corpus. The decoders, and a whole receiver session fed
+  # arbitrary frames (the malloc limit makes any unbounded allocation a failure).
+  repo="$PWD"
+  for spec in "common decode_frame decode_frame" "common decode_manifest decode_manifest" \
+      "receiver session decode_frame"; do
+    read -r crate t seeds <<<"$spec"
     mkdir -p "$scratch/$t"
-    if ! (cd common && cargo fuzz run "$t" -s none --target-dir "$CARGO_TARGET_DIR/fuzz" \
-        "$scratch/$t" "fuzz/regressions/$t" -- -max_total_time="$fuzz_secs") \
-        >"$scratch/$t.log" 2>&1; then
+    if ! (cd "$crate" && cargo fuzz run "$t" -s none --target-dir "$CARGO_TARGET_DIR/fuzz" \
+        "$scratch/$t" "$repo/common/fuzz/regressions/$seeds" -- \
+        -max_total_time="$fuzz_secs" -malloc_limit_mb=512) >"$scratch/$t.log" 2>&1; then
       tail -40 "$scratch/$t.log" >&2
-      echo "fuzz: $t failed; the input is in common/fuzz/artifacts/$t/ (add it to fuzz/regressions/$t)" >&2
+      echo "fuzz: $crate/$t failed; the input is in $crate/fuzz/artifacts/$t/ (add it to common/fuzz/regressions/$seeds)" >&2
       exit 1
     fi
-    echo "$t: $(grep -E '^Done' "$scratch/$t.log" | tail -1)"
+    echo "$crate/$t: $(grep -E '^Done' "$scratch/$t.log" | tail -1)"
   done
   rm -rf "$scratch"
 fi

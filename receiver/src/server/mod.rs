@@ -11,6 +11,9 @@
 mod connection;
 mod session;
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub use session::drive_session;
+
 use crate::auth::Tokens;
 use crate::catalog::Catalog;
 use crate::store::{BlockStore, DirStore};

@@ -714,6 +714,75 @@ impl Session {
     }
 }
 
+/// Drives one session as an authenticated agent would, with the frames encoded in `data`
+/// (a fuzz target's input): a fresh state directory, a disk `root` of 8 blocks opened first
+/// (so arbitrary input meets an open disk), then the frames, up to 4 per batch, until the
+/// bytes stop decoding or the session fails, as `run` would end it. Panics only on a bug.
+/// The manifest budget is 64 MiB, so an allocation past it would show (cargo-fuzz runs it
+/// with a malloc limit).
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn drive_session(data: &[u8]) {
+    use lifeboat_common::protocol::decode_frame;
+    let Ok(dir) = tempfile::tempdir() else {
+        return;
+    };
+    let setup = std::fs::write(dir.path().join(crate::auth::TOKENS), "")
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            crate::store::DirStore::open(&dir.path().join("store")).map_err(|e| e.to_string())
+        })
+        .and_then(|store| {
+            let tokens = crate::auth::Tokens::load(dir.path()).map_err(|e| e.to_string())?;
+            let config = lifeboat_common::config::ReceiverConfig {
+                max_manifest_memory_mib: 64,
+                ..Default::default()
+            };
+            Ok(Arc::new(super::Shared::new(
+                dir.path(),
+                Box::new(store),
+                tokens,
+                config,
+            )))
+        });
+    let Ok(shared) = setup else {
+        return;
+    };
+    let mut session = Session::new(
+        shared,
+        "fuzz".into(),
+        "fuzz".into(),
+        "127.0.0.1:1".into(),
+        ("0123456789abcdef".into(), "fuzz".into()),
+        Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
+    );
+    let (tx, mut rx) = mpsc::channel(1 << 16);
+    let open = Message::OpenDisk {
+        handle: 0,
+        disk_id: "root".into(),
+        size: 8 * lifeboat_common::BLOCK_SIZE as u64,
+    };
+    let mut batch = vec![open];
+    let mut rest = data;
+    loop {
+        let next = decode_frame(rest);
+        let end = !matches!(next, Ok(Some(_)));
+        if let Ok(Some((m, used))) = next {
+            batch.push(m);
+            rest = &rest[used..];
+        }
+        if batch.len() >= 4 || (end && !batch.is_empty()) {
+            let r = session.process(std::mem::take(&mut batch), &tx);
+            while rx.try_recv().is_ok() {}
+            if r.is_err() {
+                return;
+            }
+        }
+        if end {
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -803,6 +872,17 @@ mod tests {
             }),
             Just(Message::NeedData { seq: 1 }),
         ]
+    }
+
+    /// The frame seeds of the fuzz corpus (every message type, one after another) through
+    /// the session driver the cargo-fuzz target uses.
+    #[test]
+    fn the_fuzz_driver_takes_the_seed_stream() {
+        let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../common/fuzz/regressions/decode_frame/seed-stream-of-all");
+        drive_session(&std::fs::read(seeds).unwrap());
+        drive_session(&[]);
+        drive_session(&[0xff; 64]);
     }
 
     proptest! {
