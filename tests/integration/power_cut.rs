@@ -54,16 +54,21 @@ fn state_disk_at(
 fn cut(w: &std::path::Path, fs: &SmallFs, name: &str) -> SmallFs {
     let copy = w.join(format!("{name}.img"));
     std::fs::copy(&fs.img, &copy).unwrap();
+    boot(w, &copy, name)
+}
+
+/// Repairs a copied image as a boot would (e2fsck, journal replay) and mounts it.
+fn boot(w: &std::path::Path, copy: &std::path::Path, name: &str) -> SmallFs {
     // e2fsck exits 1 when it repaired something: both are fine.
     let code = Command::new("e2fsck")
         .args(["-f", "-y"])
-        .arg(&copy)
+        .arg(copy)
         .output()
         .unwrap()
         .status
         .code();
     assert!(matches!(code, Some(0) | Some(1)), "e2fsck: {code:?}");
-    SmallFs::mount(w, name, &copy, "defaults").unwrap()
+    SmallFs::mount(w, name, copy, "defaults").unwrap()
 }
 
 fn receiver_cli(state: &std::path::Path, args: &[&str]) -> std::process::Output {
@@ -210,4 +215,121 @@ fn failed_writeback_is_never_acknowledged() {
     }
     let o = receiver_cli(&after.dir.join("receiver"), &["scrub"]);
     assert!(o.status.success(), "{}", stdout(&o));
+}
+
+/// Cuts at random instants during a long sync, on ext4 with its journal (background commits
+/// pushed out to a minute). What the agent had saved as acknowledged before each cut must be
+/// on the cut image, whole; every point listed there must restore; and every journal record
+/// there must name a block that is there (a record is written only after its block is
+/// durable).
+#[test]
+fn random_cuts_during_a_sync_keep_every_saved_ack() {
+    let w = workdir();
+    let Some(fs) = state_disk_at(w.path(), w.path(), &[]) else {
+        return;
+    };
+    // Remount with rare background commits: what reaches the image is mostly what we sync.
+    let _ = Command::new("mount")
+        .args(["-o", "remount,commit=60"])
+        .arg(&fs.dir)
+        .status();
+    let rx = Receiver::start_at(w.path(), &fs.dir.join("receiver"));
+    let img = w.path().join("disk.img");
+    let mut data = vec![0u8; 192 * lifeboat_common::BLOCK_SIZE];
+    let mut rng = Rng::new(14);
+    rng.fill(&mut data);
+    std::fs::write(&img, &data).unwrap();
+    let mut spec = AgentSpec::new("random-cut", &[("root", &img)]);
+    // ~20 s for 96 MiB, three windows' worth at least: the agent saves its acks every 10 s.
+    spec.bandwidth_mbps = 40;
+    let mut agent = Agent::new(w.path(), &rx, &spec);
+    agent.spawn_once();
+    let started = std::time::Instant::now();
+    let mut checked = 0;
+    for cut_no in 0..3 {
+        let at = std::time::Duration::from_millis(13_000 + cut_no * 4_000 + rng.below(2_000));
+        if let Some(rest) = at.checked_sub(started.elapsed()) {
+            std::thread::sleep(rest);
+        }
+        // What the agent holds as acknowledged, saved before the power fails.
+        let saved = std::fs::read(agent.state_dir.join("disks/root.manifest"))
+            .ok()
+            .and_then(|b| lifeboat_common::manifest::Manifest::decode(&b).ok());
+        eprintln!(
+            "cut {cut_no} at {:?}: saved {:?}",
+            started.elapsed(),
+            saved.as_ref().map(|m| m.data_blocks())
+        );
+        // The receiver stops while the image is copied, so the copy is one instant of it, not
+        // a smear across the receiver's next syncs (the kernel may still write back what is
+        // dirty, as it may when the power fails).
+        let copy = w.path().join(format!("random-{cut_no}.img"));
+        rx.signal(libc::SIGSTOP);
+        let copied = std::fs::copy(&fs.img, &copy);
+        rx.signal(libc::SIGCONT);
+        copied.unwrap();
+        let after = boot(w.path(), &copy, &format!("random-{cut_no}"));
+        let state = after.dir.join("receiver");
+        let store = state.join("store/blocks");
+        let present = |h: &lifeboat_common::BlockHash| {
+            let hex = h.to_hex();
+            store.join(&hex[..2]).join(&hex).is_file()
+        };
+        if let Some(m) = saved {
+            for h in m.hashes.iter().filter(|h| !h.is_zero()) {
+                assert!(
+                    present(h),
+                    "cut {cut_no}: acknowledged block {h} is not on the disk"
+                );
+                checked += 1;
+            }
+        }
+        let journal = state.join("servers/random-cut/disks/root/journal");
+        if let Ok(bytes) = std::fs::read(&journal) {
+            for rec in bytes.chunks_exact(44) {
+                let mut idx = [0u8; 8];
+                idx.copy_from_slice(&rec[..8]);
+                let mut hh = [0u8; 32];
+                hh.copy_from_slice(&rec[8..40]);
+                let mut check = blake3::Hasher::new();
+                check.update(&idx);
+                check.update(&hh);
+                let h = lifeboat_common::BlockHash(hh);
+                if check.finalize().as_bytes()[..4] == rec[40..44] && !h.is_zero() {
+                    assert!(
+                        present(&h),
+                        "cut {cut_no}: the journal names {h}, not on the disk"
+                    );
+                }
+            }
+        }
+        let o = receiver_cli(&state, &["scrub"]);
+        assert!(o.status.success(), "cut {cut_no}: {}", stdout(&o));
+        let o = receiver_cli(&state, &["points", "--server", "random-cut", "--json"]);
+        if o.status.success() {
+            let points: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            if !points.as_array().unwrap().is_empty() {
+                let out = w.path().join(format!("random-{cut_no}.restored"));
+                let o = receiver_cli(
+                    &state,
+                    &[
+                        "restore",
+                        "--server",
+                        "random-cut",
+                        "--disk",
+                        "root",
+                        "--to",
+                        out.to_str().unwrap(),
+                    ],
+                );
+                assert!(o.status.success(), "cut {cut_no}: {}", stderr(&o));
+                assert!(std::fs::read(&out).unwrap() == data);
+            }
+        }
+    }
+    assert!(agent.wait(), "{}", agent.log_text());
+    assert!(
+        checked > 0,
+        "no acknowledged block was saved before a cut: nothing was tested"
+    );
 }
