@@ -714,6 +714,35 @@ impl Session {
     }
 }
 
+/// A session of server "fuzz" on a fresh state directory (removed when the guard drops),
+/// with a 64 MiB manifest budget: for the fuzz target and the tests.
+#[cfg(any(test, feature = "fuzzing"))]
+fn scratch_session() -> Option<(tempfile::TempDir, Session)> {
+    let dir = tempfile::tempdir().ok()?;
+    std::fs::write(dir.path().join(crate::auth::TOKENS), "").ok()?;
+    let store = crate::store::DirStore::open(&dir.path().join("store")).ok()?;
+    let tokens = crate::auth::Tokens::load(dir.path()).ok()?;
+    let config = lifeboat_common::config::ReceiverConfig {
+        max_manifest_memory_mib: 64,
+        ..Default::default()
+    };
+    let shared = Arc::new(super::Shared::new(
+        dir.path(),
+        Box::new(store),
+        tokens,
+        config,
+    ));
+    let session = Session::new(
+        shared,
+        "fuzz".into(),
+        "fuzz".into(),
+        "127.0.0.1:1".into(),
+        ("0123456789abcdef".into(), "fuzz".into()),
+        Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
+    );
+    Some((dir, session))
+}
+
 /// Drives one session as an authenticated agent would, with the frames encoded in `data`
 /// (a fuzz target's input): a fresh state directory, a disk `root` of 8 blocks opened first
 /// (so arbitrary input meets an open disk), then the frames, up to 4 per batch, until the
@@ -723,38 +752,9 @@ impl Session {
 #[cfg(any(test, feature = "fuzzing"))]
 pub fn drive_session(data: &[u8]) {
     use lifeboat_common::protocol::decode_frame;
-    let Ok(dir) = tempfile::tempdir() else {
+    let Some((_dir, mut session)) = scratch_session() else {
         return;
     };
-    let setup = std::fs::write(dir.path().join(crate::auth::TOKENS), "")
-        .map_err(|e| e.to_string())
-        .and_then(|()| {
-            crate::store::DirStore::open(&dir.path().join("store")).map_err(|e| e.to_string())
-        })
-        .and_then(|store| {
-            let tokens = crate::auth::Tokens::load(dir.path()).map_err(|e| e.to_string())?;
-            let config = lifeboat_common::config::ReceiverConfig {
-                max_manifest_memory_mib: 64,
-                ..Default::default()
-            };
-            Ok(Arc::new(super::Shared::new(
-                dir.path(),
-                Box::new(store),
-                tokens,
-                config,
-            )))
-        });
-    let Ok(shared) = setup else {
-        return;
-    };
-    let mut session = Session::new(
-        shared,
-        "fuzz".into(),
-        "fuzz".into(),
-        "127.0.0.1:1".into(),
-        ("0123456789abcdef".into(), "fuzz".into()),
-        Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
-    );
     let (tx, mut rx) = mpsc::channel(1 << 16);
     let open = Message::OpenDisk {
         handle: 0,
@@ -786,10 +786,7 @@ pub fn drive_session(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::Tokens;
-    use crate::store::DirStore;
     use lifeboat_common::codec::Codec;
-    use lifeboat_common::config::ReceiverConfig;
     use lifeboat_common::protocol::DiskProgress;
     use lifeboat_common::BLOCK_SIZE;
     use proptest::prelude::*;
@@ -896,27 +893,7 @@ mod tests {
         fn arbitrary_sessions_never_panic(
             batches in proptest::collection::vec(proptest::collection::vec(arb_step(), 1..6), 1..6)
         ) {
-            let d = tempfile::tempdir().unwrap();
-            std::fs::write(d.path().join(crate::auth::TOKENS), "").unwrap();
-            let store = DirStore::open(&d.path().join("store")).unwrap();
-            let config = ReceiverConfig {
-                max_manifest_memory_mib: 64,
-                ..ReceiverConfig::default()
-            };
-            let shared = Arc::new(super::super::Shared::new(
-                d.path(),
-                Box::new(store),
-                Tokens::load(d.path()).unwrap(),
-                config,
-            ));
-            let mut session = Session::new(
-                shared,
-                "fuzz".into(),
-                "test".into(),
-                "127.0.0.1:1".into(),
-                ("0123456789abcdef".into(), "host".into()),
-                Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
-            );
+            let (_dir, mut session) = scratch_session().unwrap();
             let (tx, mut rx) = mpsc::channel(100_000);
             // A well-behaved start, so the arbitrary part meets an open disk with content.
             let data = vec![1u8; 4096];
