@@ -39,7 +39,12 @@ img="$demo/disk.img"
 if command -v mkfs.ext4 >/dev/null 2>&1; then
   content="$demo/content"; mkdir -p "$content"
   cp -r /usr/share/doc "$content/doc" 2>/dev/null || true
-  cp -r common agent receiver "$content/" 
+  # The tracked sources only: build and fuzzing output (fuzz/target, corpora) can be large.
+  if git rev-parse --git-dir >/dev/null 2>&1; then
+    git ls-files -z common agent receiver | tar --null -T - -cf - | tar -C "$content" -xf -
+  else
+    cp -r common agent receiver "$content/"
+  fi
   truncate -s 256M "$img"
   mkfs.ext4 -q -F -d "$content" "$img"
 else
