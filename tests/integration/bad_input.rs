@@ -492,12 +492,14 @@ fn refusals_a_peer_triggers_are_logged_at_a_bounded_rate() {
     let w = workdir();
     let rx = Receiver::start(w.path());
     // 150 connections that fail their TLS handshake, as fast as they come.
+    let flood = std::time::Instant::now();
     for _ in 0..150 {
         let mut tcp = std::net::TcpStream::connect(("127.0.0.1", rx.port)).unwrap();
         let _ = tcp.write_all(b"GET / HTTP/1.0\r\n\r\n");
         let mut sink = [0u8; 64];
         let _ = tcp.read(&mut sink);
     }
+    let secs = flood.elapsed().as_secs() + 1;
     // One more after the window, which reports how many were left out.
     std::thread::sleep(Duration::from_millis(1100));
     let mut tcp = std::net::TcpStream::connect(("127.0.0.1", rx.port)).unwrap();
@@ -520,8 +522,11 @@ fn refusals_a_peer_triggers_are_logged_at_a_bounded_rate() {
         .lines()
         .filter(|l| l.contains("TLS handshake failed"))
         .count();
-    // 20 a second: the flood takes a few seconds at most on a loaded machine.
-    assert!(lines < 100, "{lines} log lines for 151 bad peers");
+    // 20 a second at most, whatever the flood took on this machine (the last one after it).
+    assert!(
+        lines as u64 <= 20 * (secs + 1) && lines < 151,
+        "{lines} log lines for 151 bad peers in {secs}s"
+    );
 }
 
 #[test]

@@ -7,6 +7,7 @@
 
 use lifeboat_tests::*;
 use std::process::Command;
+use std::time::Duration;
 
 /// A fresh journal-less ext4 mount, or `None` (said loudly; an error under CI).
 fn volatile_disk(w: &std::path::Path) -> Option<SmallFs> {
@@ -245,16 +246,25 @@ fn random_cuts_during_a_sync_keep_every_saved_ack() {
     let mut agent = Agent::new(w.path(), &rx, &spec);
     agent.spawn_once();
     let started = std::time::Instant::now();
+    let saved_now = || {
+        std::fs::read(agent.state_dir.join("disks/root.manifest"))
+            .ok()
+            .and_then(|b| lifeboat_common::manifest::Manifest::decode(&b).ok())
+    };
+    // The first cut once the agent has saved some acknowledged blocks (every 10 s), the
+    // others a random 0-4 s apart.
+    wait_for(
+        "the agent to save acknowledged blocks",
+        Duration::from_secs(120),
+        || saved_now().is_some_and(|m| m.data_blocks() > 0),
+    );
     let mut checked = 0;
     for cut_no in 0..3 {
-        let at = std::time::Duration::from_millis(13_000 + cut_no * 4_000 + rng.below(2_000));
-        if let Some(rest) = at.checked_sub(started.elapsed()) {
-            std::thread::sleep(rest);
+        if cut_no > 0 {
+            std::thread::sleep(Duration::from_millis(rng.below(4_000)));
         }
         // What the agent holds as acknowledged, saved before the power fails.
-        let saved = std::fs::read(agent.state_dir.join("disks/root.manifest"))
-            .ok()
-            .and_then(|b| lifeboat_common::manifest::Manifest::decode(&b).ok());
+        let saved = saved_now();
         eprintln!(
             "cut {cut_no} at {:?}: saved {:?}",
             started.elapsed(),
