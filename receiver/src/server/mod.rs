@@ -371,6 +371,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let tls = crate::tls::server_config(&state_dir)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     crate::durability::check(&state_dir)?;
+    if let Some(w) = crate::durability::journal_warning(&state_dir) {
+        tracing::warn!("{w}");
+    }
     let store = DirStore::open(&state_dir.join("store"))?;
     store.clear_tmp(&_lock)?;
     let tokens = Tokens::load(&state_dir)?;
