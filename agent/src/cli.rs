@@ -56,6 +56,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// (Internal) Started by the agent before each freeze: thaws MOUNTS when the deadline
+    /// passes or the agent dies first. Not for use by hand.
+    #[command(hide = true)]
+    ThawWatchdog {
+        #[arg(long)]
+        deadline_ms: u64,
+        mounts: Vec<PathBuf>,
+    },
 }
 
 fn load(path: &Path) -> anyhow::Result<AgentConfig> {
@@ -129,6 +137,9 @@ pub fn run(cli: Cli) -> u8 {
             Ok(())
         }),
         Command::Status { config, json } => load(&config).and_then(|cfg| crate::status::show(&cfg, json)),
+        Command::ThawWatchdog { deadline_ms, mounts } => {
+            return crate::freeze::watchdog(&mounts, Duration::from_millis(deadline_ms))
+        }
     };
     match r {
         Ok(()) => 0,

@@ -1,6 +1,7 @@
 //! lifeboat-agent: replicates a server's disks to a Lifeboat receiver.
 //!
-//! - [`tracker`]: which blocks may have changed (hash scan; eBPF later).
+//! - [`tracker`]: which blocks may have changed (eBPF on block-request completion, or a hash
+//!   scan); [`freeze`]: the bounded filesystem freeze that makes a point crash-consistent.
 //! - [`reader`]: the block reader, io_uring or pread.
 //! - [`pipeline`]: reader thread → hashing/compressing workers → sender.
 //! - [`replicate`]: the protocol client: cycles, commits; [`window`]: the send window
@@ -11,6 +12,7 @@
 
 pub mod adapt;
 pub mod cli;
+pub mod freeze;
 pub mod identity;
 pub mod limiter;
 pub mod link;

@@ -72,6 +72,9 @@ pub struct ScanInput {
     /// The acknowledged manifest when the scan starts.
     pub acked: Arc<Manifest>,
     pub candidates: Vec<u64>,
+    /// Blocks read already (the final delta of a point, read under a freeze): examined
+    /// before the candidates, without reading.
+    pub preloaded: Vec<Loaded>,
     /// Per block: may hold data (false: inside a hole of a sparse file, known zero).
     pub maybe_data: Vec<bool>,
     pub engine: ReaderEngine,
@@ -102,14 +105,82 @@ struct Work {
     buf: AlignedBuf,
 }
 
+/// A block read ahead of its pipeline.
+pub struct Loaded {
+    pub index: u64,
+    pub len: usize,
+    pub buf: AlignedBuf,
+}
+
+/// Reads `blocks` of a disk into memory, in order, until all are read or `deadline` passes;
+/// returns what was read (a prefix of `blocks`). For the final delta of a point, read while
+/// the filesystems are frozen.
+pub fn read_blocks(
+    disk_id: &str,
+    path: &std::path::Path,
+    engine: ReaderEngine,
+    size: u64,
+    blocks: &[u64],
+    deadline: std::time::Instant,
+) -> Result<Vec<Loaded>, ScanError> {
+    let read_err = |first: u64, last: u64, source| ScanError::Read {
+        disk: disk_id.to_string(),
+        path: path.to_path_buf(),
+        first,
+        last,
+        source,
+    };
+    let mut reader = BlockReader::open(path, engine).map_err(|source| ScanError::Open {
+        disk: disk_id.to_string(),
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::with_capacity(blocks.len());
+    for batch in blocks.chunks(DEPTH) {
+        if std::time::Instant::now() >= deadline {
+            break;
+        }
+        let mut reqs: Vec<ReadReq> = batch
+            .iter()
+            .map(|&i| ReadReq {
+                offset: i * BLOCK_SIZE as u64,
+                len: aligned_len(block_len(i, size)),
+                done: 0,
+                buf: AlignedBuf::new(),
+            })
+            .collect();
+        reader
+            .read(&mut reqs)
+            .map_err(|e| read_err(batch[0], batch[batch.len() - 1], e))?;
+        for (r, &i) in reqs.into_iter().zip(batch) {
+            let len = block_len(i, size);
+            if r.done < len {
+                return Err(ScanError::Short {
+                    disk: disk_id.to_string(),
+                    path: path.to_path_buf(),
+                    index: i,
+                });
+            }
+            out.push(Loaded {
+                index: i,
+                len,
+                buf: r.buf,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Runs a whole scan on the calling thread (plus its workers); returns when every changed
 /// block has been handed to `out`, or at the first error.
 pub fn scan(
-    input: &ScanInput,
+    input: &mut ScanInput,
     out: &tokio::sync::mpsc::Sender<Prepared>,
     progress: &ScanProgress,
     cancel: &AtomicBool,
 ) -> Result<ScanStats, ScanError> {
+    let preloaded = std::mem::take(&mut input.preloaded);
+    let input: &ScanInput = input;
     let _span = tracing::info_span!("disk", disk = %input.disk_id).entered();
     let mut reader =
         BlockReader::open(&input.path, input.engine).map_err(|source| ScanError::Open {
@@ -155,8 +226,9 @@ pub fn scan(
                     } else {
                         examine(input, &w, progress, fail)
                     };
-                    // The buffer goes back before the (possibly blocking) send downstream.
-                    let _ = free_tx.send(w.buf);
+                    // The buffer goes back before the (possibly blocking) send downstream
+                    // (a preloaded one is dropped when the pool is full).
+                    let _ = free_tx.try_send(w.buf);
                     if let Some(p) = prepared {
                         if out.blocking_send(p).is_err() {
                             fail(ScanError::Cancelled);
@@ -166,6 +238,20 @@ pub fn scan(
             });
         }
         drop(work_rx);
+
+        // Blocks read already come first.
+        for l in preloaded {
+            stats.blocks_read += 1;
+            stats.bytes_read += l.len as u64;
+            let w = Work {
+                index: l.index,
+                len: l.len,
+                buf: l.buf,
+            };
+            if cancel.load(Ordering::Relaxed) || work_tx.send(w).is_err() {
+                break;
+            }
+        }
 
         // The reader: this thread.
         let mut batch: Vec<u64> = Vec::with_capacity(DEPTH);

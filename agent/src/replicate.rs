@@ -9,9 +9,10 @@
 //! is forgotten before its ack. After a cycle has every block acked, a `Commit` cuts the point.
 
 use crate::link::{Link, LinkError};
+use crate::pipeline::Loaded;
 use crate::pipeline::{self, Prepared, ScanInput, ScanProgress};
 use crate::state::{AgentState, AgentStatus, DiskStatus, StateDir};
-use crate::tracker::{hashscan::HashScan, Tracker};
+use crate::tracker::{ebpf, hashscan::HashScan, Take, Tracker};
 use crate::window::Window;
 pub use crate::window::WINDOW;
 use lifeboat_common::block::block_count;
@@ -19,6 +20,7 @@ use lifeboat_common::config::AgentConfig;
 use lifeboat_common::manifest::Manifest;
 use lifeboat_common::now_ms;
 use lifeboat_common::protocol::{Consistency, DiskProgress, DiskState, ErrorCode, Message};
+use lifeboat_common::BLOCK_SIZE;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +30,8 @@ const HAVE_DELAY: Duration = Duration::from_millis(2);
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// Persist the acknowledged manifests at least this often during a long cycle.
 const PERSIST_EVERY: Duration = Duration::from_secs(10);
+/// Most pre-copy passes before a point is cut whatever the dirty set.
+const MAX_PRECOPY_PASSES: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicateError {
@@ -47,6 +51,8 @@ pub enum ReplicateError {
     Resized { disk: String, old: u64, new: u64 },
     #[error(transparent)]
     Locked(#[from] lifeboat_common::lock::LockError),
+    #[error("tracker = \"ebpf\" but {0} (use tracker = \"auto\" to fall back to the hash scan)")]
+    Tracker(String),
     #[error("saving agent state in {path}: {source}")]
     State {
         path: std::path::PathBuf,
@@ -58,7 +64,7 @@ impl ReplicateError {
     pub fn retryable(&self) -> bool {
         match self {
             ReplicateError::Link(l) => l.retryable(),
-            ReplicateError::Locked(_) => false,
+            ReplicateError::Locked(_) | ReplicateError::Tracker(_) => false,
             _ => true,
         }
     }
@@ -74,6 +80,8 @@ pub struct Replicator {
     pub acked: Vec<Manifest>,
     sizes: Vec<u64>,
     trackers: Vec<Box<dyn Tracker>>,
+    /// Per disk: this cycle's pass examines every block to verify (state `rescan`).
+    verifying: Vec<bool>,
     pub status: AgentStatus,
     committed_once: Vec<bool>,
     connected_cycle: bool,
@@ -114,6 +122,11 @@ impl Replicator {
             });
         }
         let n = cfg.disks.len();
+        let trackers = make_trackers(&cfg)?;
+        for ((d, t), st) in cfg.disks.iter().zip(&trackers).zip(&mut disks) {
+            st.tracker = t.name().to_string();
+            tracing::info!(disk = %d.id, tracker = t.name(), "tracking {}", d.path.display());
+        }
         let cfg_level = (cfg.compression_level, cfg.compression_level_max);
         let status = AgentStatus {
             server_id: server_id.clone(),
@@ -126,9 +139,8 @@ impl Replicator {
             ..Default::default()
         };
         Ok(Replicator {
-            trackers: (0..n)
-                .map(|_| Box::new(HashScan) as Box<dyn Tracker>)
-                .collect(),
+            trackers,
+            verifying: vec![false; n],
             committed_once: vec![agent.last_point.is_some(); n],
             cfg,
             server_id,
@@ -186,7 +198,7 @@ impl Replicator {
     fn disk_state(&self, i: usize, started: Instant) -> DiskState {
         if !self.committed_once[i] {
             DiskState::InitialSync
-        } else if self.connected_cycle {
+        } else if self.connected_cycle || self.verifying[i] {
             DiskState::Rescan
         } else if started.elapsed() > Duration::from_secs(self.cfg.point_interval_secs * 2) {
             DiskState::Backlog
@@ -297,19 +309,11 @@ impl Replicator {
         }
     }
 
-    /// One cycle: scan every disk, send what changed, wait for every ack, commit a point.
+    /// One cycle: pre-copy what changed until the dirty set is small, cut the point (see
+    /// [`Replicator::cut`]), send the final delta, commit. With a disk that only a hash scan
+    /// tracks, one scan pass and a best-effort point.
     pub async fn cycle(&mut self, link: &mut Link) -> Result<u64, ReplicateError> {
         let started = Instant::now();
-        let started_ms = now_ms();
-        let n = self.cfg.disks.len();
-        let workers = if self.cfg.workers == 0 {
-            std::thread::available_parallelism()
-                .map(|p| p.get())
-                .unwrap_or(2)
-        } else {
-            self.cfg.workers
-        };
-        let mut inputs = Vec::new();
         for (i, d) in self.cfg.disks.iter().enumerate() {
             let info = inspect(d)?;
             if info.size != self.sizes[i] {
@@ -319,18 +323,188 @@ impl Replicator {
                     new: info.size,
                 });
             }
-            let blocks = block_count(info.size);
+        }
+        let tracked = self.trackers.iter().all(|t| t.sees_writes());
+        let max_final = self.cfg.freeze_max_delta_mib * (1 << 20) / BLOCK_SIZE as u64;
+        let mut changed = 0;
+        let mut passes = 0;
+        loop {
+            let pass_ms = now_ms();
+            let takes: Vec<Take> = (0..self.trackers.len())
+                .map(|i| self.trackers[i].take(block_count(self.sizes[i])))
+                .collect();
+            for (i, t) in takes.iter().enumerate() {
+                self.verifying[i] = matches!(t, Take::All { .. }) && self.trackers[i].sees_writes();
+                if let (true, Take::All { reason }) = (self.verifying[i], t) {
+                    tracing::info!(disk = %self.cfg.disks[i].id, "verify scan: {reason}");
+                }
+            }
+            let candidates = self.candidates(&takes);
+            match self.pass(link, candidates, Vec::new(), started).await {
+                Ok(c) => changed += c,
+                Err(e) => {
+                    self.give_back(takes);
+                    return Err(e);
+                }
+            }
+            passes += 1;
+            if !tracked {
+                let why = self
+                    .trackers
+                    .iter()
+                    .zip(&self.cfg.disks)
+                    .find(|(t, _)| !t.sees_writes())
+                    .map(|(t, d)| format!("disk {} is hash-scanned: {}", d.id, t.note()))
+                    .unwrap_or_default();
+                self.commit(link, pass_ms, Consistency::BestEffort, why)
+                    .await?;
+                self.log_committed(changed, started);
+                return Ok(changed);
+            }
+            // Pre-copy again while the dirty set is too big to read under a freeze, within
+            // the point interval.
+            let pending: Option<u64> = self.trackers.iter().map(|t| t.pending()).sum();
+            let small = pending.is_some_and(|p| p <= max_final);
+            if small || passes >= MAX_PRECOPY_PASSES || started.elapsed() >= self.interval() {
+                break;
+            }
+        }
+        let (takes, cut) = self.cut().await;
+        let cut = match cut {
+            Ok(c) => c,
+            Err(e) => {
+                self.give_back(takes);
+                return Err(e.into());
+            }
+        };
+        let mut candidates = self.candidates(&takes);
+        for (c, l) in candidates.iter_mut().zip(&cut.loaded) {
+            // What was read already is a prefix of the take.
+            c.drain(..l.len());
+        }
+        let final_blocks: u64 = takes
+            .iter()
+            .zip(&self.sizes)
+            .map(|(t, s)| t.len(block_count(*s)))
+            .sum();
+        match self.pass(link, candidates, cut.loaded, started).await {
+            Ok(c) => changed += c,
+            Err(e) => {
+                self.give_back(takes);
+                return Err(e);
+            }
+        }
+        self.status.last_freeze_ms = cut.freeze_ms;
+        tracing::debug!(final_blocks, passes, "final delta sent");
+        self.commit(link, cut.instant_ms, cut.consistency, cut.why)
+            .await?;
+        self.log_committed(changed, started);
+        Ok(changed)
+    }
+
+    fn log_committed(&mut self, changed: u64, started: Instant) {
+        self.connected_cycle = false;
+        self.verifying.iter_mut().for_each(|v| *v = false);
+        tracing::info!(
+            point = self.agent.last_point.unwrap_or(0),
+            changed_blocks = changed,
+            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+            "point committed"
+        );
+    }
+
+    fn candidates(&self, takes: &[Take]) -> Vec<Vec<u64>> {
+        takes
+            .iter()
+            .zip(&self.sizes)
+            .map(|(t, s)| t.candidates(block_count(*s)))
+            .collect()
+    }
+
+    fn give_back(&mut self, takes: Vec<Take>) {
+        for (t, taken) in self.trackers.iter_mut().zip(takes) {
+            t.give_back(taken);
+        }
+    }
+
+    /// The consistency cut: freeze the mounted filesystems on the disks (unless `freeze` is
+    /// off or there are none), note the instant, take every disk's dirty set, read it into
+    /// memory, thaw. The point is crash-consistent only if every block of the final delta was
+    /// read while every filesystem was still frozen. Returns the takes (to give back if the
+    /// cycle fails) and the cut.
+    async fn cut(&mut self) -> (Vec<Take>, Result<Cut, pipeline::ScanError>) {
+        let mut trackers = std::mem::take(&mut self.trackers);
+        let disks: Vec<(String, std::path::PathBuf, u64)> = self
+            .cfg
+            .disks
+            .iter()
+            .zip(&self.sizes)
+            .map(|(d, s)| (d.id.clone(), d.path.clone(), *s))
+            .collect();
+        let opts = CutOptions {
+            freeze: self.cfg.freeze,
+            bound: Duration::from_millis(self.cfg.freeze_timeout_ms),
+            max_blocks: self.cfg.freeze_max_delta_mib * (1 << 20) / BLOCK_SIZE as u64,
+            engine: self.cfg.reader,
+        };
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = cut_blocking(&mut trackers, &disks, &opts);
+            (trackers, r)
+        })
+        .await;
+        match joined {
+            Ok((trackers, (takes, r))) => {
+                self.trackers = trackers;
+                (takes, r)
+            }
+            // The agent aborts on any panic (lib.rs): a join error cannot be seen here.
+            Err(e) => {
+                tracing::error!("the cut task failed: {e}");
+                std::process::abort();
+            }
+        }
+    }
+
+    /// One pass: read `candidates` (after `preloaded`) of every disk, in parallel, send what
+    /// differs from the acknowledged manifests, and wait until all of it is acknowledged.
+    async fn pass(
+        &mut self,
+        link: &mut Link,
+        candidates: Vec<Vec<u64>>,
+        preloaded: Vec<Vec<Loaded>>,
+        started: Instant,
+    ) -> Result<u64, ReplicateError> {
+        let n = self.cfg.disks.len();
+        let workers = if self.cfg.workers == 0 {
+            std::thread::available_parallelism()
+                .map(|p| p.get())
+                .unwrap_or(2)
+        } else {
+            self.cfg.workers
+        };
+        let mut preloaded = preloaded.into_iter();
+        let mut inputs = Vec::new();
+        for ((i, d), candidates) in self.cfg.disks.iter().enumerate().zip(candidates) {
+            let blocks = block_count(self.sizes[i]);
+            // Holes of a sparse file are known zero unread (a block device has none).
+            let maybe_data = if candidates.is_empty() {
+                Vec::new()
+            } else {
+                inspect(d)?.maybe_data(blocks)
+            };
             inputs.push(ScanInput {
                 disk: i,
                 disk_id: d.id.clone(),
                 path: d.path.clone(),
-                size: info.size,
+                size: self.sizes[i],
                 acked: Arc::new(self.acked[i].clone()),
-                candidates: self.trackers[i].candidates(blocks),
-                maybe_data: info.maybe_data(blocks),
+                candidates,
+                preloaded: preloaded.next().unwrap_or_default(),
+                maybe_data,
                 engine: self.cfg.reader,
                 level: self.level.shared(),
-                workers,
+                // Disks are read in parallel: the workers are shared out among them.
+                workers: (workers / n).max(1),
             });
         }
         let progress: Vec<Arc<ScanProgress>> =
@@ -341,13 +515,44 @@ impl Replicator {
             let progress = progress.clone();
             let cancel = cancel.clone();
             tokio::task::spawn_blocking(move || {
-                let mut stats = Vec::new();
-                for input in &inputs {
-                    let s = pipeline::scan(input, &tx, &progress[input.disk], &cancel)?;
-                    tracing::debug!(disk = %input.disk_id, ?s, "scan done");
-                    stats.push(s);
-                }
-                Ok::<_, pipeline::ScanError>(stats)
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = inputs
+                        .iter_mut()
+                        .map(|input| {
+                            let tx = tx.clone();
+                            let progress = &progress[input.disk];
+                            let cancel = &cancel;
+                            s.spawn(move || {
+                                let r = pipeline::scan(input, &tx, progress, cancel);
+                                if r.is_err() {
+                                    cancel.store(true, Ordering::Relaxed);
+                                }
+                                r
+                            })
+                        })
+                        .collect();
+                    drop(tx);
+                    let mut stats = Vec::new();
+                    let mut first_err = None;
+                    for h in handles {
+                        match h.join() {
+                            Ok(Ok(s)) => stats.push(s),
+                            Ok(Err(e)) => {
+                                // A cancelled scan is the echo of another's error.
+                                if first_err.is_none()
+                                    || matches!(first_err, Some(pipeline::ScanError::Cancelled))
+                                {
+                                    first_err = Some(e);
+                                }
+                            }
+                            Err(_) => first_err = Some(pipeline::ScanError::Cancelled),
+                        }
+                    }
+                    match first_err {
+                        Some(e) => Err(e),
+                        None => Ok(stats),
+                    }
+                })
             })
         };
         let result = self.send_loop(link, &mut rx, &progress, started).await;
@@ -360,19 +565,11 @@ impl Replicator {
             .map_err(|e| LinkError::Protocol(format!("scan task failed: {e}")))?;
         result?;
         let stats = scanned?;
-        let changed: u64 = stats.iter().map(|s| s.changed).sum();
         for (i, s) in stats.iter().enumerate() {
             self.status.disks[i].reader = s.engine.to_string();
+            self.status.disks[i].bytes_read += s.bytes_read;
         }
-        self.commit(link, started_ms).await?;
-        self.connected_cycle = false;
-        tracing::info!(
-            point = self.agent.last_point.unwrap_or(0),
-            changed_blocks = changed,
-            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
-            "point committed"
-        );
-        Ok(changed)
+        Ok(stats.iter().map(|s| s.changed).sum())
     }
 
     /// Feeds the send window ([`crate::window`]) from the pipeline and the link until every
@@ -482,6 +679,8 @@ impl Replicator {
         &mut self,
         link: &mut Link,
         created_unix_ms: u64,
+        consistency: Consistency,
+        why: String,
     ) -> Result<(), ReplicateError> {
         let point = self.agent.next_point;
         let disks = self
@@ -493,7 +692,8 @@ impl Replicator {
         link.queue(&Message::Commit {
             point,
             created_unix_ms,
-            consistency: Consistency::BestEffort,
+            consistency,
+            why: why.clone(),
             disks,
         });
         link.flush().await?;
@@ -537,6 +737,8 @@ impl Replicator {
         }
         self.status.last_point = Some(point);
         self.status.last_point_unix_ms = Some(created_unix_ms);
+        self.status.last_point_consistency = Some(consistency);
+        self.status.last_point_why = why;
         self.status.bytes_sent = link.bytes_sent;
         for d in &mut self.status.disks {
             d.state = Some(DiskState::Continuous);
@@ -644,4 +846,197 @@ async fn fetch_manifest(
         let _ = link.recv(link.reply_timeout).await?;
     }
     Ok(m)
+}
+
+/// Picks each disk's tracker as `tracker` in agent.toml asks (see [`crate::tracker`]).
+fn make_trackers(cfg: &AgentConfig) -> Result<Vec<Box<dyn Tracker>>, ReplicateError> {
+    use lifeboat_common::config::TrackerKind;
+    let scan = |why: String| Box::new(HashScan { why }) as Box<dyn Tracker>;
+    if cfg.tracker == TrackerKind::Scan {
+        return Ok(cfg
+            .disks
+            .iter()
+            .map(|_| scan("tracker = \"scan\" in agent.toml".into()))
+            .collect());
+    }
+    let resolved: Vec<Result<ebpf::DeviceSpan, String>> = cfg
+        .disks
+        .iter()
+        .map(|d| ebpf::resolve(&d.path).map_err(|e| e.to_string()))
+        .collect();
+    if cfg.tracker == TrackerKind::Ebpf {
+        if let Some(Err(e)) = resolved.iter().find(|r| r.is_err()) {
+            return Err(ReplicateError::Tracker(e.clone()));
+        }
+    }
+    let spans: Vec<ebpf::DeviceSpan> = resolved.iter().filter_map(|r| r.clone().ok()).collect();
+    let hub = if spans.is_empty() {
+        Err("no disk is a block device the tracker can see".to_string())
+    } else {
+        ebpf::Hub::start(&spans, cfg.ebpf_ring_buffer_kib).map_err(|e| e.to_string())
+    };
+    if let (TrackerKind::Ebpf, Err(e)) = (cfg.tracker, &hub) {
+        return Err(ReplicateError::Tracker(e.clone()));
+    }
+    let mut slot = 0;
+    let mut out = Vec::new();
+    for (d, r) in cfg.disks.iter().zip(resolved) {
+        let t = match (&hub, r) {
+            (Ok(hub), Ok(_)) => {
+                slot += 1;
+                Box::new(ebpf::EbpfTracker::new(hub.clone(), slot - 1)) as Box<dyn Tracker>
+            }
+            (hub, r) => {
+                let why = match (r, hub) {
+                    (Err(why), _) => why,
+                    (_, Err(why)) => why.clone(),
+                    (Ok(_), Ok(_)) => String::new(),
+                };
+                tracing::warn!(disk = %d.id, "no eBPF tracking ({why}): hash scan instead, points are best-effort");
+                scan(why)
+            }
+        };
+        out.push(t);
+    }
+    Ok(out)
+}
+
+/// How to cut a point.
+struct CutOptions {
+    freeze: bool,
+    bound: Duration,
+    max_blocks: u64,
+    engine: lifeboat_common::config::ReaderEngine,
+}
+
+/// A cut: the point's instant, its final delta (read, as far as it was), and its consistency.
+struct Cut {
+    instant_ms: u64,
+    loaded: Vec<Vec<Loaded>>,
+    consistency: Consistency,
+    why: String,
+    freeze_ms: Option<u64>,
+}
+
+fn cut_blocking(
+    trackers: &mut [Box<dyn Tracker>],
+    disks: &[(String, std::path::PathBuf, u64)],
+    opts: &CutOptions,
+) -> (Vec<Take>, Result<Cut, pipeline::ScanError>) {
+    let mut why = String::new();
+    let mut frozen = None;
+    if !opts.freeze {
+        why = "freeze = false in agent.toml".into();
+    } else {
+        let paths: Vec<std::path::PathBuf> = disks.iter().map(|d| d.1.clone()).collect();
+        match crate::freeze::mounts_on(&paths) {
+            Ok(m) if m.is_empty() => why = "no mounted filesystem on the disks to freeze".into(),
+            Ok(m) => match crate::freeze::freeze(&m, opts.bound) {
+                Ok(f) => frozen = Some(f),
+                Err(e) => {
+                    tracing::warn!("{e}; this point is best-effort");
+                    why = e.to_string();
+                }
+            },
+            Err(e) => why = e.to_string(),
+        }
+    }
+    let instant_ms = now_ms();
+    let deadline = Instant::now() + opts.bound;
+    let takes: Vec<Take> = trackers
+        .iter_mut()
+        .zip(disks)
+        .map(|(t, d)| t.take(block_count(d.2)))
+        .collect();
+    let total: u64 = takes
+        .iter()
+        .zip(disks)
+        .map(|(t, d)| t.len(block_count(d.2)))
+        .sum();
+    let best_effort = |why: String, loaded| Cut {
+        instant_ms,
+        loaded,
+        consistency: Consistency::BestEffort,
+        why,
+        freeze_ms: None,
+    };
+    let verify = takes.iter().zip(disks).find_map(|(t, d)| match t {
+        Take::All { reason } => Some(format!("disk {} needs a verify scan ({reason})", d.0)),
+        Take::Blocks(_) => None,
+    });
+    if let Some(why) = verify {
+        drop(frozen);
+        return (takes, Ok(best_effort(why, Vec::new())));
+    }
+    if total > opts.max_blocks {
+        drop(frozen);
+        return (takes, Ok(best_effort(format!(
+            "writes outpaced pre-copy: the final delta of {} MiB is over freeze_max_delta_mib ({} MiB)",
+            (total * BLOCK_SIZE as u64) >> 20,
+            (opts.max_blocks * BLOCK_SIZE as u64) >> 20
+        ), Vec::new())));
+    }
+    // Read every disk's final delta at once, each disk on its own thread.
+    let reads: Vec<Result<Vec<Loaded>, pipeline::ScanError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = takes
+            .iter()
+            .zip(disks)
+            .map(|(t, d)| {
+                s.spawn(move || match t {
+                    Take::Blocks(b) => {
+                        pipeline::read_blocks(&d.0, &d.1, opts.engine, d.2, b, deadline)
+                    }
+                    Take::All { .. } => Ok(Vec::new()),
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(Err(pipeline::ScanError::Cancelled)))
+            .collect()
+    });
+    let mut loaded = Vec::new();
+    for r in reads {
+        match r {
+            Ok(l) => loaded.push(l),
+            Err(e) => {
+                drop(frozen);
+                return (takes, Err(e));
+            }
+        }
+    }
+    let read_all = loaded.iter().map(|l| l.len() as u64).sum::<u64>() == total;
+    let Some(f) = frozen else {
+        return (takes, Ok(best_effort(why, loaded)));
+    };
+    let held = f.since.elapsed();
+    let freeze_ms = Some(held.as_millis() as u64);
+    let (consistency, why) = match f.thaw() {
+        Ok(true) if read_all => (
+            Consistency::CrashConsistent,
+            format!("filesystems frozen for {} ms while {total} blocks were read", held.as_millis()),
+        ),
+        Ok(true) => (
+            Consistency::BestEffort,
+            format!("the final delta was not read within freeze_timeout_ms ({} ms)", opts.bound.as_millis()),
+        ),
+        Ok(false) => (
+            Consistency::BestEffort,
+            "the filesystems were thawed before the final delta was read (the freeze bound passed, or someone thawed them)".into(),
+        ),
+        Err(e) => (Consistency::BestEffort, format!("thawing: {e}")),
+    };
+    if consistency == Consistency::BestEffort {
+        tracing::warn!("{why}; this point is best-effort");
+    }
+    (
+        takes,
+        Ok(Cut {
+            instant_ms,
+            loaded,
+            consistency,
+            why,
+            freeze_ms,
+        }),
+    )
 }

@@ -29,6 +29,12 @@ pub struct DiskStatus {
     pub state: Option<DiskState>,
     pub backlog_blocks: u64,
     pub reader: String,
+    /// "ebpf" or "hash_scan".
+    #[serde(default)]
+    pub tracker: String,
+    /// Bytes read from the disk since the agent started.
+    #[serde(default)]
+    pub bytes_read: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -43,6 +49,14 @@ pub struct AgentStatus {
     pub updated_unix_ms: u64,
     pub last_point: Option<u64>,
     pub last_point_unix_ms: Option<u64>,
+    #[serde(default)]
+    pub last_point_consistency: Option<lifeboat_common::protocol::Consistency>,
+    /// Why the last point is best-effort, or how long its freeze took.
+    #[serde(default)]
+    pub last_point_why: String,
+    /// How long the filesystems were frozen for the last point, in milliseconds.
+    #[serde(default)]
+    pub last_freeze_ms: Option<u64>,
     pub last_error: Option<String>,
     pub bytes_sent: u64,
     /// The zstd level in use (it adapts between the configured floor and ceiling).

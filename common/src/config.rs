@@ -54,6 +54,30 @@ pub enum ReaderEngine {
     Pread,
 }
 
+/// How the agent finds the blocks that changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TrackerKind {
+    /// eBPF where it loads and the disk is a block device it can see; else the hash scan,
+    /// with the reason logged and shown in `status`.
+    #[default]
+    Auto,
+    /// eBPF or nothing: the agent refuses to start a disk it cannot track.
+    Ebpf,
+    /// Hash scan of every block on every cycle (points are best-effort).
+    Scan,
+}
+
+impl TrackerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrackerKind::Auto => "auto",
+            TrackerKind::Ebpf => "ebpf",
+            TrackerKind::Scan => "scan",
+        }
+    }
+}
+
 /// `/etc/lifeboat/agent.toml`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,6 +106,25 @@ pub struct AgentConfig {
     pub workers: usize,
     #[serde(default)]
     pub reader: ReaderEngine,
+    /// How changed blocks are found: "auto" (eBPF, else hash scan), "ebpf" or "scan".
+    #[serde(default)]
+    pub tracker: TrackerKind,
+    /// Freeze the mounted filesystems of the disks (FIFREEZE) while each point's final delta
+    /// is read, so that points are crash-consistent. `false`: points are best-effort.
+    #[serde(default = "default_true")]
+    pub freeze: bool,
+    /// Longest a freeze may last, in milliseconds; past it the filesystems are thawed and the
+    /// point is best-effort. A watchdog process enforces it even if the agent dies.
+    #[serde(default = "default_freeze_timeout_ms")]
+    pub freeze_timeout_ms: u64,
+    /// Pre-copy until the dirty set is at most this many MiB, then freeze and read the rest
+    /// into memory (this bounds the memory a point's final delta takes).
+    #[serde(default = "default_freeze_max_delta_mib")]
+    pub freeze_max_delta_mib: u64,
+    /// Size of the eBPF ring buffer in KiB (a power of two); events that do not fit are
+    /// counted as lost and the disk is rescanned.
+    #[serde(default = "default_ebpf_ring_buffer_kib")]
+    pub ebpf_ring_buffer_kib: u64,
     pub receiver: ReceiverEndpoint,
     pub disks: Vec<DiskConfig>,
 }
@@ -122,6 +165,18 @@ fn default_agent_state_dir() -> PathBuf {
 }
 fn default_point_interval() -> u64 {
     10
+}
+fn default_true() -> bool {
+    true
+}
+fn default_freeze_timeout_ms() -> u64 {
+    2000
+}
+fn default_freeze_max_delta_mib() -> u64 {
+    256
+}
+fn default_ebpf_ring_buffer_kib() -> u64 {
+    4096
 }
 fn default_compression_level() -> i32 {
     1
@@ -221,6 +276,28 @@ impl AgentConfig {
         }
         if self.workers > 256 {
             return Err(invalid(path, "workers", "must be at most 256"));
+        }
+        if !(100..=30_000).contains(&self.freeze_timeout_ms) {
+            return Err(invalid(
+                path,
+                "freeze_timeout_ms",
+                "must be between 100 and 30000 (a frozen filesystem blocks every writer)",
+            ));
+        }
+        if !(1..=16_384).contains(&self.freeze_max_delta_mib) {
+            return Err(invalid(
+                path,
+                "freeze_max_delta_mib",
+                "must be between 1 and 16384",
+            ));
+        }
+        let rb = self.ebpf_ring_buffer_kib;
+        if !(4..=1 << 20).contains(&rb) || !rb.is_power_of_two() {
+            return Err(invalid(
+                path,
+                "ebpf_ring_buffer_kib",
+                "must be a power of two between 4 and 1048576",
+            ));
         }
         if self.receiver.address.is_empty() || !self.receiver.address.contains(':') {
             return Err(invalid(path, "receiver.address", "must be host:port"));

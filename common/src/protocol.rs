@@ -15,7 +15,7 @@ use crate::codec::Codec;
 
 pub const PREFACE_MAGIC: &[u8; 8] = b"LIFEBOAT";
 /// Version 2: `Hello` carries the agent's instance and host name, `Progress` its clock.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 pub const PREFACE_LEN: usize = 12;
 /// Hard cap on `len` (type byte + payload): one compressed block plus headroom.
 pub const MAX_FRAME: usize = BLOCK_SIZE + 64 * 1024;
@@ -437,11 +437,13 @@ messages! {
     11 Acks { seqs: Vec<u64> => List<MAX_ACKS> }
     /// R: the Ref `seq` named content the receiver no longer has; send the data.
     12 NeedData { seq: u64 }
-    /// A: cut point `point` over these disks, whose manifests have these digests.
+    /// A: cut point `point` over these disks, whose manifests have these digests; `why`
+    /// says how the point was cut (the reason it is only best-effort, or the freeze).
     13 Commit {
         point: u64,
         created_unix_ms: u64,
         consistency: Consistency,
+        why: String,
         disks: Vec<(u32, BlockHash)> => List<MAX_DISKS>,
     }
     /// R: point `point` is durable and listed.
@@ -778,9 +780,10 @@ mod tests {
                 any::<u64>(),
                 any::<u64>(),
                 any::<bool>(),
+                ".{0,40}",
                 proptest::collection::vec((any::<u32>(), arb_hash()), 0..8)
             )
-                .prop_map(|(p, t, c, d)| Message::Commit {
+                .prop_map(|(p, t, c, why, d)| Message::Commit {
                     point: p,
                     created_unix_ms: t,
                     consistency: if c {
@@ -788,6 +791,7 @@ mod tests {
                     } else {
                         Consistency::BestEffort
                     },
+                    why,
                     disks: d,
                 }),
             any::<u64>().prop_map(|p| Message::Committed { point: p }),
@@ -886,6 +890,7 @@ mod tests {
             point: 3,
             created_unix_ms: 4,
             consistency: Consistency::BestEffort,
+            why: "test".into(),
             disks: vec![(0, BlockHash([9; 32]))],
         }
         .encode(&mut frame);
@@ -952,9 +957,10 @@ mod tests {
 
     #[test]
     fn preface_checks() {
-        assert_eq!(check_preface(&preface(2)), Ok(2));
-        assert_eq!(check_preface(&preface(1)), Err(DecodeError::Version(1)));
-        let mut p = preface(2);
+        let v = PROTOCOL_VERSION;
+        assert_eq!(check_preface(&preface(v)), Ok(v));
+        assert_eq!(check_preface(&preface(v - 1)), Err(DecodeError::Version(v - 1)));
+        let mut p = preface(v);
         p[0] = b'X';
         assert!(matches!(check_preface(&p), Err(DecodeError::BadPreface(_))));
     }

@@ -152,7 +152,8 @@ fn seeds() -> Vec<(&'static str, Message)> {
             Message::Commit {
                 point: 4,
                 created_unix_ms: 1_700_000_000_000,
-                consistency: Consistency::BestEffort,
+                consistency: Consistency::CrashConsistent,
+                why: "filesystems frozen for 12 ms while 3 blocks were read".into(),
                 disks: vec![(0, h)],
             },
         ),

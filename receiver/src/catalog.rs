@@ -61,6 +61,9 @@ pub struct PointRecord {
     #[serde(default)]
     pub agent_clock_skew_ms: Option<i64>,
     pub consistency: Consistency,
+    /// How the agent cut the point: why it is best-effort, or how long the freeze took.
+    #[serde(default)]
+    pub consistency_why: String,
     /// The snapshot target that holds the point ("local").
     pub target: String,
     pub disks: Vec<DiskRecord>,
@@ -350,6 +353,7 @@ mod tests {
             committed_unix_ms: point * 1000 + 5,
             agent_clock_skew_ms: None,
             consistency: Consistency::BestEffort,
+            consistency_why: String::new(),
             target: "local".into(),
             disks: vec![],
             damaged: None,

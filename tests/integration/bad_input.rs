@@ -200,6 +200,7 @@ fn repeated_commit_is_answered_again_and_an_old_point_is_refused() {
             point,
             created_unix_ms: 1,
             consistency: lifeboat_common::protocol::Consistency::BestEffort,
+            why: "test".into(),
             disks: vec![(0, digest)],
         }
         .encode(&mut out);

@@ -13,6 +13,8 @@ pub struct AlignedBuf {
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>.
 unsafe impl Send for AlignedBuf {}
+// SAFETY: as a Box<[u8]>: a shared reference only gives `&[u8]` (mutation needs `&mut`).
+unsafe impl Sync for AlignedBuf {}
 
 fn layout() -> Layout {
     // BLOCK_SIZE and ALIGN are non-zero powers of two: the layout is always valid.

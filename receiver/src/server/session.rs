@@ -480,13 +480,14 @@ impl Session {
                 point,
                 created_unix_ms,
                 consistency,
+                why,
                 disks,
             } => {
                 // A commit writes a point and compacts live manifests: GC must see either
                 // all of it or none of it.
                 let shared = self.shared.clone();
                 let _refs = shared.gc_lock.read().unwrap_or_else(|e| e.into_inner());
-                self.commit(point, created_unix_ms, consistency, &disks)?;
+                self.commit(point, created_unix_ms, consistency, why, &disks)?;
             }
             // Its clock was read by the connection as the frame arrived (`measured_skew`).
             Message::Progress { disks, .. } => {
@@ -571,6 +572,7 @@ impl Session {
         point: u64,
         created_unix_ms: u64,
         consistency: Consistency,
+        why: String,
         disks: &[(u32, BlockHash)],
     ) -> Result<(), Fail> {
         if disks.is_empty() {
@@ -691,6 +693,7 @@ impl Session {
             agent_clock_skew_ms: self.status.clock_skew_ms,
             damaged: None,
             consistency,
+            consistency_why: why,
             target: self.shared.target.name().to_string(),
             disks: records,
         };
@@ -708,7 +711,7 @@ impl Session {
         self.status.last_point_created_unix_ms = Some(created_unix_ms);
         self.status.last_point_committed_unix_ms = Some(rec.committed_unix_ms);
         self.save_status();
-        tracing::info!(point, consistency = ?consistency, "point committed");
+        tracing::info!(point, consistency = ?consistency, why = %rec.consistency_why, "point committed");
         self.outbox.push(Message::Committed { point });
         Ok(())
     }
@@ -854,6 +857,7 @@ mod tests {
                     point,
                     created_unix_ms: 1,
                     consistency: lifeboat_common::protocol::Consistency::BestEffort,
+                    why: String::new(),
                     disks: disks.into_iter().map(|(h, d)| (h, BlockHash(d))).collect(),
                 }),
             handle

@@ -1,0 +1,483 @@
+//! The eBPF tracker: a CO-RE program (`tracker.bpf.c`, built by `build.rs` with clang) on the
+//! BTF-typed tracepoint `block:block_rq_complete` reports every completed write, discard and
+//! write-zeroes request to the tracked devices through a BPF ring buffer; a thread of the
+//! agent (the [`Hub`]) turns the events into per-disk [`DirtySet`]s.
+//!
+//! # Invariants
+//! - **Clear before read.** [`Tracker::take`] first drains the ring buffer (every event of a
+//!   request that completed before the call is in it: the program runs in the completion path,
+//!   before the waiter is woken), then swaps the disk's set out under the lock. A write that
+//!   completes after that marks the block again, whatever the reader got.
+//! - **Nothing lost silently.** A full ring buffer counts the event in the program's
+//!   `counters[0]`; the hub compares it after every drain and, when it rose, sends every disk
+//!   to a verify scan (`Take::All`). So does a failure of the hub thread itself.
+//! - **A fresh start sees nothing from before it**, so the first take of each disk is a verify
+//!   scan against the acknowledged manifest.
+//!
+//! # What the kernel reports
+//! The request's device is its whole disk (`major << 20 | minor`, the kernel's encoding) and
+//! its sector is absolute on that disk: a partition is tracked as the range
+//! `[start, start + size)` of its disk. Only request-based (blk-mq) devices complete requests:
+//! a bio-based device (device-mapper, md) never fires the tracepoint, so such a disk is
+//! refused here and `tracker = "auto"` scans it instead.
+
+use super::{DirtySet, Take, Tracker};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[allow(unsafe_code, clippy::all, clippy::unwrap_used, clippy::expect_used)]
+mod skel {
+    include!(concat!(env!("OUT_DIR"), "/tracker.skel.rs"));
+}
+
+/// How long the hub thread waits on the ring buffer before looking at its commands.
+const POLL: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("{path}: {message}")]
+    Device { path: PathBuf, message: String },
+    #[error("loading the eBPF tracker: {0}")]
+    Load(String),
+    #[error("the eBPF tracker stopped: {0}")]
+    Stopped(String),
+}
+
+/// Where one configured disk lies on a whole disk the kernel reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSpan {
+    /// The whole disk's `major << 20 | minor`.
+    pub dev: u32,
+    /// First sector (512 bytes) of the configured disk on it, and its length in sectors.
+    pub start: u64,
+    pub sectors: u64,
+}
+
+fn sysfs(dir: &Path, name: &str) -> Result<String, String> {
+    std::fs::read_to_string(dir.join(name))
+        .map(|s| s.trim().to_string())
+        .map_err(|e| format!("{}/{name}: {e}", dir.display()))
+}
+
+fn parse_dev(s: &str) -> Option<(u32, u32)> {
+    let (a, b) = s.split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// Finds the whole disk and range behind a block device path (a disk or a partition).
+pub fn resolve(path: &Path) -> Result<DeviceSpan, EbpfError> {
+    let err = |message: String| EbpfError::Device {
+        path: path.to_path_buf(),
+        message,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.file_type().is_block_device() {
+        return Err(err(
+            "not a block device (writes to a file reach the block layer through its filesystem, at other offsets)"
+                .into(),
+        ));
+    }
+    use std::os::unix::fs::MetadataExt;
+    let rdev = meta.rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let dir = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    let sectors: u64 = sysfs(&dir, "size")
+        .map_err(err)?
+        .parse()
+        .map_err(|e| err(format!("{}/size: {e}", dir.display())))?;
+    let (whole, start) = if dir.join("partition").exists() {
+        let start: u64 = sysfs(&dir, "start")
+            .map_err(err)?
+            .parse()
+            .map_err(|e| err(format!("{}/start: {e}", dir.display())))?;
+        // /sys/dev/block/M:m links to .../block/<disk>/<partition>: the parent is the disk.
+        let real = std::fs::canonicalize(&dir).map_err(|e| err(e.to_string()))?;
+        let parent = real
+            .parent()
+            .ok_or_else(|| err("partition without a parent disk in sysfs".into()))?
+            .to_path_buf();
+        (parent, start)
+    } else {
+        (dir, 0)
+    };
+    let (wmaj, wmin) = parse_dev(&sysfs(&whole, "dev").map_err(err)?)
+        .ok_or_else(|| err(format!("{}/dev is not major:minor", whole.display())))?;
+    if !whole.join("mq").exists() {
+        return Err(err(format!(
+            "{} is a bio-based device (device-mapper, md, ...): it completes no requests the tracker can see",
+            whole.display()
+        )));
+    }
+    Ok(DeviceSpan {
+        dev: (wmaj << 20) | wmin,
+        start,
+        sectors,
+    })
+}
+
+struct Tracked {
+    span: DeviceSpan,
+    dirty: DirtySet,
+    /// Set when the marks cannot be trusted: the next take is a verify scan, for this reason.
+    verify: Option<String>,
+}
+
+#[derive(Default)]
+struct HubState {
+    disks: Vec<Tracked>,
+    /// Set once the hub thread has ended: every take is a scan from then on.
+    dead: Option<String>,
+    events: u64,
+    lost: u64,
+}
+
+impl HubState {
+    fn apply(&mut self, dev: u32, sector: u64, count: u64) {
+        self.events += 1;
+        let end = sector.saturating_add(count);
+        for d in &mut self.disks {
+            let s = &d.span;
+            if s.dev != dev {
+                continue;
+            }
+            let (lo, hi) = (sector.max(s.start), end.min(s.start + s.sectors));
+            if lo < hi {
+                d.dirty.mark_sectors(lo - s.start, hi - lo);
+            }
+        }
+    }
+
+    fn lose_all(&mut self, reason: &str) {
+        for d in &mut self.disks {
+            d.verify.get_or_insert_with(|| reason.to_string());
+        }
+    }
+}
+
+enum Cmd {
+    /// Consume every event in the ring buffer, check the lost counter, then answer.
+    Drain(Sender<()>),
+}
+
+/// One loaded BPF program serving every tracked disk of the agent.
+pub struct Hub {
+    state: Arc<Mutex<HubState>>,
+    cmds: Sender<Cmd>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Hub {
+    /// Loads and attaches the program for these disks (in this order: slot `i` is
+    /// `spans[i]`); returns once it is attached, or why it could not be.
+    pub fn start(spans: &[DeviceSpan], ring_kib: u64) -> Result<Arc<Hub>, EbpfError> {
+        let state = Arc::new(Mutex::new(HubState {
+            disks: spans
+                .iter()
+                .map(|s| Tracked {
+                    span: s.clone(),
+                    dirty: DirtySet::default(),
+                    verify: Some(
+                        "the agent started: verify scan against the acknowledged manifest".into(),
+                    ),
+                })
+                .collect(),
+            ..Default::default()
+        }));
+        let (cmd_tx, cmd_rx) = bounded::<Cmd>(16);
+        let (ready_tx, ready_rx) = bounded::<Result<(), String>>(1);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let devs: Vec<u32> = spans.iter().map(|s| s.dev).collect();
+        let thread = {
+            let state = state.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("ebpf-tracker".into())
+                .spawn(move || {
+                    let outcome = hub_thread(&devs, ring_kib, &state, &cmd_rx, &ready_tx, &stop);
+                    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                    let why = match outcome {
+                        Ok(()) => "the tracker was stopped".to_string(),
+                        Err(e) => {
+                            tracing::error!(
+                                "eBPF tracker stopped: {e}; every disk will be rescanned"
+                            );
+                            e
+                        }
+                    };
+                    st.lose_all(&why);
+                    st.dead = Some(why);
+                })
+                .map_err(|e| EbpfError::Load(format!("cannot start its thread: {e}")))?
+        };
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Arc::new(Hub {
+                state,
+                cmds: cmd_tx,
+                stop,
+                thread: Some(thread),
+            })),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(EbpfError::Load(e))
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(EbpfError::Load("its thread ended before loading".into()))
+            }
+        }
+    }
+
+    /// Brings every event up to now into the dirty sets.
+    fn drain(&self) {
+        let (tx, rx) = bounded(1);
+        if self.cmds.send(Cmd::Drain(tx)).is_ok() {
+            // The thread answers within one poll period; if it is gone, `dead` says so.
+            let _ = rx.recv_timeout(Duration::from_secs(10));
+        }
+    }
+
+    /// Events seen and events lost so far.
+    pub fn counts(&self) -> (u64, u64) {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        (st.events, st.lost)
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn hub_thread(
+    devs: &[u32],
+    ring_kib: u64,
+    state: &Arc<Mutex<HubState>>,
+    cmds: &Receiver<Cmd>,
+    ready: &Sender<Result<(), String>>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(), String> {
+    use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+    use libbpf_rs::{MapCore, MapFlags};
+    let fail = |e: String| {
+        let _ = ready.send(Err(e.clone()));
+        e
+    };
+    let mut storage = std::mem::MaybeUninit::uninit();
+    let mut open = skel::TrackerSkelBuilder::default()
+        .open(&mut storage)
+        .map_err(|e| fail(format!("opening the BPF object: {e}")))?;
+    let ring_bytes = u32::try_from(ring_kib * 1024)
+        .map_err(|_| fail(format!("ring buffer of {ring_kib} KiB is too large")))?;
+    open.maps
+        .events
+        .set_max_entries(ring_bytes)
+        .map_err(|e| fail(format!("sizing the ring buffer: {e}")))?;
+    let mut loaded = open.load().map_err(|e| {
+        fail(format!(
+            "the kernel refused the program (BTF, CAP_BPF and CAP_PERFMON are needed): {e}"
+        ))
+    })?;
+    for dev in devs {
+        loaded
+            .maps
+            .devices
+            .update(&dev.to_ne_bytes(), &1u32.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|e| fail(format!("registering device {dev:#x}: {e}")))?;
+    }
+    loaded
+        .attach()
+        .map_err(|e| fail(format!("attaching to block:block_rq_complete: {e}")))?;
+    let mut builder = libbpf_rs::RingBufferBuilder::new();
+    {
+        let state = state.clone();
+        builder
+            .add(&loaded.maps.events, move |data: &[u8]| {
+                if data.len() >= 16 {
+                    let word = |r: std::ops::Range<usize>| {
+                        let mut b = [0u8; 8];
+                        b[..r.len()].copy_from_slice(&data[r]);
+                        u64::from_ne_bytes(b)
+                    };
+                    let (dev, sectors, sector) = (word(0..4) as u32, word(4..8), word(8..16));
+                    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                    st.apply(dev, sector, sectors);
+                }
+                0
+            })
+            .map_err(|e| fail(format!("ring buffer: {e}")))?;
+    }
+    let ring = builder
+        .build()
+        .map_err(|e| fail(format!("ring buffer: {e}")))?;
+    let _ = ready.send(Ok(()));
+    tracing::info!(
+        devices = devs.len(),
+        ring_kib,
+        "eBPF tracker attached to block:block_rq_complete"
+    );
+
+    let mut lost_seen = 0u64;
+    let check_lost = |lost_seen: &mut u64| -> Result<(), String> {
+        let v = loaded
+            .maps
+            .counters
+            .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|e| format!("reading the lost-event counter: {e}"))?
+            .and_then(|b| {
+                b.get(..8)
+                    .map(|b| u64::from_ne_bytes(b.try_into().unwrap_or([0; 8])))
+            })
+            .unwrap_or(0);
+        if v > *lost_seen {
+            let n = v - *lost_seen;
+            *lost_seen = v;
+            let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+            st.lost += n;
+            tracing::warn!(
+                lost = n,
+                "eBPF tracker lost events (ring buffer full); the disks will be rescanned"
+            );
+            st.lose_all(&format!(
+                "{n} tracker events lost (ring buffer full: raise ebpf_ring_buffer_kib)"
+            ));
+        }
+        Ok(())
+    };
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        ring.poll(POLL)
+            .map_err(|e| format!("polling the ring buffer: {e}"))?;
+        check_lost(&mut lost_seen)?;
+        while let Ok(cmd) = cmds.try_recv() {
+            match cmd {
+                Cmd::Drain(reply) => {
+                    ring.consume()
+                        .map_err(|e| format!("draining the ring buffer: {e}"))?;
+                    check_lost(&mut lost_seen)?;
+                    let _ = reply.send(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The tracker of one disk: slot `slot` of a [`Hub`].
+pub struct EbpfTracker {
+    hub: Arc<Hub>,
+    slot: usize,
+}
+
+impl EbpfTracker {
+    pub fn new(hub: Arc<Hub>, slot: usize) -> EbpfTracker {
+        EbpfTracker { hub, slot }
+    }
+}
+
+impl Tracker for EbpfTracker {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn take(&mut self, blocks: u64) -> Take {
+        self.hub.drain();
+        let mut st = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
+        let dead = st.dead.clone();
+        let d = &mut st.disks[self.slot];
+        if let Some(reason) = d.verify.take() {
+            d.dirty.take(0);
+            return Take::All { reason };
+        }
+        if let Some(reason) = dead {
+            return Take::All { reason };
+        }
+        Take::Blocks(d.dirty.take(blocks))
+    }
+
+    fn give_back(&mut self, taken: Take) {
+        let mut st = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
+        let d = &mut st.disks[self.slot];
+        match taken {
+            Take::All { reason } => {
+                d.verify.get_or_insert(reason);
+            }
+            Take::Blocks(b) => {
+                for i in b {
+                    d.dirty.mark(i);
+                }
+            }
+        }
+    }
+
+    fn pending(&self) -> Option<u64> {
+        let st = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
+        let d = &st.disks[self.slot];
+        if d.verify.is_some() || st.dead.is_some() {
+            None
+        } else {
+            Some(d.dirty.len())
+        }
+    }
+
+    fn sees_writes(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_map_to_the_disk_and_partition_they_touch() {
+        let mut st = HubState {
+            disks: vec![
+                Tracked {
+                    span: DeviceSpan {
+                        dev: 7 << 20,
+                        start: 0,
+                        sectors: 1 << 20,
+                    },
+                    dirty: DirtySet::default(),
+                    verify: None,
+                },
+                // A partition of the same disk starting at sector 2048.
+                Tracked {
+                    span: DeviceSpan {
+                        dev: 7 << 20,
+                        start: 2048,
+                        sectors: 4096,
+                    },
+                    dirty: DirtySet::default(),
+                    verify: None,
+                },
+                Tracked {
+                    span: DeviceSpan {
+                        dev: (7 << 20) | 1,
+                        start: 0,
+                        sectors: 1 << 20,
+                    },
+                    dirty: DirtySet::default(),
+                    verify: None,
+                },
+            ],
+            ..Default::default()
+        };
+        st.apply(7 << 20, 2040, 16); // straddles the partition's start
+        st.apply(7 << 20, 2048 + 4096, 8); // just past the partition
+        assert_eq!(st.disks[0].dirty.take(u64::MAX), vec![1, 2, 6]);
+        assert_eq!(
+            st.disks[1].dirty.take(u64::MAX),
+            vec![0],
+            "partition-relative block 0"
+        );
+        assert!(st.disks[2].dirty.is_empty(), "another device saw nothing");
+    }
+}
