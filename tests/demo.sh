@@ -11,10 +11,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/lifeboat-target}"
 demo="${LIFEBOAT_DEMO_DIR:-/var/tmp/lifeboat-demo}"
 if [ -t 1 ]; then say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }; else say() { printf '\n== %s\n' "$*"; }; fi
 
-if ! command -v mkfs.ext4 >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  say "installing e2fsprogs (mkfs.ext4, for the sample image)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq e2fsprogs >/dev/null
-fi
+say "build prerequisites (clang and libelf for the eBPF tracker, e2fsprogs for the sample image)"
+. tests/prereqs.sh
+lifeboat_prereqs
 
 say "building (release)"
 cargo build --release --bins -p lifeboat-agent -p lifeboat-receiver

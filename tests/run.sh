@@ -8,22 +8,9 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/lifeboat-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
-# Debian packages the suite and the benches use.
-need=()
-command -v zstd >/dev/null 2>&1 || need+=(zstd)
-command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
-command -v losetup >/dev/null 2>&1 || need+=(mount)
-command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
-command -v faketime >/dev/null 2>&1 || need+=(faketime)
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing: ${need[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-  else
-    echo "warning: missing ${need[*]}; install them (apt-get install ${need[*]})" >&2
-  fi
-fi
+# Debian packages the build, the suite and the benches use.
+. tests/prereqs.sh
+lifeboat_prereqs tests
 for c in "cargo fmt" "cargo clippy"; do
   $c --version >/dev/null 2>&1 || { echo "error: '$c' is missing (rustup component add rustfmt clippy)" >&2; exit 1; }
 done

@@ -932,7 +932,17 @@ fn cut_blocking(
         match crate::freeze::mounts_on(&paths) {
             Ok(m) if m.is_empty() => why = "no mounted filesystem on the disks to freeze".into(),
             Ok(m) => match crate::freeze::freeze(&m, opts.bound) {
-                Ok(f) => frozen = Some(f),
+                Ok(f) => {
+                    // For the tests of thawing (an agent killed, or too slow, while frozen).
+                    if let Some(ms) = std::env::var("LIFEBOAT_TEST_HOLD_FREEZE_MS")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                    {
+                        tracing::warn!("test hook: holding the freeze of {m:?} for {ms} ms");
+                        std::thread::sleep(Duration::from_millis(ms));
+                    }
+                    frozen = Some(f)
+                }
                 Err(e) => {
                     tracing::warn!("{e}; this point is best-effort");
                     why = e.to_string();

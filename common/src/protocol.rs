@@ -959,7 +959,10 @@ mod tests {
     fn preface_checks() {
         let v = PROTOCOL_VERSION;
         assert_eq!(check_preface(&preface(v)), Ok(v));
-        assert_eq!(check_preface(&preface(v - 1)), Err(DecodeError::Version(v - 1)));
+        assert_eq!(
+            check_preface(&preface(v - 1)),
+            Err(DecodeError::Version(v - 1))
+        );
         let mut p = preface(v);
         p[0] = b'X';
         assert!(matches!(check_preface(&p), Err(DecodeError::BadPreface(_))));

@@ -8,3 +8,4 @@ mod faults;
 mod gc;
 mod identity;
 mod power_cut;
+mod tracking;

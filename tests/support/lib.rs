@@ -395,6 +395,8 @@ pub struct AgentSpec {
     pub token: Option<String>,
     /// `[receiver] timeout_secs`.
     pub timeout_secs: u64,
+    /// More top-level lines of agent.toml (`tracker = "ebpf"`, ...).
+    pub extra: Vec<String>,
 }
 
 impl AgentSpec {
@@ -410,6 +412,7 @@ impl AgentSpec {
             interval_secs: 1,
             token: None,
             timeout_secs: 120,
+            extra: Vec::new(),
         }
     }
 }
@@ -418,12 +421,15 @@ pub struct Agent {
     pub config: PathBuf,
     pub state_dir: PathBuf,
     pub proc: Proc,
+    /// Extra environment for `run` in the background.
+    pub env: Vec<(String, String)>,
 }
 
 impl Agent {
     pub fn new(root: &Path, rx: &Receiver, spec: &AgentSpec) -> Agent {
         let state_dir = root.join(format!("agent-{}", spec.server_id));
-        let mut toml = format!(
+        let mut toml = spec.extra.join("\n") + "\n";
+        toml += &format!(
             "server_id = \"{}\"\nstate_dir = \"{}\"\npoint_interval_secs = {}\nbandwidth_limit_mbps = {}\nreader = \"{}\"\n\n[receiver]\naddress = \"127.0.0.1:{}\"\nca_fingerprint = \"{}\"\ntoken = \"{}\"\ntimeout_secs = {}\n",
             spec.server_id,
             state_dir.display(),
@@ -447,6 +453,7 @@ impl Agent {
             config,
             state_dir,
             proc: Proc::new(root.join(format!("agent-{}.log", spec.server_id))),
+            env: Vec::new(),
         }
     }
 
@@ -490,6 +497,7 @@ impl Agent {
     pub fn spawn(&mut self) {
         let mut cmd = Command::new(bin("lifeboat-agent"));
         cmd.args(["run", "--config"]).arg(&self.config);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.proc.start(cmd);
     }
 
@@ -820,6 +828,98 @@ impl Drop for SmallFs {
             .is_ok_and(|o| o.status.success());
         if !clean {
             let _ = Command::new("umount").arg("-l").arg(&self.dir).output();
+        }
+    }
+}
+
+/// A loop device over an image file, detached on drop.
+pub struct LoopDev {
+    pub dev: PathBuf,
+    pub img: PathBuf,
+}
+
+impl LoopDev {
+    /// Attaches `img` (with `-P`: its partitions get devices too).
+    pub fn attach(img: &Path, partitions: bool) -> Result<LoopDev, String> {
+        let mut c = Command::new("losetup");
+        c.args(["-f", "--show"]);
+        if partitions {
+            c.arg("-P");
+        }
+        let o = c.arg(img).output().map_err(|e| e.to_string())?;
+        if !o.status.success() {
+            return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+        }
+        let dev = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+        if partitions {
+            // Where the kernel's own scan finds nothing (no partition-table support built
+            // in), add them from user space; harmless when they exist already.
+            let _ = Command::new("partx").arg("-a").arg(&dev).output();
+        }
+        Ok(LoopDev {
+            dev,
+            img: img.to_path_buf(),
+        })
+    }
+
+    /// A new sparse image of `mib` MiB under `dir`, attached.
+    pub fn new(dir: &Path, name: &str, mib: u64) -> Result<LoopDev, String> {
+        let img = dir.join(format!("{name}.img"));
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(mib << 20))
+            .map_err(|e| e.to_string())?;
+        LoopDev::attach(&img, false)
+    }
+
+    /// The whole device's content.
+    pub fn read_all(&self) -> Vec<u8> {
+        std::fs::read(&self.dev).unwrap()
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).output();
+    }
+}
+
+/// A filesystem mounted from a device at `dir`, unmounted on drop.
+pub struct Mounted {
+    pub dir: PathBuf,
+}
+
+impl Mounted {
+    /// `mkfs.ext4` on `dev` (with `mkfs`), then mount it at `dir`.
+    pub fn ext4(dev: &Path, dir: &Path, mkfs: bool) -> Result<Mounted, String> {
+        if mkfs {
+            run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(dev))?;
+        }
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        run_ok(Command::new("mount").arg(dev).arg(dir))?;
+        Ok(Mounted {
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).output();
+    }
+}
+
+/// For tests that need root, loop devices and real eBPF: `Err` → in CI a failure, elsewhere
+/// a loud skip (returns None).
+pub fn needs_root<T>(what: &str, r: Result<T, String>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(why) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{what} needs root, loop devices and eBPF in CI: {why}"
+            );
+            eprintln!("SKIPPED (loudly): {what}: {why}");
+            None
         }
     }
 }
