@@ -445,7 +445,9 @@ fn writable_within(dir: &Path, within: Duration) -> bool {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Blocked on a frozen filesystem it cannot die yet: reap it once it does.
     let _ = child.kill();
+    std::thread::spawn(move || child.wait());
     false
 }
 
