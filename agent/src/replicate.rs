@@ -363,9 +363,16 @@ impl Replicator {
             }
             // Pre-copy again while the dirty set is too big to read under a freeze, within
             // the point interval.
+            // A verify scan still pending right after one (the tracker keeps losing events,
+            // or it stopped) is not converging: cut, best-effort, and say why.
             let pending: Option<u64> = self.trackers.iter().map(|t| t.pending()).sum();
             let small = pending.is_some_and(|p| p <= max_final);
-            if small || passes >= MAX_PRECOPY_PASSES || started.elapsed() >= self.interval() {
+            let stuck = pending.is_none() && self.verifying.iter().any(|v| *v);
+            if small
+                || stuck
+                || passes >= MAX_PRECOPY_PASSES
+                || started.elapsed() >= self.interval()
+            {
                 break;
             }
         }

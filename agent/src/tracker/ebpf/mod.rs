@@ -352,14 +352,24 @@ fn hub_thread(
         Ok(())
     };
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        ring.poll(POLL)
-            .map_err(|e| format!("polling the ring buffer: {e}"))?;
+        // A signal (SIGSTOP/SIGCONT from a debugger or a test, SIGTERM) interrupts the wait:
+        // that is no failure.
+        match ring.poll(POLL) {
+            Err(e) if e.kind() != libbpf_rs::ErrorKind::Interrupted => {
+                return Err(format!("polling the ring buffer: {e}"))
+            }
+            _ => {}
+        }
         check_lost(&mut lost_seen)?;
         while let Ok(cmd) = cmds.try_recv() {
             match cmd {
                 Cmd::Drain(reply) => {
-                    ring.consume()
-                        .map_err(|e| format!("draining the ring buffer: {e}"))?;
+                    loop {
+                        match ring.consume() {
+                            Err(e) if e.kind() == libbpf_rs::ErrorKind::Interrupted => continue,
+                            r => break r.map_err(|e| format!("draining the ring buffer: {e}"))?,
+                        }
+                    }
                     check_lost(&mut lost_seen)?;
                     let _ = reply.send(());
                 }
