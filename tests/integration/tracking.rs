@@ -97,13 +97,27 @@ fn restore(rx: &Receiver, w: &Path, server: &str, disk: &str, point: u64) -> Pat
     out
 }
 
-/// `e2fsck -fn` on a restored image: what it would repair (nothing for a frozen point).
-fn fsck_problems(img: &Path) -> Option<String> {
-    let o = Command::new("e2fsck")
-        .args(["-f", "-n"])
-        .arg(img)
-        .output()
-        .unwrap();
+/// What `e2fsck -fn` (ext4, as restored) or `xfs_repair -n` (XFS, after its log is replayed)
+/// would repair in a restored image: nothing, for a frozen point.
+fn fsck_problems(fstype: &str, img: &Path) -> Option<String> {
+    let o = match fstype {
+        "xfs" => {
+            // A frozen XFS keeps a log record to replay (ext4 does not): replay it by
+            // mounting, as a boot would, then check.
+            let dir = img.with_extension("replay");
+            drop(Mounted::with(None, img, &dir).unwrap());
+            Command::new("xfs_repair")
+                .arg("-n")
+                .arg(img)
+                .output()
+                .unwrap()
+        }
+        _ => Command::new("e2fsck")
+            .args(["-f", "-n"])
+            .arg(img)
+            .output()
+            .unwrap(),
+    };
     if o.status.code() == Some(0) {
         return None;
     }
@@ -121,11 +135,20 @@ fn points_of(rx: &Receiver, server: &str) -> Vec<Value> {
 
 #[test]
 fn frozen_points_of_a_busy_ext4_restore_every_completed_file_exactly() {
+    frozen_points_of_a_busy_filesystem("ext4");
+}
+
+#[test]
+fn frozen_points_of_a_busy_xfs_restore_every_completed_file_exactly() {
+    frozen_points_of_a_busy_filesystem("xfs");
+}
+
+fn frozen_points_of_a_busy_filesystem(fstype: &str) {
     let w = workdir();
-    let Some(dev) = needs_root("frozen points", LoopDev::new(w.path(), "disk", 256)) else {
+    let Some(dev) = needs_root("frozen points", LoopDev::new(w.path(), "disk", 512)) else {
         return;
     };
-    let mnt = Mounted::ext4(&dev.dev, &w.path().join("mnt"), true).unwrap();
+    let mnt = Mounted::with(Some(fstype), &dev.dev, &w.path().join("mnt")).unwrap();
     let rx = Receiver::start(w.path());
     let spec = ebpf_spec("busy", &[("root", &dev.dev)], &[]);
     let mut agent = Agent::new(w.path(), &rx, &spec);
@@ -168,10 +191,10 @@ fn frozen_points_of_a_busy_ext4_restore_every_completed_file_exactly() {
         );
         let instant = pt["created_unix_ms"].as_u64().unwrap();
         let img = restore(&rx, w.path(), "busy", "root", point);
-        if let Some(p) = fsck_problems(&img) {
-            panic!("point {point}: e2fsck finds damage in a frozen point:\n{p}");
+        if let Some(p) = fsck_problems(fstype, &img) {
+            panic!("point {point}: {fstype} repair finds damage in a frozen point:\n{p}");
         }
-        let m = Mounted::ext4(&img, &w.path().join(format!("r{point}")), false).unwrap();
+        let m = Mounted::with(None, &img, &w.path().join(format!("r{point}"))).unwrap();
         // Every file in place holds exactly one version that was written to it...
         let mut present = std::collections::HashMap::new();
         for e in std::fs::read_dir(&m.dir).unwrap() {

@@ -891,11 +891,33 @@ pub struct Mounted {
 impl Mounted {
     /// `mkfs.ext4` on `dev` (with `mkfs`), then mount it at `dir`.
     pub fn ext4(dev: &Path, dir: &Path, mkfs: bool) -> Result<Mounted, String> {
-        if mkfs {
-            run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(dev))?;
+        Mounted::with(if mkfs { Some("ext4") } else { None }, dev, dir)
+    }
+
+    /// Makes a `fstype` filesystem (ext4 or xfs) on `dev` if asked, then mounts it at `dir`.
+    pub fn with(mkfs: Option<&str>, dev: &Path, dir: &Path) -> Result<Mounted, String> {
+        match mkfs {
+            Some("xfs") => run_ok(Command::new("mkfs.xfs").args(["-q", "-f"]).arg(dev))?,
+            Some(fs) => run_ok(
+                Command::new(format!("mkfs.{fs}"))
+                    .args(["-q", "-F"])
+                    .arg(dev),
+            )?,
+            None => {}
         }
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        run_ok(Command::new("mount").arg(dev).arg(dir))?;
+        let mut c = Command::new("mount");
+        if mkfs.is_none()
+            && Command::new("blkid")
+                .args(["-o", "value", "-s", "TYPE"])
+                .arg(dev)
+                .output()
+                .is_ok_and(|o| o.stdout.starts_with(b"xfs"))
+        {
+            // A copy of a mounted XFS has its UUID: XFS refuses it without `nouuid`.
+            c.args(["-o", "nouuid"]);
+        }
+        run_ok(c.arg(dev).arg(dir))?;
         Ok(Mounted {
             dir: dir.to_path_buf(),
         })
