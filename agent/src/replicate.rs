@@ -82,6 +82,9 @@ pub struct Replicator {
     trackers: Vec<Box<dyn Tracker>>,
     /// Per disk: this cycle's pass examines every block to verify (state `rescan`).
     verifying: Vec<bool>,
+    /// Per disk: blocks the current pass examines; and when it began.
+    pass_total: Vec<u64>,
+    pass_started: Instant,
     pub status: AgentStatus,
     committed_once: Vec<bool>,
     connected_cycle: bool,
@@ -141,6 +144,8 @@ impl Replicator {
         Ok(Replicator {
             trackers,
             verifying: vec![false; n],
+            pass_total: vec![0; n],
+            pass_started: Instant::now(),
             committed_once: vec![agent.last_point.is_some(); n],
             cfg,
             server_id,
@@ -272,13 +277,19 @@ impl Replicator {
         let mut disks = Vec::new();
         for i in 0..self.cfg.disks.len() {
             let state = self.disk_state(i, started);
-            let mut backlog = outstanding[i];
-            if state == DiskState::InitialSync {
-                let blocks = block_count(self.sizes[i]);
-                backlog += blocks.saturating_sub(progress[i].examined.load(Ordering::Relaxed));
-            }
+            // Dirty and not yet acknowledged: sent and unacknowledged, still to examine in
+            // this pass, and marked by the tracker since the pass began.
+            let examined = progress[i].examined.load(Ordering::Relaxed);
+            let to_examine = self.pass_total[i].saturating_sub(examined);
+            let pending = self.trackers.get(i).and_then(|t| t.pending()).unwrap_or(0);
+            let backlog = outstanding[i] + to_examine + pending;
+            // At the rate this pass examines blocks.
+            let secs = self.pass_started.elapsed().as_secs_f64();
+            let eta = (examined > 0 && secs > 0.5)
+                .then(|| (backlog as f64 * secs / examined as f64).ceil() as u64);
             self.status.disks[i].state = Some(state);
             self.status.disks[i].backlog_blocks = backlog;
+            self.status.disks[i].eta_secs = eta;
             disks.push(DiskProgress {
                 handle: i as u32,
                 state,
@@ -489,6 +500,13 @@ impl Replicator {
         } else {
             self.cfg.workers
         };
+        for (i, (c, p)) in candidates.iter().zip(&preloaded).enumerate() {
+            self.pass_total[i] = (c.len() + p.len()) as u64;
+        }
+        for (i, c) in candidates.iter().enumerate().skip(preloaded.len()) {
+            self.pass_total[i] = c.len() as u64;
+        }
+        self.pass_started = Instant::now();
         let mut preloaded = preloaded.into_iter();
         let mut inputs = Vec::new();
         for ((i, d), candidates) in self.cfg.disks.iter().enumerate().zip(candidates) {
@@ -750,6 +768,7 @@ impl Replicator {
         for d in &mut self.status.disks {
             d.state = Some(DiskState::Continuous);
             d.backlog_blocks = 0;
+            d.eta_secs = None;
         }
         link.queue(&self.idle_progress());
         link.flush().await?;

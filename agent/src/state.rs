@@ -35,6 +35,9 @@ pub struct DiskStatus {
     /// Bytes read from the disk since the agent started.
     #[serde(default)]
     pub bytes_read: u64,
+    /// Seconds until the backlog is examined, at the current pass's rate.
+    #[serde(default)]
+    pub eta_secs: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -3,6 +3,7 @@
 use crate::state::StateDir;
 use lifeboat_common::config::AgentConfig;
 use lifeboat_common::now_ms;
+use lifeboat_common::protocol::Consistency;
 
 pub fn show(cfg: &AgentConfig, json: bool) -> anyhow::Result<()> {
     let Some(st) = StateDir::load_status(&cfg.state_dir) else {
@@ -39,8 +40,14 @@ pub fn show(cfg: &AgentConfig, json: bool) -> anyhow::Result<()> {
     );
     match (st.last_point, st.last_point_unix_ms) {
         (Some(p), Some(t)) => println!(
-            "last point: {p}, {}s ago",
-            now_ms().saturating_sub(t) / 1000
+            "last point: {p}, {}s ago, {}",
+            now_ms().saturating_sub(t) / 1000,
+            match st.last_point_consistency {
+                Some(Consistency::CrashConsistent) =>
+                    format!("crash-consistent ({})", st.last_point_why),
+                Some(Consistency::BestEffort) => format!("best-effort: {}", st.last_point_why),
+                None => "-".into(),
+            }
         ),
         _ => println!("last point: none yet"),
     }
@@ -52,14 +59,27 @@ pub fn show(cfg: &AgentConfig, json: bool) -> anyhow::Result<()> {
         st.bytes_sent, st.compression_level
     );
     for d in &st.disks {
+        let dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_string()
+            } else {
+                s.to_string()
+            }
+        };
         println!(
-            "disk {:<12} {:<14} backlog {:>8} blocks  {} ({} bytes, reader {})",
+            "disk {:<12} {:<14} backlog {:>8} blocks{}  {} ({} bytes, tracker {}, reader {}, {} MiB read)",
             d.id,
             d.state.map(|s| s.as_str()).unwrap_or("-"),
             d.backlog_blocks,
+            d.eta_secs
+                .filter(|_| d.backlog_blocks > 0)
+                .map(|s| format!(" (ETA {}m{:02}s)", s / 60, s % 60))
+                .unwrap_or_default(),
             d.path.display(),
             d.size,
-            if d.reader.is_empty() { "-" } else { &d.reader }
+            dash(&d.tracker),
+            dash(&d.reader),
+            d.bytes_read >> 20,
         );
     }
     Ok(())

@@ -75,5 +75,10 @@ pub fn run(state_dir: &Path, server: &str, json: bool) -> anyhow::Result<()> {
     for d in &damaged {
         println!("{d}");
     }
+    if let Some(p) = points.iter().max_by_key(|p| p.point) {
+        if p.consistency == Consistency::BestEffort && !p.consistency_why.is_empty() {
+            println!("point {} is best-effort: {}", p.point, p.consistency_why);
+        }
+    }
     Ok(())
 }
