@@ -56,6 +56,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Detach the eBPF tracker this config's agent left pinned (it keeps tracking writes
+    /// while the agent is stopped, until a reboot). For uninstalling; the next start of the
+    /// agent then verify-scans its disks.
+    Untrack {
+        #[arg(long, default_value = "/etc/lifeboat/agent.toml")]
+        config: PathBuf,
+    },
     /// (Internal) Started by the agent before each freeze: thaws MOUNTS when the deadline
     /// passes or the agent dies first. Not for use by hand.
     #[command(hide = true)]
@@ -137,6 +144,12 @@ pub fn run(cli: Cli) -> u8 {
             Ok(())
         }),
         Command::Status { config, json } => load(&config).and_then(|cfg| crate::status::show(&cfg, json)),
+        Command::Untrack { config } => load(&config).map(|cfg| {
+            let dir = crate::tracker::ebpf::pin::dir_for(&cfg.state_dir);
+            crate::tracker::ebpf::pin::unpin(&dir);
+            let _ = std::fs::remove_file(cfg.state_dir.join("tracker.json"));
+            println!("untracked: {} removed (the program is detached once no agent holds it)", dir.display());
+        }),
         Command::ThawWatchdog { deadline_ms, mounts } => {
             return crate::freeze::watchdog(&mounts, Duration::from_millis(deadline_ms))
         }

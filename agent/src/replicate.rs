@@ -80,6 +80,8 @@ pub struct Replicator {
     pub acked: Vec<Manifest>,
     sizes: Vec<u64>,
     trackers: Vec<Box<dyn Tracker>>,
+    /// The eBPF program behind the trackers, when there is one.
+    hub: Option<Arc<ebpf::Hub>>,
     /// Per disk: this cycle's pass examines every block to verify (state `rescan`).
     verifying: Vec<bool>,
     /// Per disk: blocks the current pass examines; and when it began.
@@ -125,7 +127,7 @@ impl Replicator {
             });
         }
         let n = cfg.disks.len();
-        let trackers = make_trackers(&cfg)?;
+        let (trackers, hub) = make_trackers(&cfg)?;
         for ((d, t), st) in cfg.disks.iter().zip(&trackers).zip(&mut disks) {
             st.tracker = t.name().to_string();
             tracing::info!(disk = %d.id, tracker = t.name(), "tracking {}", d.path.display());
@@ -143,6 +145,7 @@ impl Replicator {
         };
         Ok(Replicator {
             trackers,
+            hub,
             verifying: vec![false; n],
             pass_total: vec![0; n],
             pass_started: Instant::now(),
@@ -754,6 +757,9 @@ impl Replicator {
                 Err(e) => return Err(e.into()),
             }
         }
+        for t in &mut self.trackers {
+            t.settle();
+        }
         self.agent.last_point = Some(point);
         self.agent.last_point_unix_ms = Some(created_unix_ms);
         self.agent.next_point = point + 1;
@@ -808,6 +814,23 @@ impl Replicator {
                     return Err(LinkError::Protocol(format!("unexpected {} while idle", m.name())).into());
                 }
             }
+        }
+    }
+
+    /// On a clean stop: hands the tracker's state to the next agent (see
+    /// [`crate::tracker::ebpf::pin`]).
+    pub fn stop_tracking(&mut self) {
+        let Some(hub) = self.hub.take() else { return };
+        match hub.stop() {
+            Some(r) => match ebpf::pin::save(&self.cfg.state_dir, &r) {
+                Ok(()) => tracing::info!(
+                    "tracking state saved: the next start goes on without a verify scan"
+                ),
+                Err(e) => {
+                    tracing::warn!("saving the tracking state: {e}; the next start verify-scans")
+                }
+            },
+            None => tracing::info!("tracking not pinned: the next start verify-scans"),
         }
     }
 
@@ -875,15 +898,20 @@ async fn fetch_manifest(
 }
 
 /// Picks each disk's tracker as `tracker` in agent.toml asks (see [`crate::tracker`]).
-fn make_trackers(cfg: &AgentConfig) -> Result<Vec<Box<dyn Tracker>>, ReplicateError> {
+#[allow(clippy::type_complexity)]
+fn make_trackers(
+    cfg: &AgentConfig,
+) -> Result<(Vec<Box<dyn Tracker>>, Option<Arc<ebpf::Hub>>), ReplicateError> {
     use lifeboat_common::config::TrackerKind;
     let scan = |why: String| Box::new(HashScan { why }) as Box<dyn Tracker>;
     if cfg.tracker == TrackerKind::Scan {
-        return Ok(cfg
-            .disks
-            .iter()
-            .map(|_| scan("tracker = \"scan\" in agent.toml".into()))
-            .collect());
+        return Ok((
+            cfg.disks
+                .iter()
+                .map(|_| scan("tracker = \"scan\" in agent.toml".into()))
+                .collect(),
+            None,
+        ));
     }
     let resolved: Vec<Result<ebpf::DeviceSpan, String>> = cfg
         .disks
@@ -895,17 +923,33 @@ fn make_trackers(cfg: &AgentConfig) -> Result<Vec<Box<dyn Tracker>>, ReplicateEr
             return Err(ReplicateError::Tracker(e.clone()));
         }
     }
-    let spans: Vec<ebpf::DeviceSpan> = resolved.iter().filter_map(|r| r.clone().ok()).collect();
+    let spans: Vec<(String, ebpf::DeviceSpan)> = cfg
+        .disks
+        .iter()
+        .zip(&resolved)
+        .filter_map(|(d, r)| Some((d.id.clone(), r.clone().ok()?)))
+        .collect();
+    // Pinned, tracking goes on across a restart of the agent (see `ebpf::pin`).
+    let pin_dir = match ebpf::pin::ensure_bpffs() {
+        Ok(()) => Some(ebpf::pin::dir_for(&cfg.state_dir)),
+        Err(e) => {
+            tracing::warn!("bpffs is not mounted at /sys/fs/bpf and cannot be ({e}): every restart of the agent will verify-scan its disks");
+            None
+        }
+    };
+    let resume = ebpf::pin::take_saved(&cfg.state_dir);
     let hub = if spans.is_empty() {
         Err("no disk is a block device the tracker can see".to_string())
     } else {
-        ebpf::Hub::start(&spans, cfg.ebpf_ring_buffer_kib).map_err(|e| e.to_string())
+        ebpf::Hub::start(&spans, cfg.ebpf_ring_buffer_kib, pin_dir, resume)
+            .map_err(|e| e.to_string())
     };
     if let (TrackerKind::Ebpf, Err(e)) = (cfg.tracker, &hub) {
         return Err(ReplicateError::Tracker(e.clone()));
     }
     let mut slot = 0;
     let mut out = Vec::new();
+    let shared = hub.as_ref().ok().cloned();
     for (d, r) in cfg.disks.iter().zip(resolved) {
         let t = match (&hub, r) {
             (Ok(hub), Ok(_)) => {
@@ -924,7 +968,7 @@ fn make_trackers(cfg: &AgentConfig) -> Result<Vec<Box<dyn Tracker>>, ReplicateEr
         };
         out.push(t);
     }
-    Ok(out)
+    Ok((out, shared))
 }
 
 /// How to cut a point.

@@ -74,10 +74,12 @@ pub async fn run(cfg: AgentConfig, opts: RunOptions) -> Result<(), RunError> {
                 tracing::info!("stopping: saving state");
                 lifeboat_common::sd_notify::stopping();
                 rep.persist()?;
+                rep.stop_tracking();
                 rep.set_disconnected(None);
                 return Ok(());
             }
             Outcome::Done(Ok(())) => {
+                rep.stop_tracking();
                 rep.set_disconnected(None);
                 return Ok(());
             }
@@ -118,7 +120,10 @@ pub async fn run(cfg: AgentConfig, opts: RunOptions) -> Result<(), RunError> {
         }
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
-            _ = sigterm.recv() => return Ok(()),
+            _ = sigterm.recv() => {
+                rep.stop_tracking();
+                return Ok(());
+            }
         }
         backoff = if err.retryable() {
             (backoff * 2).min(Duration::from_secs(30))

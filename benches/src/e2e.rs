@@ -15,8 +15,12 @@
 //! against the manifest and reads the destination back) and compared with the source byte
 //! for byte, so the figures are of a sync that really produced the data.
 //!
+//! `--incremental` measures continuous replication instead (see `incremental.rs`).
+//!
 //! `--device` runs the same against a fully allocated loop device holding the image (root
 //! needed): a block device has no holes to skip, so every byte is read, hashed and checked.
+
+mod incremental;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -29,6 +33,7 @@ struct Args {
     size_gib: u64,
     source: PathBuf,
     device: bool,
+    incremental: bool,
 }
 
 fn args() -> Result<Args> {
@@ -38,6 +43,7 @@ fn args() -> Result<Args> {
         size_gib: 8,
         source: PathBuf::from("/usr"),
         device: false,
+        incremental: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -48,8 +54,9 @@ fn args() -> Result<Args> {
             "--size-gib" => a.size_gib = v()?.parse()?,
             "--source" => a.source = v()?.into(),
             "--device" => a.device = true,
+            "--incremental" => a.incremental = true,
             "-h" | "--help" => {
-                println!("e2e-bench [--runs N (3)] [--dir D (/var/tmp/lifeboat-bench)] [--size-gib G (8)] [--source DIR (/usr)] [--device]");
+                println!("e2e-bench [--runs N (3)] [--dir D (/var/tmp/lifeboat-bench)] [--size-gib G (8)] [--source DIR (/usr)] [--device] [--incremental]");
                 std::process::exit(0);
             }
             // `cargo bench` passes --bench; ignore it.
@@ -384,6 +391,9 @@ fn main() -> Result<()> {
         logical as f64 / (1u64 << 30) as f64,
         data as f64 / (1u64 << 30) as f64
     );
+    if a.incremental {
+        return incremental::run(&a, &img, &rx, &agent);
+    }
     compare(&a, "sparse file", &img, data, &rx, &agent)?;
     if a.device {
         let dev = LoopDevice::of(&img, &a.dir)?;

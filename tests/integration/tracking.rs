@@ -542,3 +542,42 @@ fn the_freeze_is_always_thawed() {
         "{pt}"
     );
 }
+
+#[test]
+fn a_clean_restart_goes_on_tracking_without_a_verify_scan() {
+    let w = workdir();
+    let Some(dev) = needs_root("restart", LoopDev::new(w.path(), "raw", 64)) else {
+        return;
+    };
+    scattered_direct_writes(&dev.dev, 300, 7);
+    let rx = Receiver::start(w.path());
+    let spec = ebpf_spec("restart", &[("raw", &dev.dev)], &[]);
+    let mut agent = Agent::new(w.path(), &rx, &spec);
+    agent.spawn();
+    let first = wait_point_after(&rx, &agent, "restart", 0);
+    // Written while the agent runs, then while it is stopped: the pinned program sees both.
+    scattered_direct_writes(&dev.dev, 100, 8);
+    agent.proc.signal(libc::SIGTERM);
+    assert!(agent.wait(), "the agent did not stop cleanly");
+    assert!(agent.state_dir.join("tracker.json").exists());
+    scattered_direct_writes(&dev.dev, 100, 9);
+    agent.spawn();
+    let _ = wait_point_after(&rx, &agent, "restart", first);
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches("verify scan:").count(),
+        1,
+        "a verify scan after a clean restart:\n{log}"
+    );
+    assert!(log.contains("resumed"), "{log}");
+    newest_point_is_the_device(&rx, &mut agent, "restart", "raw", &dev.dev);
+
+    // That agent was killed (SIGKILL): no clean record, so the next start verify-scans, and
+    // is exact.
+    assert!(!agent.state_dir.join("tracker.json").exists());
+    scattered_direct_writes(&dev.dev, 100, 10);
+    agent.spawn();
+    let _ = wait_point_after(&rx, &agent, "restart", last_point(&rx, "restart"));
+    assert_eq!(agent.log_text().matches("verify scan:").count(), 2);
+    newest_point_is_the_device(&rx, &mut agent, "restart", "raw", &dev.dev);
+}

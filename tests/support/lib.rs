@@ -533,6 +533,18 @@ impl Agent {
     }
 }
 
+impl Drop for Agent {
+    /// The agent leaves its eBPF tracker pinned (it tracks on while the agent is stopped):
+    /// detach it, as an uninstall would.
+    fn drop(&mut self) {
+        self.proc.kill();
+        let _ = Command::new(bin("lifeboat-agent"))
+            .args(["untrack", "--config"])
+            .arg(&self.config)
+            .output();
+    }
+}
+
 /// A deterministic generator (xorshift), so images are reproducible from a seed.
 pub struct Rng(u64);
 

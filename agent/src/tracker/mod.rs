@@ -58,8 +58,10 @@ pub trait Tracker: Send {
     fn name(&self) -> &'static str;
     /// Takes the dirty set of a disk of `blocks` blocks, clearing its marks.
     fn take(&mut self, blocks: u64) -> Take;
-    /// Puts back what a failed cycle took.
+    /// Puts back what a failed cycle took (every pass of it since the last point).
     fn give_back(&mut self, taken: Take);
+    /// The point is committed: what was taken for it is acknowledged for good.
+    fn settle(&mut self) {}
     /// Blocks marked now (without taking them); `None` when the tracker cannot tell (a scan).
     fn pending(&self) -> Option<u64>;
     /// Whether this tracker sees every write, so a freeze can make a point crash-consistent.

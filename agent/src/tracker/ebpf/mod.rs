@@ -21,6 +21,8 @@
 //! a bio-based device (device-mapper, md) never fires the tracepoint, so such a disk is
 //! refused here and `tracker = "auto"` scans it instead.
 
+pub mod pin;
+
 use super::{DirtySet, Take, Tracker};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::os::unix::fs::FileTypeExt;
@@ -32,6 +34,8 @@ use std::time::Duration;
 mod skel {
     include!(concat!(env!("OUT_DIR"), "/tracker.skel.rs"));
 }
+
+const STOPPED: &str = "the tracker was stopped";
 
 /// How long the hub thread waits on the ring buffer before looking at its commands.
 const POLL: Duration = Duration::from_millis(20);
@@ -47,7 +51,7 @@ pub enum EbpfError {
 }
 
 /// Where one configured disk lies on a whole disk the kernel reports.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceSpan {
     /// The whole disk's `major << 20 | minor`.
     pub dev: u32,
@@ -119,8 +123,12 @@ pub fn resolve(path: &Path) -> Result<DeviceSpan, EbpfError> {
 }
 
 struct Tracked {
+    id: String,
     span: DeviceSpan,
     dirty: DirtySet,
+    /// Taken by cycles since the last committed point: not acknowledged for good yet, so
+    /// a failed cycle or a stop puts them back.
+    inflight: DirtySet,
     /// Set when the marks cannot be trusted: the next take is a verify scan, for this reason.
     verify: Option<String>,
 }
@@ -132,6 +140,8 @@ struct HubState {
     dead: Option<String>,
     events: u64,
     lost: u64,
+    /// The program's lost-event counter as last read.
+    lost_counter: u64,
 }
 
 impl HubState {
@@ -160,65 +170,93 @@ impl HubState {
 enum Cmd {
     /// Consume every event in the ring buffer, check the lost counter, then answer.
     Drain(Sender<()>),
+    /// Drain, then stop consuming (later events stay in a pinned ring buffer), then answer.
+    Stop(Sender<()>),
 }
+
+/// What a stopping agent hands to the next one (see [`pin`]).
+pub use pin::Resume;
 
 /// One loaded BPF program serving every tracked disk of the agent.
 pub struct Hub {
     state: Arc<Mutex<HubState>>,
     cmds: Sender<Cmd>,
     stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Where the program and its maps are pinned, when they are.
+    pinned: Option<PathBuf>,
 }
 
 impl Hub {
-    /// Loads and attaches the program for these disks (in this order: slot `i` is
-    /// `spans[i]`); returns once it is attached, or why it could not be.
-    pub fn start(spans: &[DeviceSpan], ring_kib: u64) -> Result<Arc<Hub>, EbpfError> {
+    /// Loads and attaches the program for these disks (slot `i` is `disks[i]`), or adopts
+    /// the one a previous agent left pinned under `pin_dir`; returns once it is attached, or
+    /// why it could not be. `resume` (what a cleanly stopped agent saved) spares a verify scan
+    /// for each disk it vouches for.
+    pub fn start(
+        disks: &[(String, DeviceSpan)],
+        ring_kib: u64,
+        pin_dir: Option<PathBuf>,
+        resume: Option<Resume>,
+    ) -> Result<Arc<Hub>, EbpfError> {
         let state = Arc::new(Mutex::new(HubState {
-            disks: spans
+            disks: disks
                 .iter()
-                .map(|s| Tracked {
+                .map(|(id, s)| Tracked {
+                    id: id.clone(),
                     span: s.clone(),
                     dirty: DirtySet::default(),
+                    inflight: DirtySet::default(),
                     verify: Some(
-                        "the agent started: verify scan against the acknowledged manifest".into(),
+                        "the agent started without a clean record of what changed: verify scan against the acknowledged manifest".into(),
                     ),
                 })
                 .collect(),
             ..Default::default()
         }));
         let (cmd_tx, cmd_rx) = bounded::<Cmd>(16);
-        let (ready_tx, ready_rx) = bounded::<Result<(), String>>(1);
+        let (ready_tx, ready_rx) = bounded::<Result<Option<PathBuf>, String>>(1);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let devs: Vec<u32> = spans.iter().map(|s| s.dev).collect();
+        let devs: Vec<u32> = disks.iter().map(|(_, s)| s.dev).collect();
         let thread = {
             let state = state.clone();
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("ebpf-tracker".into())
                 .spawn(move || {
-                    let outcome = hub_thread(&devs, ring_kib, &state, &cmd_rx, &ready_tx, &stop);
+                    let args = ThreadArgs {
+                        devs: &devs,
+                        ring_kib,
+                        pin_dir: pin_dir.as_deref(),
+                        resume,
+                        state: &state,
+                        cmds: &cmd_rx,
+                        ready: &ready_tx,
+                        stop: &stop,
+                    };
+                    let outcome = hub_thread(args);
                     let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-                    let why = match outcome {
-                        Ok(()) => "the tracker was stopped".to_string(),
+                    match outcome {
+                        // Stopped on purpose: the marks stay good (for `Hub::stop`), and
+                        // any later take is a scan.
+                        Ok(()) => st.dead = Some(STOPPED.into()),
                         Err(e) => {
                             tracing::error!(
                                 "eBPF tracker stopped: {e}; every disk will be rescanned"
                             );
-                            e
+                            st.lose_all(&e);
+                            st.dead = Some(e);
                         }
-                    };
-                    st.lose_all(&why);
-                    st.dead = Some(why);
+                    }
                 })
                 .map_err(|e| EbpfError::Load(format!("cannot start its thread: {e}")))?
         };
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Arc::new(Hub {
+            Ok(Ok(pinned)) => Ok(Arc::new(Hub {
                 state,
                 cmds: cmd_tx,
                 stop,
-                thread: Some(thread),
+                thread: Mutex::new(Some(thread)),
+                pinned,
             })),
             Ok(Err(e)) => {
                 let _ = thread.join();
@@ -231,13 +269,17 @@ impl Hub {
         }
     }
 
-    /// Brings every event up to now into the dirty sets.
-    fn drain(&self) {
+    fn call(&self, cmd: impl FnOnce(Sender<()>) -> Cmd) {
         let (tx, rx) = bounded(1);
-        if self.cmds.send(Cmd::Drain(tx)).is_ok() {
+        if self.cmds.send(cmd(tx)).is_ok() {
             // The thread answers within one poll period; if it is gone, `dead` says so.
             let _ = rx.recv_timeout(Duration::from_secs(10));
         }
+    }
+
+    /// Brings every event up to now into the dirty sets.
+    fn drain(&self) {
+        self.call(Cmd::Drain);
     }
 
     /// Events seen and events lost so far.
@@ -245,61 +287,198 @@ impl Hub {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         (st.events, st.lost)
     }
+
+    /// Marks everything taken since the last point as acknowledged for good.
+    pub fn settle(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        for d in &mut st.disks {
+            d.inflight.take(0);
+        }
+    }
+
+    /// Stops consuming events (those that follow stay in the pinned ring buffer for the next
+    /// agent) and returns what the next agent needs to go on without a verify scan; `None`
+    /// when nothing is pinned or the tracker already failed.
+    pub fn stop(&self) -> Option<Resume> {
+        self.pinned.as_ref()?;
+        self.call(Cmd::Stop);
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.dead.as_deref() != Some(STOPPED) {
+            return None;
+        }
+        let lost_counter = st.lost_counter;
+        Some(Resume {
+            boot_id: pin::boot_id(),
+            lost_counter,
+            disks: st
+                .disks
+                .iter_mut()
+                .map(|d| {
+                    let mut all = std::mem::take(&mut d.dirty);
+                    for b in d.inflight.take(u64::MAX) {
+                        all.mark(b);
+                    }
+                    pin::ResumeDisk {
+                        id: d.id.clone(),
+                        span: d.span.clone(),
+                        verify: d.verify.clone(),
+                        blocks: pin::ranges(&all.take(u64::MAX)),
+                    }
+                })
+                .collect(),
+        })
+    }
 }
 
 impl Drop for Hub {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = t.join();
         }
     }
 }
 
-fn hub_thread(
-    devs: &[u32],
+struct ThreadArgs<'a> {
+    devs: &'a [u32],
     ring_kib: u64,
-    state: &Arc<Mutex<HubState>>,
-    cmds: &Receiver<Cmd>,
-    ready: &Sender<Result<(), String>>,
-    stop: &std::sync::atomic::AtomicBool,
-) -> Result<(), String> {
-    use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
-    use libbpf_rs::{MapCore, MapFlags};
+    pin_dir: Option<&'a Path>,
+    resume: Option<Resume>,
+    state: &'a Arc<Mutex<HubState>>,
+    cmds: &'a Receiver<Cmd>,
+    ready: &'a Sender<Result<Option<PathBuf>, String>>,
+    stop: &'a std::sync::atomic::AtomicBool,
+}
+
+fn hub_thread(a: ThreadArgs) -> Result<(), String> {
+    use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+    use libbpf_rs::{MapCore, MapFlags, MapHandle};
     let fail = |e: String| {
-        let _ = ready.send(Err(e.clone()));
+        let _ = a.ready.send(Err(e.clone()));
         e
     };
     let mut storage = std::mem::MaybeUninit::uninit();
-    let mut open = skel::TrackerSkelBuilder::default()
-        .open(&mut storage)
-        .map_err(|e| fail(format!("opening the BPF object: {e}")))?;
-    let ring_bytes = u32::try_from(ring_kib * 1024)
-        .map_err(|_| fail(format!("ring buffer of {ring_kib} KiB is too large")))?;
-    open.maps
-        .events
-        .set_max_entries(ring_bytes)
-        .map_err(|e| fail(format!("sizing the ring buffer: {e}")))?;
-    let mut loaded = open.load().map_err(|e| {
-        fail(format!(
-            "the kernel refused the program (BTF, CAP_BPF and CAP_PERFMON are needed): {e}"
-        ))
-    })?;
-    for dev in devs {
-        loaded
-            .maps
-            .devices
-            .update(&dev.to_ne_bytes(), &1u32.to_ne_bytes(), MapFlags::ANY)
-            .map_err(|e| fail(format!("registering device {dev:#x}: {e}")))?;
+    // In a fresh load: the program and its link (also kept alive by their pins, if any).
+    let mut _loaded = None;
+    let adopt = a.pin_dir.and_then(pin::adoptable);
+    let (events, counters, devices, adopted, pinned) = if let Some(dir) = adopt {
+        let open = |name: &str| {
+            MapHandle::from_pinned_path(dir.join(name)).map_err(|e| {
+                fail(format!(
+                    "opening the pinned {name} map in {}: {e}",
+                    dir.display()
+                ))
+            })
+        };
+        (
+            open("events")?,
+            open("counters")?,
+            open("devices")?,
+            true,
+            Some(dir),
+        )
+    } else {
+        let mut open = skel::TrackerSkelBuilder::default()
+            .open(&mut storage)
+            .map_err(|e| fail(format!("opening the BPF object: {e}")))?;
+        let ring_bytes = u32::try_from(a.ring_kib * 1024)
+            .map_err(|_| fail(format!("ring buffer of {} KiB is too large", a.ring_kib)))?;
+        open.maps
+            .events
+            .set_max_entries(ring_bytes)
+            .map_err(|e| fail(format!("sizing the ring buffer: {e}")))?;
+        let loaded = open.load().map_err(|e| {
+            fail(format!(
+                "the kernel refused the program (BTF, CAP_BPF and CAP_PERFMON are needed): {e}"
+            ))
+        })?;
+        let handle = |m: &libbpf_rs::MapMut, name: &str| {
+            MapHandle::try_from(m).map_err(|e| fail(format!("the {name} map: {e}")))
+        };
+        let events = handle(&loaded.maps.events, "events")?;
+        let counters = handle(&loaded.maps.counters, "counters")?;
+        let devices = handle(&loaded.maps.devices, "devices")?;
+        for dev in a.devs {
+            devices
+                .update(&dev.to_ne_bytes(), &1u32.to_ne_bytes(), MapFlags::ANY)
+                .map_err(|e| fail(format!("registering device {dev:#x}: {e}")))?;
+        }
+        let mut link = loaded
+            .progs
+            .on_complete
+            .attach()
+            .map_err(|e| fail(format!("attaching to block:block_rq_complete: {e}")))?;
+        let pinned = a.pin_dir.and_then(|dir| {
+            let mut maps = [("events", &events), ("counters", &counters), ("devices", &devices)];
+            match pin::pin_all(dir, &mut link, &mut maps) {
+                Ok(()) => Some(dir.to_path_buf()),
+                Err(e) => {
+                    tracing::warn!("not pinning the eBPF tracker in {}: {e}; every restart of the agent will verify-scan its disks", dir.display());
+                    None
+                }
+            }
+        });
+        _loaded = Some((loaded, link));
+        (events, counters, devices, false, pinned)
+    };
+    let read_counter = |i: u32| -> Result<u64, String> {
+        Ok(counters
+            .lookup(&i.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|e| format!("reading the tracker's counters: {e}"))?
+            .and_then(|b| {
+                b.get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_ne_bytes)
+            })
+            .unwrap_or(0))
+    };
+    let lost_now = read_counter(0).map_err(fail)?;
+    if adopted {
+        // The devices this agent tracks now: exactly the configured ones.
+        let old: Vec<Vec<u8>> = devices.keys().collect();
+        for k in old {
+            let _ = devices.delete(&k);
+        }
+        for dev in a.devs {
+            devices
+                .update(&dev.to_ne_bytes(), &1u32.to_ne_bytes(), MapFlags::ANY)
+                .map_err(|e| fail(format!("registering device {dev:#x}: {e}")))?;
+        }
+        let mut st = a.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.lost_counter = lost_now;
+        match a.resume {
+            Some(r) if r.lost_counter == lost_now && r.boot_id == pin::boot_id() => {
+                for d in &mut st.disks {
+                    if let Some(saved) = r.disks.iter().find(|s| s.id == d.id && s.span == d.span) {
+                        d.verify = saved.verify.clone();
+                        for (first, n) in &saved.blocks {
+                            for b in *first..first + n {
+                                d.dirty.mark(b);
+                            }
+                        }
+                        tracing::info!(disk = %d.id, dirty_blocks = d.dirty.len(), "eBPF tracking resumed from the previous agent's clean stop");
+                    }
+                }
+            }
+            Some(r) if r.lost_counter != lost_now => {
+                st.lose_all("tracker events were lost while the agent was stopped");
+            }
+            _ => {}
+        }
+    } else {
+        a.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lost_counter = lost_now;
     }
-    loaded
-        .attach()
-        .map_err(|e| fail(format!("attaching to block:block_rq_complete: {e}")))?;
     let mut builder = libbpf_rs::RingBufferBuilder::new();
     {
-        let state = state.clone();
+        let state = a.state.clone();
         builder
-            .add(&loaded.maps.events, move |data: &[u8]| {
+            .add(&events, move |data: &[u8]| {
                 if data.len() >= 16 {
                     let word = |r: std::ops::Range<usize>| {
                         let mut b = [0u8; 8];
@@ -317,29 +496,21 @@ fn hub_thread(
     let ring = builder
         .build()
         .map_err(|e| fail(format!("ring buffer: {e}")))?;
-    let _ = ready.send(Ok(()));
+    let _ = a.ready.send(Ok(pinned.clone()));
     tracing::info!(
-        devices = devs.len(),
-        ring_kib,
+        devices = a.devs.len(),
+        ring_kib = a.ring_kib,
+        pinned = ?pinned,
+        adopted,
         "eBPF tracker attached to block:block_rq_complete"
     );
 
-    let mut lost_seen = 0u64;
-    let check_lost = |lost_seen: &mut u64| -> Result<(), String> {
-        let v = loaded
-            .maps
-            .counters
-            .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
-            .map_err(|e| format!("reading the lost-event counter: {e}"))?
-            .and_then(|b| {
-                b.get(..8)
-                    .map(|b| u64::from_ne_bytes(b.try_into().unwrap_or([0; 8])))
-            })
-            .unwrap_or(0);
-        if v > *lost_seen {
-            let n = v - *lost_seen;
-            *lost_seen = v;
-            let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+    let check_lost = || -> Result<(), String> {
+        let v = read_counter(0)?;
+        let mut st = a.state.lock().unwrap_or_else(|p| p.into_inner());
+        if v > st.lost_counter {
+            let n = v - st.lost_counter;
+            st.lost_counter = v;
             st.lost += n;
             tracing::warn!(
                 lost = n,
@@ -351,7 +522,15 @@ fn hub_thread(
         }
         Ok(())
     };
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+    let consume = || -> Result<(), String> {
+        loop {
+            match ring.consume() {
+                Err(e) if e.kind() == libbpf_rs::ErrorKind::Interrupted => continue,
+                r => break r.map_err(|e| format!("draining the ring buffer: {e}")),
+            }
+        }
+    };
+    while !a.stop.load(std::sync::atomic::Ordering::Relaxed) {
         // A signal (SIGSTOP/SIGCONT from a debugger or a test, SIGTERM) interrupts the wait:
         // that is no failure.
         match ring.poll(POLL) {
@@ -360,18 +539,19 @@ fn hub_thread(
             }
             _ => {}
         }
-        check_lost(&mut lost_seen)?;
-        while let Ok(cmd) = cmds.try_recv() {
+        check_lost()?;
+        while let Ok(cmd) = a.cmds.try_recv() {
             match cmd {
                 Cmd::Drain(reply) => {
-                    loop {
-                        match ring.consume() {
-                            Err(e) if e.kind() == libbpf_rs::ErrorKind::Interrupted => continue,
-                            r => break r.map_err(|e| format!("draining the ring buffer: {e}"))?,
-                        }
-                    }
-                    check_lost(&mut lost_seen)?;
+                    consume()?;
+                    check_lost()?;
                     let _ = reply.send(());
+                }
+                Cmd::Stop(reply) => {
+                    consume()?;
+                    check_lost()?;
+                    let _ = reply.send(());
+                    return Ok(());
                 }
             }
         }
@@ -403,27 +583,34 @@ impl Tracker for EbpfTracker {
         let d = &mut st.disks[self.slot];
         if let Some(reason) = d.verify.take() {
             d.dirty.take(0);
+            d.inflight.take(0);
             return Take::All { reason };
         }
         if let Some(reason) = dead {
             return Take::All { reason };
         }
-        Take::Blocks(d.dirty.take(blocks))
+        let taken = d.dirty.take(blocks);
+        for &b in &taken {
+            d.inflight.mark(b);
+        }
+        Take::Blocks(taken)
     }
 
     fn give_back(&mut self, taken: Take) {
         let mut st = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
         let d = &mut st.disks[self.slot];
-        match taken {
-            Take::All { reason } => {
-                d.verify.get_or_insert(reason);
-            }
-            Take::Blocks(b) => {
-                for i in b {
-                    d.dirty.mark(i);
-                }
-            }
+        if let Take::All { reason } = taken {
+            d.verify.get_or_insert(reason);
         }
+        // Everything taken since the last point (this cycle's passes) is marked again.
+        for b in d.inflight.take(u64::MAX) {
+            d.dirty.mark(b);
+        }
+    }
+
+    fn settle(&mut self) {
+        let mut st = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.disks[self.slot].inflight.take(0);
     }
 
     fn pending(&self) -> Option<u64> {
@@ -445,38 +632,36 @@ impl Tracker for EbpfTracker {
 mod tests {
     use super::*;
 
+    fn tracked(span: DeviceSpan) -> Tracked {
+        Tracked {
+            id: "d".into(),
+            span,
+            dirty: DirtySet::default(),
+            inflight: DirtySet::default(),
+            verify: None,
+        }
+    }
+
     #[test]
     fn events_map_to_the_disk_and_partition_they_touch() {
         let mut st = HubState {
             disks: vec![
-                Tracked {
-                    span: DeviceSpan {
-                        dev: 7 << 20,
-                        start: 0,
-                        sectors: 1 << 20,
-                    },
-                    dirty: DirtySet::default(),
-                    verify: None,
-                },
+                tracked(DeviceSpan {
+                    dev: 7 << 20,
+                    start: 0,
+                    sectors: 1 << 20,
+                }),
                 // A partition of the same disk starting at sector 2048.
-                Tracked {
-                    span: DeviceSpan {
-                        dev: 7 << 20,
-                        start: 2048,
-                        sectors: 4096,
-                    },
-                    dirty: DirtySet::default(),
-                    verify: None,
-                },
-                Tracked {
-                    span: DeviceSpan {
-                        dev: (7 << 20) | 1,
-                        start: 0,
-                        sectors: 1 << 20,
-                    },
-                    dirty: DirtySet::default(),
-                    verify: None,
-                },
+                tracked(DeviceSpan {
+                    dev: 7 << 20,
+                    start: 2048,
+                    sectors: 4096,
+                }),
+                tracked(DeviceSpan {
+                    dev: (7 << 20) | 1,
+                    start: 0,
+                    sectors: 1 << 20,
+                }),
             ],
             ..Default::default()
         };
