@@ -14,6 +14,7 @@ use lifeboat_common::block::{block_len, hash_block};
 use lifeboat_common::codec::{self, Codec};
 use lifeboat_common::config::ReaderEngine;
 use lifeboat_common::manifest::Manifest;
+use lifeboat_common::protocol::{MAX_DELTA_RUNS, PAGES_PER_BLOCK, PAGE_SIZE};
 use lifeboat_common::{BlockHash, BLOCK_SIZE};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +31,38 @@ pub struct Prepared {
     pub index: u64,
     pub hash: BlockHash,
     pub payload: Payload,
+    /// The block as its changed pages over the acknowledged content, when that is smaller
+    /// (the payload then holds the whole block raw, for when the receiver lacks the base).
+    pub delta: Option<Delta>,
+}
+
+/// A block as pages written over its acknowledged content `base` (see `Message::Delta`).
+pub struct Delta {
+    pub base: BlockHash,
+    pub pages: Vec<(u32, u32)>,
+    pub codec: Codec,
+    pub bytes: Vec<u8>,
+}
+
+/// Most pages of a block sent as a delta; past this the whole block goes.
+const MAX_DELTA_PAGES: u32 = PAGES_PER_BLOCK / 2;
+
+/// `mask`'s pages as (first, count) runs.
+fn runs(mask: u128) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    let mut i = 0u32;
+    while i < 128 {
+        if mask >> i & 1 == 1 {
+            let first = i;
+            while i < 128 && mask >> i & 1 == 1 {
+                i += 1;
+            }
+            out.push((first, i - first));
+        } else {
+            i += 1;
+        }
+    }
+    out
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +105,9 @@ pub struct ScanInput {
     /// The acknowledged manifest when the scan starts.
     pub acked: Arc<Manifest>,
     pub candidates: Vec<u64>,
+    /// For blocks the tracker saw partly written: the 4 KiB pages written since the block was
+    /// last read (so the acknowledged content differs from the disk only there).
+    pub pages: std::collections::HashMap<u64, u128>,
     /// Blocks read already (the final delta of a point, read under a freeze): examined
     /// before the candidates, without reading.
     pub preloaded: Vec<Loaded>,
@@ -275,6 +311,7 @@ pub fn scan(
                             index: i,
                             hash: BlockHash::ZERO,
                             payload: Payload::Zero,
+                            delta: None,
                         };
                         if out.blocking_send(p).is_err() {
                             fail(ScanError::Cancelled);
@@ -359,6 +396,19 @@ fn examine(
     if hash == acked {
         return None;
     }
+    if let Some(d) = delta(input, w, acked, hash, fail) {
+        progress.changed.fetch_add(1, Ordering::Relaxed);
+        return Some(Prepared {
+            disk: input.disk,
+            index: w.index,
+            hash,
+            payload: Payload::Data {
+                codec: Codec::Raw,
+                bytes: data.to_vec(),
+            },
+            delta: Some(d),
+        });
+    }
     let payload = if hash.is_zero() {
         Payload::Zero
     } else {
@@ -380,5 +430,61 @@ fn examine(
         index: w.index,
         hash,
         payload,
+        delta: None,
     })
+}
+
+/// The block as a delta over its acknowledged content, when the tracker knows the pages
+/// written, they are at most half the block, and the block is whole (not a disk's short last
+/// block) and not zero now.
+fn delta(
+    input: &ScanInput,
+    w: &Work,
+    acked: BlockHash,
+    hash: BlockHash,
+    fail: &dyn Fn(ScanError),
+) -> Option<Delta> {
+    let mask = *input.pages.get(&w.index)?;
+    if w.len != BLOCK_SIZE || hash.is_zero() || mask.count_ones() > MAX_DELTA_PAGES {
+        return None;
+    }
+    let pages = runs(mask);
+    if pages.len() > MAX_DELTA_RUNS {
+        return None;
+    }
+    let data = w.buf.as_slice();
+    let mut bytes = Vec::with_capacity(mask.count_ones() as usize * PAGE_SIZE);
+    for &(first, count) in &pages {
+        let (start, len) = (first as usize * PAGE_SIZE, count as usize * PAGE_SIZE);
+        bytes.extend_from_slice(&data[start..start + len]);
+    }
+    match codec::encode(&bytes, input.level.load(Ordering::Relaxed)) {
+        Ok((codec, bytes)) => Some(Delta {
+            base: acked,
+            pages,
+            codec,
+            bytes,
+        }),
+        Err(source) => {
+            fail(ScanError::Compress {
+                disk: input.disk_id.clone(),
+                index: w.index,
+                source,
+            });
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs;
+
+    #[test]
+    fn masks_become_runs() {
+        assert_eq!(runs(0), vec![]);
+        assert_eq!(runs(0b1011), vec![(0, 2), (3, 1)]);
+        assert_eq!(runs(1 << 127), vec![(127, 1)]);
+        assert_eq!(runs(u128::MAX), vec![(0, 128)]);
+    }
 }

@@ -354,7 +354,11 @@ impl Replicator {
                 }
             }
             let candidates = self.candidates(&takes);
-            match self.pass(link, candidates, Vec::new(), started).await {
+            let pages = takes.iter().map(Take::pages).collect();
+            match self
+                .pass(link, candidates, pages, Vec::new(), started)
+                .await
+            {
                 Ok(c) => changed += c,
                 Err(e) => {
                     self.give_back(takes);
@@ -408,7 +412,11 @@ impl Replicator {
             .zip(&self.sizes)
             .map(|(t, s)| t.len(block_count(*s)))
             .sum();
-        match self.pass(link, candidates, cut.loaded, started).await {
+        let pages = takes.iter().map(Take::pages).collect();
+        match self
+            .pass(link, candidates, pages, cut.loaded, started)
+            .await
+        {
             Ok(c) => changed += c,
             Err(e) => {
                 self.give_back(takes);
@@ -492,6 +500,7 @@ impl Replicator {
         &mut self,
         link: &mut Link,
         candidates: Vec<Vec<u64>>,
+        pages: Vec<std::collections::HashMap<u64, u128>>,
         preloaded: Vec<Vec<Loaded>>,
         started: Instant,
     ) -> Result<u64, ReplicateError> {
@@ -511,6 +520,7 @@ impl Replicator {
         }
         self.pass_started = Instant::now();
         let mut preloaded = preloaded.into_iter();
+        let mut pages = pages.into_iter();
         let mut inputs = Vec::new();
         for ((i, d), candidates) in self.cfg.disks.iter().enumerate().zip(candidates) {
             let blocks = block_count(self.sizes[i]);
@@ -527,6 +537,7 @@ impl Replicator {
                 size: self.sizes[i],
                 acked: Arc::new(self.acked[i].clone()),
                 candidates,
+                pages: pages.next().unwrap_or_default(),
                 preloaded: preloaded.next().unwrap_or_default(),
                 maybe_data,
                 engine: self.cfg.reader,
@@ -1064,7 +1075,7 @@ fn cut_blocking(
             .map(|(t, d)| {
                 s.spawn(move || match t {
                     Take::Blocks(b) => {
-                        pipeline::read_blocks(&d.0, &d.1, opts.engine, d.2, b, deadline)
+                        pipeline::read_blocks(&d.0, &d.1, opts.engine, d.2, &b.blocks, deadline)
                     }
                     Take::All { .. } => Ok(Vec::new()),
                 })

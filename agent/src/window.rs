@@ -10,7 +10,7 @@
 //! `NeedData` for a `Ref` resends its data.
 
 use crate::link::LinkError;
-use crate::pipeline::{Payload, Prepared};
+use crate::pipeline::{Delta, Payload, Prepared};
 use lifeboat_common::codec::Codec;
 use lifeboat_common::protocol::{self, Message};
 use lifeboat_common::BlockHash;
@@ -27,6 +27,8 @@ struct Entry {
     hash: BlockHash,
     /// The encoded content, kept for a `NeedData` (None for the zero block).
     data: Option<(Codec, Vec<u8>)>,
+    /// Sent instead of the data when the receiver lacks the content.
+    delta: Option<Delta>,
 }
 
 /// A block the receiver acknowledged: `disk`'s block `index` now durably holds `hash`.
@@ -52,6 +54,9 @@ pub struct Window {
     sent_data: HashSet<BlockHash>,
     /// Unacknowledged blocks per disk.
     pub outstanding: Vec<u64>,
+    /// Blocks sent as deltas, and deltas the receiver could not apply (sent whole instead).
+    pub deltas_sent: u64,
+    pub deltas_refused: u64,
 }
 
 impl Window {
@@ -66,6 +71,8 @@ impl Window {
             known: HashSet::new(),
             sent_data: HashSet::new(),
             outstanding: vec![0; disks],
+            deltas_sent: 0,
+            deltas_refused: 0,
         }
     }
 
@@ -117,6 +124,7 @@ impl Window {
                         index: p.index,
                         hash: BlockHash::ZERO,
                         data: None,
+                        delta: None,
                     },
                 );
                 false
@@ -127,6 +135,7 @@ impl Window {
                     index: p.index,
                     hash: p.hash,
                     data: Some((codec, bytes)),
+                    delta: p.delta,
                 };
                 if self.known.contains(&p.hash) || self.sent_data.contains(&p.hash) {
                     Message::Ref {
@@ -194,6 +203,20 @@ impl Window {
                     hash: e.hash,
                 }
                 .encode(out);
+            } else if let Some(d) = &e.delta {
+                Message::Delta {
+                    seq,
+                    handle,
+                    index: e.index,
+                    hash: e.hash,
+                    base: d.base,
+                    pages: d.pages.clone(),
+                    codec: d.codec,
+                    data: d.bytes.clone(),
+                }
+                .encode(out);
+                self.sent_data.insert(e.hash);
+                self.deltas_sent += 1;
             } else if let Some((codec, data)) = &e.data {
                 protocol::encode_block(out, seq, handle, e.index, &e.hash, *codec, data);
                 self.sent_data.insert(e.hash);
@@ -226,8 +249,12 @@ impl Window {
     pub fn need_data(&mut self, seq: u64, out: &mut Vec<u8>) -> Result<(), LinkError> {
         let e = self
             .inflight
-            .get(&seq)
+            .get_mut(&seq)
             .ok_or_else(|| LinkError::Protocol(format!("NeedData for unknown block {seq}")))?;
+        // A delta the receiver could not apply (it lacks the base): the whole block, once.
+        if e.delta.take().is_some() {
+            self.deltas_refused += 1;
+        }
         let Some((codec, data)) = &e.data else {
             return Err(LinkError::Protocol(format!(
                 "NeedData for zero block {seq}"
@@ -265,7 +292,43 @@ mod tests {
                 codec: Codec::Raw,
                 bytes,
             },
+            delta: None,
         }
+    }
+
+    #[test]
+    fn a_delta_goes_when_the_receiver_lacks_the_content_and_the_whole_block_if_it_asks() {
+        let mut w = Window::new(1);
+        let mut out = Vec::new();
+        let mut p = data(0, 5, 9);
+        p.delta = Some(Delta {
+            base: BlockHash([1; 32]),
+            pages: vec![(3, 1)],
+            codec: Codec::Raw,
+            bytes: vec![9; 4096],
+        });
+        let hash = p.hash;
+        w.offer(p, &mut out);
+        w.query(true, &mut out);
+        let Message::Have { req, .. } = frames(&mut out)[0].clone() else {
+            panic!()
+        };
+        w.have_reply(req, &[false], &mut out).unwrap();
+        let f = frames(&mut out);
+        assert!(
+            matches!(&f[..], [Message::Delta { seq: 1, index: 5, base, pages, .. }]
+                if *base == BlockHash([1; 32]) && pages == &vec![(3, 1)]),
+            "{f:?}"
+        );
+        // The receiver lacks the base: the whole block, as kept.
+        w.need_data(1, &mut out).unwrap();
+        let f = frames(&mut out);
+        assert!(
+            matches!(&f[..], [Message::Block { seq: 1, hash: h, data, .. }] if *h == hash && data.len() == 100),
+            "{f:?}"
+        );
+        assert_eq!((w.deltas_sent, w.deltas_refused), (1, 1));
+        assert_eq!(w.acks(&[1]).len(), 1);
     }
 
     #[test]
@@ -278,7 +341,8 @@ mod tests {
                 disk: 0,
                 index: 0,
                 hash: BlockHash::ZERO,
-                payload: Payload::Zero
+                payload: Payload::Zero,
+                delta: None,
             },
             &mut out
         ));

@@ -209,7 +209,7 @@ pub fn run(a: &super::Args, img: &Path, rx: &Path, agent: &Path) -> Result<()> {
     println!("== incremental: 8 GiB reference image on {}", dev.display());
     println!("| tracker | change | agent cycle | end of writes → point committed | read from disk | wire bytes per changed byte |");
     println!("|---|---|---|---|---|---|");
-    for tracker in ["ebpf", "scan"] {
+    for (t, tracker) in ["ebpf", "scan"].into_iter().enumerate() {
         let s = start(a, &dev, tracker, rx, agent)?;
         // The initial sync, then one idle point: steady state.
         point_after(&s, 0, Duration::from_secs(1800))?;
@@ -218,7 +218,8 @@ pub fn run(a: &super::Args, img: &Path, rx: &Path, agent: &Path) -> Result<()> {
             ("81 MiB in 1 MiB extents", 1 << 20, 81, 11),
             ("84 MiB of scattered 4 KiB writes", 4096, 21504, 12),
         ] {
-            let r = step(&s, &dev, len, count, seed)?;
+            // New content for each tracker (the same writes again would change nothing).
+            let r = step(&s, &dev, len, count, seed + 100 * t as u64)?;
             println!(
                 "| {tracker} | {label} | {} | {:.2} s | {:.0} MiB | {:.2} |",
                 r.cycle.map(|c| format!("{c:.1} s")).unwrap_or("?".into()),

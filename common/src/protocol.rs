@@ -460,6 +460,58 @@ messages! {
         retryable: bool,
         message: String,
     }
+    /// A: block `index` now holds `hash`: the content `base` with the 4 KiB pages of `pages`
+    /// (runs of (first page, count), ascending, within the block) replaced by `data` (their
+    /// bytes in order, encoded with `codec`). The receiver checks `hash` on the result and
+    /// answers `NeedData` when it lacks `base` or the result does not match.
+    17 Delta {
+        seq: u64,
+        handle: u32,
+        index: u64,
+        hash: BlockHash,
+        base: BlockHash,
+        pages: Vec<(u32, u32)> => List<MAX_DELTA_RUNS>,
+        codec: Codec,
+        data: Vec<u8> => BlockData,
+    }
+}
+
+/// A sub-block page of a [`Message::Delta`].
+pub const PAGE_SIZE: usize = 4096;
+/// Pages in a block.
+pub const PAGES_PER_BLOCK: u32 = (BLOCK_SIZE / PAGE_SIZE) as u32;
+/// Most runs in one `Delta` (every other page).
+pub const MAX_DELTA_RUNS: usize = PAGES_PER_BLOCK as usize / 2;
+
+/// Checks a `Delta`'s runs: ascending, not touching, inside the block. Returns the number of
+/// bytes they cover.
+pub fn delta_len(pages: &[(u32, u32)]) -> Result<usize, String> {
+    let mut next = 0u32;
+    let mut total = 0usize;
+    for (i, &(first, count)) in pages.iter().enumerate() {
+        if count == 0 || (i > 0 && first <= next) || first < next {
+            return Err(format!(
+                "page run {i} ({first}+{count}) is empty, out of order or touches the one before"
+            ));
+        }
+        let end = first
+            .checked_add(count)
+            .filter(|e| *e <= PAGES_PER_BLOCK)
+            .ok_or_else(|| format!("page run {i} ({first}+{count}) ends past the block"))?;
+        next = end;
+        total += count as usize * PAGE_SIZE;
+    }
+    Ok(total)
+}
+
+/// Writes `data` (the runs' pages, in order) over `block` (a whole block).
+pub fn apply_delta(block: &mut [u8], pages: &[(u32, u32)], data: &[u8]) {
+    let mut at = 0;
+    for &(first, count) in pages {
+        let (start, len) = (first as usize * PAGE_SIZE, count as usize * PAGE_SIZE);
+        block[start..start + len].copy_from_slice(&data[at..at + len]);
+        at += len;
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -794,6 +846,22 @@ mod tests {
                     why,
                     disks: d,
                 }),
+            (
+                any::<u64>(),
+                arb_hash(),
+                proptest::collection::vec((0u32..128, 1u32..4), 0..8),
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(seq, h, pages, data)| Message::Delta {
+                    seq,
+                    handle: 1,
+                    index: 3,
+                    hash: h,
+                    base: BlockHash::ZERO,
+                    pages,
+                    codec: Codec::Raw,
+                    data,
+                }),
             any::<u64>().prop_map(|p| Message::Committed { point: p }),
             (
                 any::<u64>(),
@@ -894,7 +962,7 @@ mod tests {
             disks: vec![(0, BlockHash([9; 32]))],
         }
         .encode(&mut frame);
-        for t in 1..=17u8 {
+        for t in 1..=18u8 {
             for cut in 0..frame.len() - 5 {
                 let mut body = frame[4..].to_vec();
                 body[0] = t;

@@ -159,6 +159,19 @@ fn seeds() -> Vec<(&'static str, Message)> {
         ),
         ("committed", Message::Committed { point: 4 }),
         (
+            "delta",
+            Message::Delta {
+                seq: 3,
+                handle: 0,
+                index: 5,
+                hash: h,
+                base: BlockHash::ZERO,
+                pages: vec![(2, 1), (9, 2)],
+                codec: Codec::Raw,
+                data: vec![7; 3 * 4096],
+            },
+        ),
+        (
             "progress",
             Message::Progress {
                 agent_unix_ms: 1_700_000_000_000,

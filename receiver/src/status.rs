@@ -21,6 +21,15 @@ pub struct Counters {
     /// Journal records found damaged (failing their check between good ones) at disk open.
     #[serde(default)]
     pub journal_records_damaged: u64,
+    /// Delta frames applied (changed pages over the block's previous content), and their
+    /// encoded bytes.
+    #[serde(default)]
+    pub deltas_applied: u64,
+    #[serde(default)]
+    pub delta_bytes_received: u64,
+    /// Delta frames answered with NeedData (base missing, or the result did not match).
+    #[serde(default)]
+    pub deltas_refused: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

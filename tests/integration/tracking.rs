@@ -418,6 +418,12 @@ fn tracked_writes_discards_and_write_zeroes_replicate_exactly() {
     );
     let _ = p;
     newest_point_is_the_device(&rx, &mut agent, "discard", "raw", &dev.dev);
+    // The scattered 4 KiB writes went as sub-block deltas.
+    assert!(
+        rx.counter("discard", "deltas_applied") > 0,
+        "{}",
+        agent.log_text()
+    );
 }
 
 #[test]

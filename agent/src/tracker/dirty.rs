@@ -1,37 +1,86 @@
-//! A disk's dirty marks: one bit per 512 KiB block.
+//! A disk's dirty marks: one bit per 512 KiB block, and for blocks only partly written, which
+//! of their 4 KiB pages (for sub-block deltas on the wire).
 
+use lifeboat_common::protocol::{PAGES_PER_BLOCK, PAGE_SIZE};
 use lifeboat_common::BLOCK_SIZE;
+use std::collections::HashMap;
 
 const SECTOR: u64 = 512;
 const SECTORS_PER_BLOCK: u64 = BLOCK_SIZE as u64 / SECTOR;
+const SECTORS_PER_PAGE: u64 = PAGE_SIZE as u64 / SECTOR;
+/// Every page of a block.
+pub const ALL_PAGES: u128 = u128::MAX;
+
+const _: () = assert!(PAGES_PER_BLOCK == 128, "a page mask is a u128");
 
 #[derive(Clone, Debug, Default)]
 pub struct DirtySet {
     words: Vec<u64>,
     marked: u64,
+    /// For marked blocks known to be only partly written: the pages written. A marked block
+    /// absent here is wholly dirty (or of unknown extent).
+    pages: HashMap<u64, u128>,
+}
+
+/// Taken dirty blocks, ascending, with the page masks of the partly written ones.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    pub blocks: Vec<u64>,
+    pub pages: HashMap<u64, u128>,
 }
 
 impl DirtySet {
+    /// Marks a whole block (its extent unknown).
     pub fn mark(&mut self, block: u64) {
+        self.mark_pages(block, ALL_PAGES);
+    }
+
+    fn set_bit(&mut self, block: u64) -> bool {
         let (w, bit) = ((block / 64) as usize, block % 64);
         if w >= self.words.len() {
             self.words.resize(w + 1, 0);
         }
-        if self.words[w] & (1 << bit) == 0 {
+        let new = self.words[w] & (1 << bit) == 0;
+        if new {
             self.words[w] |= 1 << bit;
             self.marked += 1;
         }
+        new
     }
 
-    /// Marks every block that sectors `[first, first + count)` (512-byte sectors, relative to
-    /// the disk) touch.
+    /// Marks `mask`'s pages of a block.
+    pub fn mark_pages(&mut self, block: u64, mask: u128) {
+        let new = self.set_bit(block);
+        if mask == ALL_PAGES {
+            self.pages.remove(&block);
+        } else if new {
+            self.pages.insert(block, mask);
+        } else if let Some(m) = self.pages.get_mut(&block) {
+            *m |= mask;
+            if *m == ALL_PAGES {
+                self.pages.remove(&block);
+            }
+        }
+        // Marked before and absent from `pages`: already wholly dirty.
+    }
+
+    /// Marks what sectors `[first, first + count)` (512 bytes, relative to the disk) touch.
     pub fn mark_sectors(&mut self, first: u64, count: u64) {
         if count == 0 {
             return;
         }
         let last = first.saturating_add(count - 1);
         for b in first / SECTORS_PER_BLOCK..=last / SECTORS_PER_BLOCK {
-            self.mark(b);
+            let base = b * SECTORS_PER_BLOCK;
+            let lo = (first.max(base) - base) / SECTORS_PER_PAGE;
+            let hi = (last.min(base + SECTORS_PER_BLOCK - 1) - base) / SECTORS_PER_PAGE;
+            let width = hi - lo + 1;
+            let mask = if width >= 128 {
+                ALL_PAGES
+            } else {
+                ((1u128 << width) - 1) << lo
+            };
+            self.mark_pages(b, mask);
         }
     }
 
@@ -43,8 +92,8 @@ impl DirtySet {
         self.marked == 0
     }
 
-    /// The marked blocks below `blocks`, ascending, leaving the set empty.
-    pub fn take(&mut self, blocks: u64) -> Vec<u64> {
+    /// The marked blocks below `blocks`, leaving the set empty.
+    pub fn take(&mut self, blocks: u64) -> Taken {
         let mut out = Vec::with_capacity(self.marked as usize);
         for (w, word) in self.words.iter().enumerate() {
             let mut bits = *word;
@@ -58,7 +107,9 @@ impl DirtySet {
         }
         self.words.clear();
         self.marked = 0;
-        out
+        let mut pages = std::mem::take(&mut self.pages);
+        pages.retain(|b, _| *b < blocks);
+        Taken { blocks: out, pages }
     }
 }
 
@@ -67,19 +118,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sectors_map_to_blocks() {
+    fn sectors_map_to_blocks_and_pages() {
         let mut d = DirtySet::default();
-        d.mark_sectors(0, 1);
-        d.mark_sectors(1023, 2); // straddles blocks 0 and 1
-        d.mark_sectors(64 * 1024, 1024); // exactly block 64
+        d.mark_sectors(0, 1); // page 0 of block 0
+        d.mark_sectors(1023, 2); // page 127 of block 0, page 0 of block 1
+        d.mark_sectors(64 * 1024, 1024); // all of block 64
         d.mark_sectors(5000, 0); // nothing
-        assert_eq!(d.len(), 3);
-        assert_eq!(d.take(1 << 20), vec![0, 1, 64]);
+        d.mark_sectors(3 * 1024 + 16, 16); // pages 2 and 3 of block 3
+        assert_eq!(d.len(), 4);
+        let t = d.take(1 << 20);
+        assert_eq!(t.blocks, vec![0, 1, 3, 64]);
+        assert_eq!(t.pages[&0], 1 | 1 << 127);
+        assert_eq!(t.pages[&1], 1);
+        assert_eq!(t.pages[&3], 0b1100);
+        assert!(
+            !t.pages.contains_key(&64),
+            "a wholly written block has no mask"
+        );
         assert!(d.is_empty());
-        d.mark(7);
+        d.mark_sectors(8, 8);
         d.mark(7);
         d.mark(900);
-        assert_eq!(d.len(), 2);
-        assert_eq!(d.take(100), vec![7], "blocks past the end are dropped");
+        d.mark_sectors(7 * 1024, 8); // a page of a block already wholly dirty
+        d.mark(0); // a partly written block becomes whole
+        assert_eq!(d.len(), 3);
+        let t = d.take(100);
+        assert_eq!(t.blocks, vec![0, 7], "blocks past the end are dropped");
+        assert!(t.pages.is_empty());
     }
 }

@@ -22,34 +22,42 @@ pub mod dirty;
 pub mod ebpf;
 pub mod hashscan;
 
-pub use dirty::DirtySet;
+pub use dirty::{DirtySet, Taken};
 
 /// What a cycle must examine.
 #[derive(Debug)]
 pub enum Take {
     /// Every block (a scan), and why.
     All { reason: String },
-    /// These blocks, ascending.
-    Blocks(Vec<u64>),
+    /// These blocks, ascending (with the pages written, where known).
+    Blocks(Taken),
 }
 
 impl Take {
+    /// The pages written, for the blocks only partly written.
+    pub fn pages(&self) -> std::collections::HashMap<u64, u128> {
+        match self {
+            Take::All { .. } => Default::default(),
+            Take::Blocks(b) => b.pages.clone(),
+        }
+    }
+
     pub fn candidates(&self, blocks: u64) -> Vec<u64> {
         match self {
             Take::All { .. } => (0..blocks).collect(),
-            Take::Blocks(b) => b.clone(),
+            Take::Blocks(b) => b.blocks.clone(),
         }
     }
 
     pub fn len(&self, blocks: u64) -> u64 {
         match self {
             Take::All { .. } => blocks,
-            Take::Blocks(b) => b.len() as u64,
+            Take::Blocks(b) => b.blocks.len() as u64,
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        matches!(self, Take::Blocks(b) if b.is_empty())
+        matches!(self, Take::Blocks(b) if b.blocks.is_empty())
     }
 }
 

@@ -11,6 +11,8 @@ use crate::catalog::{DiskRecord, PointRecord};
 use crate::disk::LiveDisk;
 use crate::status::{now_ms, ServerStatus};
 use crate::store::{self, BlockStore, StoreError, VerifiedBlock};
+use lifeboat_common::block::hash_block;
+use lifeboat_common::codec;
 use lifeboat_common::manifest::Manifest;
 use lifeboat_common::protocol::{Consistency, DiskState, ErrorCode, Message, MAX_HASHES};
 use lifeboat_common::BlockHash;
@@ -213,7 +215,9 @@ impl Session {
         let mut pending = Vec::new();
         for m in batch {
             match m {
-                Message::Block { .. } | Message::Ref { .. } => pending.push(m),
+                Message::Block { .. } | Message::Ref { .. } | Message::Delta { .. } => {
+                    pending.push(m)
+                }
                 Message::GetManifest { handle } => {
                     let r = self.apply(std::mem::take(&mut pending));
                     self.flush(out);
@@ -317,6 +321,57 @@ impl Session {
                     records.entry(handle).or_default().push((index, hash));
                     acks.push(seq);
                 }
+                Message::Delta {
+                    seq,
+                    handle,
+                    index,
+                    hash,
+                    base,
+                    pages,
+                    codec,
+                    data,
+                } => {
+                    let disk = self.disk_id(handle)?.to_string();
+                    let bad = |message: String| Fail {
+                        code: ErrorCode::BadBlock,
+                        retryable: true,
+                        message: format!(
+                            "disk {disk} block {index}: delta rejected, not stored: {message}"
+                        ),
+                    };
+                    let want = lifeboat_common::protocol::delta_len(&pages).map_err(bad)?;
+                    let bytes = codec::decode(codec, &data).map_err(|e| bad(e.to_string()))?;
+                    if bytes.len() != want {
+                        return Err(bad(format!(
+                            "{} bytes for {want} bytes of pages",
+                            bytes.len()
+                        )));
+                    }
+                    self.status.counters.delta_bytes_received += data.len() as u64;
+                    match self.delta_base(&verified, &base)? {
+                        Some(mut block) => {
+                            lifeboat_common::protocol::apply_delta(&mut block, &pages, &bytes);
+                            if hash_block(&block) != hash {
+                                // Our base is not the content the agent's pages were written
+                                // over: have the whole block instead.
+                                self.status.counters.deltas_refused += 1;
+                                self.outbox.push(Message::NeedData { seq });
+                                continue;
+                            }
+                            let (codec, data) = codec::encode(&block, 1)
+                                .map_err(|e| bad(format!("compressing the result: {e}")))?;
+                            verified.push(VerifiedBlock { hash, codec, data });
+                            self.status.counters.deltas_applied += 1;
+                        }
+                        None => {
+                            self.status.counters.deltas_refused += 1;
+                            self.outbox.push(Message::NeedData { seq });
+                            continue;
+                        }
+                    }
+                    records.entry(handle).or_default().push((index, hash));
+                    acks.push(seq);
+                }
                 Message::Ref {
                     seq,
                     handle,
@@ -354,6 +409,39 @@ impl Session {
             self.outbox.push(Message::Acks { seqs: acks });
         }
         Ok(())
+    }
+
+    /// The plain content a `Delta` applies to: zeros, a block of this batch, or a stored
+    /// block (read and verified); `None` when the store lacks it.
+    fn delta_base(
+        &self,
+        batch: &[VerifiedBlock],
+        base: &BlockHash,
+    ) -> Result<Option<Vec<u8>>, Fail> {
+        if base.is_zero() {
+            return Ok(Some(vec![0u8; lifeboat_common::BLOCK_SIZE]));
+        }
+        if let Some(v) = batch.iter().find(|v| v.hash == *base) {
+            let mut plain = codec::decode(v.codec, &v.data).map_err(|e| Fail {
+                code: ErrorCode::Internal,
+                retryable: true,
+                message: format!("decoding block {base} of this batch: {e}"),
+            })?;
+            plain.resize(lifeboat_common::BLOCK_SIZE, 0);
+            return Ok(Some(plain));
+        }
+        if !self.shared.store.has(base)? {
+            return Ok(None);
+        }
+        match self.shared.store.read(base) {
+            Ok(mut plain) => {
+                plain.resize(lifeboat_common::BLOCK_SIZE, 0);
+                Ok(Some(plain))
+            }
+            // Gone or damaged since `has`: the agent sends the whole block.
+            Err(e) if !e.retryable() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Appends the batch's records to the disks' journals and makes them durable.
@@ -872,7 +960,156 @@ mod tests {
                 }],
             }),
             Just(Message::NeedData { seq: 1 }),
+            (
+                any::<u64>(),
+                0u32..2,
+                0u64..12,
+                prop_oneof![Just(0u8), Just(1u8), Just(7u8)],
+                proptest::collection::vec((0u32..130, 0u32..3), 0..4),
+                any::<bool>()
+            )
+                .prop_map(|(seq, handle, index, b, pages, honest)| {
+                    // Base: zeros, the block the start stored, or one never stored.
+                    let (base, mut block) = match b {
+                        0 => (BlockHash::ZERO, vec![0u8; BLOCK_SIZE]),
+                        1 => {
+                            let mut d = vec![1u8; 4096];
+                            let h = lifeboat_common::block::hash_block(&d);
+                            d.resize(BLOCK_SIZE, 0);
+                            (h, d)
+                        }
+                        _ => (BlockHash([7; 32]), vec![7u8; BLOCK_SIZE]),
+                    };
+                    let len = lifeboat_common::protocol::delta_len(&pages).unwrap_or(4096);
+                    let data = vec![5u8; len];
+                    if lifeboat_common::protocol::delta_len(&pages).is_ok() {
+                        lifeboat_common::protocol::apply_delta(&mut block, &pages, &data);
+                    }
+                    let hash = if honest {
+                        lifeboat_common::block::hash_block(&block)
+                    } else {
+                        BlockHash([3; 32])
+                    };
+                    Message::Delta {
+                        seq,
+                        handle,
+                        index,
+                        hash,
+                        base,
+                        pages,
+                        codec: Codec::Raw,
+                        data,
+                    }
+                }),
         ]
+    }
+
+    /// A delta over a stored block, over zeros, over a block of the same batch; one whose base
+    /// is missing or whose result does not match gets NeedData; malformed runs are refused.
+    #[test]
+    fn deltas_apply_over_their_base_or_ask_for_the_whole_block() {
+        let (_dir, mut session) = scratch_session().unwrap();
+        let (tx, mut rx) = mpsc::channel(1000);
+        let mut base = vec![1u8; BLOCK_SIZE];
+        base[..10].copy_from_slice(b"the base..");
+        let base_hash = lifeboat_common::block::hash_block(&base);
+        let over = |b: &[u8], pages: &[(u32, u32)], byte: u8| {
+            let len = lifeboat_common::protocol::delta_len(pages).unwrap();
+            let mut out = b.to_vec();
+            lifeboat_common::protocol::apply_delta(&mut out, pages, &vec![byte; len]);
+            (lifeboat_common::block::hash_block(&out), vec![byte; len])
+        };
+        let (h1, d1) = over(&base, &[(2, 1), (10, 3)], 9);
+        let (h2, d2) = over(&vec![0u8; BLOCK_SIZE], &[(0, 1)], 4);
+        let (h3, d3) = over(&base, &[(127, 1)], 6);
+        let delta = |seq, index, hash, base, pages: Vec<(u32, u32)>, data| Message::Delta {
+            seq,
+            handle: 0,
+            index,
+            hash,
+            base,
+            pages,
+            codec: Codec::Raw,
+            data,
+        };
+        let batch = vec![
+            Message::OpenDisk {
+                handle: 0,
+                disk_id: "root".into(),
+                size: 8 * BLOCK_SIZE as u64,
+            },
+            Message::Block {
+                seq: 1,
+                handle: 0,
+                index: 0,
+                hash: base_hash,
+                codec: Codec::Raw,
+                data: base.clone(),
+            },
+            // Over a block of this very batch, and over zeros.
+            delta(2, 1, h1, base_hash, vec![(2, 1), (10, 3)], d1.clone()),
+            delta(3, 2, h2, BlockHash::ZERO, vec![(0, 1)], d2),
+            // A base never stored, and a result that does not match.
+            delta(4, 3, h3, BlockHash([8; 32]), vec![(127, 1)], d3.clone()),
+            delta(
+                5,
+                4,
+                BlockHash([2; 32]),
+                base_hash,
+                vec![(127, 1)],
+                d3.clone(),
+            ),
+        ];
+        session.process(batch, &tx).unwrap();
+        let mut acked = Vec::new();
+        let mut need = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            match m {
+                Message::Acks { seqs } => acked.extend(seqs),
+                Message::NeedData { seq } => need.push(seq),
+                _ => {}
+            }
+        }
+        acked.sort();
+        need.sort();
+        assert_eq!(acked, vec![1, 2, 3]);
+        assert_eq!(need, vec![4, 5]);
+        let store = &session.shared.store;
+        let mut got = store.read(&h1).unwrap();
+        got.resize(BLOCK_SIZE, 0);
+        let (_, want) = (h1, {
+            let mut b = base.clone();
+            lifeboat_common::protocol::apply_delta(&mut b, &[(2, 1), (10, 3)], &d1);
+            b
+        });
+        assert!(
+            got == want,
+            "the stored block is not the base with the pages written"
+        );
+        assert_eq!(session.status.counters.deltas_applied, 2);
+        assert_eq!(session.status.counters.deltas_refused, 2);
+        // Later, over the stored block (read back from the store).
+        session
+            .process(
+                vec![delta(6, 5, h3, base_hash, vec![(127, 1)], d3.clone())],
+                &tx,
+            )
+            .unwrap();
+        assert!(matches!(rx.try_recv(), Ok(Message::Acks { seqs }) if seqs == vec![6]));
+        // Runs out of order, past the block, or data of the wrong length: refused.
+        for (pages, len) in [
+            (vec![(5, 1), (2, 1)], 8192),
+            (vec![(127, 2)], 8192),
+            (vec![(1, 1)], 100),
+        ] {
+            let e = session
+                .process(
+                    vec![delta(7, 6, h3, base_hash, pages.clone(), vec![0; len])],
+                    &tx,
+                )
+                .unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadBlock, "{pages:?}: {}", e.message);
+        }
     }
 
     /// The frame seeds of the fuzz corpus (every message type, one after another) through

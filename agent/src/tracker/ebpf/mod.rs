@@ -318,14 +318,14 @@ impl Hub {
                 .iter_mut()
                 .map(|d| {
                     let mut all = std::mem::take(&mut d.dirty);
-                    for b in d.inflight.take(u64::MAX) {
+                    for b in d.inflight.take(u64::MAX).blocks {
                         all.mark(b);
                     }
                     pin::ResumeDisk {
                         id: d.id.clone(),
                         span: d.span.clone(),
                         verify: d.verify.clone(),
-                        blocks: pin::ranges(&all.take(u64::MAX)),
+                        blocks: pin::ranges(&all.take(u64::MAX).blocks),
                     }
                 })
                 .collect(),
@@ -590,7 +590,7 @@ impl Tracker for EbpfTracker {
             return Take::All { reason };
         }
         let taken = d.dirty.take(blocks);
-        for &b in &taken {
+        for &b in &taken.blocks {
             d.inflight.mark(b);
         }
         Take::Blocks(taken)
@@ -603,7 +603,7 @@ impl Tracker for EbpfTracker {
             d.verify.get_or_insert(reason);
         }
         // Everything taken since the last point (this cycle's passes) is marked again.
-        for b in d.inflight.take(u64::MAX) {
+        for b in d.inflight.take(u64::MAX).blocks {
             d.dirty.mark(b);
         }
     }
@@ -667,9 +667,9 @@ mod tests {
         };
         st.apply(7 << 20, 2040, 16); // straddles the partition's start
         st.apply(7 << 20, 2048 + 4096, 8); // just past the partition
-        assert_eq!(st.disks[0].dirty.take(u64::MAX), vec![1, 2, 6]);
+        assert_eq!(st.disks[0].dirty.take(u64::MAX).blocks, vec![1, 2, 6]);
         assert_eq!(
-            st.disks[1].dirty.take(u64::MAX),
+            st.disks[1].dirty.take(u64::MAX).blocks,
             vec![0],
             "partition-relative block 0"
         );
