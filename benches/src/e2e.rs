@@ -293,12 +293,24 @@ fn median(v: &mut [f64]) -> f64 {
 fn compare(a: &Args, label: &str, source: &Path, data: u64, rx: &Path, agent: &Path) -> Result<()> {
     let zst = a.dir.join("ref.img.zst");
     let (mut zs, mut ls, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    // On a device, also a plain sequential read of it: the disk's own limit.
+    let is_device = {
+        use std::os::unix::fs::FileTypeExt;
+        std::fs::metadata(source).is_ok_and(|m| m.file_type().is_block_device())
+    };
+    let mut dd_ratios = Vec::new();
     let (mut stored, mut agent_peak, mut receiver_peak, mut restored) = (0, 0, 0, None);
     for i in 0..a.runs {
         drop_caches();
         let z = time_zstd(source, &zst)?.as_secs_f64();
         let r = time_lifeboat(a, source, rx, agent, i + 1 == a.runs)?;
         let l = r.took.as_secs_f64();
+        if is_device {
+            drop_caches();
+            let d = time_dd(source)?.as_secs_f64();
+            eprintln!("{label} run {}: dd iflag=direct bs=4M {d:.2}s  lifeboat/dd {:.2}", i + 1, l / d);
+            dd_ratios.push(l / d);
+        }
         stored = r.stored;
         agent_peak = agent_peak.max(r.agent_peak);
         receiver_peak = receiver_peak.max(r.receiver_peak);
@@ -338,6 +350,18 @@ fn compare(a: &Args, label: &str, source: &Path, data: u64, rx: &Path, agent: &P
         "target: <= 1.5  -> {}",
         if r <= 1.5 { "met" } else { "NOT met" }
     );
+    if !dd_ratios.is_empty() {
+        let per_run = dd_ratios
+            .iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let m = median(&mut dd_ratios);
+        println!(
+            "ratio lifeboat/(dd iflag=direct bs=4M): median {m:.2} (per-run: {per_run}); target <= 1.15 -> {}",
+            if m <= 1.15 { "met" } else { "NOT met" }
+        );
+    }
     println!(
         "peak resident memory (max over runs): agent {:.0} MiB, receiver {:.0} MiB",
         agent_peak as f64 / (1 << 20) as f64,
@@ -357,6 +381,15 @@ fn compare(a: &Args, label: &str, source: &Path, data: u64, rx: &Path, agent: &P
         );
     }
     Ok(())
+}
+
+/// `dd if=<device> iflag=direct bs=4M of=/dev/null`: how fast the device reads alone.
+fn time_dd(dev: &Path) -> Result<Duration> {
+    let t = Instant::now();
+    run(Command::new("dd")
+        .arg(format!("if={}", dev.display()))
+        .args(["of=/dev/null", "bs=4M", "iflag=direct", "status=none"]))?;
+    Ok(t.elapsed())
 }
 
 /// A block device's size (0 for anything else).
