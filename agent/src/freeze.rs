@@ -18,8 +18,13 @@
 //!   best-effort.
 //!
 //! # Which mounts
-//! Every mount in `/proc/self/mountinfo` whose device is a configured disk or a partition of
-//! one, once per device (bind mounts share the superblock).
+//! Every mount in `/proc/self/mountinfo` whose device writes to a configured disk: the disk,
+//! its partitions, and whatever is stacked on them (LVM/device-mapper, md: sysfs `holders`,
+//! recursively), once per device (bind mounts share the superblock). A btrfs mount shows an
+//! anonymous device there; its source names the block device. Not seen: a partition or a
+//! logical volume used raw (a database on a raw device) has nothing to freeze, and a point then
+//! holds its blocks as read, best-effort for that data although the point is marked
+//! crash-consistent for the filesystems.
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -29,6 +34,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The file in the state directory that records a freeze in progress.
+pub const MARKER: &str = "frozen.json";
 
 // _IOWR('X', 119, int) and _IOWR('X', 120, int) from <linux/fs.h>.
 const FIFREEZE: libc::c_ulong = 0xC004_5877;
@@ -64,20 +72,39 @@ fn dev_of_path(path: &Path) -> io::Result<Option<(u32, u32)>> {
     Ok(Some((libc::major(m.rdev()), libc::minor(m.rdev()))))
 }
 
-/// The whole disk a device belongs to (itself when it is not a partition).
-fn whole_disk(dev: (u32, u32)) -> (u32, u32) {
-    let dir = PathBuf::from(format!("/sys/dev/block/{}:{}", dev.0, dev.1));
-    if !dir.join("partition").exists() {
-        return dev;
+fn sysfs_dev(dir: &Path) -> Option<(u32, u32)> {
+    let s = std::fs::read_to_string(dir.join("dev")).ok()?;
+    let (a, b) = s.trim().split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// Every device whose writes land on `dev`: itself, its partitions, and what is stacked on
+/// any of them (device-mapper/LVM, md), recursively through sysfs `holders`.
+fn devices_on(dev: (u32, u32), out: &mut Vec<(u32, u32)>) {
+    if out.contains(&dev) || out.len() > 4096 {
+        return;
     }
-    std::fs::canonicalize(&dir)
-        .ok()
-        .and_then(|p| std::fs::read_to_string(p.parent()?.join("dev")).ok())
-        .and_then(|s| {
-            let (a, b) = s.trim().split_once(':')?;
-            Some((a.parse().ok()?, b.parse().ok()?))
-        })
-        .unwrap_or(dev)
+    out.push(dev);
+    let Ok(dir) = std::fs::canonicalize(format!("/sys/dev/block/{}:{}", dev.0, dev.1)) else {
+        return;
+    };
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.join("partition").exists() {
+                if let Some(d) = sysfs_dev(&p) {
+                    devices_on(d, out);
+                }
+            }
+        }
+    }
+    if let Ok(holders) = std::fs::read_dir(dir.join("holders")) {
+        for h in holders.flatten() {
+            if let Some(d) = sysfs_dev(&Path::new("/sys/class/block").join(h.file_name())) {
+                devices_on(d, out);
+            }
+        }
+    }
 }
 
 /// Unescapes the octal escapes of a mountinfo path (`\040` for a space).
@@ -107,7 +134,7 @@ pub fn mounts_on(disks: &[PathBuf]) -> Result<Vec<PathBuf>, FreezeError> {
     let mut wanted = Vec::new();
     for d in disks {
         if let Ok(Some(dev)) = dev_of_path(d) {
-            wanted.push(dev);
+            devices_on(dev, &mut wanted);
         }
     }
     if wanted.is_empty() {
@@ -129,14 +156,24 @@ pub fn mounts_on(disks: &[PathBuf]) -> Result<Vec<PathBuf>, FreezeError> {
         let (Some(devs), Some(mnt)) = (fields.get(2), fields.get(4)) else {
             continue;
         };
-        let Some(dev) = devs
+        let Some(mut dev) = devs
             .split_once(':')
-            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+            .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
         else {
             continue;
         };
-        let on_disk = wanted.contains(&dev) || wanted.contains(&whole_disk(dev));
-        if on_disk && !seen.contains(&dev) {
+        if dev.0 == 0 {
+            // An anonymous device (btrfs): the mount's source names the block device.
+            let source = fields
+                .iter()
+                .position(|f| *f == "-")
+                .and_then(|i| fields.get(i + 2));
+            match source.map(|s| dev_of_path(&unescape(s))) {
+                Some(Ok(Some(d))) => dev = d,
+                _ => continue,
+            }
+        }
+        if wanted.contains(&dev) && !seen.contains(&dev) {
             seen.push(dev);
             out.push(unescape(mnt));
         }
@@ -147,6 +184,8 @@ pub fn mounts_on(disks: &[PathBuf]) -> Result<Vec<PathBuf>, FreezeError> {
 /// Filesystems frozen by this process; thawed by [`Frozen::thaw`] or on drop.
 pub struct Frozen {
     mounts: Vec<(PathBuf, File)>,
+    /// The record of this freeze, removed once every mount is thawed.
+    marker: Option<PathBuf>,
     watchdog: Option<(Child, ChildStdin)>,
     pub since: Instant,
     thawed: bool,
@@ -154,7 +193,12 @@ pub struct Frozen {
 
 /// Freezes every mount (after starting the watchdog that thaws them after `bound`). On a
 /// failure, whatever was frozen is thawed before the error returns.
-pub fn freeze(mounts: &[PathBuf], bound: Duration) -> Result<Frozen, FreezeError> {
+///
+/// `marker` (a file in the agent's state directory) records the mounts before any is frozen
+/// and is removed once all are thawed: if both the agent and its watchdog die during a freeze
+/// (a SIGKILL of the whole service), the next start finds it and thaws them
+/// ([`thaw_leftovers`]).
+pub fn freeze(mounts: &[PathBuf], bound: Duration, marker: &Path) -> Result<Frozen, FreezeError> {
     let exe = std::env::current_exe().map_err(FreezeError::Watchdog)?;
     let mut child = Command::new(exe)
         .arg("thaw-watchdog")
@@ -180,7 +224,18 @@ pub fn freeze(mounts: &[PathBuf], bound: Duration) -> Result<Frozen, FreezeError
             "it did not report ready (see its message above)",
         )));
     };
+    let list: Vec<String> = mounts.iter().map(|m| m.display().to_string()).collect();
+    let json = serde_json::to_vec(&list).map_err(|e| FreezeError::Watchdog(io::Error::other(e)))?;
+    if let Err(e) = lifeboat_common::durable::write_atomic(marker, &json) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(FreezeError::Mounts {
+            path: marker.to_path_buf(),
+            source: e,
+        });
+    }
     let mut frozen = Frozen {
+        marker: Some(marker.to_path_buf()),
         mounts: Vec::new(),
         watchdog: Some((child, stdin)),
         since: Instant::now(),
@@ -213,25 +268,41 @@ impl Frozen {
             return Ok(true);
         }
         self.thawed = true;
-        let mut intact = true;
-        let mut first_err = None;
-        for (m, f) in &self.mounts {
-            match ioctl(f, FITHAW) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => intact = false,
-                Err(e) => {
-                    tracing::error!("thawing {}: {e}", m.display());
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
+        // Every mount first, nothing logged in between: a log sink waiting on a filesystem
+        // still frozen must not keep the others frozen.
+        let results: Vec<io::Result<()>> =
+            self.mounts.iter().map(|(_, f)| ioctl(f, FITHAW)).collect();
+        let intact = !results
+            .iter()
+            .any(|r| matches!(r, Err(e) if e.raw_os_error() == Some(libc::EINVAL)));
+        let failed: Vec<(PathBuf, io::Error)> = self
+            .mounts
+            .iter()
+            .zip(results)
+            .filter_map(|((m, _), r)| match r {
+                Err(e) if e.raw_os_error() != Some(libc::EINVAL) => Some((m.clone(), e)),
+                _ => None,
+            })
+            .collect();
         if let Some((mut child, mut stdin)) = self.watchdog.take() {
-            let _ = stdin.write_all(b"done\n");
+            // "done" only when every mount is thawed: otherwise the watchdog, seeing the pipe
+            // close without it, tries again.
+            if failed.is_empty() {
+                let _ = stdin.write_all(b"done\n");
+            }
             drop(stdin);
             let _ = child.wait();
         }
-        match first_err {
-            Some(e) => Err(e),
+        if let Some(marker) = self.marker.take() {
+            if failed.is_empty() {
+                let _ = std::fs::remove_file(&marker);
+            }
+        }
+        for (m, e) in &failed {
+            tracing::error!("thawing {}: {e}", m.display());
+        }
+        match failed.into_iter().next() {
+            Some((_, e)) => Err(e),
             None => Ok(intact),
         }
     }
@@ -243,6 +314,31 @@ impl Drop for Frozen {
             tracing::error!("thawing after an error: {e}");
         }
     }
+}
+
+/// At start, before anything is written: thaws the mounts a previous agent recorded in
+/// `marker` and never thawed (it and its watchdog were killed during a freeze). A mount that
+/// is not frozen answers EINVAL and is left alone.
+pub fn thaw_leftovers(marker: &Path) {
+    let Ok(bytes) = std::fs::read(marker) else {
+        return;
+    };
+    let mounts: Vec<PathBuf> = serde_json::from_slice::<Vec<String>>(&bytes)
+        .unwrap_or_default()
+        .into_iter()
+        .map(PathBuf::from)
+        .collect();
+    let thawed: Vec<&PathBuf> = mounts
+        .iter()
+        .filter(|m| File::open(m).and_then(|f| ioctl(&f, FITHAW)).is_ok())
+        .collect();
+    for m in &thawed {
+        tracing::warn!(
+            "thawed {}: left frozen by an agent killed during a freeze",
+            m.display()
+        );
+    }
+    let _ = std::fs::remove_file(marker);
 }
 
 /// The watchdog process (`lifeboat-agent thaw-watchdog`): holds `mounts` open, says "ready",
@@ -310,8 +406,25 @@ pub fn watchdog(mounts: &[PathBuf], deadline: Duration) -> u8 {
             }
         }
     };
-    for (m, f) in &files {
-        match ioctl(f, FITHAW) {
+    // Every mount first, retried, and only then a word on stderr (which may lead to a
+    // filesystem that was still frozen).
+    let mut results: Vec<io::Result<()>> = files.iter().map(|(_, f)| ioctl(f, FITHAW)).collect();
+    for _ in 0..50 {
+        let retry = results
+            .iter()
+            .any(|r| matches!(r, Err(e) if e.raw_os_error() != Some(libc::EINVAL)));
+        if !retry {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        for ((_, f), r) in files.iter().zip(results.iter_mut()) {
+            if matches!(r, Err(e) if e.raw_os_error() != Some(libc::EINVAL)) {
+                *r = ioctl(f, FITHAW);
+            }
+        }
+    }
+    for ((m, _), r) in files.iter().zip(&results) {
+        match r {
             Ok(()) => eprintln!(
                 "lifeboat-agent thaw-watchdog: thawed {} ({why})",
                 m.display()

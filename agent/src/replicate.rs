@@ -225,6 +225,10 @@ impl Replicator {
         }
         for (i, d) in self.cfg.disks.iter().enumerate() {
             let info = inspect(d)?;
+            if info.size != self.sizes[i] {
+                tracing::info!(disk = %d.id, old = self.sizes[i], new = info.size, "the disk changed size");
+                self.trackers[i].resized(&d.path);
+            }
             self.sizes[i] = info.size;
             self.acked[i].resize(info.size);
             self.status.disks[i].size = info.size;
@@ -262,6 +266,11 @@ impl Replicator {
         for i in differ {
             tracing::info!(disk = %self.cfg.disks[i].id, "receiver's manifest differs from ours; adopting the receiver's");
             self.acked[i] = fetch_manifest(link, i as u32, self.sizes[i]).await?;
+            // The tracker's marks are relative to what we thought was acknowledged: blocks
+            // the receiver lacks carry no mark. Only a verify scan finds them.
+            self.trackers[i].give_back(Take::All {
+                reason: "the receiver's manifest differed from the agent's (adopted)".into(),
+            });
         }
         self.status.connected = true;
         self.status.last_error = None;
@@ -386,11 +395,16 @@ impl Replicator {
             let pending: Option<u64> = self.trackers.iter().map(|t| t.pending()).sum();
             let small = pending.is_some_and(|p| p <= max_final);
             let stuck = pending.is_none() && self.verifying.iter().any(|v| *v);
-            if small
-                || stuck
-                || passes >= MAX_PRECOPY_PASSES
-                || started.elapsed() >= self.interval()
-            {
+            if stuck {
+                // Freezing would only lead to another whole read.
+                let why =
+                    "the tracker keeps losing events: verify-scanning every cycle".to_string();
+                self.commit(link, pass_ms, Consistency::BestEffort, why)
+                    .await?;
+                self.log_committed(changed, started);
+                return Ok(changed);
+            }
+            if small || passes >= MAX_PRECOPY_PASSES || started.elapsed() >= self.interval() {
                 break;
             }
         }
@@ -472,6 +486,7 @@ impl Replicator {
             .collect();
         let opts = CutOptions {
             freeze: self.cfg.freeze,
+            marker: self.cfg.state_dir.join(crate::freeze::MARKER),
             bound: Duration::from_millis(self.cfg.freeze_timeout_ms),
             max_blocks: self.cfg.freeze_max_delta_mib * (1 << 20) / BLOCK_SIZE as u64,
             engine: self.cfg.reader,
@@ -756,6 +771,11 @@ impl Replicator {
                     tracing::warn!("point {point} not committed: {message}; re-reading the receiver's manifests");
                     for i in 0..self.acked.len() {
                         self.acked[i] = fetch_manifest(link, i as u32, self.sizes[i]).await?;
+                        self.trackers[i].give_back(Take::All {
+                            reason:
+                                "the receiver refused a point's digests (its manifest was adopted)"
+                                    .into(),
+                        });
                     }
                     self.persist()?;
                     return Err(LinkError::Refused {
@@ -985,6 +1005,8 @@ fn make_trackers(
 /// How to cut a point.
 struct CutOptions {
     freeze: bool,
+    /// Records a freeze in progress (see `freeze::freeze`).
+    marker: std::path::PathBuf,
     bound: Duration,
     max_blocks: u64,
     engine: lifeboat_common::config::ReaderEngine,
@@ -1012,7 +1034,7 @@ fn cut_blocking(
         let paths: Vec<std::path::PathBuf> = disks.iter().map(|d| d.1.clone()).collect();
         match crate::freeze::mounts_on(&paths) {
             Ok(m) if m.is_empty() => why = "no mounted filesystem on the disks to freeze".into(),
-            Ok(m) => match crate::freeze::freeze(&m, opts.bound) {
+            Ok(m) => match crate::freeze::freeze(&m, opts.bound, &opts.marker) {
                 Ok(f) => {
                     // For the tests of thawing (an agent killed, or too slow, while frozen).
                     if let Some(ms) = std::env::var("LIFEBOAT_TEST_HOLD_FREEZE_MS")

@@ -52,6 +52,9 @@ async fn session_inner(rep: &mut Replicator, once: bool) -> Result<(), Replicate
 }
 
 pub async fn run(cfg: AgentConfig, opts: RunOptions) -> Result<(), RunError> {
+    // Before anything is written: a filesystem left frozen by a killed agent (the state
+    // directory may be on it).
+    crate::freeze::thaw_leftovers(&cfg.state_dir.join(crate::freeze::MARKER));
     let mut rep = Replicator::new(cfg)?;
     tracing::info!(server = %rep.server_id, disks = rep.status.disks.len(), "lifeboat-agent starting");
     lifeboat_common::sd_notify::ready();

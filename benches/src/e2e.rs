@@ -308,7 +308,11 @@ fn compare(a: &Args, label: &str, source: &Path, data: u64, rx: &Path, agent: &P
         if is_device {
             drop_caches();
             let d = time_dd(source)?.as_secs_f64();
-            eprintln!("{label} run {}: dd iflag=direct bs=4M {d:.2}s  lifeboat/dd {:.2}", i + 1, l / d);
+            eprintln!(
+                "{label} run {}: dd iflag=direct bs=4M {d:.2}s  lifeboat/dd {:.2}",
+                i + 1,
+                l / d
+            );
             dd_ratios.push(l / d);
         }
         stored = r.stored;

@@ -277,11 +277,12 @@ impl AgentConfig {
         if self.workers > 256 {
             return Err(invalid(path, "workers", "must be at most 256"));
         }
-        if !(100..=30_000).contains(&self.freeze_timeout_ms) {
+        if !(100..=10_000).contains(&self.freeze_timeout_ms) {
             return Err(invalid(
                 path,
                 "freeze_timeout_ms",
-                "must be between 100 and 30000 (a frozen filesystem blocks every writer)",
+                "must be between 100 and 10000 (a frozen filesystem blocks every writer; the \
+                 service's stop timeout of 30 s must leave room for the thaw)",
             ));
         }
         if !(1..=16_384).contains(&self.freeze_max_delta_mib) {

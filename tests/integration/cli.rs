@@ -35,7 +35,7 @@ fn help_lists_every_command() {
     );
     assert_eq!(
         commands_in_help("lifeboat-agent"),
-        ["run", "validate", "status", "help"]
+        ["run", "validate", "status", "untrack", "help"]
     );
 }
 

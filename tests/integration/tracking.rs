@@ -500,8 +500,8 @@ fn the_freeze_is_always_thawed() {
     let rx = Receiver::start(w.path());
 
     // 1. The agent dies (SIGKILL) while it holds the freeze: the watchdog thaws at once, long
-    //    before the 20 s bound.
-    let spec = ebpf_spec("thaw", &[("fs", &dev.dev)], &["freeze_timeout_ms = 20000"]);
+    //    before the 10 s bound.
+    let spec = ebpf_spec("thaw", &[("fs", &dev.dev)], &["freeze_timeout_ms = 10000"]);
     let mut agent = Agent::new(w.path(), &rx, &spec);
     agent.env = vec![("LIFEBOAT_TEST_HOLD_FREEZE_MS".into(), "60000".into())];
     agent.spawn();
@@ -586,4 +586,32 @@ fn a_clean_restart_goes_on_tracking_without_a_verify_scan() {
     let _ = wait_point_after(&rx, &agent, "restart", last_point(&rx, "restart"));
     assert_eq!(agent.log_text().matches("verify scan:").count(), 2);
     newest_point_is_the_device(&rx, &mut agent, "restart", "raw", &dev.dev);
+}
+
+/// The receiver loses a block (bit rot, quarantined by scrub) under a tracking agent: the
+/// agent adopts the receiver's manifest and must find the block again itself, since no write
+/// will mark it. (The eBPF agent used to adopt the manifest and never read the block again.)
+#[test]
+fn a_block_the_receiver_lost_is_sent_again_by_a_tracking_agent() {
+    let w = workdir();
+    let Some(dev) = needs_root("lost block", LoopDev::new(w.path(), "raw", 16)) else {
+        return;
+    };
+    scattered_direct_writes(&dev.dev, 400, 11);
+    let rx = Receiver::start(w.path());
+    let spec = ebpf_spec("heal", &[("raw", &dev.dev)], &[]);
+    let mut agent = Agent::new(w.path(), &rx, &spec);
+    agent.spawn();
+    let first = wait_point_after(&rx, &agent, "heal", 0);
+    let victim = rx.store_blocks()[0].clone();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[100] ^= 0x01;
+    std::fs::write(&victim, bytes).unwrap();
+    let o = rx.cli(&["scrub"]);
+    assert_eq!(o.status.code(), Some(65));
+    let p = wait_point_after(&rx, &agent, "heal", first);
+    let _ = wait_point_after(&rx, &agent, "heal", p);
+    newest_point_is_the_device(&rx, &mut agent, "heal", "raw", &dev.dev);
+    let o = rx.cli(&["scrub"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
 }

@@ -70,6 +70,9 @@ pub trait Tracker: Send {
     fn give_back(&mut self, taken: Take);
     /// The point is committed: what was taken for it is acknowledged for good.
     fn settle(&mut self) {}
+    /// The disk at `path` changed size (or was repartitioned): find its range again and
+    /// verify-scan it.
+    fn resized(&mut self, _path: &std::path::Path) {}
     /// Blocks marked now (without taking them); `None` when the tracker cannot tell (a scan).
     fn pending(&self) -> Option<u64>;
     /// Whether this tracker sees every write, so a freeze can make a point crash-consistent.

@@ -25,6 +25,7 @@ pub mod pin;
 
 use super::{DirtySet, Take, Tracker};
 use crossbeam_channel::{bounded, Receiver, Sender};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -37,8 +38,9 @@ mod skel {
 
 const STOPPED: &str = "the tracker was stopped";
 
-/// How long the hub thread waits on the ring buffer before looking at its commands.
-const POLL: Duration = Duration::from_millis(20);
+/// Longest the hub thread waits before it looks at the lost-event counter again (events and
+/// commands wake it at once).
+const POLL: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -172,6 +174,8 @@ enum Cmd {
     Drain(Sender<()>),
     /// Drain, then stop consuming (later events stay in a pinned ring buffer), then answer.
     Stop(Sender<()>),
+    /// Track exactly these devices from now on.
+    Devices(Vec<u32>),
 }
 
 /// What a stopping agent hands to the next one (see [`pin`]).
@@ -181,6 +185,8 @@ pub use pin::Resume;
 pub struct Hub {
     state: Arc<Mutex<HubState>>,
     cmds: Sender<Cmd>,
+    /// An eventfd the thread waits on beside the ring buffer: a command wakes it at once.
+    wake_fd: Arc<std::os::fd::OwnedFd>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Where the program and its maps are pinned, when they are.
@@ -215,15 +221,18 @@ impl Hub {
         }));
         let (cmd_tx, cmd_rx) = bounded::<Cmd>(16);
         let (ready_tx, ready_rx) = bounded::<Result<Option<PathBuf>, String>>(1);
+        let wake_fd = Arc::new(eventfd().map_err(|e| EbpfError::Load(format!("eventfd: {e}")))?);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let devs: Vec<u32> = disks.iter().map(|(_, s)| s.dev).collect();
         let thread = {
             let state = state.clone();
             let stop = stop.clone();
+            let wake = wake_fd.clone();
             std::thread::Builder::new()
                 .name("ebpf-tracker".into())
                 .spawn(move || {
                     let args = ThreadArgs {
+                        wake: &wake,
                         devs: &devs,
                         ring_kib,
                         pin_dir: pin_dir.as_deref(),
@@ -254,6 +263,7 @@ impl Hub {
             Ok(Ok(pinned)) => Ok(Arc::new(Hub {
                 state,
                 cmds: cmd_tx,
+                wake_fd,
                 stop,
                 thread: Mutex::new(Some(thread)),
                 pinned,
@@ -269,17 +279,48 @@ impl Hub {
         }
     }
 
-    fn call(&self, cmd: impl FnOnce(Sender<()>) -> Cmd) {
+    /// Sends a command and waits for the thread's answer; false when none came.
+    fn call(&self, cmd: impl FnOnce(Sender<()>) -> Cmd) -> bool {
         let (tx, rx) = bounded(1);
-        if self.cmds.send(cmd(tx)).is_ok() {
-            // The thread answers within one poll period; if it is gone, `dead` says so.
-            let _ = rx.recv_timeout(Duration::from_secs(10));
+        if self.cmds.send(cmd(tx)).is_err() {
+            return false;
+        }
+        self.wake();
+        rx.recv_timeout(Duration::from_secs(10)).is_ok()
+    }
+
+    fn wake(&self) {
+        let one = 1u64.to_ne_bytes();
+        // An eventfd write of 8 bytes; failing only if the counter would overflow, in which
+        // case the thread is awake anyway.
+        let _ = rustix_free_write(self.wake_fd.as_raw_fd(), &one);
+    }
+
+    /// Brings every event up to now into the dirty sets. If the thread does not answer, the
+    /// marks cannot be trusted: every disk is verify-scanned.
+    fn drain(&self) {
+        if !self.call(Cmd::Drain) {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if st.dead.is_none() {
+                st.lose_all("the eBPF tracker did not answer within 10 s");
+            }
         }
     }
 
-    /// Brings every event up to now into the dirty sets.
-    fn drain(&self) {
-        self.call(Cmd::Drain);
+    /// A disk's device range changed (a resize, a repartition): track the new range, and
+    /// verify-scan the disk (writes outside the old range were not marked).
+    pub fn update_span(&self, slot: usize, span: Option<DeviceSpan>, why: &str) {
+        let devs: Vec<u32> = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let d = &mut st.disks[slot];
+            if let Some(span) = span {
+                d.span = span;
+            }
+            d.verify.get_or_insert_with(|| why.to_string());
+            st.disks.iter().map(|d| d.span.dev).collect()
+        };
+        let _ = self.cmds.send(Cmd::Devices(devs));
+        self.wake();
     }
 
     /// Events seen and events lost so far.
@@ -336,6 +377,7 @@ impl Hub {
 impl Drop for Hub {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.wake();
         if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = t.join();
         }
@@ -343,6 +385,7 @@ impl Drop for Hub {
 }
 
 struct ThreadArgs<'a> {
+    wake: &'a std::os::fd::OwnedFd,
     devs: &'a [u32],
     ring_kib: u64,
     pin_dir: Option<&'a Path>,
@@ -401,11 +444,7 @@ fn hub_thread(a: ThreadArgs) -> Result<(), String> {
         let events = handle(&loaded.maps.events, "events")?;
         let counters = handle(&loaded.maps.counters, "counters")?;
         let devices = handle(&loaded.maps.devices, "devices")?;
-        for dev in a.devs {
-            devices
-                .update(&dev.to_ne_bytes(), &1u32.to_ne_bytes(), MapFlags::ANY)
-                .map_err(|e| fail(format!("registering device {dev:#x}: {e}")))?;
-        }
+        set_devices(&devices, a.devs).map_err(fail)?;
         let mut link = loaded
             .progs
             .on_complete
@@ -437,16 +476,9 @@ fn hub_thread(a: ThreadArgs) -> Result<(), String> {
     };
     let lost_now = read_counter(0).map_err(fail)?;
     if adopted {
-        // The devices this agent tracks now: exactly the configured ones.
-        let old: Vec<Vec<u8>> = devices.keys().collect();
-        for k in old {
-            let _ = devices.delete(&k);
-        }
-        for dev in a.devs {
-            devices
-                .update(&dev.to_ne_bytes(), &1u32.to_ne_bytes(), MapFlags::ANY)
-                .map_err(|e| fail(format!("registering device {dev:#x}: {e}")))?;
-        }
+        // The devices this agent tracks now: exactly the configured ones (added before the
+        // stale ones go, so that no configured device is ever missing from the map).
+        set_devices(&devices, a.devs).map_err(fail)?;
         let mut st = a.state.lock().unwrap_or_else(|p| p.into_inner());
         st.lost_counter = lost_now;
         match a.resume {
@@ -507,18 +539,24 @@ fn hub_thread(a: ThreadArgs) -> Result<(), String> {
 
     let check_lost = || -> Result<(), String> {
         let v = read_counter(0)?;
-        let mut st = a.state.lock().unwrap_or_else(|p| p.into_inner());
-        if v > st.lost_counter {
-            let n = v - st.lost_counter;
-            st.lost_counter = v;
-            st.lost += n;
+        let lost = {
+            let mut st = a.state.lock().unwrap_or_else(|p| p.into_inner());
+            let n = v.saturating_sub(st.lost_counter);
+            if n > 0 {
+                st.lost_counter = v;
+                st.lost += n;
+                st.lose_all(&format!(
+                    "{n} tracker events lost (ring buffer full: raise ebpf_ring_buffer_kib, or a driver-private write)"
+                ));
+            }
+            n
+        };
+        // Logged with no lock held: a log sink that blocks must not stall a take.
+        if lost > 0 {
             tracing::warn!(
-                lost = n,
-                "eBPF tracker lost events (ring buffer full); the disks will be rescanned"
+                lost,
+                "eBPF tracker lost events; the disks will be rescanned"
             );
-            st.lose_all(&format!(
-                "{n} tracker events lost (ring buffer full: raise ebpf_ring_buffer_kib)"
-            ));
         }
         Ok(())
     };
@@ -531,14 +569,10 @@ fn hub_thread(a: ThreadArgs) -> Result<(), String> {
         }
     };
     while !a.stop.load(std::sync::atomic::Ordering::Relaxed) {
-        // A signal (SIGSTOP/SIGCONT from a debugger or a test, SIGTERM) interrupts the wait:
-        // that is no failure.
-        match ring.poll(POLL) {
-            Err(e) if e.kind() != libbpf_rs::ErrorKind::Interrupted => {
-                return Err(format!("polling the ring buffer: {e}"))
-            }
-            _ => {}
-        }
+        // Wait for events or a command; a signal interrupting the wait is no failure.
+        wait_readable(&[ring.epoll_fd(), a.wake.as_raw_fd()], POLL);
+        drain_eventfd(a.wake.as_raw_fd());
+        consume()?;
         check_lost()?;
         while let Ok(cmd) = a.cmds.try_recv() {
             match cmd {
@@ -547,6 +581,7 @@ fn hub_thread(a: ThreadArgs) -> Result<(), String> {
                     check_lost()?;
                     let _ = reply.send(());
                 }
+                Cmd::Devices(devs) => set_devices(&devices, &devs)?,
                 Cmd::Stop(reply) => {
                     consume()?;
                     check_lost()?;
@@ -557,6 +592,82 @@ fn hub_thread(a: ThreadArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Makes the program's device map exactly `devs`: the new ones first, then the stale ones
+/// removed (a configured device is never absent, even for an instant).
+fn set_devices(devices: &libbpf_rs::MapHandle, devs: &[u32]) -> Result<(), String> {
+    use libbpf_rs::{MapCore, MapFlags};
+    for dev in devs {
+        devices
+            .update(&dev.to_ne_bytes(), &1u32.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|e| format!("registering device {dev:#x}: {e}"))?;
+    }
+    let stale: Vec<Vec<u8>> = devices
+        .keys()
+        .filter(|k| {
+            let k: [u8; 4] = k
+                .get(..4)
+                .and_then(|b| b.try_into().ok())
+                .unwrap_or_default();
+            !devs.contains(&u32::from_ne_bytes(k))
+        })
+        .collect();
+    for k in stale {
+        let _ = devices.delete(&k);
+    }
+    Ok(())
+}
+
+#[allow(unsafe_code)]
+fn eventfd() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: eventfd(2) takes no pointers; a non-negative result is a new descriptor we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+#[allow(unsafe_code)]
+fn rustix_free_write(fd: std::os::fd::RawFd, buf: &[u8]) -> std::io::Result<()> {
+    // SAFETY: write(2) reads `buf.len()` bytes from a live slice.
+    let r = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+#[allow(unsafe_code)]
+fn drain_eventfd(fd: std::os::fd::RawFd) {
+    let mut b = [0u8; 8];
+    // SAFETY: read(2) into an 8-byte array that lives across the call (non-blocking fd).
+    let _ = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 8) };
+}
+
+/// Waits until one of `fds` is readable, or `timeout`, or a signal.
+#[allow(unsafe_code)]
+fn wait_readable(fds: &[std::os::fd::RawFd], timeout: Duration) {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: poll(2) on a live array of `p.len()` pollfds.
+    let _ = unsafe {
+        libc::poll(
+            p.as_mut_ptr(),
+            p.len() as libc::nfds_t,
+            timeout.as_millis() as i32,
+        )
+    };
 }
 
 /// The tracker of one disk: slot `slot` of a [`Hub`].
@@ -611,6 +722,14 @@ impl Tracker for EbpfTracker {
     fn settle(&mut self) {
         let mut st = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
         st.disks[self.slot].inflight.take(0);
+    }
+
+    fn resized(&mut self, path: &Path) {
+        let span = resolve(path)
+            .map_err(|e| tracing::warn!("{e}: the disk is verify-scanned until the agent restarts"))
+            .ok();
+        self.hub
+            .update_span(self.slot, span, "the disk changed size: verify scan");
     }
 
     fn pending(&self) -> Option<u64> {

@@ -32,6 +32,7 @@ typedef __u64 sector_t;
 #define BPF_MAP_TYPE_ARRAY 2
 #define BPF_MAP_TYPE_RINGBUF 27
 #define REQ_OP_MASK 0xff
+#define REQ_OP_DRV_IN 34
 #define MINORBITS 20
 
 struct gendisk {
@@ -95,7 +96,7 @@ int BPF_PROG(on_complete, struct request *rq, int error, unsigned int nr_bytes)
 	struct gendisk *disk;
 	__u32 op = BPF_CORE_READ(rq, cmd_flags) & REQ_OP_MASK;
 
-	if (!(op & 1) || nr_bytes == 0)
+	if (!(op & 1))
 		return 0;
 	if (bpf_core_field_exists(((struct request___old *)0)->rq_disk))
 		disk = BPF_CORE_READ((struct request___old *)rq, rq_disk);
@@ -106,6 +107,14 @@ int BPF_PROG(on_complete, struct request *rq, int error, unsigned int nr_bytes)
 	__u32 dev = ((__u32)BPF_CORE_READ(disk, major) << MINORBITS) |
 		    (__u32)BPF_CORE_READ(disk, first_minor);
 	if (!bpf_map_lookup_elem(&devices, &dev))
+		return 0;
+	// A driver-private write (SG_IO, NVMe passthrough: REQ_OP_DRV_OUT) names no sector: it
+	// cannot be placed, so it counts as lost and the disk is verify-scanned.
+	if (op >= REQ_OP_DRV_IN) {
+		count(0);
+		return 0;
+	}
+	if (nr_bytes == 0)
 		return 0;
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
