@@ -21,6 +21,7 @@
 //! needed): a block device has no holes to skip, so every byte is read, hashed and checked.
 
 mod incremental;
+mod lag;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -34,6 +35,7 @@ struct Args {
     source: PathBuf,
     device: bool,
     incremental: bool,
+    lag: bool,
 }
 
 fn args() -> Result<Args> {
@@ -44,6 +46,7 @@ fn args() -> Result<Args> {
         source: PathBuf::from("/usr"),
         device: false,
         incremental: false,
+        lag: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -55,8 +58,9 @@ fn args() -> Result<Args> {
             "--source" => a.source = v()?.into(),
             "--device" => a.device = true,
             "--incremental" => a.incremental = true,
+            "--lag" => a.lag = true,
             "-h" | "--help" => {
-                println!("e2e-bench [--runs N (3)] [--dir D (/var/tmp/lifeboat-bench)] [--size-gib G (8)] [--source DIR (/usr)] [--device] [--incremental]");
+                println!("e2e-bench [--runs N (3)] [--dir D (/var/tmp/lifeboat-bench)] [--size-gib G (8)] [--source DIR (/usr)] [--device] [--incremental] [--lag]");
                 std::process::exit(0);
             }
             // `cargo bench` passes --bench; ignore it.
@@ -408,6 +412,9 @@ fn main() -> Result<()> {
     let a = args()?;
     let rx = sibling("lifeboat-receiver")?;
     let agent = sibling("lifeboat-agent")?;
+    if a.lag {
+        return lag::run(&a, &rx, &agent);
+    }
     let img = reference_image(&a)?;
     let data = allocated(&img)?;
     let logical = std::fs::metadata(&img)?.len();

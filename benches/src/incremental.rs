@@ -18,16 +18,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
-struct Setup {
+pub(crate) struct Setup {
     receiver: Child,
-    agent: Child,
+    pub(crate) agent: Child,
     state: PathBuf,
     log: PathBuf,
 }
@@ -41,12 +41,12 @@ impl Drop for Setup {
     }
 }
 
-fn status(s: &Setup) -> Result<serde_json::Value> {
+pub(crate) fn status(s: &Setup) -> Result<serde_json::Value> {
     let text = std::fs::read(s.state.join("status.json")).context("agent status.json")?;
     Ok(serde_json::from_slice(&text)?)
 }
 
-fn u(v: &serde_json::Value, k: &str) -> u64 {
+pub(crate) fn u(v: &serde_json::Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or(0)
 }
 
@@ -58,7 +58,7 @@ fn bytes_read(v: &serde_json::Value) -> u64 {
 }
 
 /// Waits until the agent has committed a point cut after `after_ms`; returns its number.
-fn point_after(s: &Setup, after_ms: u64, limit: Duration) -> Result<u64> {
+pub(crate) fn point_after(s: &Setup, after_ms: u64, limit: Duration) -> Result<u64> {
     let t = Instant::now();
     loop {
         if let Ok(v) = status(s) {
@@ -86,7 +86,13 @@ fn cycle_secs(log: &Path, point: u64) -> Option<f64> {
     s.parse().ok()
 }
 
-fn start(a: &super::Args, dev: &Path, tracker: &str, rx: &Path, agent: &Path) -> Result<Setup> {
+pub(crate) fn start(
+    a: &super::Args,
+    dev: &Path,
+    tracker: &str,
+    rx: &Path,
+    agent: &Path,
+) -> Result<Setup> {
     let work = a.dir.join(format!("incr-{tracker}"));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
