@@ -88,6 +88,7 @@ fn check_host(path: &Path, cfg: &AgentConfig) -> Result<Vec<String>, ConfigError
         field,
         message,
     };
+    let mut warnings = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
         crate::source::inspect(&d.path).map_err(|e| {
             invalid(
@@ -95,6 +96,21 @@ fn check_host(path: &Path, cfg: &AgentConfig) -> Result<Vec<String>, ConfigError
                 format!("disk {}: {} cannot be used: {e}", d.id, d.path.display()),
             )
         })?;
+        // Which tracker the disk would get (the program itself loads only in `run`).
+        use lifeboat_common::config::TrackerKind;
+        match (cfg.tracker, crate::tracker::ebpf::resolve(&d.path)) {
+            (TrackerKind::Scan, _) | (_, Ok(_)) => {}
+            (TrackerKind::Ebpf, Err(e)) => {
+                return Err(invalid(
+                    format!("disks[{i}].path"),
+                    format!("disk {}: tracker = \"ebpf\" cannot track it: {e}", d.id),
+                ))
+            }
+            (TrackerKind::Auto, Err(e)) => warnings.push(format!(
+                "disk {}: no eBPF tracking ({e}): it will be hash-scanned every cycle and its points are best-effort",
+                d.id
+            )),
+        }
     }
     crate::state::check_writable(&cfg.state_dir).map_err(|e| {
         invalid(
@@ -102,7 +118,6 @@ fn check_host(path: &Path, cfg: &AgentConfig) -> Result<Vec<String>, ConfigError
             format!("{}: {e}", cfg.state_dir.display()),
         )
     })?;
-    let mut warnings = Vec::new();
     if !cfg.state_dir.starts_with(UNIT_STATE_DIR) {
         warnings.push(format!(
             "state_dir {} is outside {UNIT_STATE_DIR}, the only directory the shipped \

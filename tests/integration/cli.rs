@@ -95,6 +95,24 @@ fn validate_checks_this_host_disks_and_state_dir() {
     assert!(o.status.success(), "{}", stderr(&o));
     // Outside /var/lib/lifeboat: the shipped unit could not write it.
     assert!(stdout(&o).contains("warning: state_dir"), "{}", stdout(&o));
+    // A file cannot be tracked by eBPF: a warning with tracker = "auto", an error with "ebpf".
+    assert!(
+        stdout(&o).contains("disk root: no eBPF tracking")
+            && stdout(&o).contains("not a block device"),
+        "{}",
+        stdout(&o)
+    );
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    let ebpf = w.path().join("ebpf.toml");
+    std::fs::write(&ebpf, format!("tracker = \"ebpf\"\n{text}")).unwrap();
+    let o = validate(&ebpf);
+    assert_eq!(o.status.code(), Some(64), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("disks[0].path")
+            && stderr(&o).contains("tracker = \"ebpf\" cannot track it"),
+        "{}",
+        stderr(&o)
+    );
 
     // A disk that does not exist.
     let text = std::fs::read_to_string(&agent.config).unwrap();
