@@ -30,6 +30,9 @@ const HAVE_DELAY: Duration = Duration::from_millis(2);
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// Persist the acknowledged manifests at least this often during a long cycle.
 const PERSIST_EVERY: Duration = Duration::from_secs(10);
+/// Silence from the receiver, with blocks outstanding, after which a disk is `stalled` (or a
+/// quarter of `[receiver] timeout_secs`, when the connection is dropped, if that is sooner).
+const STALLED_AFTER: Duration = Duration::from_secs(15);
 /// Most pre-copy passes before a point is cut whatever the dirty set.
 const MAX_PRECOPY_PASSES: u32 = 4;
 
@@ -285,10 +288,15 @@ impl Replicator {
         outstanding: &[u64],
         progress: &[Arc<ScanProgress>],
         started: Instant,
+        stalled: bool,
     ) -> Message {
         let mut disks = Vec::new();
         for i in 0..self.cfg.disks.len() {
-            let state = self.disk_state(i, started);
+            let state = if stalled && outstanding[i] > 0 {
+                DiskState::Stalled
+            } else {
+                self.disk_state(i, started)
+            };
             // Dirty and not yet acknowledged: sent and unacknowledged, still to examine in
             // this pass, and marked by the tracker since the pass began.
             let examined = progress[i].examined.load(Ordering::Relaxed);
@@ -641,6 +649,7 @@ impl Replicator {
         let mut tick = tokio::time::interval(PROGRESS_EVERY);
         let mut last_persist = Instant::now();
         let mut last_heard = Instant::now();
+        let mut was_stalled = false;
         let mut scans_done = false;
         // For the compression level: how long, in this period, the sender was held up by the
         // network (window full, or writing).
@@ -697,7 +706,17 @@ impl Replicator {
                     self.status.compression_level = self.level.level();
                     period_start = now;
                     full_time = Duration::ZERO;
-                    let m = self.progress_message(&window.outstanding, progress, started);
+                    // Blocks out with a receiver that has said nothing for a while.
+                    let stalled = window.awaiting_receiver()
+                        && last_heard.elapsed() > STALLED_AFTER.min(link.reply_timeout / 4);
+                    if stalled && !was_stalled {
+                        tracing::warn!(
+                            silent_secs = last_heard.elapsed().as_secs(),
+                            "the receiver is silent with blocks outstanding: stalled"
+                        );
+                    }
+                    was_stalled = stalled;
+                    let m = self.progress_message(&window.outstanding, progress, started, stalled);
                     link.queue(&m);
                     self.status.bytes_sent = link.bytes_sent;
                     if last_persist.elapsed() >= PERSIST_EVERY {
