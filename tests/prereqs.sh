@@ -2,7 +2,7 @@
 # and testing Lifeboat needs and this machine lacks.
 #   clang, libelf-dev, zlib1g-dev, pkg-config: build the agent's eBPF tracker (agent/build.rs)
 #   e2fsprogs, mount (losetup), util-linux (blkdiscard), fdisk (sfdisk): disks for the tests
-#   zstd, systemd (systemd-analyze), faketime, xfsprogs: the tests and the benches
+#   zstd, systemd (systemd-analyze), faketime, xfsprogs, btrfs-progs: the tests and the benches
 lifeboat_prereqs() {
   local need=()
   command -v clang >/dev/null 2>&1 || need+=(clang)
@@ -18,6 +18,7 @@ lifeboat_prereqs() {
     command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
     command -v faketime >/dev/null 2>&1 || need+=(faketime)
     command -v mkfs.xfs >/dev/null 2>&1 || need+=(xfsprogs)
+    command -v mkfs.btrfs >/dev/null 2>&1 || need+=(btrfs-progs)
   fi
   [ ${#need[@]} -gt 0 ] || return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

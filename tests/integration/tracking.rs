@@ -112,6 +112,11 @@ fn fsck_problems(fstype: &str, img: &Path) -> Option<String> {
                 .output()
                 .unwrap()
         }
+        "btrfs" => Command::new("btrfs")
+            .args(["check", "--readonly"])
+            .arg(img)
+            .output()
+            .unwrap(),
         _ => Command::new("e2fsck")
             .args(["-f", "-n"])
             .arg(img)
@@ -141,6 +146,12 @@ fn frozen_points_of_a_busy_ext4_restore_every_completed_file_exactly() {
 #[test]
 fn frozen_points_of_a_busy_xfs_restore_every_completed_file_exactly() {
     frozen_points_of_a_busy_filesystem("xfs");
+}
+
+/// btrfs shows an anonymous device in mountinfo: the freeze finds it by its source.
+#[test]
+fn frozen_points_of_a_busy_btrfs_restore_every_completed_file_exactly() {
+    frozen_points_of_a_busy_filesystem("btrfs");
 }
 
 fn frozen_points_of_a_busy_filesystem(fstype: &str) {

@@ -910,6 +910,7 @@ impl Mounted {
     pub fn with(mkfs: Option<&str>, dev: &Path, dir: &Path) -> Result<Mounted, String> {
         match mkfs {
             Some("xfs") => run_ok(Command::new("mkfs.xfs").args(["-q", "-f"]).arg(dev))?,
+            Some("btrfs") => run_ok(Command::new("mkfs.btrfs").args(["-q", "-f"]).arg(dev))?,
             Some(fs) => run_ok(
                 Command::new(format!("mkfs.{fs}"))
                     .args(["-q", "-F"])
@@ -919,15 +920,20 @@ impl Mounted {
         }
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
         let mut c = Command::new("mount");
-        if mkfs.is_none()
-            && Command::new("blkid")
-                .args(["-o", "value", "-s", "TYPE"])
-                .arg(dev)
-                .output()
-                .is_ok_and(|o| o.stdout.starts_with(b"xfs"))
-        {
+        let fstype = Command::new("blkid")
+            .args(["-o", "value", "-s", "TYPE"])
+            .arg(dev)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        if mkfs.is_none() && fstype == "xfs" {
             // A copy of a mounted XFS has its UUID: XFS refuses it without `nouuid`.
             c.args(["-o", "nouuid"]);
+        }
+        if mkfs.is_none() && fstype == "btrfs" {
+            // A copy of a mounted btrfs has its fsid, which btrfs would take for the same
+            // filesystem: give the copy its own first.
+            run_ok(Command::new("btrfstune").args(["-f", "-u"]).arg(dev))?;
         }
         run_ok(c.arg(dev).arg(dir))?;
         Ok(Mounted {
