@@ -8,7 +8,7 @@
 //! stage before it: backpressure runs from the network back to the disk reads. The first
 //! error stops every stage.
 
-use crate::reader::{aligned_len, AlignedBuf, BlockReader, ReadReq, DEPTH};
+use crate::reader::{aligned_len, AlignedBuf, BlockReader, ReadReq};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use lifeboat_common::block::{block_len, hash_block};
 use lifeboat_common::codec::{self, Codec};
@@ -114,6 +114,8 @@ pub struct ScanInput {
     /// Per block: may hold data (false: inside a hole of a sparse file, known zero).
     pub maybe_data: Vec<bool>,
     pub engine: ReaderEngine,
+    /// Reads in flight at once.
+    pub depth: usize,
     /// zstd level, adjusted while the scan runs (see `adapt`).
     pub level: Arc<std::sync::atomic::AtomicI32>,
     pub workers: usize,
@@ -155,6 +157,7 @@ pub fn read_blocks(
     disk_id: &str,
     path: &std::path::Path,
     engine: ReaderEngine,
+    depth: usize,
     size: u64,
     blocks: &[u64],
     deadline: std::time::Instant,
@@ -166,13 +169,13 @@ pub fn read_blocks(
         last,
         source,
     };
-    let mut reader = BlockReader::open(path, engine).map_err(|source| ScanError::Open {
+    let mut reader = BlockReader::open(path, engine, depth).map_err(|source| ScanError::Open {
         disk: disk_id.to_string(),
         path: path.to_path_buf(),
         source,
     })?;
     let mut out = Vec::with_capacity(blocks.len());
-    for batch in blocks.chunks(DEPTH) {
+    for batch in blocks.chunks(depth.max(1)) {
         if std::time::Instant::now() >= deadline {
             break;
         }
@@ -219,13 +222,16 @@ pub fn scan(
     let input: &ScanInput = input;
     let _span = tracing::info_span!("disk", disk = %input.disk_id).entered();
     let mut reader =
-        BlockReader::open(&input.path, input.engine).map_err(|source| ScanError::Open {
-            disk: input.disk_id.clone(),
-            path: input.path.clone(),
-            source,
+        BlockReader::open(&input.path, input.engine, input.depth).map_err(|source| {
+            ScanError::Open {
+                disk: input.disk_id.clone(),
+                path: input.path.clone(),
+                source,
+            }
         })?;
     let workers = input.workers.max(1);
-    let pool = DEPTH * 2 + workers * 2;
+    let depth = input.depth.max(1);
+    let pool = depth * 2 + workers * 2;
     let (free_tx, free_rx): (Sender<AlignedBuf>, Receiver<AlignedBuf>) = bounded(pool);
     for _ in 0..pool {
         let _ = free_tx.send(AlignedBuf::new());
@@ -290,14 +296,14 @@ pub fn scan(
         }
 
         // The reader: this thread.
-        let mut batch: Vec<u64> = Vec::with_capacity(DEPTH);
+        let mut batch: Vec<u64> = Vec::with_capacity(depth);
         let mut iter = input.candidates.iter().copied().peekable();
         while iter.peek().is_some() && !cancel.load(Ordering::Relaxed) {
             batch.clear();
             for i in iter.by_ref() {
                 if input.maybe_data.get(i as usize).copied().unwrap_or(true) {
                     batch.push(i);
-                    if batch.len() == DEPTH {
+                    if batch.len() == depth {
                         break;
                     }
                 } else {

@@ -498,6 +498,7 @@ impl Replicator {
             bound: Duration::from_millis(self.cfg.freeze_timeout_ms),
             max_blocks: self.cfg.freeze_max_delta_mib * (1 << 20) / BLOCK_SIZE as u64,
             engine: self.cfg.reader,
+            depth: self.cfg.reader_queue_depth,
         };
         let joined = tokio::task::spawn_blocking(move || {
             let r = cut_blocking(&mut trackers, &disks, &opts);
@@ -564,6 +565,7 @@ impl Replicator {
                 preloaded: preloaded.next().unwrap_or_default(),
                 maybe_data,
                 engine: self.cfg.reader,
+                depth: self.cfg.reader_queue_depth,
                 level: self.level.shared(),
                 // Disks are read in parallel: the workers are shared out among them.
                 workers: (workers / n).max(1),
@@ -1029,6 +1031,7 @@ struct CutOptions {
     bound: Duration,
     max_blocks: u64,
     engine: lifeboat_common::config::ReaderEngine,
+    depth: usize,
 }
 
 /// A cut: the point's instant, its final delta (read, as far as it was), and its consistency.
@@ -1115,9 +1118,15 @@ fn cut_blocking(
             .zip(disks)
             .map(|(t, d)| {
                 s.spawn(move || match t {
-                    Take::Blocks(b) => {
-                        pipeline::read_blocks(&d.0, &d.1, opts.engine, d.2, &b.blocks, deadline)
-                    }
+                    Take::Blocks(b) => pipeline::read_blocks(
+                        &d.0,
+                        &d.1,
+                        opts.engine,
+                        opts.depth,
+                        d.2,
+                        &b.blocks,
+                        deadline,
+                    ),
                     Take::All { .. } => Ok(Vec::new()),
                 })
             })

@@ -106,6 +106,9 @@ pub struct AgentConfig {
     pub workers: usize,
     #[serde(default)]
     pub reader: ReaderEngine,
+    /// Block reads in flight at once (io_uring queue depth; the batch size of pread).
+    #[serde(default = "default_reader_queue_depth")]
+    pub reader_queue_depth: usize,
     /// How changed blocks are found: "auto" (eBPF, else hash scan), "ebpf" or "scan".
     #[serde(default)]
     pub tracker: TrackerKind,
@@ -165,6 +168,9 @@ fn default_agent_state_dir() -> PathBuf {
 }
 fn default_point_interval() -> u64 {
     10
+}
+fn default_reader_queue_depth() -> usize {
+    8
 }
 fn default_true() -> bool {
     true
@@ -276,6 +282,13 @@ impl AgentConfig {
         }
         if self.workers > 256 {
             return Err(invalid(path, "workers", "must be at most 256"));
+        }
+        if !(1..=128).contains(&self.reader_queue_depth) {
+            return Err(invalid(
+                path,
+                "reader_queue_depth",
+                "must be between 1 and 128 (each read in flight holds a 512 KiB buffer)",
+            ));
         }
         if !(100..=10_000).contains(&self.freeze_timeout_ms) {
             return Err(invalid(

@@ -396,7 +396,12 @@ fn tracked_writes_discards_and_write_zeroes_replicate_exactly() {
     };
     scattered_direct_writes(&dev.dev, 3000, 3);
     let rx = Receiver::start(w.path());
-    let spec = ebpf_spec("discard", &[("raw", &dev.dev)], &[]);
+    let mut spec = ebpf_spec(
+        "discard",
+        &[("raw", &dev.dev)],
+        &["reader_queue_depth = 32"],
+    );
+    spec.reader = "io_uring";
     let mut agent = Agent::new(w.path(), &rx, &spec);
     agent.spawn();
     let first = wait_point_after(&rx, &agent, "discard", 0);
@@ -466,7 +471,9 @@ fn a_partition_is_tracked_at_its_offset() {
         p2.exists()
     });
     let rx = Receiver::start(w.path());
-    let spec = ebpf_spec("parted", &[("p2", &p2)], &[]);
+    // The pread engine, in batches of 3 (the other tests read with io_uring).
+    let mut spec = ebpf_spec("parted", &[("p2", &p2)], &["reader_queue_depth = 3"]);
+    spec.reader = "pread";
     let mut agent = Agent::new(w.path(), &rx, &spec);
     agent.spawn();
     let _ = wait_point_after(&rx, &agent, "parted", 0);

@@ -35,11 +35,13 @@ pub struct BlockReader {
     pub direct: bool,
 }
 
-/// Queue depth of the io_uring engine, and the batch size of both engines.
+/// The default queue depth of the io_uring engine, and batch size of both engines
+/// (`reader_queue_depth` in agent.toml).
 pub const DEPTH: usize = 8;
 
 impl BlockReader {
-    pub fn open(path: &Path, choice: ReaderEngine) -> io::Result<BlockReader> {
+    pub fn open(path: &Path, choice: ReaderEngine, depth: usize) -> io::Result<BlockReader> {
+        let depth = depth.max(1);
         let (file, direct) = match OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_DIRECT)
@@ -51,8 +53,8 @@ impl BlockReader {
         };
         let engine = match choice {
             ReaderEngine::Pread => Engine::Pread,
-            ReaderEngine::IoUring => Engine::Uring(Box::new(uring::UringEngine::new(DEPTH)?)),
-            ReaderEngine::Auto => match uring::UringEngine::new(DEPTH) {
+            ReaderEngine::IoUring => Engine::Uring(Box::new(uring::UringEngine::new(depth)?)),
+            ReaderEngine::Auto => match uring::UringEngine::new(depth) {
                 Ok(u) => Engine::Uring(Box::new(u)),
                 Err(e) => {
                     tracing::info!("io_uring unavailable ({e}); reading with pread");
@@ -101,7 +103,7 @@ mod tests {
 
     fn hashes(path: &Path, engine: ReaderEngine) -> Vec<lifeboat_common::BlockHash> {
         let size = std::fs::metadata(path).unwrap().len();
-        let mut r = BlockReader::open(path, engine).unwrap();
+        let mut r = BlockReader::open(path, engine, DEPTH).unwrap();
         let mut out = Vec::new();
         let n = block_count(size);
         let mut i = 0;
@@ -147,7 +149,7 @@ mod tests {
         std::fs::write(&p, &data).unwrap();
         let a = hashes(&p, ReaderEngine::Pread);
         // io_uring itself, never a fallback to pread.
-        match BlockReader::open(&p, ReaderEngine::IoUring) {
+        match BlockReader::open(&p, ReaderEngine::IoUring, DEPTH) {
             Ok(r) => assert_eq!(r.engine_name(), "io_uring"),
             Err(e) => {
                 assert!(
