@@ -31,21 +31,36 @@ pub struct Prepared {
     pub index: u64,
     pub hash: BlockHash,
     pub payload: Payload,
-    /// The block as its changed pages over the acknowledged content, when that is smaller
-    /// (the payload then holds the whole block raw, for when the receiver lacks the base).
-    pub delta: Option<Delta>,
+    /// The block as pages written over its acknowledged content, read alone (its name comes
+    /// from the receiver; `hash` is then unused).
+    pub patch: Option<Patch>,
 }
 
-/// A block as pages written over its acknowledged content `base` (see `Message::Delta`).
-pub struct Delta {
+/// Pages written over a block's acknowledged content `base` (see `Message::Patch`).
+pub struct Patch {
     pub base: BlockHash,
     pub pages: Vec<(u32, u32)>,
     pub codec: Codec,
     pub bytes: Vec<u8>,
 }
 
-/// Most pages of a block sent as a delta; past this the whole block goes.
-const MAX_DELTA_PAGES: u32 = PAGES_PER_BLOCK / 2;
+/// Most pages of a block read and sent alone; past this the whole block is read.
+const MAX_PATCH_PAGES: u32 = PAGES_PER_BLOCK / 2;
+
+/// The pages to read alone for `block`, when the tracker knows them: at most half the block,
+/// the block whole (not a disk's short last block).
+pub fn patch_runs(
+    pages: &std::collections::HashMap<u64, u128>,
+    block: u64,
+    size: u64,
+) -> Option<(u128, Vec<(u32, u32)>)> {
+    let mask = *pages.get(&block)?;
+    if block_len(block, size) != BLOCK_SIZE || mask.count_ones() > MAX_PATCH_PAGES {
+        return None;
+    }
+    let r = runs(mask);
+    (r.len() <= MAX_DELTA_RUNS).then_some((mask, r))
+}
 
 /// `mask`'s pages as (first, count) runs.
 fn runs(mask: u128) -> Vec<(u32, u32)> {
@@ -141,6 +156,8 @@ struct Work {
     index: u64,
     len: usize,
     buf: AlignedBuf,
+    /// Only these pages were read (at their places in `buf`).
+    pages: Option<Vec<(u32, u32)>>,
 }
 
 /// A block read ahead of its pipeline.
@@ -148,20 +165,36 @@ pub struct Loaded {
     pub index: u64,
     pub len: usize,
     pub buf: AlignedBuf,
+    /// Only these pages were read.
+    pub pages: Option<Vec<(u32, u32)>>,
+}
+
+/// A disk to read from, and how.
+#[derive(Clone, Copy)]
+pub struct DiskRead<'a> {
+    pub disk_id: &'a str,
+    pub path: &'a std::path::Path,
+    pub engine: ReaderEngine,
+    pub depth: usize,
+    pub size: u64,
 }
 
 /// Reads `blocks` of a disk into memory, in order, until all are read or `deadline` passes;
 /// returns what was read (a prefix of `blocks`). For the final delta of a point, read while
 /// the filesystems are frozen.
 pub fn read_blocks(
-    disk_id: &str,
-    path: &std::path::Path,
-    engine: ReaderEngine,
-    depth: usize,
-    size: u64,
+    disk: &DiskRead<'_>,
     blocks: &[u64],
+    pages: &std::collections::HashMap<u64, u128>,
     deadline: std::time::Instant,
 ) -> Result<Vec<Loaded>, ScanError> {
+    let DiskRead {
+        disk_id,
+        path,
+        engine,
+        depth,
+        size,
+    } = *disk;
     let read_err = |first: u64, last: u64, source| ScanError::Read {
         disk: disk_id.to_string(),
         path: path.to_path_buf(),
@@ -175,10 +208,37 @@ pub fn read_blocks(
         source,
     })?;
     let mut out = Vec::with_capacity(blocks.len());
-    for batch in blocks.chunks(depth.max(1)) {
+    // In order: what was read is a prefix of `blocks`. Runs of page-read blocks, then runs of
+    // whole blocks, batched.
+    let mut at = 0;
+    while at < blocks.len() {
         if std::time::Instant::now() >= deadline {
             break;
         }
+        let i = blocks[at];
+        if let Some((_, runs)) = patch_runs(pages, i, size) {
+            let mut buf = AlignedBuf::new();
+            reader
+                .read_pages(&mut buf, i * BLOCK_SIZE as u64, &runs)
+                .map_err(|e| read_err(i, i, e))?;
+            out.push(Loaded {
+                index: i,
+                len: BLOCK_SIZE,
+                buf,
+                pages: Some(runs),
+            });
+            at += 1;
+            continue;
+        }
+        let mut end = at;
+        while end < blocks.len()
+            && end - at < depth.max(1)
+            && patch_runs(pages, blocks[end], size).is_none()
+        {
+            end += 1;
+        }
+        let batch = &blocks[at..end];
+        at = end;
         let mut reqs: Vec<ReadReq> = batch
             .iter()
             .map(|&i| ReadReq {
@@ -204,6 +264,7 @@ pub fn read_blocks(
                 index: i,
                 len,
                 buf: r.buf,
+                pages: None,
             });
         }
     }
@@ -289,6 +350,7 @@ pub fn scan(
                 index: l.index,
                 len: l.len,
                 buf: l.buf,
+                pages: l.pages,
             };
             if cancel.load(Ordering::Relaxed) || work_tx.send(w).is_err() {
                 break;
@@ -301,7 +363,32 @@ pub fn scan(
         while iter.peek().is_some() && !cancel.load(Ordering::Relaxed) {
             batch.clear();
             for i in iter.by_ref() {
-                if input.maybe_data.get(i as usize).copied().unwrap_or(true) {
+                if let Some((_, runs)) = patch_runs(&input.pages, i, input.size) {
+                    // Only the pages written since the block was last read.
+                    let Ok(mut buf) = free_rx.recv() else { break };
+                    if let Err(source) = reader.read_pages(&mut buf, i * BLOCK_SIZE as u64, &runs) {
+                        fail(ScanError::Read {
+                            disk: input.disk_id.clone(),
+                            path: input.path.clone(),
+                            first: i,
+                            last: i,
+                            source,
+                        });
+                        break;
+                    }
+                    let bytes: u64 = runs.iter().map(|r| r.1 as u64 * PAGE_SIZE as u64).sum();
+                    stats.blocks_read += 1;
+                    stats.bytes_read += bytes;
+                    let w = Work {
+                        index: i,
+                        len: BLOCK_SIZE,
+                        buf,
+                        pages: Some(runs),
+                    };
+                    if work_tx.send(w).is_err() {
+                        break;
+                    }
+                } else if input.maybe_data.get(i as usize).copied().unwrap_or(true) {
                     batch.push(i);
                     if batch.len() == depth {
                         break;
@@ -317,7 +404,7 @@ pub fn scan(
                             index: i,
                             hash: BlockHash::ZERO,
                             payload: Payload::Zero,
-                            delta: None,
+                            patch: None,
                         };
                         if out.blocking_send(p).is_err() {
                             fail(ScanError::Cancelled);
@@ -366,6 +453,7 @@ pub fn scan(
                         index: i,
                         len,
                         buf: r.buf,
+                        pages: None,
                     })
                     .is_err()
                 {
@@ -390,8 +478,6 @@ fn examine(
     progress: &ScanProgress,
     fail: &dyn Fn(ScanError),
 ) -> Option<Prepared> {
-    let data = &w.buf.as_slice()[..w.len];
-    let hash = hash_block(data);
     progress.examined.fetch_add(1, Ordering::Relaxed);
     let acked = input
         .acked
@@ -399,78 +485,8 @@ fn examine(
         .get(w.index as usize)
         .copied()
         .unwrap_or(BlockHash::ZERO);
-    if hash == acked {
-        return None;
-    }
-    if let Some(d) = delta(input, w, acked, hash, fail) {
-        progress.changed.fetch_add(1, Ordering::Relaxed);
-        return Some(Prepared {
-            disk: input.disk,
-            index: w.index,
-            hash,
-            payload: Payload::Data {
-                codec: Codec::Raw,
-                bytes: data.to_vec(),
-            },
-            delta: Some(d),
-        });
-    }
-    let payload = if hash.is_zero() {
-        Payload::Zero
-    } else {
-        match codec::encode(data, input.level.load(Ordering::Relaxed)) {
-            Ok((codec, bytes)) => Payload::Data { codec, bytes },
-            Err(source) => {
-                fail(ScanError::Compress {
-                    disk: input.disk_id.clone(),
-                    index: w.index,
-                    source,
-                });
-                return None;
-            }
-        }
-    };
-    progress.changed.fetch_add(1, Ordering::Relaxed);
-    Some(Prepared {
-        disk: input.disk,
-        index: w.index,
-        hash,
-        payload,
-        delta: None,
-    })
-}
-
-/// The block as a delta over its acknowledged content, when the tracker knows the pages
-/// written, they are at most half the block, and the block is whole (not a disk's short last
-/// block) and not zero now.
-fn delta(
-    input: &ScanInput,
-    w: &Work,
-    acked: BlockHash,
-    hash: BlockHash,
-    fail: &dyn Fn(ScanError),
-) -> Option<Delta> {
-    let mask = *input.pages.get(&w.index)?;
-    if w.len != BLOCK_SIZE || hash.is_zero() || mask.count_ones() > MAX_DELTA_PAGES {
-        return None;
-    }
-    let pages = runs(mask);
-    if pages.len() > MAX_DELTA_RUNS {
-        return None;
-    }
-    let data = w.buf.as_slice();
-    let mut bytes = Vec::with_capacity(mask.count_ones() as usize * PAGE_SIZE);
-    for &(first, count) in &pages {
-        let (start, len) = (first as usize * PAGE_SIZE, count as usize * PAGE_SIZE);
-        bytes.extend_from_slice(&data[start..start + len]);
-    }
-    match codec::encode(&bytes, input.level.load(Ordering::Relaxed)) {
-        Ok((codec, bytes)) => Some(Delta {
-            base: acked,
-            pages,
-            codec,
-            bytes,
-        }),
+    let compress = |data: &[u8]| match codec::encode(data, input.level.load(Ordering::Relaxed)) {
+        Ok(c) => Some(c),
         Err(source) => {
             fail(ScanError::Compress {
                 disk: input.disk_id.clone(),
@@ -479,7 +495,50 @@ fn delta(
             });
             None
         }
+    };
+    if let Some(runs) = &w.pages {
+        // Only pages were read: they go over the acknowledged content, named by the receiver.
+        let data = w.buf.as_slice();
+        let mut bytes =
+            Vec::with_capacity(runs.iter().map(|r| r.1 as usize).sum::<usize>() * PAGE_SIZE);
+        for &(first, count) in runs {
+            let (start, len) = (first as usize * PAGE_SIZE, count as usize * PAGE_SIZE);
+            bytes.extend_from_slice(&data[start..start + len]);
+        }
+        let (codec, bytes) = compress(&bytes)?;
+        progress.changed.fetch_add(1, Ordering::Relaxed);
+        return Some(Prepared {
+            disk: input.disk,
+            index: w.index,
+            hash: BlockHash::ZERO,
+            payload: Payload::Zero,
+            patch: Some(Patch {
+                base: acked,
+                pages: runs.clone(),
+                codec,
+                bytes,
+            }),
+        });
     }
+    let data = &w.buf.as_slice()[..w.len];
+    let hash = hash_block(data);
+    if hash == acked {
+        return None;
+    }
+    let payload = if hash.is_zero() {
+        Payload::Zero
+    } else {
+        let (codec, bytes) = compress(data)?;
+        Payload::Data { codec, bytes }
+    };
+    progress.changed.fetch_add(1, Ordering::Relaxed);
+    Some(Prepared {
+        disk: input.disk,
+        index: w.index,
+        hash,
+        payload,
+        patch: None,
+    })
 }
 
 #[cfg(test)]

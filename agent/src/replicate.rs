@@ -356,7 +356,7 @@ impl Replicator {
             }
         }
         let tracked = self.trackers.iter().all(|t| t.sees_writes());
-        let max_final = self.cfg.freeze_max_delta_mib * (1 << 20) / BLOCK_SIZE as u64;
+        let max_final = self.cfg.freeze_max_delta_mib << 20;
         let mut changed = 0;
         let mut passes = 0;
         loop {
@@ -373,10 +373,10 @@ impl Replicator {
             let candidates = self.candidates(&takes);
             let pages = takes.iter().map(Take::pages).collect();
             match self
-                .pass(link, candidates, pages, Vec::new(), started)
+                .pass_all(link, candidates, pages, Vec::new(), started)
                 .await
             {
-                Ok(c) => changed += c,
+                Ok((c, _)) => changed += c,
                 Err(e) => {
                     self.give_back(takes);
                     return Err(e);
@@ -401,7 +401,8 @@ impl Replicator {
             // A verify scan still pending right after one (the tracker keeps losing events,
             // or it stopped) is not converging: cut, best-effort, and say why.
             let pending: Option<u64> = self.trackers.iter().map(|t| t.pending()).sum();
-            let small = pending.is_some_and(|p| p <= max_final);
+            let pending_bytes: Option<u64> = self.trackers.iter().map(|t| t.pending_bytes()).sum();
+            let small = pending_bytes.is_some_and(|p| p <= max_final);
             let stuck = pending.is_none() && self.verifying.iter().any(|v| *v);
             if stuck {
                 // Freezing would only lead to another whole read.
@@ -435,11 +436,18 @@ impl Replicator {
             .map(|(t, s)| t.len(block_count(*s)))
             .sum();
         let pages = takes.iter().map(Take::pages).collect();
+        let (mut consistency, mut why) = (cut.consistency, cut.why);
         match self
-            .pass(link, candidates, pages, cut.loaded, started)
+            .pass_all(link, candidates, pages, cut.loaded, started)
             .await
         {
-            Ok(c) => changed += c,
+            Ok((c, again)) => {
+                changed += c;
+                if again > 0 && consistency == Consistency::CrashConsistent {
+                    consistency = Consistency::BestEffort;
+                    why = format!("{again} blocks of the final delta had to be read again after the thaw (the receiver lacked their base)");
+                }
+            }
             Err(e) => {
                 self.give_back(takes);
                 return Err(e);
@@ -447,8 +455,7 @@ impl Replicator {
         }
         self.status.last_freeze_ms = cut.freeze_ms;
         tracing::debug!(final_blocks, passes, "final delta sent");
-        self.commit(link, cut.instant_ms, cut.consistency, cut.why)
-            .await?;
+        self.commit(link, cut.instant_ms, consistency, why).await?;
         self.log_committed(changed, started);
         Ok(changed)
     }
@@ -496,7 +503,7 @@ impl Replicator {
             freeze: self.cfg.freeze,
             marker: self.cfg.state_dir.join(crate::freeze::MARKER),
             bound: Duration::from_millis(self.cfg.freeze_timeout_ms),
-            max_blocks: self.cfg.freeze_max_delta_mib * (1 << 20) / BLOCK_SIZE as u64,
+            max_bytes: self.cfg.freeze_max_delta_mib << 20,
             engine: self.cfg.reader,
             depth: self.cfg.reader_queue_depth,
         };
@@ -527,7 +534,7 @@ impl Replicator {
         pages: Vec<std::collections::HashMap<u64, u128>>,
         preloaded: Vec<Vec<Loaded>>,
         started: Instant,
-    ) -> Result<u64, ReplicateError> {
+    ) -> Result<(u64, Vec<(usize, u64)>), ReplicateError> {
         let n = self.cfg.disks.len();
         let workers = if self.cfg.workers == 0 {
             std::thread::available_parallelism()
@@ -627,13 +634,67 @@ impl Replicator {
         let scanned = driver
             .await
             .map_err(|e| LinkError::Protocol(format!("scan task failed: {e}")))?;
-        result?;
+        let refused = result?;
         let stats = scanned?;
         for (i, s) in stats.iter().enumerate() {
             self.status.disks[i].reader = s.engine.to_string();
             self.status.disks[i].bytes_read += s.bytes_read;
         }
-        Ok(stats.iter().map(|s| s.changed).sum())
+        Ok((stats.iter().map(|s| s.changed).sum(), refused))
+    }
+
+    /// A pass, then the blocks whose patches the receiver could not apply (it lacked their
+    /// base), read whole. Returns the blocks changed and how many were read again.
+    async fn pass_all(
+        &mut self,
+        link: &mut Link,
+        candidates: Vec<Vec<u64>>,
+        pages: Vec<std::collections::HashMap<u64, u128>>,
+        preloaded: Vec<Vec<Loaded>>,
+        started: Instant,
+    ) -> Result<(u64, usize), ReplicateError> {
+        let n = self.cfg.disks.len();
+        let (mut changed, mut refused) = self
+            .pass(link, candidates, pages, preloaded, started)
+            .await?;
+        let mut again = 0;
+        for _ in 0..3 {
+            if refused.is_empty() {
+                return Ok((changed, again));
+            }
+            again += refused.len();
+            tracing::info!(
+                blocks = refused.len(),
+                "the receiver lacked the base of some patches: reading those blocks whole"
+            );
+            let mut whole = vec![Vec::new(); n];
+            for (d, i) in refused {
+                whole[d].push(i);
+            }
+            for w in &mut whole {
+                w.sort_unstable();
+                w.dedup();
+            }
+            let (c, r) = self
+                .pass(
+                    link,
+                    whole,
+                    vec![Default::default(); n],
+                    Vec::new(),
+                    started,
+                )
+                .await?;
+            changed += c;
+            refused = r;
+        }
+        if refused.is_empty() {
+            return Ok((changed, again));
+        }
+        Err(LinkError::Protocol(format!(
+            "the receiver refused {} blocks even whole",
+            refused.len()
+        ))
+        .into())
     }
 
     /// Feeds the send window ([`crate::window`]) from the pipeline and the link until every
@@ -645,7 +706,7 @@ impl Replicator {
         rx: &mut mpsc::Receiver<Prepared>,
         progress: &[Arc<ScanProgress>],
         started: Instant,
-    ) -> Result<(), ReplicateError> {
+    ) -> Result<Vec<(usize, u64)>, ReplicateError> {
         let mut window = Window::new(self.cfg.disks.len());
         let mut have_deadline = tokio::time::Instant::now();
         let mut tick = tokio::time::interval(PROGRESS_EVERY);
@@ -674,6 +735,13 @@ impl Replicator {
                     Message::HaveReply { req, present } => window.have_reply(req, &present, link.out_buf())?,
                     Message::Acks { seqs } => {
                         for a in window.acks(&seqs) {
+                            if let Some(slot) = self.acked[a.disk].hashes.get_mut(a.index as usize) {
+                                *slot = a.hash;
+                            }
+                        }
+                    }
+                    Message::Named { named } => {
+                        for a in window.named(&named) {
                             if let Some(slot) = self.acked[a.disk].hashes.get_mut(a.index as usize) {
                                 *slot = a.hash;
                             }
@@ -745,7 +813,8 @@ impl Replicator {
                 _ => {}
             }
             if scans_done && window.is_empty() {
-                return Ok(());
+                self.status.patches_sent += window.patches_sent;
+                return Ok(std::mem::take(&mut window.refused));
             }
         }
     }
@@ -1029,7 +1098,7 @@ struct CutOptions {
     /// Records a freeze in progress (see `freeze::freeze`).
     marker: std::path::PathBuf,
     bound: Duration,
-    max_blocks: u64,
+    max_bytes: u64,
     engine: lifeboat_common::config::ReaderEngine,
     depth: usize,
 }
@@ -1088,6 +1157,22 @@ fn cut_blocking(
         .zip(disks)
         .map(|(t, d)| t.len(block_count(d.2)))
         .sum();
+    // What the final read costs: whole blocks, or only the pages of partly written ones.
+    let total_bytes: u64 = takes
+        .iter()
+        .zip(disks)
+        .map(|(t, d)| match t {
+            Take::All { .. } => d.2,
+            Take::Blocks(b) => b
+                .blocks
+                .iter()
+                .map(|&i| match pipeline::patch_runs(&b.pages, i, d.2) {
+                    Some((mask, _)) => mask.count_ones() as u64 * 4096,
+                    None => BLOCK_SIZE as u64,
+                })
+                .sum(),
+        })
+        .sum();
     let best_effort = |why: String, loaded| Cut {
         instant_ms,
         loaded,
@@ -1103,12 +1188,12 @@ fn cut_blocking(
         drop(frozen);
         return (takes, Ok(best_effort(why, Vec::new())));
     }
-    if total > opts.max_blocks {
+    if total_bytes > opts.max_bytes {
         drop(frozen);
         return (takes, Ok(best_effort(format!(
             "writes outpaced pre-copy: the final delta of {} MiB is over freeze_max_delta_mib ({} MiB)",
-            (total * BLOCK_SIZE as u64) >> 20,
-            (opts.max_blocks * BLOCK_SIZE as u64) >> 20
+            total_bytes >> 20,
+            opts.max_bytes >> 20
         ), Vec::new())));
     }
     // Read every disk's final delta at once, each disk on its own thread.
@@ -1118,15 +1203,16 @@ fn cut_blocking(
             .zip(disks)
             .map(|(t, d)| {
                 s.spawn(move || match t {
-                    Take::Blocks(b) => pipeline::read_blocks(
-                        &d.0,
-                        &d.1,
-                        opts.engine,
-                        opts.depth,
-                        d.2,
-                        &b.blocks,
-                        deadline,
-                    ),
+                    Take::Blocks(b) => {
+                        let disk = pipeline::DiskRead {
+                            disk_id: &d.0,
+                            path: &d.1,
+                            engine: opts.engine,
+                            depth: opts.depth,
+                            size: d.2,
+                        };
+                        pipeline::read_blocks(&disk, &b.blocks, &b.pages, deadline)
+                    }
                     Take::All { .. } => Ok(Vec::new()),
                 })
             })

@@ -62,6 +62,9 @@ pub struct AgentStatus {
     pub last_freeze_ms: Option<u64>,
     pub last_error: Option<String>,
     pub bytes_sent: u64,
+    /// Blocks sent as their written pages (patches) since the agent started.
+    #[serde(default)]
+    pub patches_sent: u64,
     /// The zstd level in use (it adapts between the configured floor and ceiling).
     pub compression_level: i32,
     pub disks: Vec<DiskStatus>,

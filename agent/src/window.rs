@@ -10,7 +10,7 @@
 //! `NeedData` for a `Ref` resends its data.
 
 use crate::link::LinkError;
-use crate::pipeline::{Delta, Payload, Prepared};
+use crate::pipeline::{Payload, Prepared};
 use lifeboat_common::codec::Codec;
 use lifeboat_common::protocol::{self, Message};
 use lifeboat_common::BlockHash;
@@ -27,8 +27,8 @@ struct Entry {
     hash: BlockHash,
     /// The encoded content, kept for a `NeedData` (None for the zero block).
     data: Option<(Codec, Vec<u8>)>,
-    /// Sent instead of the data when the receiver lacks the content.
-    delta: Option<Delta>,
+    /// Sent as a `Patch`: the receiver names it (`Named`), or lacks its base (`NeedData`).
+    patch: bool,
 }
 
 /// A block the receiver acknowledged: `disk`'s block `index` now durably holds `hash`.
@@ -54,9 +54,11 @@ pub struct Window {
     sent_data: HashSet<BlockHash>,
     /// Unacknowledged blocks per disk.
     pub outstanding: Vec<u64>,
-    /// Blocks sent as deltas, and deltas the receiver could not apply (sent whole instead).
-    pub deltas_sent: u64,
-    pub deltas_refused: u64,
+    /// Blocks sent as patches, and patches the receiver could not apply (it lacked the base).
+    pub patches_sent: u64,
+    pub patches_refused: u64,
+    /// Blocks whose patch the receiver could not apply: to be read whole and sent again.
+    pub refused: Vec<(usize, u64)>,
 }
 
 impl Window {
@@ -71,8 +73,9 @@ impl Window {
             known: HashSet::new(),
             sent_data: HashSet::new(),
             outstanding: vec![0; disks],
-            deltas_sent: 0,
-            deltas_refused: 0,
+            patches_sent: 0,
+            patches_refused: 0,
+            refused: Vec::new(),
         }
     }
 
@@ -108,6 +111,31 @@ impl Window {
         let seq = self.next_seq;
         self.next_seq += 1;
         let handle = p.disk as u32;
+        if let Some(patch) = p.patch {
+            // No name to ask about: the pages go at once.
+            Message::Patch {
+                seq,
+                handle,
+                index: p.index,
+                base: patch.base,
+                pages: patch.pages,
+                codec: patch.codec,
+                data: patch.bytes,
+            }
+            .encode(out);
+            self.patches_sent += 1;
+            self.inflight.insert(
+                seq,
+                Entry {
+                    disk: p.disk,
+                    index: p.index,
+                    hash: BlockHash::ZERO,
+                    data: None,
+                    patch: true,
+                },
+            );
+            return false;
+        }
         match p.payload {
             Payload::Zero => {
                 Message::Ref {
@@ -124,7 +152,7 @@ impl Window {
                         index: p.index,
                         hash: BlockHash::ZERO,
                         data: None,
-                        delta: None,
+                        patch: false,
                     },
                 );
                 false
@@ -135,7 +163,7 @@ impl Window {
                     index: p.index,
                     hash: p.hash,
                     data: Some((codec, bytes)),
-                    delta: p.delta,
+                    patch: false,
                 };
                 if self.known.contains(&p.hash) || self.sent_data.contains(&p.hash) {
                     Message::Ref {
@@ -203,20 +231,6 @@ impl Window {
                     hash: e.hash,
                 }
                 .encode(out);
-            } else if let Some(d) = &e.delta {
-                Message::Delta {
-                    seq,
-                    handle,
-                    index: e.index,
-                    hash: e.hash,
-                    base: d.base,
-                    pages: d.pages.clone(),
-                    codec: d.codec,
-                    data: d.bytes.clone(),
-                }
-                .encode(out);
-                self.sent_data.insert(e.hash);
-                self.deltas_sent += 1;
             } else if let Some((codec, data)) = &e.data {
                 protocol::encode_block(out, seq, handle, e.index, &e.hash, *codec, data);
                 self.sent_data.insert(e.hash);
@@ -230,6 +244,9 @@ impl Window {
     pub fn acks(&mut self, seqs: &[u64]) -> Vec<Acked> {
         let mut done = Vec::with_capacity(seqs.len());
         for seq in seqs {
+            if self.inflight.get(seq).is_some_and(|e| e.patch) {
+                continue;
+            }
             if let Some(e) = self.inflight.remove(seq) {
                 self.outstanding[e.disk] = self.outstanding[e.disk].saturating_sub(1);
                 if !e.hash.is_zero() {
@@ -245,16 +262,44 @@ impl Window {
         done
     }
 
+    /// Patches made durable, with the names the receiver gave the blocks they made.
+    pub fn named(&mut self, named: &[(u64, BlockHash)]) -> Vec<Acked> {
+        let mut done = Vec::with_capacity(named.len());
+        for (seq, hash) in named {
+            if let Some(e) = self.inflight.get(seq).filter(|e| e.patch) {
+                let disk = e.disk;
+                let index = e.index;
+                self.inflight.remove(seq);
+                self.outstanding[disk] = self.outstanding[disk].saturating_sub(1);
+                if !hash.is_zero() {
+                    self.known.insert(*hash);
+                }
+                done.push(Acked {
+                    disk,
+                    index,
+                    hash: *hash,
+                });
+            }
+        }
+        done
+    }
+
     /// The receiver lacks the content of `Ref` `seq`: its data is encoded into `out`.
     pub fn need_data(&mut self, seq: u64, out: &mut Vec<u8>) -> Result<(), LinkError> {
+        if self.inflight.get(&seq).is_some_and(|e| e.patch) {
+            // The receiver lacks the base: the block must be read whole. Done here; the
+            // caller reads it again (`refused`).
+            if let Some(e) = self.inflight.remove(&seq) {
+                self.outstanding[e.disk] = self.outstanding[e.disk].saturating_sub(1);
+                self.patches_refused += 1;
+                self.refused.push((e.disk, e.index));
+            }
+            return Ok(());
+        }
         let e = self
             .inflight
-            .get_mut(&seq)
+            .get(&seq)
             .ok_or_else(|| LinkError::Protocol(format!("NeedData for unknown block {seq}")))?;
-        // A delta the receiver could not apply (it lacks the base): the whole block, once.
-        if e.delta.take().is_some() {
-            self.deltas_refused += 1;
-        }
         let Some((codec, data)) = &e.data else {
             return Err(LinkError::Protocol(format!(
                 "NeedData for zero block {seq}"
@@ -292,43 +337,52 @@ mod tests {
                 codec: Codec::Raw,
                 bytes,
             },
-            delta: None,
+            patch: None,
         }
     }
 
     #[test]
-    fn a_delta_goes_when_the_receiver_lacks_the_content_and_the_whole_block_if_it_asks() {
+    fn a_patch_goes_at_once_and_is_named_or_refused() {
         let mut w = Window::new(1);
         let mut out = Vec::new();
-        let mut p = data(0, 5, 9);
-        p.delta = Some(Delta {
-            base: BlockHash([1; 32]),
-            pages: vec![(3, 1)],
-            codec: Codec::Raw,
-            bytes: vec![9; 4096],
-        });
-        let hash = p.hash;
-        w.offer(p, &mut out);
-        w.query(true, &mut out);
-        let Message::Have { req, .. } = frames(&mut out)[0].clone() else {
-            panic!()
+        let patch = |index| Prepared {
+            disk: 0,
+            index,
+            hash: BlockHash::ZERO,
+            payload: Payload::Zero,
+            patch: Some(crate::pipeline::Patch {
+                base: BlockHash([1; 32]),
+                pages: vec![(3, 1)],
+                codec: Codec::Raw,
+                bytes: vec![9; 4096],
+            }),
         };
-        w.have_reply(req, &[false], &mut out).unwrap();
+        assert!(!w.offer(patch(5), &mut out));
+        assert!(!w.offer(patch(6), &mut out));
         let f = frames(&mut out);
         assert!(
-            matches!(&f[..], [Message::Delta { seq: 1, index: 5, base, pages, .. }]
+            matches!(&f[..], [Message::Patch { seq: 1, index: 5, base, pages, .. }, Message::Patch { seq: 2, .. }]
                 if *base == BlockHash([1; 32]) && pages == &vec![(3, 1)]),
             "{f:?}"
         );
-        // The receiver lacks the base: the whole block, as kept.
-        w.need_data(1, &mut out).unwrap();
-        let f = frames(&mut out);
-        assert!(
-            matches!(&f[..], [Message::Block { seq: 1, hash: h, data, .. }] if *h == hash && data.len() == 100),
-            "{f:?}"
+        assert_eq!(w.pending_queries(), 0, "a patch is never asked about");
+        // An Acks for a patch's seq is not its answer.
+        assert!(w.acks(&[1]).is_empty());
+        let named = w.named(&[(1, BlockHash([7; 32]))]);
+        assert_eq!(
+            named,
+            vec![Acked {
+                disk: 0,
+                index: 5,
+                hash: BlockHash([7; 32])
+            }]
         );
-        assert_eq!((w.deltas_sent, w.deltas_refused), (1, 1));
-        assert_eq!(w.acks(&[1]).len(), 1);
+        // The receiver lacks the base of the second: it is to be read whole.
+        w.need_data(2, &mut out).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(w.refused, vec![(0, 6)]);
+        assert!(w.is_empty());
+        assert_eq!((w.patches_sent, w.patches_refused), (2, 1));
     }
 
     #[test]
@@ -342,7 +396,7 @@ mod tests {
                 index: 0,
                 hash: BlockHash::ZERO,
                 payload: Payload::Zero,
-                delta: None,
+                patch: None,
             },
             &mut out
         ));

@@ -460,30 +460,32 @@ messages! {
         retryable: bool,
         message: String,
     }
-    /// A: block `index` now holds `hash`: the content `base` with the 4 KiB pages of `pages`
-    /// (runs of (first page, count), ascending, within the block) replaced by `data` (their
-    /// bytes in order, encoded with `codec`). The receiver checks `hash` on the result and
-    /// answers `NeedData` when it lacks `base` or the result does not match.
-    17 Delta {
+    /// A: block `index` now holds the content `base` (what the receiver acknowledged for it)
+    /// with the 4 KiB pages of `pages` (runs of (first page, count), ascending, within the
+    /// block) replaced by `data` (their bytes in order, encoded with `codec`). The agent read
+    /// only those pages; the receiver names the result and answers `Named` once it is durable,
+    /// or `NeedData` when it lacks `base` (the agent then sends the whole block).
+    17 Patch {
         seq: u64,
         handle: u32,
         index: u64,
-        hash: BlockHash,
         base: BlockHash,
         pages: Vec<(u32, u32)> => List<MAX_DELTA_RUNS>,
         codec: Codec,
         data: Vec<u8> => BlockData,
     }
+    /// R: these Patch sequence numbers are durable, and the blocks they made are named so.
+    18 Named { named: Vec<(u64, BlockHash)> => List<MAX_ACKS> }
 }
 
-/// A sub-block page of a [`Message::Delta`].
+/// A sub-block page of a [`Message::Patch`].
 pub const PAGE_SIZE: usize = 4096;
 /// Pages in a block.
 pub const PAGES_PER_BLOCK: u32 = (BLOCK_SIZE / PAGE_SIZE) as u32;
 /// Most runs in one `Delta` (every other page).
 pub const MAX_DELTA_RUNS: usize = PAGES_PER_BLOCK as usize / 2;
 
-/// Checks a `Delta`'s runs: ascending, not touching, inside the block. Returns the number of
+/// Checks a `Patch`'s runs: ascending, not touching, inside the block. Returns the number of
 /// bytes they cover.
 pub fn delta_len(pages: &[(u32, u32)]) -> Result<usize, String> {
     let mut next = 0u32;
@@ -852,16 +854,17 @@ mod tests {
                 proptest::collection::vec((0u32..128, 1u32..4), 0..8),
                 proptest::collection::vec(any::<u8>(), 0..64)
             )
-                .prop_map(|(seq, h, pages, data)| Message::Delta {
+                .prop_map(|(seq, h, pages, data)| Message::Patch {
                     seq,
                     handle: 1,
                     index: 3,
-                    hash: h,
-                    base: BlockHash::ZERO,
+                    base: h,
                     pages,
                     codec: Codec::Raw,
                     data,
                 }),
+            proptest::collection::vec((any::<u64>(), arb_hash()), 0..8)
+                .prop_map(|named| Message::Named { named }),
             any::<u64>().prop_map(|p| Message::Committed { point: p }),
             (
                 any::<u64>(),
@@ -962,7 +965,7 @@ mod tests {
             disks: vec![(0, BlockHash([9; 32]))],
         }
         .encode(&mut frame);
-        for t in 1..=18u8 {
+        for t in 1..=19u8 {
             for cut in 0..frame.len() - 5 {
                 let mut body = frame[4..].to_vec();
                 body[0] = t;

@@ -159,16 +159,21 @@ fn seeds() -> Vec<(&'static str, Message)> {
         ),
         ("committed", Message::Committed { point: 4 }),
         (
-            "delta",
-            Message::Delta {
+            "patch",
+            Message::Patch {
                 seq: 3,
                 handle: 0,
                 index: 5,
-                hash: h,
                 base: BlockHash::ZERO,
                 pages: vec![(2, 1), (9, 2)],
                 codec: Codec::Raw,
                 data: vec![7; 3 * 4096],
+            },
+        ),
+        (
+            "named",
+            Message::Named {
+                named: vec![(3, h)],
             },
         ),
         (

@@ -21,13 +21,13 @@ pub struct Counters {
     /// Journal records found damaged (failing their check between good ones) at disk open.
     #[serde(default)]
     pub journal_records_damaged: u64,
-    /// Delta frames applied (changed pages over the block's previous content), and their
-    /// encoded bytes.
+    /// Patch frames applied (pages written over the block's previous content, named here),
+    /// and their encoded bytes.
     #[serde(default)]
     pub deltas_applied: u64,
     #[serde(default)]
     pub delta_bytes_received: u64,
-    /// Delta frames answered with NeedData (base missing, or the result did not match).
+    /// Patch frames answered with NeedData (the base was missing).
     #[serde(default)]
     pub deltas_refused: u64,
 }

@@ -89,6 +89,30 @@ impl BlockReader {
     }
 }
 
+impl BlockReader {
+    /// Reads page runs (4 KiB pages of the block at `block_offset`) into their places in
+    /// `buf`, with pread (a few small reads; the rest of `buf` is left as it was).
+    pub fn read_pages(
+        &mut self,
+        buf: &mut AlignedBuf,
+        block_offset: u64,
+        runs: &[(u32, u32)],
+    ) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        const PAGE: usize = lifeboat_common::protocol::PAGE_SIZE;
+        for &(first, count) in runs {
+            let (start, len) = (first as usize * PAGE, count as usize * PAGE);
+            let dst = buf
+                .as_mut_slice()
+                .get_mut(start..start + len)
+                .ok_or_else(|| io::Error::other("page run past the block"))?;
+            // 4 KiB-aligned offsets and lengths into a 4 KiB-aligned buffer: O_DIRECT holds.
+            self.file.read_exact_at(dst, block_offset + start as u64)?;
+        }
+        Ok(())
+    }
+}
+
 /// The length to request for a block whose disk-relative length is `len`: rounded up to
 /// 4 KiB for O_DIRECT, never past the buffer.
 pub fn aligned_len(len: usize) -> usize {

@@ -92,6 +92,23 @@ impl DirtySet {
         self.marked == 0
     }
 
+    /// What reading the marked blocks costs: their written pages where at most half of a
+    /// block, else the whole block.
+    pub fn bytes(&self) -> u64 {
+        let partial: u64 = self
+            .pages
+            .values()
+            .map(|m| {
+                if m.count_ones() <= PAGES_PER_BLOCK / 2 {
+                    m.count_ones() as u64 * PAGE_SIZE as u64
+                } else {
+                    BLOCK_SIZE as u64
+                }
+            })
+            .sum();
+        (self.marked - self.pages.len() as u64) * BLOCK_SIZE as u64 + partial
+    }
+
     /// The marked blocks below `blocks`, leaving the set empty.
     pub fn take(&mut self, blocks: u64) -> Taken {
         let mut out = Vec::with_capacity(self.marked as usize);

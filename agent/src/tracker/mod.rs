@@ -75,6 +75,12 @@ pub trait Tracker: Send {
     fn resized(&mut self, _path: &std::path::Path) {}
     /// Blocks marked now (without taking them); `None` when the tracker cannot tell (a scan).
     fn pending(&self) -> Option<u64>;
+    /// What reading the marked blocks costs, in bytes (the pages of partly written blocks,
+    /// the rest whole); `None` when the tracker cannot tell.
+    fn pending_bytes(&self) -> Option<u64> {
+        self.pending()
+            .map(|b| b * lifeboat_common::BLOCK_SIZE as u64)
+    }
     /// Whether this tracker sees every write, so a freeze can make a point crash-consistent.
     fn sees_writes(&self) -> bool;
     /// Why this tracker was chosen (for a scan: why not eBPF).

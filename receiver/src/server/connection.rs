@@ -438,7 +438,7 @@ async fn run(
             | Message::GetManifest { .. }
             | Message::Block { .. }
             | Message::Ref { .. }
-            | Message::Delta { .. }
+            | Message::Patch { .. }
             | Message::Commit { .. }
             | Message::Progress { .. } => {
                 if let Message::Progress { agent_unix_ms, .. } = &m {

@@ -215,7 +215,7 @@ impl Session {
         let mut pending = Vec::new();
         for m in batch {
             match m {
-                Message::Block { .. } | Message::Ref { .. } | Message::Delta { .. } => {
+                Message::Block { .. } | Message::Ref { .. } | Message::Patch { .. } => {
                     pending.push(m)
                 }
                 Message::GetManifest { handle } => {
@@ -291,6 +291,7 @@ impl Session {
         let mut verified: Vec<VerifiedBlock> = Vec::new();
         let mut records: HashMap<u32, Vec<(u64, BlockHash)>> = HashMap::new();
         let mut acks = Vec::new();
+        let mut named = Vec::new();
         for m in items {
             match m {
                 Message::Block {
@@ -321,11 +322,10 @@ impl Session {
                     records.entry(handle).or_default().push((index, hash));
                     acks.push(seq);
                 }
-                Message::Delta {
+                Message::Patch {
                     seq,
                     handle,
                     index,
-                    hash,
                     base,
                     pages,
                     codec,
@@ -336,7 +336,7 @@ impl Session {
                         code: ErrorCode::BadBlock,
                         retryable: true,
                         message: format!(
-                            "disk {disk} block {index}: delta rejected, not stored: {message}"
+                            "disk {disk} block {index}: patch rejected, not stored: {message}"
                         ),
                     };
                     let want = lifeboat_common::protocol::delta_len(&pages).map_err(bad)?;
@@ -348,29 +348,26 @@ impl Session {
                         )));
                     }
                     self.status.counters.delta_bytes_received += data.len() as u64;
-                    match self.delta_base(&verified, &base)? {
-                        Some(mut block) => {
-                            lifeboat_common::protocol::apply_delta(&mut block, &pages, &bytes);
-                            if hash_block(&block) != hash {
-                                // Our base is not the content the agent's pages were written
-                                // over: have the whole block instead.
-                                self.status.counters.deltas_refused += 1;
-                                self.outbox.push(Message::NeedData { seq });
-                                continue;
-                            }
-                            let (codec, data) = codec::encode(&block, 1)
-                                .map_err(|e| bad(format!("compressing the result: {e}")))?;
-                            verified.push(VerifiedBlock { hash, codec, data });
-                            self.status.counters.deltas_applied += 1;
-                        }
-                        None => {
-                            self.status.counters.deltas_refused += 1;
-                            self.outbox.push(Message::NeedData { seq });
-                            continue;
-                        }
+                    let Some(mut block) = self.delta_base(&verified, &base)? else {
+                        // We lack the base: have the whole block instead.
+                        self.status.counters.deltas_refused += 1;
+                        self.outbox.push(Message::NeedData { seq });
+                        continue;
+                    };
+                    lifeboat_common::protocol::apply_delta(&mut block, &pages, &bytes);
+                    // Named here, from the verified base and the pages the agent read.
+                    let hash = hash_block(&block);
+                    if !hash.is_zero()
+                        && !verified.iter().any(|v| v.hash == hash)
+                        && !self.shared.store.has(&hash)?
+                    {
+                        let (codec, data) = codec::encode(&block, 1)
+                            .map_err(|e| bad(format!("compressing the result: {e}")))?;
+                        verified.push(VerifiedBlock { hash, codec, data });
                     }
+                    self.status.counters.deltas_applied += 1;
                     records.entry(handle).or_default().push((index, hash));
-                    acks.push(seq);
+                    named.push((seq, hash));
                 }
                 Message::Ref {
                     seq,
@@ -408,10 +405,13 @@ impl Session {
         if !acks.is_empty() {
             self.outbox.push(Message::Acks { seqs: acks });
         }
+        if !named.is_empty() {
+            self.outbox.push(Message::Named { named });
+        }
         Ok(())
     }
 
-    /// The plain content a `Delta` applies to: zeros, a block of this batch, or a stored
+    /// The plain content a `Patch` applies to: zeros, a block of this batch, or a stored
     /// block (read and verified); `None` when the store lacks it.
     fn delta_base(
         &self,
@@ -966,48 +966,32 @@ mod tests {
                 0u64..12,
                 prop_oneof![Just(0u8), Just(1u8), Just(7u8)],
                 proptest::collection::vec((0u32..130, 0u32..3), 0..4),
-                any::<bool>()
             )
-                .prop_map(|(seq, handle, index, b, pages, honest)| {
+                .prop_map(|(seq, handle, index, b, pages)| {
                     // Base: zeros, the block the start stored, or one never stored.
-                    let (base, mut block) = match b {
-                        0 => (BlockHash::ZERO, vec![0u8; BLOCK_SIZE]),
-                        1 => {
-                            let mut d = vec![1u8; 4096];
-                            let h = lifeboat_common::block::hash_block(&d);
-                            d.resize(BLOCK_SIZE, 0);
-                            (h, d)
-                        }
-                        _ => (BlockHash([7; 32]), vec![7u8; BLOCK_SIZE]),
+                    let base = match b {
+                        0 => BlockHash::ZERO,
+                        1 => lifeboat_common::block::hash_block(&[1u8; 4096]),
+                        _ => BlockHash([7; 32]),
                     };
                     let len = lifeboat_common::protocol::delta_len(&pages).unwrap_or(4096);
-                    let data = vec![5u8; len];
-                    if lifeboat_common::protocol::delta_len(&pages).is_ok() {
-                        lifeboat_common::protocol::apply_delta(&mut block, &pages, &data);
-                    }
-                    let hash = if honest {
-                        lifeboat_common::block::hash_block(&block)
-                    } else {
-                        BlockHash([3; 32])
-                    };
-                    Message::Delta {
+                    Message::Patch {
                         seq,
                         handle,
                         index,
-                        hash,
                         base,
                         pages,
                         codec: Codec::Raw,
-                        data,
+                        data: vec![5u8; len],
                     }
                 }),
         ]
     }
 
-    /// A delta over a stored block, over zeros, over a block of the same batch; one whose base
-    /// is missing or whose result does not match gets NeedData; malformed runs are refused.
+    /// A patch over a stored block, over zeros, over a block of the same batch: named here and
+    /// stored; one whose base is missing gets NeedData; malformed runs are refused.
     #[test]
-    fn deltas_apply_over_their_base_or_ask_for_the_whole_block() {
+    fn patches_apply_over_their_base_and_are_named_here() {
         let (_dir, mut session) = scratch_session().unwrap();
         let (tx, mut rx) = mpsc::channel(1000);
         let mut base = vec![1u8; BLOCK_SIZE];
@@ -1017,16 +1001,19 @@ mod tests {
             let len = lifeboat_common::protocol::delta_len(pages).unwrap();
             let mut out = b.to_vec();
             lifeboat_common::protocol::apply_delta(&mut out, pages, &vec![byte; len]);
-            (lifeboat_common::block::hash_block(&out), vec![byte; len])
+            (
+                lifeboat_common::block::hash_block(&out),
+                vec![byte; len],
+                out,
+            )
         };
-        let (h1, d1) = over(&base, &[(2, 1), (10, 3)], 9);
-        let (h2, d2) = over(&vec![0u8; BLOCK_SIZE], &[(0, 1)], 4);
-        let (h3, d3) = over(&base, &[(127, 1)], 6);
-        let delta = |seq, index, hash, base, pages: Vec<(u32, u32)>, data| Message::Delta {
+        let (h1, d1, b1) = over(&base, &[(2, 1), (10, 3)], 9);
+        let (h2, d2, _) = over(&vec![0u8; BLOCK_SIZE], &[(0, 1)], 4);
+        let (h3, d3, _) = over(&base, &[(127, 1)], 6);
+        let patch = |seq, index, base, pages: Vec<(u32, u32)>, data| Message::Patch {
             seq,
             handle: 0,
             index,
-            hash,
             base,
             pages,
             codec: Codec::Raw,
@@ -1047,55 +1034,46 @@ mod tests {
                 data: base.clone(),
             },
             // Over a block of this very batch, and over zeros.
-            delta(2, 1, h1, base_hash, vec![(2, 1), (10, 3)], d1.clone()),
-            delta(3, 2, h2, BlockHash::ZERO, vec![(0, 1)], d2),
-            // A base never stored, and a result that does not match.
-            delta(4, 3, h3, BlockHash([8; 32]), vec![(127, 1)], d3.clone()),
-            delta(
-                5,
-                4,
-                BlockHash([2; 32]),
-                base_hash,
-                vec![(127, 1)],
-                d3.clone(),
-            ),
+            patch(2, 1, base_hash, vec![(2, 1), (10, 3)], d1.clone()),
+            patch(3, 2, BlockHash::ZERO, vec![(0, 1)], d2),
+            // A base never stored.
+            patch(4, 3, BlockHash([8; 32]), vec![(127, 1)], d3.clone()),
         ];
         session.process(batch, &tx).unwrap();
-        let mut acked = Vec::new();
-        let mut need = Vec::new();
+        let (mut acked, mut named, mut need) = (Vec::new(), Vec::new(), Vec::new());
         while let Ok(m) = rx.try_recv() {
             match m {
                 Message::Acks { seqs } => acked.extend(seqs),
+                Message::Named { named: n } => named.extend(n),
                 Message::NeedData { seq } => need.push(seq),
                 _ => {}
             }
         }
-        acked.sort();
-        need.sort();
-        assert_eq!(acked, vec![1, 2, 3]);
-        assert_eq!(need, vec![4, 5]);
+        named.sort();
+        assert_eq!(acked, vec![1]);
+        assert_eq!(named, vec![(2, h1), (3, h2)]);
+        assert_eq!(need, vec![4]);
         let store = &session.shared.store;
         let mut got = store.read(&h1).unwrap();
         got.resize(BLOCK_SIZE, 0);
-        let (_, want) = (h1, {
-            let mut b = base.clone();
-            lifeboat_common::protocol::apply_delta(&mut b, &[(2, 1), (10, 3)], &d1);
-            b
-        });
         assert!(
-            got == want,
+            got == b1,
             "the stored block is not the base with the pages written"
         );
+        assert_eq!(
+            session.disks[&0].manifest.hashes[1], h1,
+            "the live manifest names it"
+        );
         assert_eq!(session.status.counters.deltas_applied, 2);
-        assert_eq!(session.status.counters.deltas_refused, 2);
+        assert_eq!(session.status.counters.deltas_refused, 1);
         // Later, over the stored block (read back from the store).
         session
             .process(
-                vec![delta(6, 5, h3, base_hash, vec![(127, 1)], d3.clone())],
+                vec![patch(6, 5, base_hash, vec![(127, 1)], d3.clone())],
                 &tx,
             )
             .unwrap();
-        assert!(matches!(rx.try_recv(), Ok(Message::Acks { seqs }) if seqs == vec![6]));
+        assert!(matches!(rx.try_recv(), Ok(Message::Named { named }) if named == vec![(6, h3)]));
         // Runs out of order, past the block, or data of the wrong length: refused.
         for (pages, len) in [
             (vec![(5, 1), (2, 1)], 8192),
@@ -1104,7 +1082,7 @@ mod tests {
         ] {
             let e = session
                 .process(
-                    vec![delta(7, 6, h3, base_hash, pages.clone(), vec![0; len])],
+                    vec![patch(7, 6, base_hash, pages.clone(), vec![0; len])],
                     &tx,
                 )
                 .unwrap_err();

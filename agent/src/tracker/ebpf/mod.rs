@@ -742,6 +742,16 @@ impl Tracker for EbpfTracker {
         }
     }
 
+    fn pending_bytes(&self) -> Option<u64> {
+        let st = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
+        let d = &st.disks[self.slot];
+        if d.verify.is_some() || st.dead.is_some() {
+            None
+        } else {
+            Some(d.dirty.bytes())
+        }
+    }
+
     fn sees_writes(&self) -> bool {
         true
     }
