@@ -359,62 +359,70 @@ impl Replicator {
         let max_final = self.cfg.freeze_max_delta_mib << 20;
         let mut changed = 0;
         let mut passes = 0;
-        loop {
-            let pass_ms = now_ms();
-            let takes: Vec<Take> = (0..self.trackers.len())
-                .map(|i| self.trackers[i].take(block_count(self.sizes[i])))
-                .collect();
-            for (i, t) in takes.iter().enumerate() {
-                self.verifying[i] = matches!(t, Take::All { .. }) && self.trackers[i].sees_writes();
-                if let (true, Take::All { reason }) = (self.verifying[i], t) {
-                    tracing::info!(disk = %self.cfg.disks[i].id, "verify scan: {reason}");
+        // Small enough to read under a freeze already: no pre-copy (it would read the same
+        // blocks twice in a cycle).
+        let pending_bytes: Option<u64> = self.trackers.iter().map(|t| t.pending_bytes()).sum();
+        let precopy = !tracked || pending_bytes.is_none_or(|p| p > max_final);
+        if precopy {
+            loop {
+                let pass_ms = now_ms();
+                let takes: Vec<Take> = (0..self.trackers.len())
+                    .map(|i| self.trackers[i].take(block_count(self.sizes[i])))
+                    .collect();
+                for (i, t) in takes.iter().enumerate() {
+                    self.verifying[i] =
+                        matches!(t, Take::All { .. }) && self.trackers[i].sees_writes();
+                    if let (true, Take::All { reason }) = (self.verifying[i], t) {
+                        tracing::info!(disk = %self.cfg.disks[i].id, "verify scan: {reason}");
+                    }
                 }
-            }
-            let candidates = self.candidates(&takes);
-            let pages = takes.iter().map(Take::pages).collect();
-            match self
-                .pass_all(link, candidates, pages, Vec::new(), started)
-                .await
-            {
-                Ok((c, _)) => changed += c,
-                Err(e) => {
-                    self.give_back(takes);
-                    return Err(e);
+                let candidates = self.candidates(&takes);
+                let pages = takes.iter().map(Take::pages).collect();
+                match self
+                    .pass_all(link, candidates, pages, Vec::new(), started)
+                    .await
+                {
+                    Ok((c, _)) => changed += c,
+                    Err(e) => {
+                        self.give_back(takes);
+                        return Err(e);
+                    }
                 }
-            }
-            passes += 1;
-            if !tracked {
-                let why = self
-                    .trackers
-                    .iter()
-                    .zip(&self.cfg.disks)
-                    .find(|(t, _)| !t.sees_writes())
-                    .map(|(t, d)| format!("disk {} is hash-scanned: {}", d.id, t.note()))
-                    .unwrap_or_default();
-                self.commit(link, pass_ms, Consistency::BestEffort, why)
-                    .await?;
-                self.log_committed(changed, started);
-                return Ok(changed);
-            }
-            // Pre-copy again while the dirty set is too big to read under a freeze, within
-            // the point interval.
-            // A verify scan still pending right after one (the tracker keeps losing events,
-            // or it stopped) is not converging: cut, best-effort, and say why.
-            let pending: Option<u64> = self.trackers.iter().map(|t| t.pending()).sum();
-            let pending_bytes: Option<u64> = self.trackers.iter().map(|t| t.pending_bytes()).sum();
-            let small = pending_bytes.is_some_and(|p| p <= max_final);
-            let stuck = pending.is_none() && self.verifying.iter().any(|v| *v);
-            if stuck {
-                // Freezing would only lead to another whole read.
-                let why =
-                    "the tracker keeps losing events: verify-scanning every cycle".to_string();
-                self.commit(link, pass_ms, Consistency::BestEffort, why)
-                    .await?;
-                self.log_committed(changed, started);
-                return Ok(changed);
-            }
-            if small || passes >= MAX_PRECOPY_PASSES || started.elapsed() >= self.interval() {
-                break;
+                passes += 1;
+                if !tracked {
+                    let why = self
+                        .trackers
+                        .iter()
+                        .zip(&self.cfg.disks)
+                        .find(|(t, _)| !t.sees_writes())
+                        .map(|(t, d)| format!("disk {} is hash-scanned: {}", d.id, t.note()))
+                        .unwrap_or_default();
+                    self.commit(link, pass_ms, Consistency::BestEffort, why)
+                        .await?;
+                    self.log_committed(changed, started);
+                    return Ok(changed);
+                }
+                // Pre-copy again while the dirty set is too big to read under a freeze, within
+                // the point interval.
+                // A verify scan still pending right after one (the tracker keeps losing events,
+                // or it stopped) is not converging: cut, best-effort, and say why.
+                let pending: Option<u64> = self.trackers.iter().map(|t| t.pending()).sum();
+                let pending_bytes: Option<u64> =
+                    self.trackers.iter().map(|t| t.pending_bytes()).sum();
+                let small = pending_bytes.is_some_and(|p| p <= max_final);
+                let stuck = pending.is_none() && self.verifying.iter().any(|v| *v);
+                if stuck {
+                    // Freezing would only lead to another whole read.
+                    let why =
+                        "the tracker keeps losing events: verify-scanning every cycle".to_string();
+                    self.commit(link, pass_ms, Consistency::BestEffort, why)
+                        .await?;
+                    self.log_committed(changed, started);
+                    return Ok(changed);
+                }
+                if small || passes >= MAX_PRECOPY_PASSES || started.elapsed() >= self.interval() {
+                    break;
+                }
             }
         }
         let (takes, cut) = self.cut().await;

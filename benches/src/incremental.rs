@@ -26,7 +26,7 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 pub(crate) struct Setup {
-    receiver: Child,
+    pub(crate) receiver: Child,
     pub(crate) agent: Child,
     state: PathBuf,
     log: PathBuf,

@@ -69,7 +69,9 @@ pub fn run(a: &super::Args, rx: &Path, agent: &Path) -> Result<()> {
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
     let bpf0 = bpf_stats();
     let pid = s.agent.id();
+    let rpid = s.receiver.id();
     let cpu0 = cpu_ticks(pid).unwrap_or(0);
+    let rcpu0 = cpu_ticks(rpid).unwrap_or(0);
     let secs = 60;
     let mut fio = Command::new("fio")
         .args([
@@ -106,6 +108,7 @@ pub fn run(a: &super::Args, rx: &Path, agent: &Path) -> Result<()> {
     }
     let wall = t0.elapsed().as_secs_f64();
     let cpu = cpu_ticks(pid).unwrap_or(0).saturating_sub(cpu0) as f64 / 100.0;
+    let rcpu = cpu_ticks(rpid).unwrap_or(0).saturating_sub(rcpu0) as f64 / 100.0;
     let bpf = match (bpf0, bpf_stats()) {
         (Some((t0, c0)), Some((t1, c1))) if c1 > c0 => Some(((t1 - t0) / (c1 - c0), c1 - c0)),
         _ => None,
@@ -141,6 +144,10 @@ pub fn run(a: &super::Args, rx: &Path, agent: &Path) -> Result<()> {
     println!(
         "agent CPU: {:.1} % of one core ({cpu:.1} s over {wall:.0} s: tracking, reading, hashing, compressing, sending)",
         100.0 * cpu / wall
+    );
+    println!(
+        "receiver CPU: {:.1} % of one core ({rcpu:.1} s: applying each patch to its base, naming, compressing and storing the block)",
+        100.0 * rcpu / wall
     );
     match bpf {
         Some((ns, n)) => println!("BPF program: {ns} ns per completed request ({n} requests)"),
