@@ -155,18 +155,63 @@ pub struct ScanProgress {
 struct Work {
     index: u64,
     len: usize,
-    buf: AlignedBuf,
-    /// Only these pages were read (at their places in `buf`).
-    pages: Option<Vec<(u32, u32)>>,
+    data: Data,
+}
+
+/// What was read of a block.
+pub enum Data {
+    /// All of it (a buffer of the pool).
+    Block(AlignedBuf),
+    /// Only these pages, their bytes one after the other.
+    Pages(Vec<(u32, u32)>, Vec<u8>),
 }
 
 /// A block read ahead of its pipeline.
 pub struct Loaded {
     pub index: u64,
     pub len: usize,
-    pub buf: AlignedBuf,
-    /// Only these pages were read.
-    pub pages: Option<Vec<(u32, u32)>>,
+    pub data: Data,
+}
+
+/// Reads the page runs of several blocks at once (each run its own read, `depth` in flight);
+/// returns each block's pages, one after the other.
+fn read_page_runs(
+    reader: &mut BlockReader,
+    items: &[(u64, Vec<(u32, u32)>)],
+) -> std::io::Result<Vec<Vec<u8>>> {
+    let mut reqs = Vec::new();
+    for (block, runs) in items {
+        for &(first, count) in runs {
+            let len = count as usize * PAGE_SIZE;
+            reqs.push(ReadReq {
+                offset: block * BLOCK_SIZE as u64 + first as u64 * PAGE_SIZE as u64,
+                len,
+                done: 0,
+                buf: AlignedBuf::with_len(len),
+            });
+        }
+    }
+    reader.read(&mut reqs)?;
+    let mut reqs = reqs.into_iter();
+    let mut out = Vec::with_capacity(items.len());
+    for (_, runs) in items {
+        let mut bytes =
+            Vec::with_capacity(runs.iter().map(|r| r.1 as usize).sum::<usize>() * PAGE_SIZE);
+        for _ in runs {
+            let r = reqs
+                .next()
+                .ok_or_else(|| std::io::Error::other("page reads went missing"))?;
+            if r.done < r.len {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "a page read came back short",
+                ));
+            }
+            bytes.extend_from_slice(&r.buf.as_slice()[..r.len]);
+        }
+        out.push(bytes);
+    }
+    Ok(out)
 }
 
 /// A disk to read from, and how.
@@ -215,19 +260,25 @@ pub fn read_blocks(
         if std::time::Instant::now() >= deadline {
             break;
         }
-        let i = blocks[at];
-        if let Some((_, runs)) = patch_runs(pages, i, size) {
-            let mut buf = AlignedBuf::new();
-            reader
-                .read_pages(&mut buf, i * BLOCK_SIZE as u64, &runs)
-                .map_err(|e| read_err(i, i, e))?;
-            out.push(Loaded {
-                index: i,
-                len: BLOCK_SIZE,
-                buf,
-                pages: Some(runs),
-            });
+        // Partly written blocks: their pages, many blocks' worth at once.
+        let mut items = Vec::new();
+        while at < blocks.len() && items.len() < depth.max(1) * 4 {
+            match patch_runs(pages, blocks[at], size) {
+                Some((_, runs)) => items.push((blocks[at], runs)),
+                None => break,
+            }
             at += 1;
+        }
+        if !items.is_empty() {
+            let (first, last) = (items[0].0, items[items.len() - 1].0);
+            let read = read_page_runs(&mut reader, &items).map_err(|e| read_err(first, last, e))?;
+            for ((i, runs), bytes) in items.into_iter().zip(read) {
+                out.push(Loaded {
+                    index: i,
+                    len: BLOCK_SIZE,
+                    data: Data::Pages(runs, bytes),
+                });
+            }
             continue;
         }
         let mut end = at;
@@ -263,8 +314,7 @@ pub fn read_blocks(
             out.push(Loaded {
                 index: i,
                 len,
-                buf: r.buf,
-                pages: None,
+                data: Data::Block(r.buf),
             });
         }
     }
@@ -331,7 +381,9 @@ pub fn scan(
                     };
                     // The buffer goes back before the (possibly blocking) send downstream
                     // (a preloaded one is dropped when the pool is full).
-                    let _ = free_tx.try_send(w.buf);
+                    if let Data::Block(buf) = w.data {
+                        let _ = free_tx.try_send(buf);
+                    }
                     if let Some(p) = prepared {
                         if out.blocking_send(p).is_err() {
                             fail(ScanError::Cancelled);
@@ -349,8 +401,7 @@ pub fn scan(
             let w = Work {
                 index: l.index,
                 len: l.len,
-                buf: l.buf,
-                pages: l.pages,
+                data: l.data,
             };
             if cancel.load(Ordering::Relaxed) || work_tx.send(w).is_err() {
                 break;
@@ -359,33 +410,16 @@ pub fn scan(
 
         // The reader: this thread.
         let mut batch: Vec<u64> = Vec::with_capacity(depth);
+        let mut page_batch: Vec<(u64, Vec<(u32, u32)>)> = Vec::new();
         let mut iter = input.candidates.iter().copied().peekable();
         while iter.peek().is_some() && !cancel.load(Ordering::Relaxed) {
             batch.clear();
+            page_batch.clear();
             for i in iter.by_ref() {
                 if let Some((_, runs)) = patch_runs(&input.pages, i, input.size) {
                     // Only the pages written since the block was last read.
-                    let Ok(mut buf) = free_rx.recv() else { break };
-                    if let Err(source) = reader.read_pages(&mut buf, i * BLOCK_SIZE as u64, &runs) {
-                        fail(ScanError::Read {
-                            disk: input.disk_id.clone(),
-                            path: input.path.clone(),
-                            first: i,
-                            last: i,
-                            source,
-                        });
-                        break;
-                    }
-                    let bytes: u64 = runs.iter().map(|r| r.1 as u64 * PAGE_SIZE as u64).sum();
-                    stats.blocks_read += 1;
-                    stats.bytes_read += bytes;
-                    let w = Work {
-                        index: i,
-                        len: BLOCK_SIZE,
-                        buf,
-                        pages: Some(runs),
-                    };
-                    if work_tx.send(w).is_err() {
+                    page_batch.push((i, runs));
+                    if page_batch.len() >= depth * 4 {
                         break;
                     }
                 } else if input.maybe_data.get(i as usize).copied().unwrap_or(true) {
@@ -410,6 +444,36 @@ pub fn scan(
                             fail(ScanError::Cancelled);
                             break;
                         }
+                    }
+                }
+            }
+            if !page_batch.is_empty() {
+                let items = std::mem::take(&mut page_batch);
+                let (first, last) = (items[0].0, items[items.len() - 1].0);
+                match read_page_runs(&mut reader, &items) {
+                    Ok(read) => {
+                        for ((i, runs), bytes) in items.into_iter().zip(read) {
+                            stats.blocks_read += 1;
+                            stats.bytes_read += bytes.len() as u64;
+                            let w = Work {
+                                index: i,
+                                len: BLOCK_SIZE,
+                                data: Data::Pages(runs, bytes),
+                            };
+                            if work_tx.send(w).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    Err(source) => {
+                        fail(ScanError::Read {
+                            disk: input.disk_id.clone(),
+                            path: input.path.clone(),
+                            first,
+                            last,
+                            source,
+                        });
+                        break;
                     }
                 }
             }
@@ -452,8 +516,7 @@ pub fn scan(
                     .send(Work {
                         index: i,
                         len,
-                        buf: r.buf,
-                        pages: None,
+                        data: Data::Block(r.buf),
                     })
                     .is_err()
                 {
@@ -496,31 +559,28 @@ fn examine(
             None
         }
     };
-    if let Some(runs) = &w.pages {
-        // Only pages were read: they go over the acknowledged content, named by the receiver.
-        let data = w.buf.as_slice();
-        let mut bytes =
-            Vec::with_capacity(runs.iter().map(|r| r.1 as usize).sum::<usize>() * PAGE_SIZE);
-        for &(first, count) in runs {
-            let (start, len) = (first as usize * PAGE_SIZE, count as usize * PAGE_SIZE);
-            bytes.extend_from_slice(&data[start..start + len]);
+    let buf = match &w.data {
+        Data::Block(buf) => buf,
+        Data::Pages(runs, bytes) => {
+            // Only pages were read: they go over the acknowledged content, named by the
+            // receiver.
+            let (codec, bytes) = compress(bytes)?;
+            progress.changed.fetch_add(1, Ordering::Relaxed);
+            return Some(Prepared {
+                disk: input.disk,
+                index: w.index,
+                hash: BlockHash::ZERO,
+                payload: Payload::Zero,
+                patch: Some(Patch {
+                    base: acked,
+                    pages: runs.clone(),
+                    codec,
+                    bytes,
+                }),
+            });
         }
-        let (codec, bytes) = compress(&bytes)?;
-        progress.changed.fetch_add(1, Ordering::Relaxed);
-        return Some(Prepared {
-            disk: input.disk,
-            index: w.index,
-            hash: BlockHash::ZERO,
-            payload: Payload::Zero,
-            patch: Some(Patch {
-                base: acked,
-                pages: runs.clone(),
-                codec,
-                bytes,
-            }),
-        });
-    }
-    let data = &w.buf.as_slice()[..w.len];
+    };
+    let data = &buf.as_slice()[..w.len];
     let hash = hash_block(data);
     if hash == acked {
         return None;

@@ -78,6 +78,10 @@ impl BlockReader {
 
     /// Fills every request. Errors name nothing: the caller knows the disk and blocks.
     pub fn read(&mut self, reqs: &mut [ReadReq]) -> io::Result<()> {
+        // The engines write up to `len` bytes into `buf`.
+        if reqs.iter().any(|r| r.len > r.buf.len()) {
+            return Err(io::Error::other("a read longer than its buffer"));
+        }
         let fd = self.file.as_raw_fd();
         match &mut self.engine {
             Engine::Uring(u) => {
@@ -86,30 +90,6 @@ impl BlockReader {
             }
             Engine::Pread => pread::read(fd, reqs),
         }
-    }
-}
-
-impl BlockReader {
-    /// Reads page runs (4 KiB pages of the block at `block_offset`) into their places in
-    /// `buf`, with pread (a few small reads; the rest of `buf` is left as it was).
-    pub fn read_pages(
-        &mut self,
-        buf: &mut AlignedBuf,
-        block_offset: u64,
-        runs: &[(u32, u32)],
-    ) -> io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        const PAGE: usize = lifeboat_common::protocol::PAGE_SIZE;
-        for &(first, count) in runs {
-            let (start, len) = (first as usize * PAGE, count as usize * PAGE);
-            let dst = buf
-                .as_mut_slice()
-                .get_mut(start..start + len)
-                .ok_or_else(|| io::Error::other("page run past the block"))?;
-            // 4 KiB-aligned offsets and lengths into a 4 KiB-aligned buffer: O_DIRECT holds.
-            self.file.read_exact_at(dst, block_offset + start as u64)?;
-        }
-        Ok(())
     }
 }
 
