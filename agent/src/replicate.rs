@@ -590,6 +590,7 @@ impl Replicator {
             (0..n).map(|_| Arc::new(ScanProgress::default())).collect();
         let cancel = Arc::new(AtomicBool::new(false));
         let (tx, mut rx) = mpsc::channel::<Prepared>(WINDOW);
+        // (Patches are small: the window holds many more of them than of whole blocks.)
         let driver = {
             let progress = progress.clone();
             let cancel = cancel.clone();

@@ -3,7 +3,8 @@
 //! with no socket and no clock. `replicate.rs` feeds it from the pipeline and the link and
 //! writes out what it encodes; the tests here drive it directly.
 //!
-//! Rules: at most [`WINDOW`] blocks are unacknowledged (sent, or waiting for a dedupe answer).
+//! Rules: at most [`WINDOW`] whole blocks are unacknowledged (sent, or waiting for a dedupe
+//! answer), and at most [`PATCH_WINDOW`] patches ([`PATCH_WINDOW_BYTES`] of them).
 //! A zero block, or content already acknowledged or sent in this session, goes as a `Ref`
 //! at once. Other content is asked about in batched `Have` queries, then sent as a `Ref`
 //! (the receiver has it) or a `Block`. A block is forgotten only when acknowledged; a
@@ -16,8 +17,12 @@ use lifeboat_common::protocol::{self, Message};
 use lifeboat_common::BlockHash;
 use std::collections::{HashMap, HashSet};
 
-/// Most blocks unacknowledged at once.
+/// Most whole blocks unacknowledged at once.
 pub const WINDOW: usize = 64;
+/// Most patches unacknowledged at once, and their most bytes: patches are small (a few pages),
+/// so many more may be out at once without more memory.
+pub const PATCH_WINDOW: usize = 1024;
+pub const PATCH_WINDOW_BYTES: usize = 32 << 20;
 /// Most hashes in one dedupe query.
 pub const HAVE_BATCH: usize = 256;
 
@@ -29,6 +34,8 @@ struct Entry {
     data: Option<(Codec, Vec<u8>)>,
     /// Sent as a `Patch`: the receiver names it (`Named`), or lacks its base (`NeedData`).
     patch: bool,
+    /// A patch's encoded bytes.
+    bytes: usize,
 }
 
 /// A block the receiver acknowledged: `disk`'s block `index` now durably holds `hash`.
@@ -59,6 +66,9 @@ pub struct Window {
     pub patches_refused: u64,
     /// Blocks whose patch the receiver could not apply: to be read whole and sent again.
     pub refused: Vec<(usize, u64)>,
+    /// Patches unacknowledged, and their encoded bytes.
+    patches_open: usize,
+    patch_bytes_open: usize,
 }
 
 impl Window {
@@ -76,6 +86,8 @@ impl Window {
             patches_sent: 0,
             patches_refused: 0,
             refused: Vec::new(),
+            patches_open: 0,
+            patch_bytes_open: 0,
         }
     }
 
@@ -83,9 +95,11 @@ impl Window {
         self.inflight.len() + self.waiting + self.have_batch.len()
     }
 
-    /// Whether another block may be taken.
+    /// Whether another block may be taken: room for a whole block, and for a patch.
     pub fn has_room(&self) -> bool {
-        self.open() < WINDOW
+        self.open() - self.patches_open < WINDOW
+            && self.patches_open < PATCH_WINDOW
+            && self.patch_bytes_open < PATCH_WINDOW_BYTES
     }
 
     /// Whether blocks are out with the receiver (sent, or asked about).
@@ -113,6 +127,9 @@ impl Window {
         let handle = p.disk as u32;
         if let Some(patch) = p.patch {
             // No name to ask about: the pages go at once.
+            let bytes = patch.bytes.len();
+            self.patches_open += 1;
+            self.patch_bytes_open += bytes;
             Message::Patch {
                 seq,
                 handle,
@@ -132,6 +149,7 @@ impl Window {
                     hash: BlockHash::ZERO,
                     data: None,
                     patch: true,
+                    bytes,
                 },
             );
             return false;
@@ -153,6 +171,7 @@ impl Window {
                         hash: BlockHash::ZERO,
                         data: None,
                         patch: false,
+                        bytes: 0,
                     },
                 );
                 false
@@ -164,6 +183,7 @@ impl Window {
                     hash: p.hash,
                     data: Some((codec, bytes)),
                     patch: false,
+                    bytes: 0,
                 };
                 if self.known.contains(&p.hash) || self.sent_data.contains(&p.hash) {
                     Message::Ref {
@@ -267,8 +287,9 @@ impl Window {
         let mut done = Vec::with_capacity(named.len());
         for (seq, hash) in named {
             if let Some(e) = self.inflight.get(seq).filter(|e| e.patch) {
-                let disk = e.disk;
-                let index = e.index;
+                let (disk, index) = (e.disk, e.index);
+                self.patches_open -= 1;
+                self.patch_bytes_open -= e.bytes;
                 self.inflight.remove(seq);
                 self.outstanding[disk] = self.outstanding[disk].saturating_sub(1);
                 if !hash.is_zero() {
@@ -291,6 +312,8 @@ impl Window {
             // caller reads it again (`refused`).
             if let Some(e) = self.inflight.remove(&seq) {
                 self.outstanding[e.disk] = self.outstanding[e.disk].saturating_sub(1);
+                self.patches_open -= 1;
+                self.patch_bytes_open -= e.bytes;
                 self.patches_refused += 1;
                 self.refused.push((e.disk, e.index));
             }
@@ -383,6 +406,17 @@ mod tests {
         assert_eq!(w.refused, vec![(0, 6)]);
         assert!(w.is_empty());
         assert_eq!((w.patches_sent, w.patches_refused), (2, 1));
+        // Many more patches than whole blocks may be out at once, but not without bound.
+        let mut n = 0;
+        while w.has_room() {
+            w.offer(patch(n), &mut out);
+            n += 1;
+        }
+        assert_eq!(n as usize, PATCH_WINDOW);
+        out.clear();
+        let named: Vec<(u64, BlockHash)> = (3..3 + n).map(|s| (s, BlockHash([7; 32]))).collect();
+        assert_eq!(w.named(&named).len(), PATCH_WINDOW);
+        assert!(w.has_room() && w.is_empty());
     }
 
     #[test]
