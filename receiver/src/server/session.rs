@@ -361,7 +361,7 @@ impl Session {
                         && !verified.iter().any(|v| v.hash == hash)
                         && !self.shared.store.has(&hash)?
                     {
-                        let (codec, data) = codec::encode(&block, 1)
+                        let (codec, data) = codec::encode_sampled(&block, 1)
                             .map_err(|e| bad(format!("compressing the result: {e}")))?;
                         verified.push(VerifiedBlock { hash, codec, data });
                     }
