@@ -397,7 +397,10 @@ pub fn scan(
         // Blocks read already come first.
         for l in preloaded {
             stats.blocks_read += 1;
-            stats.bytes_read += l.len as u64;
+            stats.bytes_read += match &l.data {
+                Data::Pages(_, bytes) => bytes.len() as u64,
+                Data::Block(_) => l.len as u64,
+            };
             let w = Work {
                 index: l.index,
                 len: l.len,
