@@ -47,6 +47,36 @@ pub struct Patch {
 /// Most pages of a block read and sent alone; past this the whole block is read.
 const MAX_PATCH_PAGES: u32 = PAGES_PER_BLOCK / 2;
 
+/// Compresses a payload (reporting a failure itself).
+type Compress<'a> = dyn Fn(&[u8]) -> Option<(Codec, Vec<u8>)> + 'a;
+
+/// A block's written pages, to go over its acknowledged content `acked` (named by the
+/// receiver).
+fn patch_of(
+    input: &ScanInput,
+    index: u64,
+    acked: BlockHash,
+    runs: &[(u32, u32)],
+    bytes: &[u8],
+    progress: &ScanProgress,
+    compress: &Compress<'_>,
+) -> Option<Prepared> {
+    let (codec, bytes) = compress(bytes)?;
+    progress.changed.fetch_add(1, Ordering::Relaxed);
+    Some(Prepared {
+        disk: input.disk,
+        index,
+        hash: BlockHash::ZERO,
+        payload: Payload::Zero,
+        patch: Some(Patch {
+            base: acked,
+            pages: runs.to_vec(),
+            codec,
+            bytes,
+        }),
+    })
+}
+
 /// The pages to read alone for `block`, when the tracker knows them: at most half the block,
 /// the block whole (not a disk's short last block).
 pub fn patch_runs(
@@ -61,6 +91,14 @@ pub fn patch_runs(
     let r = runs(mask);
     (r.len() <= MAX_DELTA_RUNS).then_some((mask, r))
 }
+
+/// Whether a patch's pages are read alone (few runs), or cut out of a whole read.
+fn read_alone(runs: &[(u32, u32)]) -> bool {
+    runs.len() <= crate::tracker::dirty::MAX_PAGE_READS as usize
+}
+
+/// Most bytes of pages read in one batch (each run its own buffer).
+const PAGE_BATCH_BYTES: usize = 8 << 20;
 
 /// `mask`'s pages as (first, count) runs.
 fn runs(mask: u128) -> Vec<(u32, u32)> {
@@ -160,8 +198,9 @@ struct Work {
 
 /// What was read of a block.
 pub enum Data {
-    /// All of it (a buffer of the pool).
-    Block(AlignedBuf),
+    /// All of it (a buffer of the pool); with runs, only those pages are to be sent (a block
+    /// with too many runs to read them one by one).
+    Block(AlignedBuf, Option<Vec<(u32, u32)>>),
     /// Only these pages, their bytes one after the other.
     Pages(Vec<(u32, u32)>, Vec<u8>),
 }
@@ -262,10 +301,14 @@ pub fn read_blocks(
         }
         // Partly written blocks: their pages, many blocks' worth at once.
         let mut items = Vec::new();
-        while at < blocks.len() && items.len() < depth.max(1) * 4 {
+        let mut batch_bytes = 0;
+        while at < blocks.len() && batch_bytes < PAGE_BATCH_BYTES {
             match patch_runs(pages, blocks[at], size) {
-                Some((_, runs)) => items.push((blocks[at], runs)),
-                None => break,
+                Some((mask, runs)) if read_alone(&runs) => {
+                    batch_bytes += mask.count_ones() as usize * PAGE_SIZE;
+                    items.push((blocks[at], runs));
+                }
+                _ => break,
             }
             at += 1;
         }
@@ -284,7 +327,7 @@ pub fn read_blocks(
         let mut end = at;
         while end < blocks.len()
             && end - at < depth.max(1)
-            && patch_runs(pages, blocks[end], size).is_none()
+            && !patch_runs(pages, blocks[end], size).is_some_and(|(_, r)| read_alone(&r))
         {
             end += 1;
         }
@@ -314,7 +357,7 @@ pub fn read_blocks(
             out.push(Loaded {
                 index: i,
                 len,
-                data: Data::Block(r.buf),
+                data: Data::Block(r.buf, patch_runs(pages, i, size).map(|(_, r)| r)),
             });
         }
     }
@@ -381,7 +424,7 @@ pub fn scan(
                     };
                     // The buffer goes back before the (possibly blocking) send downstream
                     // (a preloaded one is dropped when the pool is full).
-                    if let Data::Block(buf) = w.data {
+                    if let Data::Block(buf, _) = w.data {
                         let _ = free_tx.try_send(buf);
                     }
                     if let Some(p) = prepared {
@@ -399,7 +442,7 @@ pub fn scan(
             stats.blocks_read += 1;
             stats.bytes_read += match &l.data {
                 Data::Pages(_, bytes) => bytes.len() as u64,
-                Data::Block(_) => l.len as u64,
+                Data::Block(..) => l.len as u64,
             };
             let w = Work {
                 index: l.index,
@@ -418,11 +461,14 @@ pub fn scan(
         while iter.peek().is_some() && !cancel.load(Ordering::Relaxed) {
             batch.clear();
             page_batch.clear();
+            let mut page_bytes = 0;
             for i in iter.by_ref() {
-                if let Some((_, runs)) = patch_runs(&input.pages, i, input.size) {
+                let patch = patch_runs(&input.pages, i, input.size);
+                if let Some((mask, runs)) = patch.filter(|(_, r)| read_alone(r)) {
                     // Only the pages written since the block was last read.
                     page_batch.push((i, runs));
-                    if page_batch.len() >= depth * 4 {
+                    page_bytes += mask.count_ones() as usize * PAGE_SIZE;
+                    if page_bytes >= PAGE_BATCH_BYTES {
                         break;
                     }
                 } else if input.maybe_data.get(i as usize).copied().unwrap_or(true) {
@@ -519,7 +565,10 @@ pub fn scan(
                     .send(Work {
                         index: i,
                         len,
-                        data: Data::Block(r.buf),
+                        data: Data::Block(
+                            r.buf,
+                            patch_runs(&input.pages, i, input.size).map(|(_, r)| r),
+                        ),
                     })
                     .is_err()
                 {
@@ -563,24 +612,19 @@ fn examine(
         }
     };
     let buf = match &w.data {
-        Data::Block(buf) => buf,
+        Data::Block(buf, None) => buf,
+        Data::Block(buf, Some(runs)) => {
+            // Read whole (too many runs to read alone), sent as its pages all the same.
+            let data = buf.as_slice();
+            let mut bytes = Vec::new();
+            for &(first, count) in runs {
+                let (start, len) = (first as usize * PAGE_SIZE, count as usize * PAGE_SIZE);
+                bytes.extend_from_slice(&data[start..start + len]);
+            }
+            return patch_of(input, w.index, acked, runs, &bytes, progress, &compress);
+        }
         Data::Pages(runs, bytes) => {
-            // Only pages were read: they go over the acknowledged content, named by the
-            // receiver.
-            let (codec, bytes) = compress(bytes)?;
-            progress.changed.fetch_add(1, Ordering::Relaxed);
-            return Some(Prepared {
-                disk: input.disk,
-                index: w.index,
-                hash: BlockHash::ZERO,
-                payload: Payload::Zero,
-                patch: Some(Patch {
-                    base: acked,
-                    pages: runs.clone(),
-                    codec,
-                    bytes,
-                }),
-            });
+            return patch_of(input, w.index, acked, runs, bytes, progress, &compress)
         }
     };
     let data = &buf.as_slice()[..w.len];

@@ -743,14 +743,14 @@ impl Replicator {
                 m = link.recv(link.reply_timeout) => match m.inspect(|_| last_heard = Instant::now())? {
                     Message::HaveReply { req, present } => window.have_reply(req, &present, link.out_buf())?,
                     Message::Acks { seqs } => {
-                        for a in window.acks(&seqs) {
+                        for a in window.acks(&seqs)? {
                             if let Some(slot) = self.acked[a.disk].hashes.get_mut(a.index as usize) {
                                 *slot = a.hash;
                             }
                         }
                     }
                     Message::Named { named } => {
-                        for a in window.named(&named) {
+                        for a in window.named(&named)? {
                             if let Some(slot) = self.acked[a.disk].hashes.get_mut(a.index as usize) {
                                 *slot = a.hash;
                             }
@@ -1166,7 +1166,8 @@ fn cut_blocking(
         .zip(disks)
         .map(|(t, d)| t.len(block_count(d.2)))
         .sum();
-    // What the final read costs: whole blocks, or only the pages of partly written ones.
+    // What the final read costs: whole blocks, or the pages of partly written ones and a
+    // fixed cost per read (`tracker::dirty::read_cost`).
     let total_bytes: u64 = takes
         .iter()
         .zip(disks)
@@ -1176,7 +1177,7 @@ fn cut_blocking(
                 .blocks
                 .iter()
                 .map(|&i| match pipeline::patch_runs(&b.pages, i, d.2) {
-                    Some((mask, _)) => mask.count_ones() as u64 * 4096,
+                    Some((mask, _)) => crate::tracker::dirty::read_cost(mask),
                     None => BLOCK_SIZE as u64,
                 })
                 .sum(),

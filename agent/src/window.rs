@@ -261,11 +261,13 @@ impl Window {
     }
 
     /// Acknowledgements: returns what became durable, for the caller to record.
-    pub fn acks(&mut self, seqs: &[u64]) -> Vec<Acked> {
+    pub fn acks(&mut self, seqs: &[u64]) -> Result<Vec<Acked>, LinkError> {
         let mut done = Vec::with_capacity(seqs.len());
         for seq in seqs {
             if self.inflight.get(seq).is_some_and(|e| e.patch) {
-                continue;
+                return Err(LinkError::Protocol(format!(
+                    "Acks for patch {seq}, which only Named answers"
+                )));
             }
             if let Some(e) = self.inflight.remove(seq) {
                 self.outstanding[e.disk] = self.outstanding[e.disk].saturating_sub(1);
@@ -279,13 +281,18 @@ impl Window {
                 });
             }
         }
-        done
+        Ok(done)
     }
 
     /// Patches made durable, with the names the receiver gave the blocks they made.
-    pub fn named(&mut self, named: &[(u64, BlockHash)]) -> Vec<Acked> {
+    pub fn named(&mut self, named: &[(u64, BlockHash)]) -> Result<Vec<Acked>, LinkError> {
         let mut done = Vec::with_capacity(named.len());
         for (seq, hash) in named {
+            if !self.inflight.get(seq).is_some_and(|e| e.patch) {
+                return Err(LinkError::Protocol(format!(
+                    "Named for {seq}, which is no patch awaiting a name"
+                )));
+            }
             if let Some(e) = self.inflight.get(seq).filter(|e| e.patch) {
                 let (disk, index) = (e.disk, e.index);
                 self.patches_open -= 1;
@@ -302,7 +309,7 @@ impl Window {
                 });
             }
         }
-        done
+        Ok(done)
     }
 
     /// The receiver lacks the content of `Ref` `seq`: its data is encoded into `out`.
@@ -389,9 +396,10 @@ mod tests {
             "{f:?}"
         );
         assert_eq!(w.pending_queries(), 0, "a patch is never asked about");
-        // An Acks for a patch's seq is not its answer.
-        assert!(w.acks(&[1]).is_empty());
-        let named = w.named(&[(1, BlockHash([7; 32]))]);
+        // An Acks for a patch's seq is not its answer; nor is a Named for a block.
+        assert!(w.acks(&[1]).is_err());
+        assert!(w.named(&[(99, BlockHash([7; 32]))]).is_err());
+        let named = w.named(&[(1, BlockHash([7; 32]))]).unwrap();
         assert_eq!(
             named,
             vec![Acked {
@@ -415,7 +423,7 @@ mod tests {
         assert_eq!(n as usize, PATCH_WINDOW);
         out.clear();
         let named: Vec<(u64, BlockHash)> = (3..3 + n).map(|s| (s, BlockHash([7; 32]))).collect();
-        assert_eq!(w.named(&named).len(), PATCH_WINDOW);
+        assert_eq!(w.named(&named).unwrap().len(), PATCH_WINDOW);
         assert!(w.has_room() && w.is_empty());
     }
 
@@ -475,7 +483,7 @@ mod tests {
         assert!(w.awaiting_receiver());
         assert_eq!(w.outstanding, vec![2, 1]);
         // Acks: what they name becomes durable; unknown ones are ignored.
-        let done = w.acks(&[3, 99, 1]);
+        let done = w.acks(&[3, 99, 1]).unwrap();
         assert_eq!(done.len(), 2);
         assert_eq!(done[0].index, 2);
         assert_eq!(w.outstanding, vec![1, 0]);
@@ -491,7 +499,7 @@ mod tests {
             frames(&mut out)[..],
             [Message::Block { seq: 2, .. }]
         ));
-        assert!(w.acks(&[2, 4]).len() == 2 && w.is_empty());
+        assert!(w.acks(&[2, 4]).unwrap().len() == 2 && w.is_empty());
     }
 
     #[test]

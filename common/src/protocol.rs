@@ -15,7 +15,7 @@ use crate::codec::Codec;
 
 pub const PREFACE_MAGIC: &[u8; 8] = b"LIFEBOAT";
 /// Version 2: `Hello` carries the agent's instance and host name, `Progress` its clock.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 pub const PREFACE_LEN: usize = 12;
 /// Hard cap on `len` (type byte + payload): one compressed block plus headroom.
 pub const MAX_FRAME: usize = BLOCK_SIZE + 64 * 1024;

@@ -13,6 +13,25 @@ pub const ALL_PAGES: u128 = u128::MAX;
 
 const _: () = assert!(PAGES_PER_BLOCK == 128, "a page mask is a u128");
 
+/// Most separate page reads for one block: past this, the block is read whole (one large
+/// read costs less than many small ones on most disks) and its pages cut out.
+pub const MAX_PAGE_READS: u32 = 8;
+/// What one more read costs, counted as bytes (a seek's worth on a spinning disk, several
+/// requests' worth on a cloud volume).
+pub const READ_COST: u64 = 64 * 1024;
+
+/// The cost of reading a block whose written pages are `mask`, as bytes: its pages plus
+/// [`READ_COST`] per run when they are read alone, else the whole block.
+pub fn read_cost(mask: u128) -> u64 {
+    let pages = mask.count_ones();
+    let runs = (mask & !(mask << 1)).count_ones();
+    if pages <= PAGES_PER_BLOCK / 2 && runs <= MAX_PAGE_READS {
+        pages as u64 * PAGE_SIZE as u64 + runs as u64 * READ_COST
+    } else {
+        BLOCK_SIZE as u64
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct DirtySet {
     words: Vec<u64>,
@@ -92,20 +111,9 @@ impl DirtySet {
         self.marked == 0
     }
 
-    /// What reading the marked blocks costs: their written pages where at most half of a
-    /// block, else the whole block.
+    /// What reading the marked blocks costs, as bytes (see [`read_cost`]).
     pub fn bytes(&self) -> u64 {
-        let partial: u64 = self
-            .pages
-            .values()
-            .map(|m| {
-                if m.count_ones() <= PAGES_PER_BLOCK / 2 {
-                    m.count_ones() as u64 * PAGE_SIZE as u64
-                } else {
-                    BLOCK_SIZE as u64
-                }
-            })
-            .sum();
+        let partial: u64 = self.pages.values().map(|m| read_cost(*m)).sum();
         (self.marked - self.pages.len() as u64) * BLOCK_SIZE as u64 + partial
     }
 
@@ -133,6 +141,16 @@ impl DirtySet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reading_costs_pages_and_reads() {
+        assert_eq!(read_cost(1), 4096 + READ_COST);
+        assert_eq!(read_cost(0b1111), 4 * 4096 + READ_COST);
+        assert_eq!(read_cost(0b1010_1010), 4 * 4096 + 4 * READ_COST);
+        // Nine separate pages: one whole read is cheaper.
+        assert_eq!(read_cost(0x2_AAAA), BLOCK_SIZE as u64);
+        assert_eq!(read_cost(ALL_PAGES), BLOCK_SIZE as u64);
+    }
 
     #[test]
     fn sectors_map_to_blocks_and_pages() {

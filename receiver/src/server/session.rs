@@ -340,6 +340,18 @@ impl Session {
                         ),
                     };
                     let want = lifeboat_common::protocol::delta_len(&pages).map_err(bad)?;
+                    let size = self
+                        .disks
+                        .get(&handle)
+                        .map(|d| d.manifest.disk_size)
+                        .unwrap_or(0);
+                    if lifeboat_common::block::block_len(index, size) != lifeboat_common::BLOCK_SIZE
+                    {
+                        // Pages past the end of the disk would become part of the named content.
+                        return Err(bad(format!(
+                            "block {index} is not a whole block of this disk"
+                        )));
+                    }
                     let bytes = codec::decode(codec, &data).map_err(|e| bad(e.to_string()))?;
                     if bytes.len() != want {
                         return Err(bad(format!(
@@ -1088,6 +1100,23 @@ mod tests {
                 .unwrap_err();
             assert_eq!(e.code, ErrorCode::BadBlock, "{pages:?}: {}", e.message);
         }
+        // A disk's short last block: pages past its end would be named with it.
+        let (_dir, mut session) = scratch_session().unwrap();
+        let open = Message::OpenDisk {
+            handle: 0,
+            disk_id: "short".into(),
+            size: BLOCK_SIZE as u64 + 4096,
+        };
+        let e = session
+            .process(
+                vec![
+                    open,
+                    patch(1, 1, BlockHash::ZERO, vec![(0, 1)], vec![1; 4096]),
+                ],
+                &tx,
+            )
+            .unwrap_err();
+        assert!(e.message.contains("not a whole block"), "{}", e.message);
     }
 
     /// The frame seeds of the fuzz corpus (every message type, one after another) through
