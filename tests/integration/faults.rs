@@ -179,8 +179,6 @@ fn hung_receiver_is_detected_and_replication_recovers() {
         Duration::from_secs(60),
         || agent.log_text().contains("did not answer within 4s"),
     );
-    // Before giving up on it, the agent said the disk was stalled.
-    assert!(agent.log_text().contains("stalled"), "{}", agent.log_text());
     rx.signal(libc::SIGCONT);
     // The stale connection is replaced by the agent's new one, and the sync completes.
     wait_for("a point after the hang", Duration::from_secs(120), || {

@@ -16,9 +16,10 @@ const _: () = assert!(PAGES_PER_BLOCK == 128, "a page mask is a u128");
 /// Most separate page reads for one block: past this, the block is read whole (one large
 /// read costs less than many small ones on most disks) and its pages cut out.
 pub const MAX_PAGE_READS: u32 = 8;
-/// What one more read costs, counted as bytes (a seek's worth on a spinning disk, several
-/// requests' worth on a cloud volume).
-pub const READ_COST: u64 = 64 * 1024;
+/// What one more read costs, counted as bytes: a rough figure between SSDs (where 4 KiB
+/// reads are nearly free) and IOPS-limited cloud volumes (where they are not). The freeze's
+/// deadline bounds a final delta that reads slower than this suggests.
+pub const READ_COST: u64 = 16 * 1024;
 
 /// The cost of reading a block whose written pages are `mask`, as bytes: its pages plus
 /// [`READ_COST`] per run when they are read alone, else the whole block.
@@ -145,6 +146,7 @@ mod tests {
     #[test]
     fn reading_costs_pages_and_reads() {
         assert_eq!(read_cost(1), 4096 + READ_COST);
+        assert_eq!(READ_COST, 16 * 1024);
         assert_eq!(read_cost(0b1111), 4 * 4096 + READ_COST);
         assert_eq!(read_cost(0b1010_1010), 4 * 4096 + 4 * READ_COST);
         // Nine separate pages: one whole read is cheaper.
