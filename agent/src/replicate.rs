@@ -376,12 +376,12 @@ impl Replicator {
                         tracing::info!(disk = %self.cfg.disks[i].id, "verify scan: {reason}");
                     }
                 }
-                let candidates = self.candidates(&takes);
-                let pages = takes.iter().map(Take::pages).collect();
-                match self
-                    .pass_all(link, candidates, pages, Vec::new(), started)
-                    .await
-                {
+                let work = PassWork {
+                    candidates: self.candidates(&takes),
+                    pages: takes.iter().map(Take::pages).collect(),
+                    preloaded: Vec::new(),
+                };
+                match self.pass_all(link, work, started).await {
                     Ok((c, _)) => changed += c,
                     Err(e) => {
                         self.give_back(takes);
@@ -443,12 +443,13 @@ impl Replicator {
             .zip(&self.sizes)
             .map(|(t, s)| t.len(block_count(*s)))
             .sum();
-        let pages = takes.iter().map(Take::pages).collect();
         let (mut consistency, mut why) = (cut.consistency, cut.why);
-        match self
-            .pass_all(link, candidates, pages, cut.loaded, started)
-            .await
-        {
+        let work = PassWork {
+            candidates,
+            pages: takes.iter().map(Take::pages).collect(),
+            preloaded: cut.loaded,
+        };
+        match self.pass_all(link, work, started).await {
             Ok((c, again)) => {
                 changed += c;
                 if again > 0 && consistency == Consistency::CrashConsistent {
@@ -538,11 +539,14 @@ impl Replicator {
     async fn pass(
         &mut self,
         link: &mut Link,
-        candidates: Vec<Vec<u64>>,
-        pages: Vec<std::collections::HashMap<u64, u128>>,
-        preloaded: Vec<Vec<Loaded>>,
+        work: PassWork,
         started: Instant,
     ) -> Result<(u64, Vec<(usize, u64)>), ReplicateError> {
+        let PassWork {
+            candidates,
+            pages,
+            preloaded,
+        } = work;
         let n = self.cfg.disks.len();
         let workers = if self.cfg.workers == 0 {
             std::thread::available_parallelism()
@@ -657,15 +661,11 @@ impl Replicator {
     async fn pass_all(
         &mut self,
         link: &mut Link,
-        candidates: Vec<Vec<u64>>,
-        pages: Vec<std::collections::HashMap<u64, u128>>,
-        preloaded: Vec<Vec<Loaded>>,
+        work: PassWork,
         started: Instant,
     ) -> Result<(u64, usize), ReplicateError> {
         let n = self.cfg.disks.len();
-        let (mut changed, mut refused) = self
-            .pass(link, candidates, pages, preloaded, started)
-            .await?;
+        let (mut changed, mut refused) = self.pass(link, work, started).await?;
         let mut again = 0;
         for _ in 0..3 {
             if refused.is_empty() {
@@ -684,15 +684,12 @@ impl Replicator {
                 w.sort_unstable();
                 w.dedup();
             }
-            let (c, r) = self
-                .pass(
-                    link,
-                    whole,
-                    vec![Default::default(); n],
-                    Vec::new(),
-                    started,
-                )
-                .await?;
+            let whole = PassWork {
+                candidates: whole,
+                pages: vec![Default::default(); n],
+                preloaded: Vec::new(),
+            };
+            let (c, r) = self.pass(link, whole, started).await?;
             changed += c;
             refused = r;
         }
@@ -1099,6 +1096,14 @@ fn make_trackers(
         out.push(t);
     }
     Ok((out, shared))
+}
+
+/// What a pass reads, per disk: the blocks, the pages written of the partly written ones,
+/// and what was read already (the final delta, under a freeze).
+struct PassWork {
+    candidates: Vec<Vec<u64>>,
+    pages: Vec<std::collections::HashMap<u64, u128>>,
+    preloaded: Vec<Vec<Loaded>>,
 }
 
 /// How to cut a point.

@@ -162,31 +162,8 @@ fn time_lifeboat(a: &Args, img: &Path, rx: &Path, agent: &Path, verify: bool) ->
     let work = a.dir.join("run");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
     let state = work.join("receiver");
-    let init = run(Command::new(rx).arg("--state-dir").arg(&state).args([
-        "init",
-        "--json",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-    ]))?;
-    let v: serde_json::Value = serde_json::from_str(&init)?;
-    let mut server = Command::new(rx)
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["--log", "warn", "serve"])
-        .stdout(Stdio::null())
-        .spawn()?;
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if started.elapsed() > Duration::from_secs(20) {
-            let _ = server.kill();
-            bail!("receiver did not start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut server, port, v) = start_receiver(rx, &state)?;
     let cfg = work.join("agent.toml");
     std::fs::write(
         &cfg,
@@ -250,6 +227,39 @@ fn time_lifeboat(a: &Args, img: &Path, rx: &Path, agent: &Path, verify: bool) ->
         receiver_peak,
         restored,
     })
+}
+
+/// `init` a receiver state directory in `state` on a free loopback port and start `serve`;
+/// returns once it listens: the process, the port, and what `init` printed.
+pub(crate) fn start_receiver(
+    rx: &Path,
+    state: &Path,
+) -> Result<(std::process::Child, u16, serde_json::Value)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let init = run(Command::new(rx).arg("--state-dir").arg(state).args([
+        "init",
+        "--json",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ]))?;
+    let v: serde_json::Value = serde_json::from_str(&init)?;
+    let mut server = Command::new(rx)
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--log", "warn", "serve"])
+        .stdout(Stdio::null())
+        .spawn()?;
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = server.kill();
+            bail!("receiver did not start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((server, port, v))
 }
 
 /// A fully allocated copy of `img` on a loop device (detached on drop).

@@ -96,30 +96,7 @@ pub(crate) fn start(
     let work = a.dir.join(format!("incr-{tracker}"));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let rstate = work.join("receiver");
-    let init = super::run(Command::new(rx).arg("--state-dir").arg(&rstate).args([
-        "init",
-        "--json",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-    ]))?;
-    let v: serde_json::Value = serde_json::from_str(&init)?;
-    let receiver = Command::new(rx)
-        .arg("--state-dir")
-        .arg(&rstate)
-        .args(["--log", "warn", "serve"])
-        .stdout(Stdio::null())
-        .spawn()?;
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if t.elapsed() > Duration::from_secs(20) {
-            bail!("receiver did not start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (receiver, port, v) = super::start_receiver(rx, &work.join("receiver"))?;
     let state = work.join("agent");
     let cfg = work.join("agent.toml");
     std::fs::write(

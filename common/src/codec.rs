@@ -75,17 +75,22 @@ pub fn decode(codec: Codec, data: &[u8]) -> Result<Vec<u8>, CodecError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_sample_spares_compressing_noise() {
+    /// A block of xorshift output: does not compress.
+    fn noise() -> Vec<u8> {
         let mut x = 0x9E3779B97F4A7C15u64;
-        let noise: Vec<u8> = (0..BLOCK_SIZE)
+        (0..BLOCK_SIZE)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
                 x as u8
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn a_sample_spares_compressing_noise() {
+        let noise = noise();
         assert_eq!(encode_sampled(&noise, 1).unwrap().0, Codec::Raw);
         let text = b"lifeboat ".repeat(BLOCK_SIZE / 9);
         let (c, enc) = encode_sampled(&text, 1).unwrap();
@@ -101,15 +106,7 @@ mod tests {
         assert!(enc.len() < text.len() / 10);
         assert_eq!(decode(c, &enc).unwrap(), text);
 
-        let mut x = 0x9E3779B97F4A7C15u64;
-        let noise: Vec<u8> = (0..BLOCK_SIZE)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let noise = noise();
         let (c, enc) = encode(&noise, 1).unwrap();
         assert_eq!(c, Codec::Raw);
         assert_eq!(decode(c, &enc).unwrap(), noise);
