@@ -26,6 +26,9 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 pub(crate) struct Setup {
+    /// The agent's binary and config, to detach its pinned tracker at the end.
+    agent_bin: PathBuf,
+    cfg: PathBuf,
     pub(crate) receiver: Child,
     pub(crate) agent: Child,
     state: PathBuf,
@@ -36,6 +39,10 @@ impl Drop for Setup {
     fn drop(&mut self) {
         let _ = self.agent.kill();
         let _ = self.agent.wait();
+        let _ = Command::new(&self.agent_bin)
+            .args(["untrack", "--config"])
+            .arg(&self.cfg)
+            .output();
         let _ = self.receiver.kill();
         let _ = self.receiver.wait();
     }
@@ -110,6 +117,7 @@ pub(crate) fn start(
         ),
     )?;
     let log = work.join("agent.log");
+    let agent_bin = agent.to_path_buf();
     let agent = Command::new(agent)
         .args(["--log", "info", "run", "--config"])
         .arg(&cfg)
@@ -117,6 +125,8 @@ pub(crate) fn start(
         .stderr(std::fs::File::create(&log)?)
         .spawn()?;
     Ok(Setup {
+        agent_bin,
+        cfg,
         receiver,
         agent,
         state,
