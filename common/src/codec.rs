@@ -35,7 +35,7 @@ pub enum CodecError {
 
 /// Compresses `data` at `level`; returns raw bytes when zstd would not save at least 1/32.
 pub fn encode(data: &[u8], level: i32) -> Result<(Codec, Vec<u8>), CodecError> {
-    let compressed = zstd::bulk::compress(data, level).map_err(CodecError::Compress)?;
+    let compressed = compress(data, level).map_err(CodecError::Compress)?;
     if compressed.len() + data.len() / 32 < data.len() {
         Ok((Codec::Zstd, compressed))
     } else {
@@ -52,8 +52,7 @@ pub fn encode_sampled(data: &[u8], level: i32) -> Result<(Codec, Vec<u8>), Codec
         // Start, middle and end: a block random in one part and zeros elsewhere compresses.
         let last = data.len() - SAMPLE;
         let incompressible = [0, last / 2, last].into_iter().all(|at| {
-            zstd::bulk::compress(&data[at..at + SAMPLE], level)
-                .is_ok_and(|c| c.len() + SAMPLE / 32 >= SAMPLE)
+            compress(&data[at..at + SAMPLE], level).is_ok_and(|c| c.len() + SAMPLE / 32 >= SAMPLE)
         });
         if incompressible {
             return Ok((Codec::Raw, data.to_vec()));
@@ -67,8 +66,42 @@ pub fn decode(codec: Codec, data: &[u8]) -> Result<Vec<u8>, CodecError> {
     match codec {
         Codec::Raw if data.len() > BLOCK_SIZE => Err(CodecError::TooLarge(data.len())),
         Codec::Raw => Ok(data.to_vec()),
-        Codec::Zstd => zstd::bulk::decompress(data, BLOCK_SIZE).map_err(CodecError::Corrupt),
+        Codec::Zstd => decompress(data).map_err(CodecError::Corrupt),
     }
+}
+
+thread_local! {
+    // One zstd context per thread, reused: making one costs about as much as compressing a
+    // small block (it showed as 2-3 % of the receiver's CPU when each block made its own).
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn decompress(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        let d = match d.as_mut() {
+            Some(d) => d,
+            None => d.insert(zstd::bulk::Decompressor::new()?),
+        };
+        d.decompress(data, BLOCK_SIZE)
+    })
+}
+
+fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        let c = match c.as_mut() {
+            Some(c) => {
+                c.set_compression_level(level)?;
+                c
+            }
+            None => c.insert(zstd::bulk::Compressor::new(level)?),
+        };
+        c.compress(data)
+    })
 }
 
 #[cfg(test)]
@@ -125,5 +158,22 @@ mod tests {
         ));
         let bomb = zstd::bulk::compress(&vec![7u8; BLOCK_SIZE * 2], 1).unwrap();
         assert!(decode(Codec::Zstd, &bomb).is_err());
+    }
+
+    /// The thread's reused contexts: a refused frame, half a frame, or a change of level
+    /// leaves nothing behind that changes the next block's result.
+    #[test]
+    fn reused_contexts_start_clean() {
+        let text = b"lifeboat ".repeat(BLOCK_SIZE / 9);
+        let (_, good) = encode(&text, 1).unwrap();
+        for bad in [&b"not zstd"[..], &good[..good.len() / 2]] {
+            assert!(decode(Codec::Zstd, bad).is_err());
+            assert_eq!(decode(Codec::Zstd, &good).unwrap(), text);
+        }
+        let (_, at_19) = encode(&text, 19).unwrap();
+        let (_, at_1) = encode(&text, 1).unwrap();
+        assert_eq!(at_1, good, "level 1 again after level 19");
+        assert_ne!(at_19, good);
+        assert_eq!(decode(Codec::Zstd, &at_19).unwrap(), text);
     }
 }

@@ -281,32 +281,40 @@ impl Session {
             .ok_or_else(|| protocol(format!("disk handle {handle} was never opened")))
     }
 
-    /// One group commit of Block and Ref messages.
+    /// One group commit of Block, Patch and Ref messages.
+    ///
+    /// The batch's CPU work is spread over the receiver's cores first: every Block decoded and
+    /// checked against its name, then every Patch applied to its base and named. What is
+    /// stored, journaled and acknowledged is then decided in arrival order, exactly as if the
+    /// messages were taken one by one (the first bad one ends the batch, nothing of it acked).
     fn apply(&mut self, items: Vec<Message>) -> Result<(), Fail> {
         if items.is_empty() {
             return Ok(());
         }
         let shared = self.shared.clone();
         let _shared_guard = shared.gc_lock.read().unwrap_or_else(|e| e.into_inner());
+        let prepared = self.prepare(items);
         let mut verified: Vec<VerifiedBlock> = Vec::new();
         let mut records: HashMap<u32, Vec<(u64, BlockHash)>> = HashMap::new();
         let mut acks = Vec::new();
         let mut named = Vec::new();
-        for m in items {
-            match m {
-                Message::Block {
+        for item in prepared {
+            match item {
+                Prepared::Block {
                     seq,
                     handle,
                     index,
-                    hash,
-                    codec,
-                    data,
+                    wire_bytes,
+                    checked,
                 } => {
                     let disk = self.disk_id(handle)?.to_string();
                     self.status.counters.blocks_received += 1;
-                    self.status.counters.data_bytes_received += data.len() as u64;
-                    match store::verify(hash, codec, data) {
-                        Ok(v) => verified.push(v),
+                    self.status.counters.data_bytes_received += wire_bytes;
+                    match checked {
+                        Ok(v) => {
+                            records.entry(handle).or_default().push((index, v.hash));
+                            verified.push(v);
+                        }
                         Err(e) => {
                             self.status.counters.blocks_rejected += 1;
                             self.save_status();
@@ -319,74 +327,51 @@ impl Session {
                             });
                         }
                     }
-                    records.entry(handle).or_default().push((index, hash));
                     acks.push(seq);
                 }
-                Message::Patch {
+                Prepared::Patch {
                     seq,
                     handle,
                     index,
-                    base,
-                    pages,
-                    codec,
-                    data,
+                    wire_bytes,
+                    rebuilt,
                 } => {
                     let disk = self.disk_id(handle)?.to_string();
-                    let bad = |message: String| Fail {
-                        code: ErrorCode::BadBlock,
-                        retryable: true,
-                        message: format!(
-                            "disk {disk} block {index}: patch rejected, not stored: {message}"
-                        ),
-                    };
-                    let want = lifeboat_common::protocol::delta_len(&pages).map_err(bad)?;
-                    let size = self
-                        .disks
-                        .get(&handle)
-                        .map(|d| d.manifest.disk_size)
-                        .unwrap_or(0);
-                    if lifeboat_common::block::block_len(index, size) != lifeboat_common::BLOCK_SIZE
-                    {
-                        // Pages past the end of the disk would become part of the named content.
-                        return Err(bad(format!(
-                            "block {index} is not a whole block of this disk"
-                        )));
+                    let rebuilt = rebuilt.map_err(|e| match e {
+                        PatchError::Bad(message) => Fail {
+                            code: ErrorCode::BadBlock,
+                            retryable: true,
+                            message: format!(
+                                "disk {disk} block {index}: patch rejected, not stored: {message}"
+                            ),
+                        },
+                        PatchError::Fail(f) => f,
+                    })?;
+                    self.status.counters.delta_bytes_received += wire_bytes;
+                    match rebuilt {
+                        Rebuilt::NoBase => {
+                            // We lack the base: have the whole block instead.
+                            self.status.counters.deltas_refused += 1;
+                            self.outbox.push(Message::NeedData { seq });
+                        }
+                        Rebuilt::Named { hash, block } => {
+                            if let Some(b) = block {
+                                if !verified.iter().any(|v| v.hash == hash) {
+                                    verified.push(b);
+                                }
+                            }
+                            self.status.counters.deltas_applied += 1;
+                            records.entry(handle).or_default().push((index, hash));
+                            named.push((seq, hash));
+                        }
                     }
-                    let bytes = codec::decode(codec, &data).map_err(|e| bad(e.to_string()))?;
-                    if bytes.len() != want {
-                        return Err(bad(format!(
-                            "{} bytes for {want} bytes of pages",
-                            bytes.len()
-                        )));
-                    }
-                    self.status.counters.delta_bytes_received += data.len() as u64;
-                    let Some(mut block) = self.delta_base(&verified, &base)? else {
-                        // We lack the base: have the whole block instead.
-                        self.status.counters.deltas_refused += 1;
-                        self.outbox.push(Message::NeedData { seq });
-                        continue;
-                    };
-                    lifeboat_common::protocol::apply_delta(&mut block, &pages, &bytes);
-                    // Named here, from the verified base and the pages the agent read.
-                    let hash = hash_block(&block);
-                    if !hash.is_zero()
-                        && !verified.iter().any(|v| v.hash == hash)
-                        && !self.shared.store.has(&hash)?
-                    {
-                        let (codec, data) = codec::encode_sampled(&block, 1)
-                            .map_err(|e| bad(format!("compressing the result: {e}")))?;
-                        verified.push(VerifiedBlock { hash, codec, data });
-                    }
-                    self.status.counters.deltas_applied += 1;
-                    records.entry(handle).or_default().push((index, hash));
-                    named.push((seq, hash));
                 }
-                Message::Ref {
+                Prepared::Other(Message::Ref {
                     seq,
                     handle,
                     index,
                     hash,
-                } => {
+                }) => {
                     self.disk_id(handle)?;
                     self.status.counters.refs_received += 1;
                     let in_batch = verified.iter().any(|v| v.hash == hash);
@@ -397,7 +382,7 @@ impl Session {
                     records.entry(handle).or_default().push((index, hash));
                     acks.push(seq);
                 }
-                _ => {}
+                Prepared::Other(_) => {}
             }
         }
         // The blocks, durable; then the journal records that name them, durable; then acks.
@@ -423,37 +408,80 @@ impl Session {
         Ok(())
     }
 
-    /// The plain content a `Patch` applies to: zeros, a block of this batch, or a stored
-    /// block (read and verified); `None` when the store lacks it.
-    fn delta_base(
-        &self,
-        batch: &[VerifiedBlock],
-        base: &BlockHash,
-    ) -> Result<Option<Vec<u8>>, Fail> {
-        if base.is_zero() {
-            return Ok(Some(vec![0u8; lifeboat_common::BLOCK_SIZE]));
-        }
-        if let Some(v) = batch.iter().find(|v| v.hash == *base) {
-            let mut plain = codec::decode(v.codec, &v.data).map_err(|e| Fail {
-                code: ErrorCode::Internal,
-                retryable: true,
-                message: format!("decoding block {base} of this batch: {e}"),
-            })?;
-            plain.resize(lifeboat_common::BLOCK_SIZE, 0);
-            return Ok(Some(plain));
-        }
-        if !self.shared.store.has(base)? {
-            return Ok(None);
-        }
-        match self.shared.store.read(base) {
-            Ok(mut plain) => {
-                plain.resize(lifeboat_common::BLOCK_SIZE, 0);
-                Ok(Some(plain))
-            }
-            // Gone or damaged since `has`: the agent sends the whole block.
-            Err(e) if !e.retryable() => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+    /// The CPU-bound part of a batch, on rayon's pool (one per receiver, so many sessions
+    /// share the cores rather than each taking them all): Blocks checked first, so that a
+    /// Patch can take its base from a Block of the same batch.
+    fn prepare(&self, items: Vec<Message>) -> Vec<Prepared> {
+        use rayon::prelude::*;
+        let checked: Vec<Prepared> = items
+            .into_par_iter()
+            .map(|m| match m {
+                Message::Block {
+                    seq,
+                    handle,
+                    index,
+                    hash,
+                    codec,
+                    data,
+                } => Prepared::Block {
+                    seq,
+                    handle,
+                    index,
+                    wire_bytes: data.len() as u64,
+                    checked: store::verify(hash, codec, data),
+                },
+                other => Prepared::Other(other),
+            })
+            .collect();
+        let batch: Vec<&VerifiedBlock> = checked
+            .iter()
+            .filter_map(|p| match p {
+                Prepared::Block { checked: Ok(v), .. } => Some(v),
+                _ => None,
+            })
+            .collect();
+        let store = &*self.shared.store;
+        let sizes: HashMap<u32, u64> = self
+            .disks
+            .iter()
+            .map(|(h, d)| (*h, d.manifest.disk_size))
+            .collect();
+        let rebuilt: Vec<Option<Prepared>> = checked
+            .par_iter()
+            .map(|p| match p {
+                Prepared::Other(Message::Patch {
+                    seq,
+                    handle,
+                    index,
+                    base,
+                    pages,
+                    codec,
+                    data,
+                }) => Some(Prepared::Patch {
+                    seq: *seq,
+                    handle: *handle,
+                    index: *index,
+                    wire_bytes: data.len() as u64,
+                    rebuilt: rebuild(
+                        store,
+                        &batch,
+                        sizes.get(handle).copied().unwrap_or(0),
+                        *index,
+                        base,
+                        pages,
+                        *codec,
+                        data,
+                    ),
+                }),
+                _ => None,
+            })
+            .collect();
+        drop(batch);
+        checked
+            .into_iter()
+            .zip(rebuilt)
+            .map(|(p, r)| r.unwrap_or(p))
+            .collect()
     }
 
     /// Appends the batch's records to the disks' journals and makes them durable.
@@ -883,6 +911,119 @@ pub fn drive_session(data: &[u8]) {
         if end {
             return;
         }
+    }
+}
+
+/// A batch message with its CPU work done (see [`Session::prepare`]).
+enum Prepared {
+    Block {
+        seq: u64,
+        handle: u32,
+        index: u64,
+        wire_bytes: u64,
+        checked: Result<VerifiedBlock, StoreError>,
+    },
+    Patch {
+        seq: u64,
+        handle: u32,
+        index: u64,
+        wire_bytes: u64,
+        rebuilt: Result<Rebuilt, PatchError>,
+    },
+    Other(Message),
+}
+
+enum Rebuilt {
+    /// The store lacks the base: the agent is asked for the whole block.
+    NoBase,
+    /// The result's name, and its encoded content unless the store already holds it.
+    Named {
+        hash: BlockHash,
+        block: Option<VerifiedBlock>,
+    },
+}
+
+enum PatchError {
+    /// The patch itself is wrong (named with its disk and block by the caller).
+    Bad(String),
+    Fail(Fail),
+}
+
+/// Applies a Patch to its verified base and names the result.
+#[allow(clippy::too_many_arguments)]
+fn rebuild(
+    store: &dyn BlockStore,
+    batch: &[&VerifiedBlock],
+    disk_size: u64,
+    index: u64,
+    base: &BlockHash,
+    pages: &[(u32, u32)],
+    codec: codec::Codec,
+    data: &[u8],
+) -> Result<Rebuilt, PatchError> {
+    let want = lifeboat_common::protocol::delta_len(pages).map_err(PatchError::Bad)?;
+    if lifeboat_common::block::block_len(index, disk_size) != lifeboat_common::BLOCK_SIZE {
+        // Pages past the end of the disk would become part of the named content.
+        return Err(PatchError::Bad(format!(
+            "block {index} is not a whole block of this disk"
+        )));
+    }
+    let bytes = codec::decode(codec, data).map_err(|e| PatchError::Bad(e.to_string()))?;
+    if bytes.len() != want {
+        return Err(PatchError::Bad(format!(
+            "{} bytes for {want} bytes of pages",
+            bytes.len()
+        )));
+    }
+    let Some(mut block) = delta_base(store, batch, base).map_err(PatchError::Fail)? else {
+        return Ok(Rebuilt::NoBase);
+    };
+    lifeboat_common::protocol::apply_delta(&mut block, pages, &bytes);
+    // Named here, from the verified base and the pages the agent read.
+    let hash = hash_block(&block);
+    let held = hash.is_zero()
+        || batch.iter().any(|v| v.hash == hash)
+        || store.has(&hash).map_err(|e| PatchError::Fail(e.into()))?;
+    let block = if held {
+        None
+    } else {
+        let (codec, data) = codec::encode_sampled(&block, 1)
+            .map_err(|e| PatchError::Bad(format!("compressing the result: {e}")))?;
+        Some(VerifiedBlock { hash, codec, data })
+    };
+    Ok(Rebuilt::Named { hash, block })
+}
+
+/// The plain content a `Patch` applies to: zeros, a block of this batch, or a stored block
+/// (read and verified); `None` when the store lacks it.
+fn delta_base(
+    store: &dyn BlockStore,
+    batch: &[&VerifiedBlock],
+    base: &BlockHash,
+) -> Result<Option<Vec<u8>>, Fail> {
+    if base.is_zero() {
+        return Ok(Some(vec![0u8; lifeboat_common::BLOCK_SIZE]));
+    }
+    if let Some(v) = batch.iter().find(|v| v.hash == *base) {
+        let mut plain = codec::decode(v.codec, &v.data).map_err(|e| Fail {
+            code: ErrorCode::Internal,
+            retryable: true,
+            message: format!("decoding block {base} of this batch: {e}"),
+        })?;
+        plain.resize(lifeboat_common::BLOCK_SIZE, 0);
+        return Ok(Some(plain));
+    }
+    if !store.has(base)? {
+        return Ok(None);
+    }
+    match store.read(base) {
+        Ok(mut plain) => {
+            plain.resize(lifeboat_common::BLOCK_SIZE, 0);
+            Ok(Some(plain))
+        }
+        // Gone or damaged since `has`: the agent sends the whole block.
+        Err(e) if !e.retryable() => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
