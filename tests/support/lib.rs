@@ -3,6 +3,8 @@
 //! hostile input. Every server a test starts listens on 127.0.0.1 and is killed on drop.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod ebs_server;
+
 use lifeboat_common::BLOCK_SIZE;
 use serde_json::Value;
 use std::io::{Read, Write};
