@@ -446,6 +446,168 @@ pub struct ReceiverConfig {
     /// holder is connected or was heard from less than this many minutes ago.
     #[serde(default = "default_server_lease_minutes")]
     pub server_lease_minutes: u64,
+    /// The EBS snapshot target; absent: points stay in the staging store only (the local
+    /// target, the embedded default).
+    #[serde(default)]
+    pub ebs: Option<EbsConfig>,
+}
+
+/// `[ebs]` in receiver.toml: points materialized as incremental EBS snapshots through the
+/// EBS direct APIs. Credentials come from the standard AWS chain (environment, profile,
+/// instance role, web identity), never from this file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EbsConfig {
+    /// The recovery region, e.g. "eu-west-1".
+    pub region: String,
+    /// Another endpoint for the EBS direct APIs (a VPC endpoint, or a test server).
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// Another endpoint for EC2 (DescribeSnapshots, DeleteSnapshot, images, instances).
+    #[serde(default)]
+    pub ec2_endpoint_url: Option<String>,
+    /// Encrypt snapshots (with `kms_key_arn`, else the account's default EBS key).
+    #[serde(default = "default_true")]
+    pub encrypted: bool,
+    #[serde(default)]
+    pub kms_key_arn: Option<String>,
+    /// A committed point goes to EBS when the newest one there is at least this old.
+    #[serde(default = "default_ebs_every_minutes")]
+    pub every_minutes: u64,
+    /// Snapshots kept: one per 10 minutes for an hour, hourly for a day, daily for this
+    /// many days (DRS's default policy); the newest is always kept.
+    #[serde(default = "default_daily_days")]
+    pub daily_days: u64,
+    /// PutSnapshotBlock requests in flight per snapshot (the API takes about 1000 a second).
+    #[serde(default = "default_ebs_puts_in_flight")]
+    pub puts_in_flight: usize,
+    /// Seconds to open a connection.
+    #[serde(default = "default_ebs_connect_timeout_secs")]
+    pub connect_timeout_secs: u64,
+    /// Seconds one attempt of one request may take, reading its answer included.
+    #[serde(default = "default_ebs_attempt_timeout_secs")]
+    pub attempt_timeout_secs: u64,
+    /// Attempts per request for what may pass (throttling, 5xx, timeouts, "does not exist"
+    /// right after StartSnapshot), with jittered exponential backoff between them.
+    #[serde(default = "default_ebs_max_attempts")]
+    pub max_attempts: u32,
+    /// Minutes EBS gives a started snapshot to complete (StartSnapshot's Timeout), and the
+    /// receiver waits for DescribeSnapshots to say `completed`.
+    #[serde(default = "default_ebs_snapshot_timeout_minutes")]
+    pub snapshot_timeout_minutes: u64,
+}
+
+fn default_ebs_every_minutes() -> u64 {
+    10
+}
+fn default_ebs_puts_in_flight() -> usize {
+    64
+}
+fn default_ebs_connect_timeout_secs() -> u64 {
+    5
+}
+fn default_ebs_attempt_timeout_secs() -> u64 {
+    60
+}
+fn default_ebs_max_attempts() -> u32 {
+    8
+}
+fn default_ebs_snapshot_timeout_minutes() -> u64 {
+    60
+}
+
+impl EbsConfig {
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let ok_region = !self.region.is_empty()
+            && self.region.len() <= 32
+            && self
+                .region
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !ok_region {
+            return Err(invalid(
+                path,
+                "ebs.region",
+                format!(
+                    "{:?} is not a region name such as \"eu-west-1\"",
+                    self.region
+                ),
+            ));
+        }
+        for (key, url) in [
+            ("ebs.endpoint_url", &self.endpoint_url),
+            ("ebs.ec2_endpoint_url", &self.ec2_endpoint_url),
+        ] {
+            if let Some(u) = url {
+                if !(u.starts_with("https://") || u.starts_with("http://")) {
+                    return Err(invalid(path, key, format!("{u:?} is not an http(s) URL")));
+                }
+            }
+        }
+        if let Some(k) = &self.kms_key_arn {
+            if !self.encrypted {
+                return Err(invalid(
+                    path,
+                    "ebs.kms_key_arn",
+                    "needs encrypted = true (a KMS key encrypts)",
+                ));
+            }
+            if !k.starts_with("arn:") {
+                return Err(invalid(
+                    path,
+                    "ebs.kms_key_arn",
+                    format!("{k:?} is not a KMS key ARN (arn:aws:kms:<region>:<account>:key/<id>)"),
+                ));
+            }
+        }
+        if !(1..=7 * 24 * 60).contains(&self.every_minutes) {
+            return Err(invalid(
+                path,
+                "ebs.every_minutes",
+                "must be between 1 and 10080 (7 days)",
+            ));
+        }
+        if !(1..=365).contains(&self.daily_days) {
+            return Err(invalid(path, "ebs.daily_days", "must be between 1 and 365"));
+        }
+        if !(1..=1000).contains(&self.puts_in_flight) {
+            return Err(invalid(
+                path,
+                "ebs.puts_in_flight",
+                "must be between 1 and 1000 (the API's rate per snapshot)",
+            ));
+        }
+        if !(1..=300).contains(&self.connect_timeout_secs) {
+            return Err(invalid(
+                path,
+                "ebs.connect_timeout_secs",
+                "must be between 1 and 300",
+            ));
+        }
+        if !(1..=3600).contains(&self.attempt_timeout_secs) {
+            return Err(invalid(
+                path,
+                "ebs.attempt_timeout_secs",
+                "must be between 1 and 3600",
+            ));
+        }
+        if !(1..=100).contains(&self.max_attempts) {
+            return Err(invalid(
+                path,
+                "ebs.max_attempts",
+                "must be between 1 and 100",
+            ));
+        }
+        // StartSnapshot's Timeout is 10..=4320 minutes.
+        if !(10..=4320).contains(&self.snapshot_timeout_minutes) {
+            return Err(invalid(
+                path,
+                "ebs.snapshot_timeout_minutes",
+                "must be between 10 and 4320 (what StartSnapshot accepts)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Which points are kept: everything of the last `recent_minutes`, then DRS's policy: one
@@ -608,6 +770,9 @@ impl ReceiverConfig {
                 "must be at most 10080 (7 days)",
             ));
         }
+        if let Some(e) = &self.ebs {
+            e.validate(path)?;
+        }
         Ok(())
     }
 }
@@ -626,6 +791,7 @@ impl Default for ReceiverConfig {
             max_manifest_memory_mib: default_max_manifest_memory_mib(),
             max_clock_skew_secs: default_max_clock_skew_secs(),
             server_lease_minutes: default_server_lease_minutes(),
+            ebs: None,
         }
     }
 }

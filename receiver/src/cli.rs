@@ -61,6 +61,10 @@ pub enum Command {
         /// Seconds between retention and garbage-collection passes.
         #[arg(long, default_value_t = 60)]
         gc_interval_secs: u64,
+        /// Seconds between passes of the EBS uploader (with [ebs] in receiver.toml): each
+        /// pass resumes an interrupted upload or starts the one that is due.
+        #[arg(long, default_value_t = 10)]
+        ebs_interval_secs: u64,
     },
     /// Verify every stored block; quarantine corrupt ones so that agents resend them.
     Scrub {
@@ -134,7 +138,29 @@ pub enum Command {
         /// Skip reading the destination back after writing (faster; proves less).
         #[arg(long)]
         no_verify: bool,
+        /// Where to read the point from: the staging store, or its EBS snapshot (needs [ebs]
+        /// in receiver.toml and the point on EBS; every block is checked against its SHA-256
+        /// and against the point's manifest).
+        #[arg(long, value_enum, default_value_t = crate::commands::restore::From::Staging)]
+        from: crate::commands::restore::From,
         /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put one point on EBS now (an incremental snapshot per disk), whatever the policy;
+    /// tries a failed upload again.
+    #[command(after_help = "Examples:\n  \
+        lifeboat-receiver snapshot --server web-01 --point latest\n  \
+        lifeboat-receiver snapshot --server web-01 --point 42 --json\n\n\
+        Needs [ebs] in receiver.toml and AWS credentials from the standard chain (environment,\n\
+        profile, instance role). `serve` does the same in the background by policy.")]
+    Snapshot {
+        /// The server id, as `servers` lists it.
+        #[arg(long)]
+        server: String,
+        /// A point number from `points`, or "latest".
+        #[arg(long, default_value = "latest")]
+        point: String,
         #[arg(long)]
         json: bool,
     },
@@ -152,7 +178,15 @@ pub fn run(cli: Cli) -> u8 {
         Command::Serve {
             listen,
             gc_interval_secs,
-        } => crate::commands::serve::run(&cli.state_dir, listen, gc_interval_secs),
+            ebs_interval_secs,
+        } => {
+            crate::commands::serve::run(&cli.state_dir, listen, gc_interval_secs, ebs_interval_secs)
+        }
+        Command::Snapshot {
+            server,
+            point,
+            json,
+        } => crate::commands::snapshot::run(&cli.state_dir, &server, &point, json),
         Command::Scrub { json } => crate::commands::scrub::run(&cli.state_dir, json),
         Command::TokenAdd { server, json } => {
             crate::commands::token::add(&cli.state_dir, server.as_deref(), json)
@@ -170,6 +204,7 @@ pub fn run(cli: Cli) -> u8 {
             to,
             force,
             no_verify,
+            from,
             json,
         } => crate::commands::restore::run(
             &cli.state_dir,
@@ -180,6 +215,7 @@ pub fn run(cli: Cli) -> u8 {
                 to,
                 force,
                 verify: !no_verify,
+                from,
                 json,
             },
         ),

@@ -171,9 +171,15 @@ fn apply_retention(
             .map(|p| (p.point, p.committed_unix_ms))
             .collect();
         let keep = retention::keep(&pairs, now_ms, policy);
+        // A point that is uploading to EBS, or has a snapshot there, stays: later uploads
+        // take their differences from its manifest (an unreadable EBS record: kept too).
         let doomed: Vec<_> = candidates
             .iter()
             .filter(|p| !keep.contains(&p.point))
+            .filter(|p| {
+                crate::snapshots::ebs::record::EbsRecord::load(catalog, server, p.point)
+                    .is_ok_and(|r| !r.holds())
+            })
             .collect();
         if doomed.is_empty() {
             return Ok(());

@@ -17,10 +17,10 @@ pub mod durability;
 pub mod gc;
 pub mod retention;
 pub mod server;
+pub mod snapshots;
 pub mod status;
 pub mod store;
 mod sys;
-pub mod target;
 pub mod tls;
 
 pub use cli::{run, Cli};

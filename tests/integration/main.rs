@@ -4,6 +4,7 @@
 mod bad_input;
 mod cli;
 mod e2e;
+mod ebs;
 mod faults;
 mod gc;
 mod identity;

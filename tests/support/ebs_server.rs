@@ -20,6 +20,8 @@
 //! denied. Every request is counted per operation, so a test can tell a retry storm from one
 //! attempt.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+// A refusal is an HTTP answer, returned as the error of the helpers that check requests.
+#![allow(clippy::result_large_err)]
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -95,6 +97,8 @@ struct State {
     not_found_left: HashMap<String, u32>,
     window: Option<(Instant, u32)>,
     next_id: u64,
+    /// Every state `DescribeSnapshots` answered, in order.
+    described: Vec<String>,
 }
 
 /// A running server; stops when dropped.
@@ -157,6 +161,16 @@ impl EbsServer {
             .get(op)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The states `DescribeSnapshots` answered, in order.
+    pub fn described(&self) -> Vec<String> {
+        self.state.lock().unwrap().described.clone()
+    }
+
+    /// Every operation's count, for assertion messages.
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        self.state.lock().unwrap().counts.clone()
     }
 
     pub fn snapshots(&self) -> Vec<Snapshot> {
@@ -655,9 +669,9 @@ fn completed<'a>(s: &'a State, id: &str) -> Result<&'a Snapshot, Answer> {
     }
     match s.snapshots.get(id) {
         None => Err(not_found(id)),
-        Some(snap) if snap.status != Status::Completed => Err(validation(&format!(
-            "The snapshot {id} is not completed"
-        ))),
+        Some(snap) if snap.status != Status::Completed => {
+            Err(validation(&format!("The snapshot {id} is not completed")))
+        }
         Some(snap) => Ok(snap),
     }
 }
@@ -810,7 +824,7 @@ fn describe(s: &mut State, form: &HashMap<String, String>) -> Answer {
     let now = Instant::now();
     let mut items = String::new();
     for id in &ids {
-        let Some(snap) = s.snapshots.get(id) else {
+        let Some(snap) = s.snapshots.get(id).cloned() else {
             return ec2_error(
                 "InvalidSnapshot.NotFound",
                 &format!("The snapshot '{id}' does not exist."),
@@ -821,6 +835,7 @@ fn describe(s: &mut State, form: &HashMap<String, String>) -> Answer {
             Status::Error(_) => "error",
             _ => "pending",
         };
+        s.described.push(status.to_string());
         let tags: String = snap
             .tags
             .iter()
@@ -844,7 +859,10 @@ fn describe(s: &mut State, form: &HashMap<String, String>) -> Answer {
             snap.encrypted,
         ));
     }
-    ec2_ok("DescribeSnapshots", &format!("<snapshotSet>{items}</snapshotSet>"))
+    ec2_ok(
+        "DescribeSnapshots",
+        &format!("<snapshotSet>{items}</snapshotSet>"),
+    )
 }
 
 fn delete(s: &mut State, form: &HashMap<String, String>) -> Answer {

@@ -283,8 +283,39 @@ impl Receiver {
             .arg("--state-dir")
             .arg(&self.dir)
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap()
+    }
+
+    /// Points this receiver's EBS target at a test server (`[ebs]` appended to receiver.toml
+    /// with `extra` lines), with static test credentials and no instance metadata lookups.
+    /// Restarts `serve` when it was running.
+    pub fn use_ebs(&mut self, url: &str, extra: &[&str]) {
+        let path = self.dir.join("receiver.toml");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(&format!(
+            "\n[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{url}\"\nencrypted = false\n\
+             max_attempts = 4\nattempt_timeout_secs = 5\n"
+        ));
+        for l in extra {
+            text.push_str(l);
+            text.push('\n');
+        }
+        std::fs::write(&path, text).unwrap();
+        for (k, v) in [
+            ("AWS_ACCESS_KEY_ID", "lifeboat-test"),
+            ("AWS_SECRET_ACCESS_KEY", "lifeboat-test"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("AWS_CONFIG_FILE", "/nonexistent"),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+        ] {
+            self.env.push((k.to_string(), v.to_string()));
+        }
+        if self.proc.is_running() {
+            self.proc.kill();
+            self.restart();
+        }
     }
 
     pub fn points(&self, server: &str) -> Vec<Value> {

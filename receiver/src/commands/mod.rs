@@ -7,6 +7,7 @@ pub mod restore;
 pub mod scrub;
 pub mod serve;
 pub mod servers;
+pub mod snapshot;
 pub mod token;
 pub mod validate;
 

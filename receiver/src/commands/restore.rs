@@ -19,6 +19,15 @@ use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
+/// Where a restore reads the point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum From {
+    /// The staging store (every point).
+    Staging,
+    /// The point's EBS snapshot (points on EBS).
+    Ebs,
+}
+
 pub struct Request {
     pub server: String,
     pub disk: String,
@@ -26,6 +35,7 @@ pub struct Request {
     pub to: PathBuf,
     pub force: bool,
     pub verify: bool,
+    pub from: From,
     pub json: bool,
 }
 
@@ -151,7 +161,6 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
     let manifest = catalog
         .manifest(&rec, &req.disk)
         .map_err(|e| DataError(format!("server {} point {}: {e}", rec.server, rec.point)))?;
-    let store = DirStore::open(&state_dir.join("store"))?;
     let size = manifest.disk_size;
     let (dst, is_device) = open_destination(&req.to, size, req.force)?;
     let ctx =
@@ -160,26 +169,32 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
     let data_blocks = manifest.data_blocks();
     let pb = progress(size, "restore");
     let created = !is_device;
-    let result = parallel(manifest.hashes.len(), |i| {
-        let h = manifest.hashes[i];
-        let len = block_len(i as u64, size);
-        let off = i as u64 * BLOCK_SIZE as u64;
-        if h.is_zero() {
-            if is_device {
-                dst.write_all_at(&vec![0u8; len], off).with_context(|| {
-                    format!("writing zeros at block {i} of {}", req.to.display())
-                })?;
-            }
-        } else {
-            let plain = store
-                .read(&h)
-                .map_err(|e| DataError(format!("{}: {e}", ctx(i, &h))))?;
-            dst.write_all_at(&plain[..len], off)
-                .with_context(|| format!("writing block {i} to {}", req.to.display()))?;
+    let result = match req.from {
+        From::Staging => {
+            let store = DirStore::open(&state_dir.join("store"))?;
+            parallel(manifest.hashes.len(), |i| {
+                let h = manifest.hashes[i];
+                let len = block_len(i as u64, size);
+                let off = i as u64 * BLOCK_SIZE as u64;
+                if h.is_zero() {
+                    if is_device {
+                        dst.write_all_at(&vec![0u8; len], off).with_context(|| {
+                            format!("writing zeros at block {i} of {}", req.to.display())
+                        })?;
+                    }
+                } else {
+                    let plain = store
+                        .read(&h)
+                        .map_err(|e| DataError(format!("{}: {e}", ctx(i, &h))))?;
+                    dst.write_all_at(&plain[..len], off)
+                        .with_context(|| format!("writing block {i} to {}", req.to.display()))?;
+                }
+                pb.inc(len as u64);
+                Ok(())
+            })
         }
-        pb.inc(len as u64);
-        Ok(())
-    });
+        From::Ebs => from_ebs(state_dir, req, &rec, &manifest, &dst, is_device, &pb),
+    };
     pb.finish_and_clear();
     if let Err(e) = result {
         if created {
@@ -227,6 +242,7 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
                 "size_bytes": size, "data_blocks": data_blocks,
                 "zero_blocks": manifest.hashes.len() - data_blocks,
                 "verified": req.verify, "manifest_digest": digest.to_hex(),
+                "from": match req.from { From::Staging => "staging", From::Ebs => "ebs" },
             })
         );
     } else {
@@ -237,11 +253,99 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
             rec.point,
             req.to.display(),
             fmt_bytes(size),
-            if req.verify { ", each verified in the store and read back" } else { ", each verified in the store" },
+            match (req.from, req.verify) {
+                (From::Staging, true) => ", each verified in the store and read back",
+                (From::Staging, false) => ", each verified in the store",
+                (From::Ebs, true) => ", each checked against its SHA-256 and the manifest, and read back",
+                (From::Ebs, false) => ", each checked against its SHA-256 and the manifest",
+            },
             manifest.hashes.len() - data_blocks,
             if is_device { "written" } else { "left sparse" },
         );
         println!("manifest digest {digest}");
     }
+    Ok(())
+}
+
+/// Writes the point from its EBS snapshot: the blocks it holds, fetched many at a time and
+/// checked against their SHA-256 and the manifest; zero blocks from the manifest.
+fn from_ebs(
+    state_dir: &Path,
+    req: &Request,
+    rec: &crate::catalog::PointRecord,
+    manifest: &lifeboat_common::manifest::Manifest,
+    dst: &File,
+    is_device: bool,
+    pb: &ProgressBar,
+) -> anyhow::Result<()> {
+    use crate::snapshots::ebs::record::{DiskState, EbsRecord};
+    let cfg_path = state_dir.join("receiver.toml");
+    let config = lifeboat_common::config::ReceiverConfig::load(&cfg_path)?;
+    let Some(ebs) = config.ebs else {
+        bail!(
+            "{} has no [ebs] section: this receiver keeps points in its staging store only \
+             (restore without --from ebs)",
+            cfg_path.display()
+        );
+    };
+    let catalog = Catalog::new(state_dir);
+    let record = EbsRecord::load(&catalog, &rec.server, rec.point)?;
+    let upload = record.disks.get(&req.disk);
+    let snapshot = match upload {
+        Some(u) if u.state == DiskState::OnEbs => u.snapshot_id.clone(),
+        _ => None,
+    };
+    let Some(snapshot) = snapshot else {
+        bail!(
+            "point {} disk {} of server {} is not on EBS ({}); `lifeboat-receiver snapshot \
+             --server {} --point {}` puts it there",
+            rec.point,
+            req.disk,
+            rec.server,
+            upload.map_or("staged".to_string(), |u| format!("{:?}", u.state)
+                .to_lowercase()),
+            rec.server,
+            rec.point
+        );
+    };
+    let size = manifest.disk_size;
+    // Zero blocks first (a device must hold zeros there; a new file already does).
+    for (i, h) in manifest.hashes.iter().enumerate() {
+        let len = block_len(i as u64, size);
+        if h.is_zero() {
+            if is_device {
+                dst.write_all_at(&vec![0u8; len], i as u64 * BLOCK_SIZE as u64)
+                    .with_context(|| {
+                        format!("writing zeros at block {i} of {}", req.to.display())
+                    })?;
+            }
+            pb.inc(len as u64);
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let out = dst.try_clone()?;
+    let to = req.to.clone();
+    let pbc = pb.clone();
+    let write = std::sync::Arc::new(move |i: u64, data: &[u8]| -> anyhow::Result<()> {
+        let len = block_len(i, size);
+        out.write_all_at(&data[..len], i * BLOCK_SIZE as u64)
+            .with_context(|| format!("writing block {i} to {}", to.display()))?;
+        pbc.inc(len as u64);
+        Ok(())
+    });
+    let manifest = std::sync::Arc::new(manifest.clone());
+    rt.block_on(async {
+        let aws = crate::snapshots::ebs::client::Aws::connect(&ebs).await;
+        crate::snapshots::ebs::read::fetch_all(&aws, &snapshot, manifest, ebs.puts_in_flight, write)
+            .await
+    })
+    .map_err(
+        |e| match e.downcast::<crate::snapshots::ebs::read::BadBlock>() {
+            Ok(bad) => DataError(format!("disk {} point {}: {bad}", req.disk, rec.point)).into(),
+            Err(e) => e,
+        },
+    )?;
     Ok(())
 }

@@ -4,7 +4,12 @@ use crate::server::{serve, ServeOptions};
 use std::path::Path;
 use std::time::Duration;
 
-pub fn run(state_dir: &Path, listen: Option<String>, gc_interval_secs: u64) -> anyhow::Result<()> {
+pub fn run(
+    state_dir: &Path,
+    listen: Option<String>,
+    gc_interval_secs: u64,
+    ebs_interval_secs: u64,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -13,5 +18,6 @@ pub fn run(state_dir: &Path, listen: Option<String>, gc_interval_secs: u64) -> a
         listen,
         gc_interval: Duration::from_secs(gc_interval_secs.max(1)),
         grace: Duration::from_secs(10),
+        ebs_interval: Duration::from_secs(ebs_interval_secs.max(1)),
     }))
 }

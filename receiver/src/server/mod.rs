@@ -16,9 +16,9 @@ pub use session::drive_session;
 
 use crate::auth::Tokens;
 use crate::catalog::Catalog;
+use crate::snapshots::local::LocalTarget;
+use crate::snapshots::SnapshotTarget;
 use crate::store::{BlockStore, DirStore};
-use crate::target::local::LocalTarget;
-use crate::target::SnapshotTarget;
 use anyhow::Context;
 use lifeboat_common::config::ReceiverConfig;
 use std::collections::HashMap;
@@ -32,7 +32,7 @@ use tokio::sync::{watch, Semaphore};
 /// Everything connections share.
 pub struct Shared {
     pub state_dir: PathBuf,
-    pub store: Box<dyn BlockStore>,
+    pub store: Arc<dyn BlockStore>,
     pub catalog: Catalog,
     pub target: Box<dyn SnapshotTarget>,
     pub tokens: Tokens,
@@ -277,7 +277,7 @@ impl Shared {
     /// What every connection of a `serve` of `state_dir` shares (the local target).
     pub fn new(
         state_dir: &std::path::Path,
-        store: Box<dyn BlockStore>,
+        store: Arc<dyn BlockStore>,
         tokens: Tokens,
         config: ReceiverConfig,
     ) -> Shared {
@@ -350,6 +350,8 @@ pub struct ServeOptions {
     pub listen: Option<String>,
     pub gc_interval: Duration,
     pub grace: Duration,
+    /// Seconds between passes of the EBS uploader (with `[ebs]` in receiver.toml).
+    pub ebs_interval: Duration,
 }
 
 /// Runs the receiver until SIGTERM/SIGINT.
@@ -379,7 +381,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let tokens = Tokens::load(&state_dir)?;
     let shared = Arc::new(Shared::new(
         &state_dir,
-        Box::new(store),
+        Arc::new(store),
         tokens,
         config.clone(),
     ));
@@ -434,6 +436,28 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             }
         }
     });
+
+    // The EBS target, in the background: points are already durable and committed.
+    let uploader = match &config.ebs {
+        Some(ebs) => {
+            let m = Arc::new(crate::snapshots::ebs::Materializer {
+                aws: crate::snapshots::ebs::client::Aws::connect(ebs).await,
+                catalog: Catalog::new(&state_dir),
+                store: shared.store.clone(),
+            });
+            tracing::info!(
+                region = %ebs.region,
+                every_minutes = ebs.every_minutes,
+                "EBS target on: points go to EBS snapshots in the background"
+            );
+            Some(tokio::spawn(crate::snapshots::ebs::run(
+                m,
+                opts.ebs_interval,
+                stop_rx.clone(),
+            )))
+        }
+        None => None,
+    };
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -492,6 +516,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         tasks.abort_all();
     }
     let _ = gc.await;
+    if let Some(u) = uploader {
+        let _ = u.await;
+    }
     mark_all_disconnected(&shared);
     tracing::info!("lifeboat-receiver stopped");
     Ok(())

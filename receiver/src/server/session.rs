@@ -859,7 +859,7 @@ fn scratch_session() -> Option<(tempfile::TempDir, Session)> {
     };
     let shared = Arc::new(super::Shared::new(
         dir.path(),
-        Box::new(store),
+        Arc::new(store),
         tokens,
         config,
     ));

@@ -1,9 +1,12 @@
 //! Snapshot targets: where a committed point is written.
 //!
-//! The local target (a directory: the catalog itself, with blocks in the staging store) is the
-//! embedded default, so a receiver runs with no AWS account. The EBS target comes later,
-//! behind the same [`SnapshotTarget`] trait.
+//! Every point commits first to the local target (a directory: the catalog itself, with
+//! blocks in the staging store), synchronously, before the agent hears `Committed`: the
+//! embedded default, so a receiver runs with no AWS account. With `[ebs]` in receiver.toml,
+//! [`ebs`] then materializes selected points as EBS snapshots in the background; that never
+//! holds a commit.
 
+pub mod ebs;
 pub mod local;
 
 use crate::catalog::{CatalogError, PointRecord};

@@ -1,0 +1,76 @@
+//! `snapshot`: put one point on EBS now, whatever the policy (and try a failed one again).
+
+use crate::catalog::Catalog;
+use crate::snapshots::ebs::record::EbsRecord;
+use crate::snapshots::ebs::{client::Aws, Materializer};
+use crate::store::DirStore;
+use anyhow::{bail, Context};
+use std::path::Path;
+use std::sync::Arc;
+
+pub fn run(state_dir: &Path, server: &str, point: &str, json: bool) -> anyhow::Result<()> {
+    let cfg_path = state_dir.join("receiver.toml");
+    let config = lifeboat_common::config::ReceiverConfig::load(&cfg_path)?;
+    let Some(ebs) = config.ebs else {
+        bail!(
+            "{} has no [ebs] section: add one (region, and endpoint_url for a test server) to \
+             put points on EBS",
+            cfg_path.display()
+        );
+    };
+    let catalog = Catalog::new(state_dir);
+    // Shared lock: retention and GC wait while the blocks are read.
+    let lock = crate::gc::lock_file(state_dir)
+        .with_context(|| format!("opening the lock in {}", state_dir.display()))?;
+    crate::sys::flock(&lock, false, false)?;
+    let rec = catalog.find(server, point)?;
+    let store = DirStore::open(&state_dir.join("store"))?;
+    let started = std::time::Instant::now();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async {
+        let m = Materializer {
+            aws: Aws::connect(&ebs).await,
+            catalog: Catalog::new(state_dir),
+            store: Arc::new(store),
+        };
+        m.materialize(server, rec.point, true).await
+    });
+    let record = EbsRecord::load(&catalog, server, rec.point)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "server": server, "point": rec.point,
+                "state": record.state(&rec).label(),
+                "error": result.as_ref().err().map(|e| e.to_string()),
+                "seconds": started.elapsed().as_secs_f64(),
+                "disks": record.disks,
+            })
+        );
+    } else {
+        for (disk, u) in &record.disks {
+            println!(
+                "point {} disk {disk}: {} {} ({} blocks put{})",
+                rec.point,
+                format!("{:?}", u.state).to_lowercase(),
+                u.snapshot_id.as_deref().unwrap_or("-"),
+                u.changed_blocks,
+                u.parent
+                    .as_ref()
+                    .map(|p| format!(" over {} of point {}", p.snapshot_id, p.point))
+                    .unwrap_or_else(|| ", no parent".into()),
+            );
+        }
+    }
+    result.with_context(|| format!("point {} of server {server} is not on EBS", rec.point))?;
+    if !json {
+        println!(
+            "point {} of server {server} is on EBS ({:.1} s)",
+            rec.point,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

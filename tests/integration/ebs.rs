@@ -1,0 +1,228 @@
+//! The EBS target against the strict EBS test server (real HTTP on loopback, the real AWS
+//! SDK in the receiver): incremental snapshots, restore from EBS, failures.
+
+use lifeboat_common::BLOCK_SIZE;
+use lifeboat_tests::ebs_server::EbsServer;
+use lifeboat_tests::*;
+use serde_json::Value;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+fn snapshot(rx: &Receiver, server: &str, point: &str) -> Value {
+    let o = rx.cli(&["snapshot", "--server", server, "--point", point, "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|_| panic!("snapshot printed no JSON: {}", stderr(&o)));
+    assert!(o.status.success(), "snapshot failed: {v} {}", stderr(&o));
+    v
+}
+
+fn restore_from_ebs(rx: &Receiver, point: &str, to: &Path) -> std::process::Output {
+    rx.restore_with("web-01", "root", point, to, &["--from", "ebs"])
+}
+
+fn write_at(path: &Path, data: &[u8], at: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(data, at).unwrap();
+}
+
+/// Three points: the first whole, each later one as exactly the blocks that changed over
+/// its parent (a block that became zero put as zeros; a disk that grew past a GiB into a
+/// larger volume); every point restored from EBS byte-exact.
+#[test]
+fn a_chain_of_points_goes_to_ebs_incrementally_and_restores_byte_exact() {
+    let ebs = EbsServer::start();
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    rx.use_ebs(&ebs.url(), &[]);
+    let img = w.path().join("disk.img");
+    let mut versions = vec![make_image(&img, 40, 1234, 21)];
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("web-01", &[("root", &img)]));
+    agent.run_once_ok();
+    let first = snapshot(&rx, "web-01", "latest");
+    let data_blocks = versions[0]
+        .chunks(BLOCK_SIZE)
+        .filter(|b| b.iter().any(|x| *x != 0))
+        .count() as u64;
+    assert_eq!(first["state"], "on_ebs", "{first}");
+    assert_eq!(first["disks"]["root"]["changed_blocks"], data_blocks);
+    assert!(first["disks"]["root"]["parent"].is_null());
+
+    // Point 2: a data block becomes zero, two others change.
+    let zeroed = versions[0]
+        .chunks(BLOCK_SIZE)
+        .position(|b| b.iter().any(|x| *x != 0))
+        .unwrap();
+    let mut v = versions[0].clone();
+    v[zeroed * BLOCK_SIZE..(zeroed + 1) * BLOCK_SIZE].fill(0);
+    for i in [zeroed + 3, 17] {
+        v[i * BLOCK_SIZE + 100] ^= 0x5a;
+    }
+    std::fs::write(&img, &v).unwrap();
+    versions.push(v);
+    agent.run_once_ok();
+    let second = snapshot(&rx, "web-01", "latest");
+    let parent = first["disks"]["root"]["snapshot_id"].as_str().unwrap();
+    assert_eq!(second["disks"]["root"]["parent"]["snapshot_id"], parent);
+    assert_eq!(
+        second["disks"]["root"]["changed_blocks"], 3,
+        "exactly the blocks that differ: {second}"
+    );
+
+    // Point 3: the disk grows past 1 GiB (a 2 GiB volume over a 1 GiB parent).
+    let grown = (1u64 << 30) + 3 * BLOCK_SIZE as u64 + 777;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(grown)
+        .unwrap();
+    let tail: Vec<u8> = (0..BLOCK_SIZE).map(|i| (i % 251) as u8).collect();
+    write_at(&img, &tail, 1 << 30);
+    agent.run_once_ok();
+    let third = snapshot(&rx, "web-01", "latest");
+    assert_eq!(third["disks"]["root"]["volume_size_gib"], 2);
+    assert_eq!(third["disks"]["root"]["changed_blocks"], 1, "{third}");
+
+    let points = rx.points("web-01");
+    assert_eq!(points.len(), 3);
+    for p in &points {
+        assert_eq!(p["ebs"]["state"], "on_ebs", "{p}");
+    }
+    // Every point, from EBS, byte-exact (the third compared with the grown file).
+    let third_bytes = std::fs::read(&img).unwrap();
+    versions.push(third_bytes);
+    for (p, expected) in points.iter().zip(&versions) {
+        let n = p["point"].as_u64().unwrap().to_string();
+        let out = w.path().join(format!("from-ebs-{n}.img"));
+        let o = restore_from_ebs(&rx, &n, &out);
+        assert!(o.status.success(), "restore of point {n}: {}", stderr(&o));
+        assert!(
+            std::fs::read(&out).unwrap() == *expected,
+            "point {n} restored from EBS holds other bytes"
+        );
+    }
+    // The server agrees: a snapshot's whole content is the disk, zero-padded to its volume.
+    let snaps = ebs.snapshots();
+    assert_eq!(snaps.len(), 3);
+    let content = ebs.content(parent);
+    assert!(content[..versions[0].len()] == versions[0][..]);
+    assert!(content[versions[0].len()..].iter().all(|b| *b == 0));
+    // One StartSnapshot per disk and point; every put was needed.
+    assert_eq!(ebs.count("StartSnapshot"), 3);
+    assert_eq!(ebs.count("PutSnapshotBlock"), data_blocks + 3 + 1);
+}
+
+/// Access denied is permanent: one attempt, the point goes `failed` with AWS's words, and
+/// `points` shows it; once allowed, `snapshot` tries again and succeeds.
+#[test]
+fn access_denied_fails_once_and_is_shown() {
+    let ebs = EbsServer::start();
+    ebs.faults(|f| f.deny = vec!["StartSnapshot".into()]);
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    rx.use_ebs(&ebs.url(), &[]);
+    let img = w.path().join("disk.img");
+    let data = make_image(&img, 8, 0, 3);
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("web-01", &[("root", &img)]));
+    agent.run_once_ok();
+    let o = rx.cli(&["snapshot", "--server", "web-01", "--point", "latest"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("AccessDeniedException"),
+        "the AWS error is named: {}",
+        stderr(&o)
+    );
+    assert_eq!(ebs.count("StartSnapshot"), 1, "no retry storm");
+    let points = rx.points("web-01");
+    assert_eq!(points[0]["ebs"]["state"], "failed");
+    let shown = stdout(&rx.cli(&["points", "--server", "web-01"]));
+    assert!(
+        shown.contains("failed on EBS") && shown.contains("AccessDenied"),
+        "{shown}"
+    );
+
+    ebs.faults(|f| f.deny.clear());
+    let v = snapshot(&rx, "web-01", "latest");
+    assert_eq!(v["state"], "on_ebs");
+    assert_eq!(v["disks"]["root"]["attempt"], 1, "a new ClientToken: {v}");
+    let out = w.path().join("r.img");
+    let o = restore_from_ebs(&rx, "latest", &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::read(&out).unwrap() == data);
+}
+
+/// Throttling past a rate, a hung request and "does not exist" right after StartSnapshot
+/// are all ridden out by timeouts and jittered retries.
+#[test]
+fn throttling_hangs_and_fresh_snapshots_are_retried() {
+    let ebs = EbsServer::start();
+    ebs.faults(|f| {
+        f.throttle_per_sec = Some(20);
+        f.not_found_after_start = 2;
+        f.hang_next = 1;
+        f.hang_ops = vec!["PutSnapshotBlock".into()];
+        f.completion_delay = Duration::from_secs(4);
+    });
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    rx.use_ebs(&ebs.url(), &["puts_in_flight = 8"]);
+    let img = w.path().join("disk.img");
+    let data = make_image(&img, 48, 0, 5);
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("web-01", &[("root", &img)]));
+    agent.run_once_ok();
+    let v = snapshot(&rx, "web-01", "latest");
+    assert_eq!(v["state"], "on_ebs", "{v}");
+    let out = w.path().join("r.img");
+    ebs.faults(|f| f.throttle_per_sec = None);
+    let o = restore_from_ebs(&rx, "latest", &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::read(&out).unwrap() == data);
+    // `on_ebs` only once EC2 said `completed`, after saying `pending` for a while.
+    let described = ebs.described();
+    assert_eq!(
+        described.first().map(String::as_str),
+        Some("pending"),
+        "{described:?}"
+    );
+    assert_eq!(
+        described.last().map(String::as_str),
+        Some("completed"),
+        "{described:?}"
+    );
+    // Every fault was met and ridden out.
+    let data_blocks = data
+        .chunks(BLOCK_SIZE)
+        .filter(|b| b.iter().any(|x| *x != 0))
+        .count() as u64;
+    let counts = ebs.counts();
+    assert!(
+        counts["PutSnapshotBlock"] > data_blocks + 2,
+        "retries happened: {counts:?}"
+    );
+    ebs.faults(|f| assert_eq!(f.hang_next, 0, "the hung request was made"));
+}
+
+/// `serve` uploads by policy in the background, and only when a point is due.
+#[test]
+fn serve_uploads_by_policy_in_the_background() {
+    let ebs = EbsServer::start();
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    rx.use_ebs(&ebs.url(), &["every_minutes = 1"]);
+    let img = w.path().join("disk.img");
+    make_image(&img, 16, 0, 9);
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("web-01", &[("root", &img)]));
+    agent.run_once_ok();
+    wait_for(
+        "the uploader to put the point on EBS",
+        Duration::from_secs(60),
+        || rx.points("web-01")[0]["ebs"]["state"] == "on_ebs",
+    );
+    // The next point is not due yet (less than every_minutes after the last).
+    mutate(&img, 2, 3);
+    agent.run_once_ok();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(rx.points("web-01")[1]["ebs"]["state"], "staged");
+    assert_eq!(ebs.count("StartSnapshot"), 1);
+}
