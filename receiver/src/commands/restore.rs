@@ -267,8 +267,22 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(not(feature = "aws"))]
+fn from_ebs(
+    _: &Path,
+    _: &Request,
+    _: &crate::catalog::PointRecord,
+    _: &lifeboat_common::manifest::Manifest,
+    _: &File,
+    _: bool,
+    _: &ProgressBar,
+) -> anyhow::Result<()> {
+    bail!("this lifeboat-receiver was built without AWS support (the `aws` feature)")
+}
+
 /// Writes the point from its EBS snapshot: the blocks it holds, fetched many at a time and
 /// checked against their SHA-256 and the manifest; zero blocks from the manifest.
+#[cfg(feature = "aws")]
 fn from_ebs(
     state_dir: &Path,
     req: &Request,

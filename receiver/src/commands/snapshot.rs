@@ -1,14 +1,20 @@
 //! `snapshot`: put one point on EBS now, whatever the policy (and try a failed one again).
 
-use crate::catalog::Catalog;
-use crate::snapshots::ebs::record::EbsRecord;
-use crate::snapshots::ebs::{client::Aws, Materializer};
-use crate::store::DirStore;
-use anyhow::{bail, Context};
 use std::path::Path;
-use std::sync::Arc;
 
+#[cfg(not(feature = "aws"))]
+pub fn run(_: &Path, _: &str, _: &str, _: bool) -> anyhow::Result<()> {
+    anyhow::bail!("this lifeboat-receiver was built without AWS support (the `aws` feature)")
+}
+
+#[cfg(feature = "aws")]
 pub fn run(state_dir: &Path, server: &str, point: &str, json: bool) -> anyhow::Result<()> {
+    use crate::catalog::Catalog;
+    use crate::snapshots::ebs::record::EbsRecord;
+    use crate::snapshots::ebs::{client::Aws, Materializer};
+    use crate::store::DirStore;
+    use anyhow::{bail, Context};
+    use std::sync::Arc;
     let cfg_path = state_dir.join("receiver.toml");
     let config = lifeboat_common::config::ReceiverConfig::load(&cfg_path)?;
     let Some(ebs) = config.ebs else {

@@ -438,6 +438,16 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     });
 
     // The EBS target, in the background: points are already durable and committed.
+    #[cfg(not(feature = "aws"))]
+    let uploader: Option<tokio::task::JoinHandle<()>> = match &config.ebs {
+        Some(_) => anyhow::bail!(
+            "{} has an [ebs] section, but this lifeboat-receiver was built without AWS \
+             support (the `aws` feature)",
+            cfg_path.display()
+        ),
+        None => None,
+    };
+    #[cfg(feature = "aws")]
     let uploader = match &config.ebs {
         Some(ebs) => {
             let m = Arc::new(crate::snapshots::ebs::Materializer {
