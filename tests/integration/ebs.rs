@@ -226,3 +226,105 @@ fn serve_uploads_by_policy_in_the_background() {
     assert_eq!(rx.points("web-01")[1]["ebs"]["state"], "staged");
     assert_eq!(ebs.count("StartSnapshot"), 1);
 }
+
+/// SIGKILL of the receiver mid-upload: after a restart the upload resumes with the same
+/// ClientToken, and there is exactly one snapshot for the disk and point, completed; nothing
+/// stays `uploading`.
+#[test]
+fn a_receiver_killed_mid_upload_resumes_to_exactly_one_snapshot() {
+    let ebs = EbsServer::start();
+    ebs.faults(|f| f.latency = Duration::from_millis(150));
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    rx.serve_args = vec!["--ebs-interval-secs".into(), "1".into()];
+    rx.use_ebs(&ebs.url(), &["every_minutes = 1", "puts_in_flight = 2"]);
+    rx.kill();
+    rx.restart();
+    let img = w.path().join("disk.img");
+    let data = make_image(&img, 64, 0, 13);
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("web-01", &[("root", &img)]));
+    agent.run_once_ok();
+    wait_for("some blocks put", Duration::from_secs(60), || {
+        ebs.count("PutSnapshotBlock") >= 6
+    });
+    rx.kill();
+    assert_eq!(rx.points("web-01")[0]["ebs"]["state"], "uploading");
+    ebs.faults(|f| f.latency = Duration::ZERO);
+    rx.restart();
+    wait_for(
+        "the upload to resume and complete",
+        Duration::from_secs(60),
+        || rx.points("web-01")[0]["ebs"]["state"] == "on_ebs",
+    );
+    let snaps = ebs.snapshots();
+    assert_eq!(
+        snaps.len(),
+        1,
+        "one snapshot, resumed by its ClientToken: {snaps:?}"
+    );
+    assert_eq!(ebs.count("StartSnapshot"), 2, "started, then resumed");
+    let out = w.path().join("r.img");
+    let o = restore_from_ebs(&rx, "latest", &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::read(&out).unwrap() == data);
+}
+
+/// Retention of snapshots on the receiver's clock: three days on, with `daily_days = 1`,
+/// only the newest snapshot stays; the others are deleted with DeleteSnapshot, and the one
+/// left (a child of the deleted) still restores byte-exact.
+#[test]
+fn retention_deletes_exactly_the_expired_snapshots() {
+    let ebs = EbsServer::start();
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    rx.use_ebs(&ebs.url(), &["daily_days = 1", "every_minutes = 10080"]);
+    let img = w.path().join("disk.img");
+    let mut last = make_image(&img, 12, 0, 17);
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("web-01", &[("root", &img)]));
+    agent.run_once_ok();
+    snapshot(&rx, "web-01", "latest");
+    for seed in 0..2 {
+        last = mutate(&img, 30 + seed, 3);
+        agent.run_once_ok();
+        snapshot(&rx, "web-01", "latest");
+    }
+    assert_eq!(ebs.snapshots().len(), 3);
+    let points = rx.points("web-01");
+    let newest = points[2]["ebs"]["disks"]["root"]["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Three days later (the receiver's clock; monotonic time is left alone).
+    rx.kill();
+    rx.wrapper = [
+        "env",
+        "FAKETIME_DONT_FAKE_MONOTONIC=1",
+        "faketime",
+        "-f",
+        "+3d",
+    ]
+    .map(String::from)
+    .to_vec();
+    rx.serve_args = vec!["--ebs-interval-secs".into(), "1".into()];
+    rx.restart();
+    wait_for(
+        "retention to delete the old snapshots",
+        Duration::from_secs(60),
+        || ebs.count("DeleteSnapshot") >= 2,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(ebs.count("DeleteSnapshot"), 2, "exactly the expired ones");
+    let left: Vec<String> = ebs.snapshots().into_iter().map(|s| s.id).collect();
+    assert_eq!(left, vec![newest]);
+    let states: Vec<Value> = rx
+        .points("web-01")
+        .iter()
+        .map(|p| p["ebs"]["state"].clone())
+        .collect();
+    assert_eq!(states, ["deleted", "deleted", "on_ebs"]);
+    let out = w.path().join("r.img");
+    let o = restore_from_ebs(&rx, "latest", &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::read(&out).unwrap() == last);
+}

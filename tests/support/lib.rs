@@ -149,6 +149,10 @@ pub struct Receiver {
     pub gc_interval_secs: u64,
     /// Extra environment for `serve` (e.g. LIFEBOAT_LOG).
     pub env: Vec<(String, String)>,
+    /// A command `serve` is started through (e.g. `faketime`), with its arguments.
+    pub wrapper: Vec<String>,
+    /// Extra arguments for `serve`.
+    pub serve_args: Vec<String>,
 }
 
 impl Receiver {
@@ -181,18 +185,28 @@ impl Receiver {
             port,
             gc_interval_secs: 3600,
             env: Vec::new(),
+            wrapper: Vec::new(),
+            serve_args: Vec::new(),
         };
         r.restart();
         r
     }
 
     pub fn restart(&mut self) {
-        let mut cmd = Command::new(bin("lifeboat-receiver"));
+        let mut cmd = match self.wrapper.split_first() {
+            Some((w, args)) => {
+                let mut c = Command::new(w);
+                c.args(args).arg(bin("lifeboat-receiver"));
+                c
+            }
+            None => Command::new(bin("lifeboat-receiver")),
+        };
         cmd.arg("--state-dir").arg(&self.dir).args([
             "serve",
             "--gc-interval-secs",
             &self.gc_interval_secs.to_string(),
         ]);
+        cmd.args(&self.serve_args);
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.proc.start(cmd);
         let port = self.port;
