@@ -877,4 +877,56 @@ path = "/dev/sda"
         let e = c.validate(Path::new("r.toml")).unwrap_err().to_string();
         assert!(e.contains("retention.daily_days"), "{e}");
     }
+
+    #[test]
+    fn ebs_section_parses_with_defaults_and_names_each_bad_field() {
+        let parse = |text: &str| -> Result<ReceiverConfig, String> {
+            let c: ReceiverConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+            c.validate(Path::new("r.toml")).map_err(|e| e.to_string())?;
+            Ok(c)
+        };
+        let c = parse("[ebs]\nregion = \"eu-west-1\"\n").unwrap();
+        let e = c.ebs.unwrap();
+        assert!(e.encrypted, "encrypted by default");
+        assert_eq!(
+            (e.every_minutes, e.daily_days, e.puts_in_flight),
+            (10, 7, 64)
+        );
+        assert!(
+            parse("").unwrap().ebs.is_none(),
+            "no [ebs]: the local target only"
+        );
+        for (extra, field) in [
+            ("region = \"EU West\"", "ebs.region"),
+            (
+                "region = \"eu-west-1\"\nendpoint_url = \"ftp://x\"",
+                "ebs.endpoint_url",
+            ),
+            (
+                "region = \"eu-west-1\"\nencrypted = false\nkms_key_arn = \"arn:aws:kms:x\"",
+                "ebs.kms_key_arn",
+            ),
+            (
+                "region = \"eu-west-1\"\nkms_key_arn = \"alias/x\"",
+                "ebs.kms_key_arn",
+            ),
+            (
+                "region = \"eu-west-1\"\nputs_in_flight = 0",
+                "ebs.puts_in_flight",
+            ),
+            (
+                "region = \"eu-west-1\"\nsnapshot_timeout_minutes = 5",
+                "ebs.snapshot_timeout_minutes",
+            ),
+            (
+                "region = \"eu-west-1\"\nmax_attempts = 0",
+                "ebs.max_attempts",
+            ),
+        ] {
+            let e = parse(&format!("[ebs]\n{extra}\n")).unwrap_err();
+            assert!(e.contains(field), "{extra}: {e}");
+        }
+        let e = parse("[ebs]\nregion = \"eu-west-1\"\nbucket = \"x\"\n").unwrap_err();
+        assert!(e.contains("bucket"), "unknown keys are refused: {e}");
+    }
 }

@@ -51,12 +51,18 @@ fn shipped_example_configs_validate() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = Command::new(bin("lifeboat-receiver"))
-        .args(["validate", "--config"])
-        .arg(root.join("packaging/receiver.toml.example"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+    for example in ["receiver.toml.example", "receiver-aws.toml.example"] {
+        let o = Command::new(bin("lifeboat-receiver"))
+            .args(["validate", "--config"])
+            .arg(root.join("packaging").join(example))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{example}: {}", stderr(&o));
+    }
+    let policy: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("packaging/iam-policy.json")).unwrap())
+            .unwrap();
+    assert_eq!(policy["Version"], "2012-10-17");
 }
 
 #[test]
