@@ -143,6 +143,10 @@ pub enum Command {
         /// and against the point's manifest).
         #[arg(long, value_enum, default_value_t = crate::commands::restore::From::Staging)]
         from: crate::commands::restore::From,
+        /// Failback: `--to` holds an older copy of the disk (e.g. the original server's disk
+        /// after a recovery); read it and write only the blocks that differ from the point.
+        #[arg(long)]
+        only_changed: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -205,6 +209,7 @@ pub fn run(cli: Cli) -> u8 {
             force,
             no_verify,
             from,
+            only_changed,
             json,
         } => crate::commands::restore::run(
             &cli.state_dir,
@@ -216,6 +221,7 @@ pub fn run(cli: Cli) -> u8 {
                 force,
                 verify: !no_verify,
                 from,
+                only_changed,
                 json,
             },
         ),

@@ -36,6 +36,8 @@ pub struct Request {
     pub force: bool,
     pub verify: bool,
     pub from: From,
+    /// Failback onto a disk that holds an older copy: write only the blocks that differ.
+    pub only_changed: bool,
     pub json: bool,
 }
 
@@ -50,8 +52,15 @@ pub struct DataError(pub String);
 /// earlier look at the path: a block device needs `--force` and is opened exclusively
 /// (`O_EXCL`: refused while mounted or held by anyone else); a regular file needs `--force`,
 /// and must be ours with a single link.
-fn open_destination(to: &Path, size: u64, force: bool) -> anyhow::Result<(File, bool)> {
+fn open_destination(to: &Path, size: u64, force: bool, keep: bool) -> anyhow::Result<(File, bool)> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    if keep && std::fs::symlink_metadata(to).is_err() {
+        bail!(
+            "{} does not exist: --only-changed writes over an older copy of the disk; \
+             without it, restore creates the file",
+            to.display()
+        );
+    }
     match OpenOptions::new()
         .read(true)
         .write(true)
@@ -131,9 +140,13 @@ fn open_destination(to: &Path, size: u64, force: bool) -> anyhow::Result<(File, 
     }
     f.set_permissions(std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("setting mode 0600 on {}", to.display()))?;
-    f.set_len(0)
-        .and_then(|()| f.set_len(size))
-        .with_context(|| format!("sizing {} to {size} bytes", to.display()))?;
+    if keep {
+        // The older copy stays; only its size follows the disk's (grown or shrunk).
+        f.set_len(size)
+    } else {
+        f.set_len(0).and_then(|()| f.set_len(size))
+    }
+    .with_context(|| format!("sizing {} to {size} bytes", to.display()))?;
     Ok((f, false))
 }
 
@@ -162,13 +175,25 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
         .manifest(&rec, &req.disk)
         .map_err(|e| DataError(format!("server {} point {}: {e}", rec.server, rec.point)))?;
     let size = manifest.disk_size;
-    let (dst, is_device) = open_destination(&req.to, size, req.force)?;
+    let (dst, is_device) = open_destination(&req.to, size, req.force, req.only_changed)?;
     let ctx =
         |i: usize, h: &BlockHash| format!("disk {} point {} block {i} ({h})", req.disk, rec.point);
 
     let data_blocks = manifest.data_blocks();
+    // Failback: which blocks of the older copy differ from the point (all, without it).
+    let need: Option<Vec<bool>> = if req.only_changed {
+        Some(differing_blocks(&dst, &manifest, &req.to)?)
+    } else {
+        None
+    };
+    let needed = |i: usize| need.as_ref().is_none_or(|n| n[i]);
+    let written = need
+        .as_ref()
+        .map_or(manifest.hashes.len(), |n| n.iter().filter(|x| **x).count());
+    // Zeros must be written wherever the destination may hold something else.
+    let write_zeros = is_device || req.only_changed;
     let pb = progress(size, "restore");
-    let created = !is_device;
+    let created = !is_device && !req.only_changed;
     let result = match req.from {
         From::Staging => {
             let store = DirStore::open(&state_dir.join("store"))?;
@@ -176,8 +201,10 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
                 let h = manifest.hashes[i];
                 let len = block_len(i as u64, size);
                 let off = i as u64 * BLOCK_SIZE as u64;
-                if h.is_zero() {
-                    if is_device {
+                if !needed(i) {
+                    // Already holds the point's content.
+                } else if h.is_zero() {
+                    if write_zeros {
                         dst.write_all_at(&vec![0u8; len], off).with_context(|| {
                             format!("writing zeros at block {i} of {}", req.to.display())
                         })?;
@@ -193,7 +220,7 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        From::Ebs => from_ebs(state_dir, req, &rec, &manifest, &dst, is_device, &pb),
+        From::Ebs => from_ebs(state_dir, req, &rec, &manifest, &dst, need.as_deref(), &pb),
     };
     pb.finish_and_clear();
     if let Err(e) = result {
@@ -243,6 +270,7 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
                 "zero_blocks": manifest.hashes.len() - data_blocks,
                 "verified": req.verify, "manifest_digest": digest.to_hex(),
                 "from": match req.from { From::Staging => "staging", From::Ebs => "ebs" },
+                "only_changed": req.only_changed, "blocks_written": written,
             })
         );
     } else {
@@ -262,6 +290,13 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
             manifest.hashes.len() - data_blocks,
             if is_device { "written" } else { "left sparse" },
         );
+        if req.only_changed {
+            println!(
+                "only changed blocks: {written} of {} blocks differed from {} and were written",
+                manifest.hashes.len(),
+                req.to.display()
+            );
+        }
         println!("manifest digest {digest}");
     }
     Ok(())
@@ -274,7 +309,7 @@ fn from_ebs(
     _: &crate::catalog::PointRecord,
     _: &lifeboat_common::manifest::Manifest,
     _: &File,
-    _: bool,
+    _: Option<&[bool]>,
     _: &ProgressBar,
 ) -> anyhow::Result<()> {
     bail!("this lifeboat-receiver was built without AWS support (the `aws` feature)")
@@ -289,7 +324,7 @@ fn from_ebs(
     rec: &crate::catalog::PointRecord,
     manifest: &lifeboat_common::manifest::Manifest,
     dst: &File,
-    is_device: bool,
+    need: Option<&[bool]>,
     pb: &ProgressBar,
 ) -> anyhow::Result<()> {
     use crate::snapshots::ebs::record::{DiskState, EbsRecord};
@@ -323,11 +358,19 @@ fn from_ebs(
         );
     };
     let size = manifest.disk_size;
-    // Zero blocks first (a device must hold zeros there; a new file already does).
+    let needed = |i: usize| need.is_none_or(|n| n[i]);
+    // A new file holds zeros already; a device, or an older copy, may not.
+    let write_zeros = need.is_some()
+        || dst
+            .metadata()
+            .is_ok_and(|m| m.file_type().is_block_device());
+    // Zero blocks first.
     for (i, h) in manifest.hashes.iter().enumerate() {
         let len = block_len(i as u64, size);
-        if h.is_zero() {
-            if is_device {
+        if !needed(i) {
+            pb.inc(len as u64);
+        } else if h.is_zero() {
+            if write_zeros {
                 dst.write_all_at(&vec![0u8; len], i as u64 * BLOCK_SIZE as u64)
                     .with_context(|| {
                         format!("writing zeros at block {i} of {}", req.to.display())
@@ -350,10 +393,24 @@ fn from_ebs(
         Ok(())
     });
     let manifest = std::sync::Arc::new(manifest.clone());
+    let wanted: std::sync::Arc<dyn Fn(u64) -> bool + Send + Sync> = match need {
+        Some(n) => {
+            let n = n.to_vec();
+            std::sync::Arc::new(move |i| n.get(i as usize).copied().unwrap_or(false))
+        }
+        None => std::sync::Arc::new(|_| true),
+    };
     rt.block_on(async {
         let aws = crate::snapshots::ebs::client::Aws::connect(&ebs).await;
-        crate::snapshots::ebs::read::fetch_all(&aws, &snapshot, manifest, ebs.puts_in_flight, write)
-            .await
+        crate::snapshots::ebs::read::fetch_all(
+            &aws,
+            &snapshot,
+            manifest,
+            ebs.puts_in_flight,
+            wanted,
+            write,
+        )
+        .await
     })
     .map_err(
         |e| match e.downcast::<crate::snapshots::ebs::read::BadBlock>() {
@@ -362,4 +419,47 @@ fn from_ebs(
         },
     )?;
     Ok(())
+}
+
+/// Reads the destination (an older copy of the disk) and marks each block whose content is
+/// not the point's.
+fn differing_blocks(
+    dst: &File,
+    manifest: &lifeboat_common::manifest::Manifest,
+    to: &Path,
+) -> anyhow::Result<Vec<bool>> {
+    let size = manifest.disk_size;
+    let n = manifest.hashes.len();
+    let differs: Vec<std::sync::atomic::AtomicBool> = (0..n)
+        .map(|_| std::sync::atomic::AtomicBool::new(false))
+        .collect();
+    let pb = progress(size, "compare");
+    parallel(n, |i| {
+        let len = block_len(i as u64, size);
+        let mut buf = vec![0u8; len];
+        // Past the end of a shorter older copy reads short: that part differs unless zero.
+        let got = read_up_to(dst, &mut buf, i as u64 * BLOCK_SIZE as u64)
+            .with_context(|| format!("reading block {i} of {}", to.display()))?;
+        buf[got..].fill(0);
+        if hash_block(&buf) != manifest.hashes[i] {
+            differs[i].store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        pb.inc(len as u64);
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    Ok(differs.into_iter().map(|d| d.into_inner()).collect())
+}
+
+fn read_up_to(f: &File, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], at + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
 }

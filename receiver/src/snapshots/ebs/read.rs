@@ -57,14 +57,15 @@ pub type BlockSink = Arc<dyn Fn(u64, &[u8]) -> anyhow::Result<()> + Send + Sync>
 #[error("{0}")]
 pub struct BadBlock(pub String);
 
-/// Fetches and checks every block the manifest needs; hands each to `write(index, bytes)`
-/// (full 512 KiB blocks; the caller trims the last). Zero blocks the snapshot does not hold
-/// are not fetched: the caller knows them from the manifest.
+/// Fetches and checks every block the manifest needs and `wanted` asks for; hands each to
+/// `write(index, bytes)` (full 512 KiB blocks; the caller trims the last). Zero blocks the
+/// snapshot does not hold are not fetched: the caller knows them from the manifest.
 pub async fn fetch_all(
     aws: &Aws,
     snapshot_id: &str,
     manifest: Arc<Manifest>,
     in_flight: usize,
+    wanted: Arc<dyn Fn(u64) -> bool + Send + Sync>,
     write: BlockSink,
 ) -> anyhow::Result<u64> {
     let tokens = list_blocks(aws, snapshot_id).await?;
@@ -80,7 +81,7 @@ pub async fn fetch_all(
     let mut tasks = tokio::task::JoinSet::new();
     let mut fetched = 0u64;
     let n = manifest.hashes.len() as u64;
-    for (index, token) in tokens.into_iter().filter(|(i, _)| *i < n) {
+    for (index, token) in tokens.into_iter().filter(|(i, _)| *i < n && wanted(*i)) {
         let permit = limit.clone().acquire_owned().await?;
         while let Some(r) = tasks.try_join_next() {
             r??;
