@@ -20,7 +20,31 @@ lifeboat_prereqs() {
     command -v mkfs.xfs >/dev/null 2>&1 || need+=(xfsprogs)
     command -v mkfs.btrfs >/dev/null 2>&1 || need+=(btrfs-progs)
   fi
-  [ ${#need[@]} -gt 0 ] || return 0
+  if [ "${1:-}" = tests ]; then
+    python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+  fi
+  if [ ${#need[@]} -gt 0 ]; then
+    lifeboat_apt "${need[@]}"
+  fi
+  [ "${1:-}" = tests ] && lifeboat_moto
+  return 0
+}
+
+# moto in server mode (EC2 images and instances for the recovery tests), from PyPI, in its
+# own virtualenv outside the clone (reused by later runs); the tests find it through
+# LIFEBOAT_MOTO_SERVER.
+lifeboat_moto() {
+  local venv="${LIFEBOAT_VENV:-/var/tmp/lifeboat-venv}"
+  if [ ! -x "$venv/bin/moto_server" ]; then
+    echo "installing moto[server] into $venv"
+    python3 -m venv "$venv" && "$venv/bin/pip" install -q 'moto[server]>=5,<6' \
+      || { echo "error: could not install moto into $venv" >&2; return 1; }
+  fi
+  export LIFEBOAT_MOTO_SERVER="$venv/bin/moto_server"
+}
+
+lifeboat_apt() {
+  local need=("$@")
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing: ${need[*]}"
     apt-get update -qq

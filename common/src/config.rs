@@ -450,6 +450,95 @@ pub struct ReceiverConfig {
     /// target, the embedded default).
     #[serde(default)]
     pub ebs: Option<EbsConfig>,
+    /// How `recover` launches each server: `[recovery.default]` for all, `[recovery.<server>]`
+    /// for one (its keys override the default's).
+    #[serde(default)]
+    pub recovery: std::collections::BTreeMap<String, LaunchConfig>,
+}
+
+/// Launch settings of a recovery or drill instance (`[recovery.<server>]`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchConfig {
+    /// e.g. "m6i.large" (default "t3.medium").
+    pub instance_type: Option<String>,
+    pub subnet_id: Option<String>,
+    pub security_group_ids: Option<Vec<String>>,
+    pub key_name: Option<String>,
+    /// A launch template for everything else (its settings apply where these are unset).
+    pub launch_template_id: Option<String>,
+    /// "x86_64" (default) or "arm64".
+    pub architecture: Option<String>,
+    /// "legacy-bios", "uefi" or "uefi-preferred" (default).
+    pub boot_mode: Option<String>,
+    /// The disk id that boots (root device); default the disk named "root", else the first.
+    pub boot_disk: Option<String>,
+    /// EBS volume type of the recovered disks (default "gp3").
+    pub volume_type: Option<String>,
+}
+
+impl LaunchConfig {
+    /// `self` over `base`: each key set here wins.
+    pub fn over(&self, base: &LaunchConfig) -> LaunchConfig {
+        LaunchConfig {
+            instance_type: self.instance_type.clone().or(base.instance_type.clone()),
+            subnet_id: self.subnet_id.clone().or(base.subnet_id.clone()),
+            security_group_ids: self
+                .security_group_ids
+                .clone()
+                .or(base.security_group_ids.clone()),
+            key_name: self.key_name.clone().or(base.key_name.clone()),
+            launch_template_id: self
+                .launch_template_id
+                .clone()
+                .or(base.launch_template_id.clone()),
+            architecture: self.architecture.clone().or(base.architecture.clone()),
+            boot_mode: self.boot_mode.clone().or(base.boot_mode.clone()),
+            boot_disk: self.boot_disk.clone().or(base.boot_disk.clone()),
+            volume_type: self.volume_type.clone().or(base.volume_type.clone()),
+        }
+    }
+
+    fn validate(&self, path: &Path, key: &str) -> Result<(), ConfigError> {
+        let field = |f: &str| format!("recovery.{key}.{f}");
+        if let Some(a) = &self.architecture {
+            if !["x86_64", "arm64"].contains(&a.as_str()) {
+                return Err(invalid(
+                    path,
+                    field("architecture"),
+                    format!("{a:?} is not x86_64 or arm64"),
+                ));
+            }
+        }
+        if let Some(b) = &self.boot_mode {
+            if !["legacy-bios", "uefi", "uefi-preferred"].contains(&b.as_str()) {
+                return Err(invalid(
+                    path,
+                    field("boot_mode"),
+                    format!("{b:?} is not legacy-bios, uefi or uefi-preferred"),
+                ));
+            }
+        }
+        if let Some(v) = &self.volume_type {
+            if !["gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"].contains(&v.as_str()) {
+                return Err(invalid(
+                    path,
+                    field("volume_type"),
+                    format!("{v:?} is not an EBS volume type"),
+                ));
+            }
+        }
+        if let Some(t) = &self.instance_type {
+            if t.is_empty() || !t.contains('.') {
+                return Err(invalid(
+                    path,
+                    field("instance_type"),
+                    format!("{t:?} is not an instance type such as \"m6i.large\""),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[ebs]` in receiver.toml: points materialized as incremental EBS snapshots through the
@@ -773,6 +862,16 @@ impl ReceiverConfig {
         if let Some(e) = &self.ebs {
             e.validate(path)?;
         }
+        for (key, l) in &self.recovery {
+            if key != "default" && !valid_name(key) {
+                return Err(invalid(
+                    path,
+                    format!("recovery.{key}"),
+                    "must be \"default\" or a server id (1-64 of [A-Za-z0-9._-])",
+                ));
+            }
+            l.validate(path, key)?;
+        }
         Ok(())
     }
 }
@@ -792,6 +891,7 @@ impl Default for ReceiverConfig {
             max_clock_skew_secs: default_max_clock_skew_secs(),
             server_lease_minutes: default_server_lease_minutes(),
             ebs: None,
+            recovery: Default::default(),
         }
     }
 }

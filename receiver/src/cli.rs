@@ -168,6 +168,40 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Launch a point as an EC2 instance: put it on EBS if needed, register an image from its
+    /// snapshots, run an instance, wait until it runs.
+    #[command(after_help = "Examples:\n  \
+        lifeboat-receiver recover --server web-01 --drill          # a drill from the latest point\n  \
+        lifeboat-receiver recover --server web-01 --point 42       # a real recovery\n  \
+        lifeboat-receiver recover --server web-01 --dry-run        # what would be launched\n  \
+        lifeboat-receiver drills --terminate                       # clean up drills\n\n\
+        Launch settings come from [recovery.<server>] over [recovery.default] in receiver.toml:\n\
+        instance_type, subnet_id, security_group_ids, key_name, launch_template_id,\n\
+        architecture, boot_mode, boot_disk, volume_type.")]
+    Recover {
+        /// The server id, as `servers` lists it.
+        #[arg(long)]
+        server: String,
+        /// A point number from `points`, or "latest".
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// A drill: everything tagged lifeboat:drill=true, for `drills` to list and clean up.
+        #[arg(long)]
+        drill: bool,
+        /// Ask EC2 (DryRun) whether the launch would be allowed, and print what would be
+        /// launched; nothing is uploaded or created.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List drill instances and images; --terminate terminates and deregisters them.
+    Drills {
+        #[arg(long)]
+        terminate: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs a parsed command; returns the process exit code.
@@ -191,6 +225,25 @@ pub fn run(cli: Cli) -> u8 {
             point,
             json,
         } => crate::commands::snapshot::run(&cli.state_dir, &server, &point, json),
+        Command::Recover {
+            server,
+            point,
+            drill,
+            dry_run,
+            json,
+        } => crate::commands::recover::run(
+            &cli.state_dir,
+            &crate::commands::recover::Request {
+                server,
+                point,
+                drill,
+                dry_run,
+                json,
+            },
+        ),
+        Command::Drills { terminate, json } => {
+            crate::commands::drills::run(&cli.state_dir, terminate, json)
+        }
         Command::Scrub { json } => crate::commands::scrub::run(&cli.state_dir, json),
         Command::TokenAdd { server, json } => {
             crate::commands::token::add(&cli.state_dir, server.as_deref(), json)

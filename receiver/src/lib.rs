@@ -15,6 +15,7 @@ pub mod commands;
 pub mod disk;
 pub mod durability;
 pub mod gc;
+pub mod recovery;
 pub mod retention;
 pub mod server;
 pub mod snapshots;

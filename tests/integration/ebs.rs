@@ -396,3 +396,101 @@ fn failback_writes_only_the_blocks_that_differ() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
 }
+
+/// `recover --drill` against moto (EC2 images and instances) behind the strict EBS server
+/// (snapshots): the point goes to EBS, the image maps the point's snapshots (boot disk as
+/// root device), an instance runs; `drills` lists it and `--terminate` cleans up. moto ignores
+/// RegisterImage's block device mappings, so the test reads them from the request.
+#[test]
+fn recover_launches_an_instance_whose_image_maps_the_point() {
+    let w = workdir();
+    let Some(moto) = lifeboat_tests::moto::Moto::start(w.path()) else {
+        return;
+    };
+    let ebs = EbsServer::start();
+    ebs.forward_ec2_to(moto.addr);
+    let mut rx = Receiver::start(w.path());
+    rx.use_ebs(
+        &ebs.url(),
+        &[
+            "[recovery.default]",
+            "instance_type = \"t3.micro\"",
+            "[recovery.web-01]",
+            "boot_disk = \"sys\"",
+        ],
+    );
+    let sys = w.path().join("sys.img");
+    let data = w.path().join("data.img");
+    make_image(&sys, 8, 0, 1);
+    make_image(&data, 6, 0, 2);
+    let agent = Agent::new(
+        w.path(),
+        &rx,
+        &AgentSpec::new("web-01", &[("data", &data), ("sys", &sys)]),
+    );
+    agent.run_once_ok();
+
+    // A dry run uploads and creates nothing.
+    let o = rx.cli(&[
+        "recover",
+        "--server",
+        "web-01",
+        "--drill",
+        "--dry-run",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["to_upload_first"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(ebs.count("StartSnapshot"), 0);
+
+    let o = rx.cli(&["recover", "--server", "web-01", "--drill", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "running", "{v}");
+    let instance = v["instance_id"].as_str().unwrap().to_string();
+    assert!(instance.starts_with("i-"), "{v}");
+    assert!(v["private_ip"].is_string(), "{v}");
+    // The image maps both snapshots of the point, the boot disk as the root device.
+    let points = rx.points("web-01");
+    let snap = |disk: &str| {
+        points[0]["ebs"]["disks"][disk]["snapshot_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let reg = ebs.forwarded("RegisterImage");
+    assert_eq!(reg.len(), 1);
+    let form = &reg[0];
+    assert_eq!(form["RootDeviceName"], "/dev/xvda");
+    let mapping = |n: u32| {
+        (
+            form[&format!("BlockDeviceMapping.{n}.DeviceName")].clone(),
+            form[&format!("BlockDeviceMapping.{n}.Ebs.SnapshotId")].clone(),
+        )
+    };
+    assert_eq!(mapping(1), ("/dev/xvda".to_string(), snap("sys")));
+    assert_eq!(mapping(2), ("/dev/xvdb".to_string(), snap("data")));
+    let run = ebs.forwarded("RunInstances");
+    assert_eq!(run.len(), 1);
+    assert_eq!(run[0]["ImageId"], v["image_id"].as_str().unwrap());
+    assert_eq!(run[0]["InstanceType"], "t3.micro");
+
+    // `drills` lists the instance and its image; --terminate cleans both up.
+    let o = rx.cli(&["drills", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let d: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ids: Vec<&str> = d["drills"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&instance.as_str()), "{d}");
+    assert!(ids.contains(&v["image_id"].as_str().unwrap()), "{d}");
+    let o = rx.cli(&["drills", "--terminate"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = rx.cli(&["drills", "--json"]);
+    let d: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(d["drills"].as_array().unwrap().len(), 0, "{d}");
+}

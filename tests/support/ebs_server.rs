@@ -99,6 +99,11 @@ struct State {
     next_id: u64,
     /// Every state `DescribeSnapshots` answered, in order.
     described: Vec<String>,
+    /// Where EC2 actions other than the snapshot ones go (moto), if anywhere.
+    forward: Option<SocketAddr>,
+    /// The form of every EC2 request forwarded, in order (moto ignores some parameters,
+    /// e.g. RegisterImage's block device mappings: tests read them here).
+    forwarded: Vec<HashMap<String, String>>,
 }
 
 /// A running server; stops when dropped.
@@ -161,6 +166,25 @@ impl EbsServer {
             .get(op)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Sends EC2 actions this server does not answer itself (images, instances) to `addr`
+    /// (a moto server), so one EC2 endpoint sees this server's snapshots and moto's
+    /// instances.
+    pub fn forward_ec2_to(&self, addr: SocketAddr) {
+        self.state.lock().unwrap().forward = Some(addr);
+    }
+
+    /// The forms of the EC2 requests forwarded with action `action`, in order.
+    pub fn forwarded(&self, action: &str) -> Vec<HashMap<String, String>> {
+        self.state
+            .lock()
+            .unwrap()
+            .forwarded
+            .iter()
+            .filter(|f| f.get("Action").map(String::as_str) == Some(action))
+            .cloned()
+            .collect()
     }
 
     /// The states `DescribeSnapshots` answered, in order.
@@ -406,6 +430,22 @@ async fn handle(
     }
     if let Some(a) = answer {
         return Ok(a);
+    }
+    let forward = {
+        let mut s = st.lock().unwrap();
+        let own = matches!(op.as_str(), "DescribeSnapshots" | "DeleteSnapshot");
+        match s.forward {
+            Some(addr) if form.contains_key("Action") && !own => {
+                s.forwarded.push(form.clone());
+                Some(addr)
+            }
+            _ => None,
+        }
+    };
+    if let Some(addr) = forward {
+        return Ok(forward_to(addr, &headers, &body).await.unwrap_or_else(|e| {
+            ec2_error("InternalError", &format!("forwarding to {addr}: {e}"))
+        }));
     }
     let mut s = st.lock().unwrap();
     let r = match (op.as_str(), path.as_slice()) {
@@ -888,4 +928,56 @@ fn delete(s: &mut State, form: &HashMap<String, String>) -> Answer {
     s.snapshots.remove(&id);
     s.deleted.push(id);
     ec2_ok("DeleteSnapshot", "<return>true</return>")
+}
+
+/// Forwards one EC2 query request to another server (HTTP/1.0, so the answer ends at EOF and
+/// is never chunked) and hands back its answer.
+async fn forward_to(
+    addr: SocketAddr,
+    headers: &hyper::HeaderMap,
+    body: &[u8],
+) -> std::io::Result<Answer> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    let mut req = format!(
+        "POST / HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for name in [
+        "authorization",
+        "x-amz-date",
+        "content-type",
+        "x-amz-security-token",
+    ] {
+        if let Some(v) = header(headers, name) {
+            req.push_str(&format!("{name}: {v}\r\n"));
+        }
+    }
+    req.push_str("\r\n");
+    conn.write_all(req.as_bytes()).await?;
+    conn.write_all(body).await?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).await?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no end of headers in the answer"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")))?;
+    let mut answer = Response::builder().status(status);
+    for line in head.lines().skip(1) {
+        if let Some((k, v)) = line.split_once(':') {
+            let k = k.trim().to_ascii_lowercase();
+            if k == "content-type" || k.starts_with("x-amz") {
+                answer = answer.header(k, v.trim());
+            }
+        }
+    }
+    answer
+        .body(Full::new(Bytes::copy_from_slice(&raw[split + 4..])))
+        .map_err(std::io::Error::other)
 }

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod ebs_server;
+pub mod moto;
 
 use lifeboat_common::BLOCK_SIZE;
 use serde_json::Value;

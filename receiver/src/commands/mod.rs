@@ -1,7 +1,9 @@
 //! One file per CLI command.
 
+pub mod drills;
 pub mod init;
 pub mod points;
+pub mod recover;
 pub mod release;
 pub mod restore;
 pub mod scrub;

@@ -3,7 +3,7 @@
 
 use super::client::{Aws, EbsError};
 use super::due;
-use super::record::{DiskState, DiskUpload, EbsRecord, ParentRef, PointState};
+use super::record::{DiskState, DiskUpload, EbsRecord, ParentRef};
 use super::upload;
 use crate::catalog::{Catalog, PointRecord};
 use crate::status::now_ms;
@@ -203,9 +203,10 @@ impl Materializer {
     /// EBS); their points go back to `staged` for the staging store's own retention.
     pub async fn expire(&self, server: &str, now: u64) -> Result<usize, EbsError> {
         let all = self.load_all(server)?;
+        // Points with any snapshot left (one kept back by an image counts too).
         let on_ebs: Vec<(u64, u64)> = all
             .iter()
-            .filter(|(p, r)| r.state(p) == PointState::OnEbs)
+            .filter(|(_, r)| r.disks.values().any(|u| u.state == DiskState::OnEbs))
             .map(|(p, _)| (p.point, p.committed_unix_ms))
             .collect();
         let policy = lifeboat_common::config::RetentionConfig {
@@ -219,7 +220,19 @@ impl Materializer {
             if !on_ebs.iter().any(|(n, _)| *n == p.point) || keep.contains(&p.point) {
                 continue;
             }
+            if crate::recovery::pinned(&self.catalog, server, p.point) {
+                tracing::info!(
+                    server,
+                    point = p.point,
+                    "EBS retention: kept, a recovery is using it"
+                );
+                continue;
+            }
+            let mut in_use = false;
             for (disk, u) in r.disks.iter_mut() {
+                if u.state != DiskState::OnEbs {
+                    continue;
+                }
                 let Some(id) = u.snapshot_id.clone() else {
                     continue;
                 };
@@ -235,6 +248,17 @@ impl Materializer {
                     // Already gone: what we wanted.
                     Err(EbsError::Permanent { message, .. })
                         if message.contains("InvalidSnapshot.NotFound") => {}
+                    // An image (a recovery or a drill) uses it: kept until that image goes.
+                    Err(EbsError::Permanent { message, .. })
+                        if message.contains("InvalidSnapshot.InUse") =>
+                    {
+                        tracing::info!(
+                            server, point = p.point, disk = %disk, snapshot = %id,
+                            "EBS retention: kept, an image uses it ({message})"
+                        );
+                        in_use = true;
+                        continue;
+                    }
                     Err(e) => return Err(e),
                 }
                 u.state = DiskState::Deleted;
@@ -244,6 +268,9 @@ impl Materializer {
                 tracing::info!(server, point = p.point, disk = %disk, snapshot = %id, "EBS: snapshot deleted (retention)");
             }
             self.save(server, p.point, &r)?;
+            if in_use {
+                continue;
+            }
         }
         Ok(deleted)
     }
