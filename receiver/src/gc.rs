@@ -171,15 +171,12 @@ fn apply_retention(
             .map(|p| (p.point, p.committed_unix_ms))
             .collect();
         let keep = retention::keep(&pairs, now_ms, policy);
-        // A point that is uploading to EBS, or has a snapshot there, stays: later uploads
-        // take their differences from its manifest (an unreadable EBS record: kept too).
+        // Points EBS needs stay: uploading, on EBS, the parent of an unfinished upload, or
+        // pinned by a recovery (later uploads take their differences from their manifests).
+        let held = crate::snapshots::ebs::record::held_points(catalog, server, &points);
         let doomed: Vec<_> = candidates
             .iter()
-            .filter(|p| !keep.contains(&p.point))
-            .filter(|p| {
-                crate::snapshots::ebs::record::EbsRecord::load(catalog, server, p.point)
-                    .is_ok_and(|r| !r.holds())
-            })
+            .filter(|p| !keep.contains(&p.point) && !held.contains(&p.point))
             .collect();
         if doomed.is_empty() {
             return Ok(());

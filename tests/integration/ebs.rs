@@ -34,7 +34,8 @@ fn a_chain_of_points_goes_to_ebs_incrementally_and_restores_byte_exact() {
     let ebs = EbsServer::start();
     let w = workdir();
     let mut rx = Receiver::start(w.path());
-    rx.use_ebs(&ebs.url(), &[]);
+    let kms = "arn:aws:kms:us-east-1:111122223333:key/lifeboat-test";
+    rx.use_ebs(&ebs.url(), &[&format!("kms_key_arn = \"{kms}\"")]);
     let img = w.path().join("disk.img");
     let mut versions = vec![make_image(&img, 40, 1234, 21)];
     let agent = Agent::new(w.path(), &rx, &AgentSpec::new("web-01", &[("root", &img)]));
@@ -105,6 +106,18 @@ fn a_chain_of_points_goes_to_ebs_incrementally_and_restores_byte_exact() {
     // The server agrees: a snapshot's whole content is the disk, zero-padded to its volume.
     let snaps = ebs.snapshots();
     assert_eq!(snaps.len(), 3);
+    for s in &snaps {
+        assert!(s.encrypted, "encrypted by default");
+        assert_eq!(s.kms_key_arn.as_deref(), Some(kms));
+        let tag = |k: &str| {
+            s.tags
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(tag("lifeboat:server").as_deref(), Some("web-01"));
+        assert_eq!(tag("lifeboat:disk").as_deref(), Some("root"));
+    }
     let content = ebs.content(parent);
     assert!(content[..versions[0].len()] == versions[0][..]);
     assert!(content[versions[0].len()..].iter().all(|b| *b == 0));
@@ -201,6 +214,10 @@ fn throttling_hangs_and_fresh_snapshots_are_retried() {
         "retries happened: {counts:?}"
     );
     ebs.faults(|f| assert_eq!(f.hang_next, 0, "the hung request was made"));
+    assert!(
+        ebs.throttled() > 0,
+        "throttling happened and was ridden out"
+    );
 }
 
 /// `serve` uploads by policy in the background, and only when a point is due.
@@ -209,6 +226,7 @@ fn serve_uploads_by_policy_in_the_background() {
     let ebs = EbsServer::start();
     let w = workdir();
     let mut rx = Receiver::start(w.path());
+    rx.serve_args = vec!["--ebs-interval-secs".into(), "1".into()];
     rx.use_ebs(&ebs.url(), &["every_minutes = 1"]);
     let img = w.path().join("disk.img");
     make_image(&img, 16, 0, 9);
@@ -247,6 +265,10 @@ fn a_receiver_killed_mid_upload_resumes_to_exactly_one_snapshot() {
     wait_for("some blocks put", Duration::from_secs(60), || {
         ebs.count("PutSnapshotBlock") >= 6
     });
+    // Two processes at once: the command is refused while `serve` uploads that server.
+    let o = rx.cli(&["snapshot", "--server", "web-01", "--point", "latest"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("under way"), "{}", stderr(&o));
     rx.kill();
     assert_eq!(rx.points("web-01")[0]["ebs"]["state"], "uploading");
     ebs.faults(|f| f.latency = Duration::ZERO);
@@ -493,4 +515,49 @@ fn recover_launches_an_instance_whose_image_maps_the_point() {
     let o = rx.cli(&["drills", "--json"]);
     let d: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(d["drills"].as_array().unwrap().len(), 0, "{d}");
+}
+
+/// SIGKILL after CompleteSnapshot, while EC2 still says `pending`: the restarted receiver
+/// asks where the snapshot stands and only waits; no new snapshot, no block put again.
+#[test]
+fn a_receiver_killed_after_complete_snapshot_only_waits() {
+    let ebs = EbsServer::start();
+    ebs.faults(|f| f.completion_delay = Duration::from_secs(6));
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    rx.serve_args = vec!["--ebs-interval-secs".into(), "1".into()];
+    rx.use_ebs(&ebs.url(), &["every_minutes = 1"]);
+    let img = w.path().join("disk.img");
+    let data = make_image(&img, 12, 0, 23);
+    let data_blocks = data
+        .chunks(BLOCK_SIZE)
+        .filter(|b| b.iter().any(|x| *x != 0))
+        .count() as u64;
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("web-01", &[("root", &img)]));
+    agent.run_once_ok();
+    wait_for("CompleteSnapshot", Duration::from_secs(60), || {
+        ebs.count("CompleteSnapshot") >= 1
+    });
+    rx.kill();
+    let p = &rx.points("web-01")[0];
+    assert_eq!(p["ebs"]["state"], "uploading", "{p}");
+    assert_eq!(p["ebs"]["disks"]["root"]["completing"], true, "{p}");
+    rx.restart();
+    wait_for(
+        "the resumed upload to complete",
+        Duration::from_secs(60),
+        || rx.points("web-01")[0]["ebs"]["state"] == "on_ebs",
+    );
+    assert_eq!(ebs.snapshots().len(), 1);
+    assert_eq!(ebs.count("StartSnapshot"), 1, "{:?}", ebs.counts());
+    assert_eq!(
+        ebs.count("PutSnapshotBlock"),
+        data_blocks,
+        "{:?}",
+        ebs.counts()
+    );
+    assert_eq!(
+        rx.points("web-01")[0]["ebs"]["disks"]["root"]["changed_blocks"],
+        data_blocks
+    );
 }

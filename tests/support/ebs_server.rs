@@ -99,6 +99,8 @@ struct State {
     next_id: u64,
     /// Every state `DescribeSnapshots` answered, in order.
     described: Vec<String>,
+    /// Requests refused as throttled.
+    throttled: u64,
     /// Where EC2 actions other than the snapshot ones go (moto), if anywhere.
     forward: Option<SocketAddr>,
     /// The form of every EC2 request forwarded, in order (moto ignores some parameters,
@@ -185,6 +187,11 @@ impl EbsServer {
             .filter(|f| f.get("Action").map(String::as_str) == Some(action))
             .cloned()
             .collect()
+    }
+
+    /// Requests refused as throttled so far.
+    pub fn throttled(&self) -> u64 {
+        self.state.lock().unwrap().throttled
     }
 
     /// The states `DescribeSnapshots` answered, in order.
@@ -400,6 +407,7 @@ async fn handle(
                 }
                 *n += 1;
                 if *n > rate {
+                    s.throttled += 1;
                     answer = Some(ebs_error(
                         StatusCode::BAD_REQUEST,
                         "RequestThrottledException",
@@ -481,7 +489,7 @@ fn start(s: &mut State, body: &[u8]) -> Answer {
         .and_then(Value::as_str)
         .map(str::to_string);
     if let Some(t) = &token {
-        if let Some(id) = s.by_token.get(t) {
+        if let Some(id) = s.by_token.get(t).filter(|id| s.snapshots.contains_key(*id)) {
             let existing = &s.snapshots[id];
             if existing.volume_size_gib != size || existing.parent != parent {
                 return ebs_error(
@@ -576,6 +584,15 @@ fn start(s: &mut State, body: &[u8]) -> Answer {
     answer
 }
 
+/// The state AWS shows: `completed` only once the completion delay has passed.
+fn shown_status(s: &Snapshot) -> &'static str {
+    match &s.status {
+        Status::Completed if s.completes_at.is_some_and(|t| t <= Instant::now()) => "completed",
+        Status::Error(_) => "error",
+        _ => "pending",
+    }
+}
+
 fn snapshot_json(s: &Snapshot) -> Value {
     let started = s
         .started
@@ -585,7 +602,7 @@ fn snapshot_json(s: &Snapshot) -> Value {
     json!({
         "SnapshotId": s.id,
         "OwnerId": "111122223333",
-        "Status": match s.status { Status::Pending => "pending", Status::Completed => "completed", Status::Error(_) => "error" },
+        "Status": shown_status(s),
         "StartTime": started,
         "VolumeSize": s.volume_size_gib,
         "BlockSize": BLOCK,
@@ -861,7 +878,6 @@ fn describe(s: &mut State, form: &HashMap<String, String>) -> Answer {
         .map(|(_, v)| v.clone())
         .collect();
     ids.sort();
-    let now = Instant::now();
     let mut items = String::new();
     for id in &ids {
         let Some(snap) = s.snapshots.get(id).cloned() else {
@@ -870,11 +886,7 @@ fn describe(s: &mut State, form: &HashMap<String, String>) -> Answer {
                 &format!("The snapshot '{id}' does not exist."),
             );
         };
-        let status = match &snap.status {
-            Status::Completed if snap.completes_at.is_some_and(|t| t <= now) => "completed",
-            Status::Error(_) => "error",
-            _ => "pending",
-        };
+        let status = shown_status(&snap);
         s.described.push(status.to_string());
         let tags: String = snap
             .tags

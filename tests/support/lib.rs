@@ -310,7 +310,7 @@ impl Receiver {
         let path = self.dir.join("receiver.toml");
         let mut text = std::fs::read_to_string(&path).unwrap();
         text.push_str(&format!(
-            "\n[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{url}\"\nencrypted = false\n\
+            "\n[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{url}\"\n\
              max_attempts = 4\nattempt_timeout_secs = 5\n"
         ));
         for l in extra {

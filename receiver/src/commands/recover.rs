@@ -75,6 +75,7 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
             aws: aws.clone(),
             catalog: Catalog::new(state_dir),
             store: Arc::new(store),
+            install: crate::snapshots::ebs::install_id(state_dir)?,
         };
         let mappings = |r: &EbsRecord| -> Vec<Mapping> {
             devices

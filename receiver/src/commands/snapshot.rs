@@ -32,6 +32,8 @@ pub fn run(state_dir: &Path, server: &str, point: &str, json: bool) -> anyhow::R
     let rec = catalog.find(server, point)?;
     let store = DirStore::open(&state_dir.join("store"))?;
     let started = std::time::Instant::now();
+    let install = crate::snapshots::ebs::install_id(state_dir)
+        .with_context(|| format!("reading the install id in {}", state_dir.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -40,6 +42,7 @@ pub fn run(state_dir: &Path, server: &str, point: &str, json: bool) -> anyhow::R
             aws: Aws::connect(&ebs).await,
             catalog: Catalog::new(state_dir),
             store: Arc::new(store),
+            install,
         };
         m.materialize(server, rec.point, true).await
     });

@@ -454,6 +454,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 aws: crate::snapshots::ebs::client::Aws::connect(ebs).await,
                 catalog: Catalog::new(&state_dir),
                 store: shared.store.clone(),
+                install: crate::snapshots::ebs::install_id(&state_dir)?,
             });
             tracing::info!(
                 region = %ebs.region,

@@ -115,13 +115,18 @@ where
         SdkError::ServiceError(s) => {
             let code = s.err().code().unwrap_or("");
             let status = s.raw().status_code();
-            if matches!(
+            if code == "ConflictException" {
+                // A ClientToken reused with other parameters: deterministic, whatever its
+                // status code (EBS sends 503) says.
+                Class::Permanent
+            } else if matches!(
                 code,
                 "RequestThrottledException"
                     | "ThrottlingException"
                     | "Throttling"
                     | "RequestLimitExceeded"
                     | "TooManyRequestsException"
+                    | "ConcurrentLimitExceededException"
                     | "SlowDown"
             ) || status == 429
             {

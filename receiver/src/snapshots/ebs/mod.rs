@@ -28,13 +28,40 @@ pub use uploader::{run, Materializer, PassReport};
 use crate::catalog::PointRecord;
 use record::{EbsRecord, PointState};
 
+/// This receiver's own random id (`<state-dir>/install-id`, made once): part of every
+/// ClientToken, so two receivers (or one rebuilt with a new state directory) in one account
+/// never get each other's snapshots back for the same server, disk and point.
+pub fn install_id(state_dir: &std::path::Path) -> std::io::Result<String> {
+    let p = state_dir.join("install-id");
+    match std::fs::read_to_string(&p) {
+        Ok(s) if s.trim().len() == 32 && s.trim().bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(s.trim().to_string())
+        }
+        Ok(s) => Err(std::io::Error::other(format!(
+            "{} holds {s:?}, not a 32-digit install id",
+            p.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut raw = [0u8; 16];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
+            let id = hex::encode(raw);
+            lifeboat_common::durable::write_atomic(&p, id.as_bytes())?;
+            Ok(id)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// The point of `points` (oldest first) that should go to EBS now, if any: a point left
-/// `uploading` (a restart resumes it), else the newest committed point once the newest
-/// point on EBS (or on its way) is at least `every_minutes` older than it.
-pub fn due(points: &[(PointRecord, EbsRecord)], every_minutes: u64) -> Option<u64> {
+/// `uploading` (a restart resumes it) that is not backing off, else the newest committed
+/// point once the newest point on EBS (or on its way, or failed) is at least
+/// `every_minutes` older than it: a stuck upload does not stop later points for long.
+pub fn due(points: &[(PointRecord, EbsRecord)], every_minutes: u64, now: u64) -> Option<u64> {
+    // An unfinished upload first, unless it is backing off after a failed pass.
+    let waiting = |r: &EbsRecord| r.disks.values().any(|u| u.retry_after_unix_ms > now);
     if let Some((p, _)) = points
         .iter()
-        .find(|(p, r)| r.state(p) == PointState::Uploading)
+        .find(|(p, r)| r.state(p) == PointState::Uploading && !waiting(r))
     {
         return Some(p.point);
     }
@@ -44,7 +71,12 @@ pub fn due(points: &[(PointRecord, EbsRecord)], every_minutes: u64) -> Option<u6
     }
     let last_on_ebs = points
         .iter()
-        .filter(|(p, r)| matches!(r.state(p), PointState::OnEbs | PointState::Failed(_)))
+        .filter(|(p, r)| {
+            matches!(
+                r.state(p),
+                PointState::OnEbs | PointState::Failed(_) | PointState::Uploading
+            )
+        })
         .map(|(p, _)| p.committed_unix_ms)
         .max();
     match last_on_ebs {

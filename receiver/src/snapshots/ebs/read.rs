@@ -94,23 +94,40 @@ pub async fn fetch_all(
         tasks.spawn(async move {
             let _permit = permit;
             let what = format!("snapshot {id} block {index}");
-            let out = aws
-                .retry("GetSnapshotBlock", &what, None, || {
-                    aws.ebs
-                        .get_snapshot_block()
-                        .snapshot_id(&id)
-                        .block_index(index as i32)
-                        .block_token(&token)
-                        .send()
-                })
-                .await?;
-            let sum = out.checksum().unwrap_or("").to_string();
-            let data = out
-                .block_data
-                .collect()
-                .await
-                .map_err(|e| EbsError::Local(format!("{what}: reading the block's data: {e}")))?
-                .into_bytes();
+            // The body is read under the same bound as the request (the SDK's timeouts end
+            // with the headers), and a body that breaks or stalls is fetched again.
+            let limit = std::time::Duration::from_secs(aws.config.attempt_timeout_secs);
+            let max = aws.config.max_attempts.max(1);
+            let mut tries = 0;
+            let (sum, data) = loop {
+                tries += 1;
+                let out = aws
+                    .retry("GetSnapshotBlock", &what, None, || {
+                        aws.ebs
+                            .get_snapshot_block()
+                            .snapshot_id(&id)
+                            .block_index(index as i32)
+                            .block_token(&token)
+                            .send()
+                    })
+                    .await?;
+                let sum = out.checksum().unwrap_or("").to_string();
+                let why = match tokio::time::timeout(limit, out.block_data.collect()).await {
+                    Ok(Ok(b)) => break (sum, b.into_bytes()),
+                    Ok(Err(e)) => format!("reading the block's data: {e}"),
+                    Err(_) => format!("its data did not arrive within {} s", limit.as_secs()),
+                };
+                if tries >= max {
+                    return Err(EbsError::Exhausted {
+                        op: "GetSnapshotBlock",
+                        what: what.clone(),
+                        attempts: tries,
+                        message: why,
+                    }
+                    .into());
+                }
+                tracing::debug!("{what}: {why}; fetching it again");
+            };
             tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
                 let want = manifest.hashes[index as usize];
                 if data.len() != BLOCK_SIZE {

@@ -45,10 +45,21 @@ pub struct DiskUpload {
     /// Bumped when a failed upload is tried again, so its ClientToken is new.
     #[serde(default)]
     pub attempt: u32,
-    /// Why it failed (the AWS error text), or why it was deleted.
+    /// Why it failed (the AWS error text), or why it was deleted; for an upload still
+    /// `uploading`, the last error that stopped a pass.
     #[serde(default)]
     pub reason: Option<String>,
     pub updated_unix_ms: u64,
+    /// Set (durably) just before CompleteSnapshot: a resumed upload then only waits.
+    #[serde(default)]
+    pub completing: bool,
+    /// Passes in a row that ended in an error that may pass; past a limit the disk goes
+    /// `failed`.
+    #[serde(default)]
+    pub failures: u32,
+    /// The uploader leaves the disk alone until then (backoff after a failed pass).
+    #[serde(default)]
+    pub retry_after_unix_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,4 +150,41 @@ impl EbsRecord {
             .values()
             .any(|u| matches!(u.state, DiskState::Uploading | DiskState::OnEbs))
     }
+
+    /// The points whose snapshots this point's unfinished uploads are built on.
+    pub fn parents_in_use(&self) -> impl Iterator<Item = u64> + '_ {
+        self.disks
+            .values()
+            .filter(|u| u.state == DiskState::Uploading)
+            .filter_map(|u| u.parent.as_ref().map(|p| p.point))
+    }
+}
+
+/// The points of `server` (of `points`) that the staging store must keep for EBS: those
+/// that hold (uploading, or on EBS), the parents of unfinished uploads, those a recovery has
+/// pinned, and any whose record cannot be read (it cannot be judged).
+pub fn held_points(
+    catalog: &Catalog,
+    server: &str,
+    points: &[PointRecord],
+) -> std::collections::HashSet<u64> {
+    let mut held = std::collections::HashSet::new();
+    for p in points {
+        match EbsRecord::load(catalog, server, p.point) {
+            Ok(r) => {
+                if r.holds() {
+                    held.insert(p.point);
+                }
+                held.extend(r.parents_in_use());
+            }
+            Err(e) => {
+                tracing::warn!(server, point = p.point, "kept: {e}");
+                held.insert(p.point);
+            }
+        }
+        if crate::recovery::pinned(catalog, server, p.point) {
+            held.insert(p.point);
+        }
+    }
+    held
 }

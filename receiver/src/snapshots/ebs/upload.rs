@@ -29,6 +29,8 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STA
 const CHUNK: usize = 16;
 
 pub struct DiskJob<'a> {
+    /// This receiver's install id (see [`super::install_id`]).
+    pub install: &'a str,
     pub server: &'a str,
     pub point: u64,
     pub disk: &'a str,
@@ -48,28 +50,56 @@ pub fn volume_size_gib(disk_size: u64) -> u64 {
     disk_size.div_ceil(1 << 30).max(1)
 }
 
-/// Whether block `i` of `m` must be put over `parent` (`None`: no parent).
+/// Whether block `i` must be put over `parent` (`None`: no parent). Past the point's end
+/// (a disk that shrank within its volume) the point holds zeros.
 fn differs(m: &Manifest, parent: Option<&Manifest>, i: usize) -> bool {
-    let now = m.hashes[i];
+    let now = m.hashes.get(i).copied().unwrap_or(BlockHash::ZERO);
     match parent {
         None => !now.is_zero(),
         Some(p) => now != p.hashes.get(i).copied().unwrap_or(BlockHash::ZERO),
     }
 }
 
-/// The idempotency token of one upload attempt of one disk of one point.
-pub fn client_token(server: &str, disk: &str, point: u64, attempt: u32) -> String {
-    let h = blake3::hash(format!("lifeboat/1/{server}/{disk}/{point}/{attempt}").as_bytes());
+/// How many block indices to compare: the point's, or the parent's if longer.
+fn span(m: &Manifest, parent: Option<&Manifest>) -> usize {
+    m.hashes.len().max(parent.map_or(0, |p| p.hashes.len()))
+}
+
+/// The block the point holds at `i` (zero past its end).
+fn hash_at(m: &Manifest, i: usize) -> BlockHash {
+    m.hashes.get(i).copied().unwrap_or(BlockHash::ZERO)
+}
+
+/// The idempotency token of one upload attempt of one disk of one point: this receiver's
+/// install id and the point's manifest digest keep two receivers, or two histories, from
+/// ever getting each other's snapshot back.
+pub fn client_token(
+    install: &str,
+    server: &str,
+    disk: &str,
+    point: u64,
+    manifest: &Manifest,
+    attempt: u32,
+) -> String {
+    let h = blake3::hash(
+        format!(
+            "lifeboat/2/{install}/{server}/{disk}/{point}/{}/{attempt}",
+            manifest.digest()
+        )
+        .as_bytes(),
+    );
     h.to_hex()[..40].to_string()
 }
 
 /// Uploads one disk. `started` is called with the snapshot id as soon as StartSnapshot
-/// answered (to record it durably), before any block is put.
+/// answered (to record it durably), before any block is put; `completing` with the number
+/// of blocks put, just before CompleteSnapshot (so that a resumed upload only waits).
 pub async fn upload_disk(
     aws: &Aws,
     store: Arc<dyn BlockStore>,
     job: DiskJob<'_>,
     started: impl FnOnce(&str) -> Result<(), EbsError>,
+    completing: impl FnOnce(u64) -> Result<(), EbsError>,
 ) -> Result<Uploaded, EbsError> {
     let what = format!(
         "server {} point {} disk {}",
@@ -77,12 +107,19 @@ pub async fn upload_disk(
     );
     let size_gib = volume_size_gib(job.manifest.disk_size);
     let parent_manifest = job.parent.as_ref().map(|(_, m)| m);
-    let n = job.manifest.hashes.len();
+    let n = span(job.manifest, parent_manifest);
     let changed = (0..n)
         .filter(|&i| differs(job.manifest, parent_manifest, i))
         .count() as u64;
     let cfg = &aws.config;
-    let token = client_token(job.server, job.disk, job.point, job.attempt);
+    let token = client_token(
+        job.install,
+        job.server,
+        job.disk,
+        job.point,
+        job.manifest,
+        job.attempt,
+    );
     let tag = |k: &str, v: String| Tag::builder().key(k).value(v).build();
     let start = aws
         .retry("StartSnapshot", &what, None, || {
@@ -125,10 +162,28 @@ pub async fn upload_disk(
         }
     }
     started(&id)?;
-    let already_completed = start.status().map(|s| s.as_str()) == Some("completed");
-    if !already_completed {
+    // The token named a snapshot that is past its puts (a resumed upload whose record had
+    // no id yet): only the wait remains, or nothing can be done with it.
+    match start.status().map(|s| s.as_str()) {
+        Some("pending") | None => {}
+        Some("completed") => {
+            wait_completed(aws, &id, &what).await?;
+            return Ok(Uploaded {
+                snapshot_id: id,
+                changed_blocks: changed,
+                volume_size_gib: size_gib,
+            });
+        }
+        Some(other) => {
+            return Err(EbsError::Local(format!(
+                "{what}: snapshot {id} is {other}; the next attempt starts a new one"
+            )))
+        }
+    }
+    {
         let fresh = Instant::now() + Duration::from_secs(60);
         let aggregate = put_blocks(aws, store, &job, &id, changed, fresh, &what).await?;
+        completing(changed)?;
         aws.retry("CompleteSnapshot", &what, Some(fresh), || {
             aws.ebs
                 .complete_snapshot()
@@ -171,7 +226,7 @@ async fn put_blocks(
     let reader = tokio::task::spawn_blocking(move || -> Option<String> {
         use rayon::prelude::*;
         let mut aggregate = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut indices = (0..manifest.hashes.len())
+        let mut indices = (0..span(&manifest, parent.as_ref()))
             .filter(|&i| differs(&manifest, parent.as_ref(), i))
             .peekable();
         while indices.peek().is_some() {
@@ -179,7 +234,7 @@ async fn put_blocks(
             let read: Vec<Item> = chunk
                 .par_iter()
                 .map(|&i| {
-                    let h = manifest.hashes[i];
+                    let h = hash_at(&manifest, i);
                     let data = if h.is_zero() {
                         vec![0u8; BLOCK_SIZE]
                     } else {
@@ -288,8 +343,31 @@ async fn put_blocks(
     }
 }
 
+/// What EC2 says of a snapshot: its state ("pending", "completed", "error"), or `None`
+/// when it does not exist.
+pub async fn snapshot_state(aws: &Aws, id: &str, what: &str) -> Result<Option<String>, EbsError> {
+    let r = aws
+        .retry("DescribeSnapshots", what, None, || {
+            aws.ec2.describe_snapshots().snapshot_ids(id).send()
+        })
+        .await;
+    match r {
+        Ok(out) => Ok(out
+            .snapshots()
+            .first()
+            .and_then(|s| s.state())
+            .map(|s| s.as_str().to_string())),
+        Err(EbsError::Permanent { message, .. })
+            if message.contains("InvalidSnapshot.NotFound") =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Waits until EC2 says the snapshot is `completed` (bounded by the snapshot timeout).
-async fn wait_completed(aws: &Aws, id: &str, what: &str) -> Result<(), EbsError> {
+pub async fn wait_completed(aws: &Aws, id: &str, what: &str) -> Result<(), EbsError> {
     let deadline = Instant::now() + Duration::from_secs(aws.config.snapshot_timeout_minutes * 60);
     let fresh = Instant::now() + Duration::from_secs(60);
     let mut delay = Duration::from_millis(200);
@@ -337,6 +415,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_disk_that_shrank_puts_zeros_over_the_parents_tail() {
+        let h = |b: u8| BlockHash([b; 32]);
+        let m = Manifest {
+            disk_size: 2 * BLOCK_SIZE as u64,
+            hashes: vec![h(1), h(2)],
+        };
+        let p = Manifest {
+            disk_size: 4 * BLOCK_SIZE as u64,
+            hashes: vec![h(1), h(2), h(3), BlockHash::ZERO],
+        };
+        let n = span(&m, Some(&p));
+        let vs: Vec<usize> = (0..n).filter(|&i| differs(&m, Some(&p), i)).collect();
+        assert_eq!(vs, vec![2], "the parent's data past the new end is zeroed");
+        assert!(hash_at(&m, 2).is_zero());
+    }
+
+    #[test]
     fn what_differs_from_the_parent() {
         let h = |b: u8| BlockHash([b; 32]);
         let m = Manifest {
@@ -359,10 +454,22 @@ mod tests {
         assert_eq!(volume_size_gib(1), 1);
         assert_eq!(volume_size_gib(1 << 30), 1);
         assert_eq!(volume_size_gib((1 << 30) + 1), 2);
-        let t = client_token("web-01", "root", 7, 0);
+        let m = Manifest::zeroed(3 * BLOCK_SIZE as u64);
+        let other = Manifest::zeroed(4 * BLOCK_SIZE as u64);
+        let t = client_token("i1", "web-01", "root", 7, &m, 0);
         assert_eq!(t.len(), 40);
-        assert_eq!(t, client_token("web-01", "root", 7, 0));
-        assert_ne!(t, client_token("web-01", "root", 7, 1));
-        assert_ne!(t, client_token("web-01", "data", 7, 0));
+        assert_eq!(t, client_token("i1", "web-01", "root", 7, &m, 0));
+        assert_ne!(t, client_token("i1", "web-01", "root", 7, &m, 1));
+        assert_ne!(t, client_token("i1", "web-01", "data", 7, &m, 0));
+        assert_ne!(
+            t,
+            client_token("i2", "web-01", "root", 7, &m, 0),
+            "another receiver"
+        );
+        assert_ne!(
+            t,
+            client_token("i1", "web-01", "root", 7, &other, 0),
+            "another history"
+        );
     }
 }
