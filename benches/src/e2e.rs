@@ -15,11 +15,13 @@
 //! against the manifest and reads the destination back) and compared with the source byte
 //! for byte, so the figures are of a sync that really produced the data.
 //!
-//! `--incremental` measures continuous replication instead (see `incremental.rs`).
+//! `--incremental` measures continuous replication instead (see `incremental.rs`); `--ebs`
+//! the upload of one point to EBS and its restore (see `ebs.rs`).
 //!
 //! `--device` runs the same against a fully allocated loop device holding the image (root
 //! needed): a block device has no holes to skip, so every byte is read, hashed and checked.
 
+mod ebs;
 mod incremental;
 mod lag;
 
@@ -28,14 +30,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Args {
+pub(crate) struct Args {
     runs: usize,
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     size_gib: u64,
     source: PathBuf,
     device: bool,
     incremental: bool,
     lag: bool,
+    /// `--ebs`: upload and restore through the strict EBS test server.
+    ebs: bool,
+    ebs_latency_ms: u64,
+    ebs_in_flight: usize,
 }
 
 fn args() -> Result<Args> {
@@ -47,6 +53,9 @@ fn args() -> Result<Args> {
         device: false,
         incremental: false,
         lag: false,
+        ebs: false,
+        ebs_latency_ms: 50,
+        ebs_in_flight: 64,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -59,8 +68,11 @@ fn args() -> Result<Args> {
             "--device" => a.device = true,
             "--incremental" => a.incremental = true,
             "--lag" => a.lag = true,
+            "--ebs" => a.ebs = true,
+            "--ebs-latency-ms" => a.ebs_latency_ms = v()?.parse()?,
+            "--ebs-in-flight" => a.ebs_in_flight = v()?.parse()?,
             "-h" | "--help" => {
-                println!("e2e-bench [--runs N (3)] [--dir D (/var/tmp/lifeboat-bench)] [--size-gib G (8)] [--source DIR (/usr)] [--device] [--incremental] [--lag]");
+                println!("e2e-bench [--runs N (3)] [--dir D (/var/tmp/lifeboat-bench)] [--size-gib G (8)] [--source DIR (/usr)] [--device] [--incremental] [--lag] [--ebs [--ebs-latency-ms 50] [--ebs-in-flight 64]]");
                 std::process::exit(0);
             }
             // `cargo bench` passes --bench; ignore it.
@@ -83,7 +95,7 @@ fn sibling(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn run(cmd: &mut Command) -> Result<String> {
+pub(crate) fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -447,6 +459,9 @@ fn main() -> Result<()> {
     );
     if a.incremental {
         return incremental::run(&a, &img, &rx, &agent);
+    }
+    if a.ebs {
+        return ebs::run_ebs(&a, &img, &rx, &agent, a.ebs_latency_ms, a.ebs_in_flight);
     }
     compare(&a, "sparse file", &img, data, &rx, &agent)?;
     if a.device {
