@@ -30,6 +30,9 @@ fn help_lists_every_command() {
             "release",
             "points",
             "restore",
+            "snapshot",
+            "recover",
+            "drills",
             "help"
         ]
     );
@@ -186,7 +189,10 @@ fn listings_and_status_after_a_sync() {
     assert_eq!(v[0]["last_point"], 1);
 
     let t = stdout(&rx.cli(&["points", "--server", "app-01"]));
-    assert!(t.contains("best-effort") && t.contains("local"), "{t}");
+    assert!(
+        t.contains("best-effort") && t.contains("EBS") && t.contains("staged"),
+        "{t}"
+    );
     let o = rx.cli(&["points", "--server", "nobody"]);
     assert!(
         !o.status.success() && stderr(&o).contains("app-01"),
