@@ -154,6 +154,11 @@ fn access_denied_fails_once_and_is_shown() {
         shown.contains("failed on EBS") && shown.contains("AccessDenied"),
         "{shown}"
     );
+    let shown = stdout(&rx.cli(&["servers"]));
+    assert!(
+        shown.contains("failed on EBS") && shown.contains("AccessDenied"),
+        "servers shows it too: {shown}"
+    );
 
     ebs.faults(|f| f.deny.clear());
     let v = snapshot(&rx, "web-01", "latest");

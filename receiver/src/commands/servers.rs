@@ -2,6 +2,7 @@
 
 use super::{fmt_age, fmt_bytes, print_table};
 use crate::catalog::Catalog;
+use crate::snapshots::ebs::record::{EbsRecord, PointState};
 use crate::status::{now_ms, RefusedClaim, ServerStatus};
 use lifeboat_common::config::ReceiverConfig;
 use lifeboat_common::protocol::DiskState;
@@ -45,6 +46,9 @@ pub fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
                 st.instance
             ));
         }
+        // Where the server stands on EBS: its newest point there, and every failure.
+        let mut newest_on_ebs: Option<u64> = None;
+        let mut ebs_failed = Vec::new();
         for p in catalog.points(&server)? {
             if let Some(why) = &p.damaged {
                 notes.push(format!(
@@ -52,6 +56,14 @@ pub fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
                     p.point,
                     why.trim().replace('\n', "; ")
                 ));
+            }
+            match EbsRecord::load(&catalog, &server, p.point).map(|r| r.state(&p)) {
+                Ok(PointState::OnEbs) => newest_on_ebs = Some(p.point),
+                Ok(PointState::Failed(why)) => {
+                    notes.push(format!("{server}: point {} failed on EBS: {why}", p.point));
+                    ebs_failed.push(serde_json::json!({ "point": p.point, "error": why }));
+                }
+                _ => {}
             }
         }
         if skew_over {
@@ -86,6 +98,9 @@ pub fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
                     Some(s) => fmt_skew(s),
                     None => "-".into(),
                 },
+                newest_on_ebs
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into()),
             ]);
             out.push(serde_json::json!({
                 "server": server,
@@ -102,6 +117,8 @@ pub fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
                 "clock_skew_seconds": st.clock_skew_ms.map(|s| s as f64 / 1000.0),
                 "clock_skew_exceeded": skew_over,
                 "refused_claim": refused,
+                "newest_point_on_ebs": newest_on_ebs,
+                "ebs_failed": ebs_failed.clone(),
                 "counters": st.counters,
             }));
         }
@@ -122,6 +139,7 @@ pub fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
                 "SIZE",
                 "LAST POINT",
                 "CLOCK SKEW",
+                "ON EBS",
             ],
             &rows,
         );
