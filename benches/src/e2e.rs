@@ -176,17 +176,7 @@ fn time_lifeboat(a: &Args, img: &Path, rx: &Path, agent: &Path, verify: bool) ->
     std::fs::create_dir_all(&work)?;
     let state = work.join("receiver");
     let (mut server, port, v) = start_receiver(rx, &state)?;
-    let cfg = work.join("agent.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "server_id = \"bench\"\nstate_dir = \"{}\"\n[receiver]\naddress = \"127.0.0.1:{port}\"\nca_fingerprint = \"{}\"\ntoken = \"{}\"\n[[disks]]\nid = \"root\"\npath = \"{}\"\n",
-            work.join("agent").display(),
-            v["ca_fingerprint"].as_str().unwrap_or_default(),
-            v["token"].as_str().unwrap_or_default(),
-            img.display()
-        ),
-    )?;
+    let cfg = agent_config(&work, port, &v, img)?;
     drop_caches();
     let t = Instant::now();
     let mut child = Command::new(agent)
@@ -272,6 +262,28 @@ pub(crate) fn start_receiver(
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok((server, port, v))
+}
+
+/// Writes `<work>/agent.toml` for server "bench" replicating `img` as disk "root" to the
+/// receiver `init` described in `v`, listening on `port`; returns its path.
+pub(crate) fn agent_config(
+    work: &Path,
+    port: u16,
+    v: &serde_json::Value,
+    img: &Path,
+) -> Result<PathBuf> {
+    let cfg = work.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "server_id = \"bench\"\nstate_dir = \"{}\"\n[receiver]\naddress = \"127.0.0.1:{port}\"\nca_fingerprint = \"{}\"\ntoken = \"{}\"\n[[disks]]\nid = \"root\"\npath = \"{}\"\n",
+            work.join("agent").display(),
+            v["ca_fingerprint"].as_str().unwrap_or_default(),
+            v["token"].as_str().unwrap_or_default(),
+            img.display()
+        ),
+    )?;
+    Ok(cfg)
 }
 
 /// A fully allocated copy of `img` on a loop device (detached on drop).

@@ -9,7 +9,7 @@
 //! and the file read back), compared byte for byte with the image. CPU seconds are the
 //! receiver's (its children's rusage) per GiB of changed data.
 
-use super::{run, start_receiver, Args};
+use super::{agent_config, run, start_receiver, Args};
 use anyhow::{bail, Context, Result};
 use lifeboat_tests::ebs_server::EbsServer;
 use std::path::Path;
@@ -41,17 +41,7 @@ pub fn run_ebs(
     std::fs::create_dir_all(&work)?;
     let state = work.join("receiver");
     let (mut server, port, v) = start_receiver(rx, &state)?;
-    let cfg = work.join("agent.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "server_id = \"bench\"\nstate_dir = \"{}\"\n[receiver]\naddress = \"127.0.0.1:{port}\"\nca_fingerprint = \"{}\"\ntoken = \"{}\"\n[[disks]]\nid = \"root\"\npath = \"{}\"\n",
-            work.join("agent").display(),
-            v["ca_fingerprint"].as_str().unwrap_or_default(),
-            v["token"].as_str().unwrap_or_default(),
-            img.display()
-        ),
-    )?;
+    let cfg = agent_config(&work, port, &v, img)?;
     eprintln!("initial sync of {} (not timed)", img.display());
     run(Command::new(agent)
         .args(["--log", "warn", "run", "--once", "--config"])
