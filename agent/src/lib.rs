@@ -3,7 +3,8 @@
 //! - [`tracker`]: which blocks may have changed (eBPF on block-request completion, or a hash
 //!   scan); [`freeze`]: the bounded filesystem freeze that makes a point crash-consistent.
 //! - [`reader`]: the block reader, io_uring or pread.
-//! - [`pipeline`]: reader thread → hashing/compressing workers → sender.
+//! - [`pipeline`]: reader thread → hashing/compressing workers → sender; [`pagesums`]: the
+//!   page checksums that let a block read whole go as the pages that changed.
 //! - [`replicate`]: the protocol client: cycles, commits; [`window`]: the send window
 //!   (dedupe queries, acks, resends), sans-IO.
 //! - [`link`] and [`tls`]: the TLS connection with the pinned receiver CA.
@@ -16,6 +17,7 @@ pub mod freeze;
 pub mod identity;
 pub mod limiter;
 pub mod link;
+pub mod pagesums;
 pub mod pipeline;
 pub mod reader;
 pub mod replicate;

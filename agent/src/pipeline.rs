@@ -4,10 +4,14 @@
 //! disk), reads candidate blocks in batches through the [`BlockReader`], and hands them to a
 //! fixed pool of worker threads on a bounded crossbeam channel. Each worker names the block
 //! (zero check, blake3), drops it when it matches the acknowledged manifest, else compresses
-//! it (zstd) and passes it to the sender on a bounded tokio channel. A full channel blocks the
+//! it (zstd) and passes it to the sender on a bounded tokio channel. A block known to be
+//! partly written (the tracker's page marks, or the page sums of [`crate::pagesums`]) goes
+//! as a patch: its changed pages over the acknowledged content. With io_uring the pool's
+//! buffers are registered with the ring (pinned once, read with `READ_FIXED`). A full channel blocks the
 //! stage before it: backpressure runs from the network back to the disk reads. The first
 //! error stops every stage.
 
+use crate::pagesums::{self, PageSums};
 use crate::reader::{aligned_len, AlignedBuf, BlockReader, ReadReq};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use lifeboat_common::block::{block_len, hash_block};
@@ -29,10 +33,11 @@ pub enum Payload {
 pub struct Prepared {
     pub disk: usize,
     pub index: u64,
+    /// The block's name. For a patch, the name the receiver must give the result when the
+    /// agent knows it (the block was read whole), else ZERO (the receiver names it).
     pub hash: BlockHash,
     pub payload: Payload,
-    /// The block as pages written over its acknowledged content, read alone (its name comes
-    /// from the receiver; `hash` is then unused).
+    /// The block as the pages changed over its acknowledged content.
     pub patch: Option<Patch>,
 }
 
@@ -50,12 +55,14 @@ const MAX_PATCH_PAGES: u32 = PAGES_PER_BLOCK / 2;
 /// Compresses a payload (reporting a failure itself).
 type Compress<'a> = dyn Fn(&[u8]) -> Option<(Codec, Vec<u8>)> + 'a;
 
-/// A block's written pages, to go over its acknowledged content `acked` (named by the
-/// receiver).
+/// A block's changed pages, to go over its acknowledged content `acked`; `expect` is the
+/// block's whole name when known (ZERO: the receiver names it).
+#[allow(clippy::too_many_arguments)]
 fn patch_of(
     input: &ScanInput,
     index: u64,
     acked: BlockHash,
+    expect: BlockHash,
     runs: &[(u32, u32)],
     bytes: &[u8],
     progress: &ScanProgress,
@@ -66,7 +73,7 @@ fn patch_of(
     Some(Prepared {
         disk: input.disk,
         index,
-        hash: BlockHash::ZERO,
+        hash: expect,
         payload: Payload::Zero,
         patch: Some(Patch {
             base: acked,
@@ -99,6 +106,39 @@ fn read_alone(runs: &[(u32, u32)]) -> bool {
 
 /// Most bytes of pages read in one batch (each run its own buffer).
 const PAGE_BATCH_BYTES: usize = 8 << 20;
+
+/// The bytes of `runs`' pages of a whole block, one run after the other.
+fn cut_pages(block: &[u8], runs: &[(u32, u32)]) -> Vec<u8> {
+    let mut bytes =
+        Vec::with_capacity(runs.iter().map(|r| r.1 as usize).sum::<usize>() * PAGE_SIZE);
+    for &(first, count) in runs {
+        let (start, len) = (first as usize * PAGE_SIZE, count as usize * PAGE_SIZE);
+        bytes.extend_from_slice(&block[start..start + len]);
+    }
+    bytes
+}
+
+/// The pages of a whole block that changed from its acknowledged content, by page sums:
+/// runs when few enough changed for a patch, else None (sent whole). Records the block's own
+/// sums for the next time it changes.
+fn changed_runs(
+    sums: &PageSums,
+    index: u64,
+    acked: &BlockHash,
+    hash: &BlockHash,
+    block: &[u8],
+) -> Option<Vec<(u32, u32)>> {
+    let new = pagesums::of(block);
+    let old = sums.load(index, acked);
+    sums.store(index, hash, &new);
+    // Equal sums with another name: a change the sums missed.
+    let mask = pagesums::changed(&old?, &new);
+    if mask == 0 || mask.count_ones() > MAX_PATCH_PAGES {
+        return None;
+    }
+    let r = runs(mask);
+    (r.len() <= MAX_DELTA_RUNS).then_some(r)
+}
 
 /// `mask`'s pages as (first, count) runs.
 fn runs(mask: u128) -> Vec<(u32, u32)> {
@@ -172,6 +212,8 @@ pub struct ScanInput {
     /// zstd level, adjusted while the scan runs (see `adapt`).
     pub level: Arc<std::sync::atomic::AtomicI32>,
     pub workers: usize,
+    /// The disk's page sums, so that a block read whole goes as the pages that changed.
+    pub sums: Option<Arc<PageSums>>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -181,6 +223,8 @@ pub struct ScanStats {
     pub holes: u64,
     pub changed: u64,
     pub engine: &'static str,
+    /// Reads into io_uring registered buffers.
+    pub fixed_reads: u64,
 }
 
 /// Counters the sender reads while a scan runs.
@@ -194,6 +238,8 @@ struct Work {
     index: u64,
     len: usize,
     data: Data,
+    /// Read into a buffer of the scan's pool (not preloaded).
+    pooled: bool,
 }
 
 /// What was read of a block.
@@ -375,6 +421,13 @@ pub fn scan(
     let preloaded = std::mem::take(&mut input.preloaded);
     let input: &ScanInput = input;
     let _span = tracing::info_span!("disk", disk = %input.disk_id).entered();
+    let workers = input.workers.max(1);
+    let depth = input.depth.max(1);
+    // The pool is made before the reader, so that it outlives the ring its buffers are
+    // registered with; only the pool's buffers ever go back into it.
+    let pool = depth * 2 + workers * 2;
+    let mut bufs: Vec<AlignedBuf> = (0..pool).map(|_| AlignedBuf::new()).collect();
+    let (free_tx, free_rx): (Sender<AlignedBuf>, Receiver<AlignedBuf>) = bounded(pool);
     let mut reader =
         BlockReader::open(&input.path, input.engine, input.depth).map_err(|source| {
             ScanError::Open {
@@ -383,12 +436,13 @@ pub fn scan(
                 source,
             }
         })?;
-    let workers = input.workers.max(1);
-    let depth = input.depth.max(1);
-    let pool = depth * 2 + workers * 2;
-    let (free_tx, free_rx): (Sender<AlignedBuf>, Receiver<AlignedBuf>) = bounded(pool);
-    for _ in 0..pool {
-        let _ = free_tx.send(AlignedBuf::new());
+    if let Err(why) = reader.register(&mut bufs) {
+        if reader.engine_name() == "io_uring" {
+            tracing::debug!("reading into unregistered buffers: {why}");
+        }
+    }
+    for b in bufs {
+        let _ = free_tx.send(b);
     }
     let (work_tx, work_rx) = bounded::<Work>(workers * 2);
     let first_err: Mutex<Option<ScanError>> = Mutex::new(None);
@@ -423,8 +477,8 @@ pub fn scan(
                         examine(input, &w, progress, fail)
                     };
                     // The buffer goes back before the (possibly blocking) send downstream
-                    // (a preloaded one is dropped when the pool is full).
-                    if let Data::Block(buf, _) = w.data {
+                    // (a preloaded one is not the pool's: dropped).
+                    if let (Data::Block(buf, _), true) = (w.data, w.pooled) {
                         let _ = free_tx.try_send(buf);
                     }
                     if let Some(p) = prepared {
@@ -448,6 +502,7 @@ pub fn scan(
                 index: l.index,
                 len: l.len,
                 data: l.data,
+                pooled: false,
             };
             if cancel.load(Ordering::Relaxed) || work_tx.send(w).is_err() {
                 break;
@@ -508,6 +563,7 @@ pub fn scan(
                                 index: i,
                                 len: BLOCK_SIZE,
                                 data: Data::Pages(runs, bytes),
+                                pooled: false,
                             };
                             if work_tx.send(w).is_err() {
                                 break;
@@ -569,6 +625,7 @@ pub fn scan(
                             r.buf,
                             patch_runs(&input.pages, i, input.size).map(|(_, r)| r),
                         ),
+                        pooled: true,
                     })
                     .is_err()
                 {
@@ -582,6 +639,7 @@ pub fn scan(
         return Err(e);
     }
     stats.changed = progress.changed.load(Ordering::Relaxed);
+    stats.fixed_reads = reader.fixed_reads();
     Ok(stats)
 }
 
@@ -615,16 +673,17 @@ fn examine(
         Data::Block(buf, None) => buf,
         Data::Block(buf, Some(runs)) => {
             // Read whole (too many runs to read alone), sent as its pages all the same.
-            let data = buf.as_slice();
-            let mut bytes = Vec::new();
-            for &(first, count) in runs {
-                let (start, len) = (first as usize * PAGE_SIZE, count as usize * PAGE_SIZE);
-                bytes.extend_from_slice(&data[start..start + len]);
-            }
-            return patch_of(input, w.index, acked, runs, &bytes, progress, &compress);
+            let bytes = cut_pages(buf.as_slice(), runs);
+            let unknown = BlockHash::ZERO;
+            return patch_of(
+                input, w.index, acked, unknown, runs, &bytes, progress, &compress,
+            );
         }
         Data::Pages(runs, bytes) => {
-            return patch_of(input, w.index, acked, runs, bytes, progress, &compress)
+            let unknown = BlockHash::ZERO;
+            return patch_of(
+                input, w.index, acked, unknown, runs, bytes, progress, &compress,
+            );
         }
     };
     let data = &buf.as_slice()[..w.len];
@@ -635,6 +694,13 @@ fn examine(
     let payload = if hash.is_zero() {
         Payload::Zero
     } else {
+        let sums = input.sums.as_deref().filter(|_| w.len == BLOCK_SIZE);
+        if let Some(runs) = sums.and_then(|s| changed_runs(s, w.index, &acked, &hash, data)) {
+            let bytes = cut_pages(data, &runs);
+            return patch_of(
+                input, w.index, acked, hash, &runs, &bytes, progress, &compress,
+            );
+        }
         let (codec, bytes) = compress(data)?;
         Payload::Data { codec, bytes }
     };

@@ -9,6 +9,7 @@
 //! is forgotten before its ack. After a cycle has every block acked, a `Commit` cuts the point.
 
 use crate::link::{Link, LinkError};
+use crate::pagesums::PageSums;
 use crate::pipeline::Loaded;
 use crate::pipeline::{self, Prepared, ScanInput, ScanProgress};
 use crate::state::{AgentState, AgentStatus, DiskStatus, StateDir};
@@ -97,6 +98,8 @@ pub struct Replicator {
     pub connected_since: Option<Instant>,
     level: crate::adapt::LevelControl,
     cpu: crate::adapt::CpuSampler,
+    /// Per disk: its page sums (`page_sums = true`), see [`crate::pagesums`].
+    sums: Vec<Option<Arc<PageSums>>>,
     _lock: lifeboat_common::lock::DirLock,
 }
 
@@ -130,6 +133,21 @@ impl Replicator {
             });
         }
         let n = cfg.disks.len();
+        let sums = cfg
+            .disks
+            .iter()
+            .map(|d| {
+                cfg.page_sums
+                    .then(|| PageSums::open(&cfg.state_dir, &d.id))
+                    .and_then(|r| {
+                        r.inspect_err(|e| {
+                            tracing::warn!(disk = %d.id, "page sums unavailable ({e}): changed blocks a scan finds go whole")
+                        })
+                        .ok()
+                    })
+                    .map(Arc::new)
+            })
+            .collect();
         let (trackers, hub) = make_trackers(&cfg)?;
         for ((d, t), st) in cfg.disks.iter().zip(&trackers).zip(&mut disks) {
             st.tracker = t.name().to_string();
@@ -165,6 +183,7 @@ impl Replicator {
             connected_since: None,
             level: crate::adapt::LevelControl::new(cfg_level.0, cfg_level.1),
             cpu: crate::adapt::CpuSampler::new(),
+            sums,
             _lock: lock,
         })
     }
@@ -588,6 +607,7 @@ impl Replicator {
                 level: self.level.shared(),
                 // Disks are read in parallel: the workers are shared out among them.
                 workers: (workers / n).max(1),
+                sums: self.sums[i].clone(),
             });
         }
         let progress: Vec<Arc<ScanProgress>> =
@@ -652,6 +672,7 @@ impl Replicator {
         for (i, s) in stats.iter().enumerate() {
             self.status.disks[i].reader = s.engine.to_string();
             self.status.disks[i].bytes_read += s.bytes_read;
+            self.status.disks[i].fixed_reads += s.fixed_reads;
         }
         Ok((stats.iter().map(|s| s.changed).sum(), refused))
     }
@@ -674,7 +695,8 @@ impl Replicator {
             again += refused.len();
             tracing::info!(
                 blocks = refused.len(),
-                "the receiver lacked the base of some patches: reading those blocks whole"
+                "some patches went unapplied (the receiver lacked their base) or were named \
+                 otherwise than expected (page sums missed a change): reading those blocks whole"
             );
             let mut whole = vec![Vec::new(); n];
             for (d, i) in refused {
@@ -820,6 +842,7 @@ impl Replicator {
             }
             if scans_done && window.is_empty() {
                 self.status.patches_sent += window.patches_sent;
+                self.status.patches_mismatched += window.patches_mismatched;
                 return Ok(std::mem::take(&mut window.refused));
             }
         }

@@ -35,6 +35,9 @@ pub struct DiskStatus {
     /// Bytes read from the disk since the agent started.
     #[serde(default)]
     pub bytes_read: u64,
+    /// Reads into io_uring registered buffers since the agent started.
+    #[serde(default)]
+    pub fixed_reads: u64,
     /// Seconds until the backlog is examined, at the current pass's rate.
     #[serde(default)]
     pub eta_secs: Option<u64>,
@@ -65,6 +68,10 @@ pub struct AgentStatus {
     /// Blocks sent as their written pages (patches) since the agent started.
     #[serde(default)]
     pub patches_sent: u64,
+    /// Patches made from page sums that the receiver named otherwise than expected (each
+    /// block was then sent whole).
+    #[serde(default)]
+    pub patches_mismatched: u64,
     /// The zstd level in use (it adapts between the configured floor and ceiling).
     pub compression_level: i32,
     pub disks: Vec<DiskStatus>,

@@ -64,7 +64,11 @@ pub struct Window {
     /// Blocks sent as patches, and patches the receiver could not apply (it lacked the base).
     pub patches_sent: u64,
     pub patches_refused: u64,
-    /// Blocks whose patch the receiver could not apply: to be read whole and sent again.
+    /// Patches the receiver named otherwise than the agent expected (page sums that missed
+    /// a change: see [`crate::pagesums`]).
+    pub patches_mismatched: u64,
+    /// Blocks whose patch the receiver could not apply, or named otherwise than expected: to
+    /// be read whole and sent again.
     pub refused: Vec<(usize, u64)>,
     /// Patches unacknowledged, and their encoded bytes.
     patches_open: usize,
@@ -85,6 +89,7 @@ impl Window {
             outstanding: vec![0; disks],
             patches_sent: 0,
             patches_refused: 0,
+            patches_mismatched: 0,
             refused: Vec::new(),
             patches_open: 0,
             patch_bytes_open: 0,
@@ -146,7 +151,8 @@ impl Window {
                 Entry {
                     disk: p.disk,
                     index: p.index,
-                    hash: BlockHash::ZERO,
+                    // The name the agent expects the receiver to give the block, if it knows.
+                    hash: p.hash,
                     data: None,
                     patch: true,
                     bytes,
@@ -284,7 +290,9 @@ impl Window {
         Ok(done)
     }
 
-    /// Patches made durable, with the names the receiver gave the blocks they made.
+    /// Patches made durable, with the names the receiver gave the blocks they made. A patch
+    /// whose expected name differs is durable all the same (the receiver holds what it named),
+    /// and its block goes to `refused`, to be read whole before the point is cut.
     pub fn named(&mut self, named: &[(u64, BlockHash)]) -> Result<Vec<Acked>, LinkError> {
         let mut done = Vec::with_capacity(named.len());
         for (seq, hash) in named {
@@ -297,6 +305,10 @@ impl Window {
                 let (disk, index) = (e.disk, e.index);
                 self.patches_open -= 1;
                 self.patch_bytes_open -= e.bytes;
+                if !e.hash.is_zero() && e.hash != *hash {
+                    self.patches_mismatched += 1;
+                    self.refused.push((disk, index));
+                }
                 self.inflight.remove(seq);
                 self.outstanding[disk] = self.outstanding[disk].saturating_sub(1);
                 if !hash.is_zero() {
@@ -414,6 +426,21 @@ mod tests {
         assert_eq!(w.refused, vec![(0, 6)]);
         assert!(w.is_empty());
         assert_eq!((w.patches_sent, w.patches_refused), (2, 1));
+        // A patch made from page sums expects a name: another name sends the block whole.
+        let expecting = |index, name| Prepared {
+            hash: name,
+            ..patch(index)
+        };
+        w.offer(expecting(7, BlockHash([7; 32])), &mut out);
+        w.offer(expecting(8, BlockHash([8; 32])), &mut out);
+        out.clear();
+        let named = w
+            .named(&[(3, BlockHash([7; 32])), (4, BlockHash([6; 32]))])
+            .unwrap();
+        assert_eq!(named.len(), 2, "both are durable, as named");
+        assert_eq!(named[1].hash, BlockHash([6; 32]));
+        assert_eq!(w.refused, vec![(0, 6), (0, 8)]);
+        assert_eq!(w.patches_mismatched, 1);
         // Many more patches than whole blocks may be out at once, but not without bound.
         let mut n = 0;
         while w.has_room() {
@@ -422,7 +449,7 @@ mod tests {
         }
         assert_eq!(n as usize, PATCH_WINDOW);
         out.clear();
-        let named: Vec<(u64, BlockHash)> = (3..3 + n).map(|s| (s, BlockHash([7; 32]))).collect();
+        let named: Vec<(u64, BlockHash)> = (5..5 + n).map(|s| (s, BlockHash([7; 32]))).collect();
         assert_eq!(w.named(&named).unwrap().len(), PATCH_WINDOW);
         assert!(w.has_room() && w.is_empty());
     }

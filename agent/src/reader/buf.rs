@@ -12,6 +12,10 @@ pub struct AlignedBuf {
     ptr: NonNull<u8>,
     /// A multiple of [`ALIGN`], at most `BLOCK_SIZE`.
     len: usize,
+    /// Registered with an io_uring as its fixed buffer: (the ring's engine id, the buffer's
+    /// index). Set only by the engine that registered this very allocation, so a buffer
+    /// allocated later at the same address is never taken for it.
+    pub(super) fixed: Option<(u64, u16)>,
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>.
@@ -37,7 +41,11 @@ impl AlignedBuf {
         // SAFETY: the layout has a non-zero size.
         let p = unsafe { alloc_zeroed(layout(len)) };
         match NonNull::new(p) {
-            Some(ptr) => AlignedBuf { ptr, len },
+            Some(ptr) => AlignedBuf {
+                ptr,
+                len,
+                fixed: None,
+            },
             None => handle_alloc_error(layout(len)),
         }
     }

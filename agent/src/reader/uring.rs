@@ -1,17 +1,25 @@
-//! io_uring read engine: a batch of block reads submitted at once, completed in any order.
+//! io_uring read engine: a batch of block reads submitted at once, completed in any order,
+//! into registered (fixed) buffers where the caller registered its pool.
 #![allow(unsafe_code)]
 
-use super::ReadReq;
+use super::{AlignedBuf, ReadReq};
 use io_uring::{opcode, types, IoUring};
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub struct UringEngine {
     ring: IoUring,
     depth: usize,
+    /// Tells this ring's registered buffers from another's.
+    id: u64,
     /// Waits interrupted (EINTR, EAGAIN, EBUSY) and retried, over the engine's life.
     pub retried_waits: u64,
+    /// Reads into registered buffers (`IORING_OP_READ_FIXED`), over the engine's life.
+    pub fixed_reads: u64,
 }
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl UringEngine {
     /// Sets up a ring of `depth` entries; fails where the kernel or a sandbox forbids io_uring.
@@ -20,8 +28,40 @@ impl UringEngine {
         Ok(UringEngine {
             ring,
             depth,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             retried_waits: 0,
+            fixed_reads: 0,
         })
+    }
+
+    /// Registers `bufs` as the ring's fixed buffers (once per ring): the kernel pins their
+    /// pages once, instead of on every read. Reads into them then go as `READ_FIXED`; reads
+    /// into any other buffer as plain reads. Fails where the locked-memory limit is too low
+    /// (without CAP_IPC_LOCK, RLIMIT_MEMLOCK counts the pinned pages).
+    ///
+    /// The buffers may be dropped while registered: the kernel keeps its own reference to the
+    /// pinned pages, and only a read submitted into a buffer that is alive (it carries the
+    /// mark set here) ever uses them.
+    pub fn register(&mut self, bufs: &mut [AlignedBuf]) -> io::Result<()> {
+        if bufs.is_empty() || bufs.len() > u16::MAX as usize {
+            return Err(io::Error::other("no buffers, or too many, to register"));
+        }
+        let iovecs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: each iovec describes a live allocation of its length that `bufs` owns; the
+        // kernel pins those pages (holding its own references) for as long as the ring keeps
+        // them registered, and writes into them only for a READ_FIXED we submit, which we do
+        // only for a buffer still alive and exclusively borrowed for that read (see `read`).
+        unsafe { self.ring.submitter().register_buffers(&iovecs)? };
+        for (i, b) in bufs.iter_mut().enumerate() {
+            b.fixed = Some((self.id, i as u16));
+        }
+        Ok(())
     }
 
     pub fn depth(&self) -> usize {
@@ -45,10 +85,21 @@ impl UringEngine {
             }
             for (i, r) in chunk.iter_mut().enumerate() {
                 r.done = 0;
-                let e = opcode::Read::new(types::Fd(fd), r.buf.as_mut_ptr(), r.len as u32)
-                    .offset(r.offset)
-                    .build()
-                    .user_data(i as u64);
+                let (ptr, len) = (r.buf.as_mut_ptr(), r.len as u32);
+                let e = match r.buf.fixed {
+                    // Registered with this ring: its index and the very allocation (the mark
+                    // is set on the registered buffer itself, `len` is within it).
+                    Some((ring, index)) if ring == self.id => {
+                        self.fixed_reads += 1;
+                        opcode::ReadFixed::new(types::Fd(fd), ptr, len, index)
+                            .offset(r.offset)
+                            .build()
+                    }
+                    _ => opcode::Read::new(types::Fd(fd), ptr, len)
+                        .offset(r.offset)
+                        .build(),
+                }
+                .user_data(i as u64);
                 // SAFETY: the buffer outlives the operation: `reap` waits for every
                 // completion of this chunk before we go on or return, and `chunk` borrows
                 // the buffers mutably for that whole time. The queue has room (checked above).
