@@ -115,7 +115,8 @@ pub enum Command {
     #[command(after_help = "Examples:\n  \
         lifeboat-receiver points --server web-01\n  \
         lifeboat-receiver restore --server web-01 --disk root --point 42 --to /srv/restore/root.img\n  \
-        lifeboat-receiver restore --server web-01 --disk data --to /dev/nvme1n1 --force\n\n\
+        lifeboat-receiver restore --server web-01 --disk data --to /dev/nvme1n1 --force\n  \
+        lifeboat-receiver restore --server web-01 --disk data --to /dev/sdb --force --only-changed --since 40\n\n\
         Every block is checked against the point's manifest; the destination is read back and\n\
         checked again unless --no-verify. Exit code 65: a block is missing or corrupt (named).")]
     Restore {
@@ -147,6 +148,13 @@ pub enum Command {
         /// after a recovery); read it and write only the blocks that differ from the point.
         #[arg(long)]
         only_changed: bool,
+        /// With --only-changed: `--to` holds this point (e.g. the one it was restored from),
+        /// so only the blocks changed since it are written (from the points' manifests, and
+        /// with --from ebs also EBS's ListChangedBlocks between their snapshots), without
+        /// reading the destination first. The read-back still proves every block, and writes
+        /// any that did not hold that point's content.
+        #[arg(long, requires = "only_changed", value_name = "POINT")]
+        since: Option<String>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -263,6 +271,7 @@ pub fn run(cli: Cli) -> u8 {
             no_verify,
             from,
             only_changed,
+            since,
             json,
         } => crate::commands::restore::run(
             &cli.state_dir,
@@ -275,6 +284,7 @@ pub fn run(cli: Cli) -> u8 {
                 verify: !no_verify,
                 from,
                 only_changed,
+                since,
                 json,
             },
         ),

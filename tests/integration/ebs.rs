@@ -424,6 +424,110 @@ fn failback_writes_only_the_blocks_that_differ() {
     assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
 }
 
+/// Failback `--since` a point the destination holds: only the blocks changed since it are
+/// written, found from the manifests and (from EBS) ListChangedBlocks, without reading the
+/// destination first; a block where the destination did not hold that point is found by the
+/// read-back and written too.
+#[test]
+fn failback_since_a_point_writes_what_changed_and_repairs_the_rest() {
+    let ebs = EbsServer::start();
+    // Listings of 5 entries a page: the restore walks many pages of both listings.
+    ebs.faults(|f| f.page_cap = Some(5));
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    rx.use_ebs(&ebs.url(), &[]);
+    let img = w.path().join("disk.img");
+    let old = make_image(&img, 24, 300, 23);
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("web-01", &[("root", &img)]));
+    agent.run_once_ok();
+    snapshot(&rx, "web-01", "latest");
+    let mut new = old.clone();
+    for i in [3usize, 11, 20] {
+        new[i * BLOCK_SIZE + 99] ^= 0x5a;
+    }
+    std::fs::write(&img, &new).unwrap();
+    agent.run_once_ok();
+    snapshot(&rx, "web-01", "latest");
+
+    for (from, diverged) in [
+        ("staging", false),
+        ("ebs", false),
+        ("ebs", true),
+        ("staging", true),
+    ] {
+        let copy = w.path().join(format!("copy-{from}-{diverged}.img"));
+        let mut held = old.clone();
+        if diverged {
+            // The copy took a write after point 1 that point 2 knows nothing of.
+            held[7 * BLOCK_SIZE] ^= 1;
+        }
+        std::fs::write(&copy, &held).unwrap();
+        let listed = ebs.count("ListChangedBlocks");
+        let pages = ebs.count("ListSnapshotBlocks");
+        let o = rx.restore_with(
+            "web-01",
+            "root",
+            "2",
+            &copy,
+            &[
+                "--only-changed",
+                "--since",
+                "1",
+                "--force",
+                "--from",
+                from,
+                "--json",
+            ],
+        );
+        assert!(o.status.success(), "{from}: {}", stderr(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let repaired = u64::from(diverged);
+        assert_eq!(v["blocks_written"], 3 + repaired, "{from}: {v}");
+        assert_eq!(v["blocks_repaired"], repaired, "{from}: {v}");
+        assert!(
+            std::fs::read(&copy).unwrap() == new,
+            "{from} diverged={diverged}: the copy now holds point 2"
+        );
+        if from == "ebs" {
+            // Changes in three blocks: one page; 16 data blocks held, five a page, listed
+            // once more for the repair.
+            assert_eq!(ebs.count("ListChangedBlocks") - listed, 1, "{v}");
+            assert_eq!(
+                ebs.count("ListSnapshotBlocks") - pages,
+                4 * (1 + repaired),
+                "{v}"
+            );
+            assert_eq!(v["changed_from"], "manifests and EBS ListChangedBlocks");
+        } else {
+            assert_eq!(ebs.count("ListChangedBlocks"), listed);
+            assert_eq!(v["changed_from"], "manifests");
+        }
+    }
+    // --since trusts the destination: only the read-back proves it, so it needs it.
+    let o = rx.restore_with(
+        "web-01",
+        "root",
+        "2",
+        &w.path().join("copy-ebs-true.img"),
+        &["--only-changed", "--since", "1", "--force", "--no-verify"],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--no-verify cannot go with --since"),
+        "{}",
+        stderr(&o)
+    );
+    let o = rx.restore_with(
+        "web-01",
+        "root",
+        "2",
+        &w.path().join("copy-ebs-true.img"),
+        &["--since", "1", "--force"],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--only-changed"), "{}", stderr(&o));
+}
+
 /// `recover --drill` against moto (EC2 images and instances) behind the strict EBS server
 /// (snapshots): the point goes to EBS, the image maps the point's snapshots (boot disk as
 /// root device), an instance runs; `drills` lists it and `--terminate` cleans up. moto ignores

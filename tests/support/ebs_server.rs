@@ -83,6 +83,9 @@ pub struct Faults {
     pub deny: Vec<String>,
     /// How long a completed snapshot stays `pending` in `DescribeSnapshots`.
     pub completion_delay: Duration,
+    /// Most entries in one page of a listing, whatever MaxResults asks (EBS may answer
+    /// fewer): small pages make small disks' listings span many.
+    pub page_cap: Option<usize>,
 }
 
 #[derive(Default)]
@@ -781,7 +784,7 @@ fn list_blocks(s: &State, id: &str, q: &HashMap<String, String>) -> Answer {
         Err(a) => return a,
     };
     let (max, start) = match page_args(q) {
-        Ok(x) => x,
+        Ok((max, start)) => (s.faults.page_cap.map_or(max, |c| c.min(max)), start),
         Err(a) => return a,
     };
     let all = visible(s, id);
@@ -830,7 +833,7 @@ fn list_changed(s: &State, second: &str, q: &HashMap<String, String>) -> Answer 
         Err(a) => return a,
     };
     let (max, start) = match page_args(q) {
-        Ok(x) => x,
+        Ok((max, start)) => (s.faults.page_cap.map_or(max, |c| c.min(max)), start),
         Err(a) => return a,
     };
     let first = match q.get("firstSnapshotId") {

@@ -38,6 +38,9 @@ pub struct Request {
     pub from: From,
     /// Failback onto a disk that holds an older copy: write only the blocks that differ.
     pub only_changed: bool,
+    /// With `only_changed`: the destination holds this point, so the blocks to write are
+    /// those changed since it (not found by reading the destination first).
+    pub since: Option<String>,
     pub json: bool,
 }
 
@@ -181,20 +184,166 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
 
     let data_blocks = manifest.data_blocks();
     // Failback: which blocks of the older copy differ from the point (all, without it).
-    let need: Option<Vec<bool>> = if req.only_changed {
-        Some(differing_blocks(&dst, &manifest, &req.to)?)
-    } else {
-        None
+    let mut how = None;
+    let need: Option<Vec<bool>> = match (&req.since, req.only_changed) {
+        (Some(since), _) if !req.verify => bail!(
+            "--since {since} trusts that {} holds that point; only the read-back proves it,              so --no-verify cannot go with --since",
+            req.to.display()
+        ),
+        (Some(since), true) => {
+            let (need, from) = changed_since(state_dir, req, &rec, &manifest, since)?;
+            how = Some(from);
+            Some(need)
+        }
+        (Some(_), false) => bail!("--since goes with --only-changed"),
+        (None, true) => Some(differing_blocks(&dst, &manifest, &req.to)?),
+        (None, false) => None,
     };
-    let needed = |i: usize| need.as_ref().is_none_or(|n| n[i]);
-    let written = need
+    let mut written = need
         .as_ref()
         .map_or(manifest.hashes.len(), |n| n.iter().filter(|x| **x).count());
+    let created = !is_device && !req.only_changed;
+    let fail = |e: anyhow::Error| {
+        if created {
+            let _ = std::fs::remove_file(&req.to);
+            return e.context(format!(
+                "restore failed; the incomplete {} was removed",
+                req.to.display()
+            ));
+        }
+        e.context(format!(
+            "restore failed; {} holds an incomplete restore",
+            req.to.display()
+        ))
+    };
+    write_blocks(
+        state_dir,
+        req,
+        &rec,
+        &manifest,
+        &dst,
+        is_device,
+        need.as_deref(),
+    )
+    .map_err(fail)?;
+    dst.sync_all()
+        .with_context(|| format!("fsync of {}", req.to.display()))?;
+
+    let mut repaired = 0;
+    if req.verify {
+        let mut bad = read_back(&dst, &manifest, &req.to, None)?;
+        if !bad.is_empty() && req.since.is_some() {
+            // The destination did not hold the point named by --since everywhere: write
+            // those blocks too, and prove them again.
+            eprintln!(
+                "{} block(s) of {} did not hold point {}'s content: writing them too",
+                bad.len(),
+                req.to.display(),
+                req.since.as_deref().unwrap_or_default()
+            );
+            let mut again = vec![false; manifest.hashes.len()];
+            for &i in &bad {
+                again[i] = true;
+            }
+            write_blocks(
+                state_dir,
+                req,
+                &rec,
+                &manifest,
+                &dst,
+                is_device,
+                Some(&again),
+            )
+            .map_err(fail)?;
+            dst.sync_all()
+                .with_context(|| format!("fsync of {}", req.to.display()))?;
+            repaired = bad.len();
+            written += repaired;
+            bad = read_back(&dst, &manifest, &req.to, Some(&again))?;
+        }
+        if let Some(&i) = bad.first() {
+            return Err(DataError(format!(
+                "{}: read back from {} as other content ({} block(s) differ)",
+                ctx(i, &manifest.hashes[i]),
+                req.to.display(),
+                bad.len()
+            ))
+            .into());
+        }
+    }
+    let digest = manifest.digest();
+    if req.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "server": rec.server, "disk": req.disk, "point": rec.point, "to": req.to,
+                "size_bytes": size, "data_blocks": data_blocks,
+                "zero_blocks": manifest.hashes.len() - data_blocks,
+                "verified": req.verify, "manifest_digest": digest.to_hex(),
+                "from": match req.from { From::Staging => "staging", From::Ebs => "ebs" },
+                "only_changed": req.only_changed, "blocks_written": written,
+                "since": req.since, "changed_from": how, "blocks_repaired": repaired,
+            })
+        );
+    } else {
+        println!(
+            "restored server {} disk {} point {} to {}: {} ({data_blocks} data blocks{}, {} zero blocks {})",
+            rec.server,
+            req.disk,
+            rec.point,
+            req.to.display(),
+            fmt_bytes(size),
+            match (req.from, req.verify) {
+                (From::Staging, true) => ", each verified in the store and read back",
+                (From::Staging, false) => ", each verified in the store",
+                (From::Ebs, true) => ", each checked against its SHA-256 and the manifest, and read back",
+                (From::Ebs, false) => ", each checked against its SHA-256 and the manifest",
+            },
+            manifest.hashes.len() - data_blocks,
+            if is_device { "written" } else { "left sparse" },
+        );
+        match (&req.since, how) {
+            (Some(since), Some(how)) => println!(
+                "only changed blocks: {written} of {} blocks changed since point {since} \
+                 ({how}) and were written{}",
+                manifest.hashes.len(),
+                if repaired > 0 {
+                    format!(", {repaired} of them found by the read-back")
+                } else {
+                    String::new()
+                }
+            ),
+            _ if req.only_changed => println!(
+                "only changed blocks: {written} of {} blocks differed from {} and were written",
+                manifest.hashes.len(),
+                req.to.display()
+            ),
+            _ => {}
+        }
+        println!("manifest digest {digest}");
+    }
+    Ok(())
+}
+
+/// Writes the point's blocks that `need` asks for (all, without it) to `dst`: from the
+/// staging store, each checked against its name, or from EBS.
+fn write_blocks(
+    state_dir: &Path,
+    req: &Request,
+    rec: &crate::catalog::PointRecord,
+    manifest: &lifeboat_common::manifest::Manifest,
+    dst: &File,
+    is_device: bool,
+    need: Option<&[bool]>,
+) -> anyhow::Result<()> {
+    let size = manifest.disk_size;
+    let needed = |i: usize| need.is_none_or(|n| n[i]);
     // Zeros must be written wherever the destination may hold something else.
     let write_zeros = is_device || req.only_changed;
+    let ctx =
+        |i: usize, h: &BlockHash| format!("disk {} point {} block {i} ({h})", req.disk, rec.point);
     let pb = progress(size, "restore");
-    let created = !is_device && !req.only_changed;
-    let result = match req.from {
+    let r = match req.from {
         From::Staging => {
             let store = DirStore::open(&state_dir.join("store"))?;
             parallel(manifest.hashes.len(), |i| {
@@ -220,86 +369,121 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        From::Ebs => from_ebs(state_dir, req, &rec, &manifest, &dst, need.as_deref(), &pb),
+        From::Ebs => from_ebs(state_dir, req, rec, manifest, dst, need, &pb),
     };
     pb.finish_and_clear();
-    if let Err(e) = result {
-        if created {
-            let _ = std::fs::remove_file(&req.to);
-            return Err(e.context(format!(
-                "restore failed; the incomplete {} was removed",
-                req.to.display()
-            )));
-        }
-        return Err(e.context(format!(
-            "restore failed; {} holds an incomplete restore",
-            req.to.display()
-        )));
-    }
-    dst.sync_all()
-        .with_context(|| format!("fsync of {}", req.to.display()))?;
+    r
+}
 
-    if req.verify {
-        let pb = progress(size, "verify");
-        parallel(manifest.hashes.len(), |i| {
-            let len = block_len(i as u64, size);
+/// Reads the destination back and compares every block (or those `only` names) with the
+/// manifest; returns the blocks that differ, ascending.
+fn read_back(
+    dst: &File,
+    manifest: &lifeboat_common::manifest::Manifest,
+    to: &Path,
+    only: Option<&[bool]>,
+) -> anyhow::Result<Vec<usize>> {
+    let size = manifest.disk_size;
+    let bad = std::sync::Mutex::new(Vec::new());
+    let pb = progress(size, "verify");
+    parallel(manifest.hashes.len(), |i| {
+        let len = block_len(i as u64, size);
+        if only.is_none_or(|o| o[i]) {
             let mut buf = vec![0u8; len];
             dst.read_exact_at(&mut buf, i as u64 * BLOCK_SIZE as u64)
-                .with_context(|| format!("reading back block {i} of {}", req.to.display()))?;
-            let got = hash_block(&buf);
-            if got != manifest.hashes[i] {
-                return Err(DataError(format!(
-                    "{}: read back from {} as {got}",
-                    ctx(i, &manifest.hashes[i]),
-                    req.to.display()
-                ))
-                .into());
+                .with_context(|| format!("reading back block {i} of {}", to.display()))?;
+            if hash_block(&buf) != manifest.hashes[i] {
+                bad.lock().unwrap_or_else(|e| e.into_inner()).push(i);
             }
-            pb.inc(len as u64);
-            Ok(())
-        })?;
-        pb.finish_and_clear();
-    }
-    let digest = manifest.digest();
-    if req.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "server": rec.server, "disk": req.disk, "point": rec.point, "to": req.to,
-                "size_bytes": size, "data_blocks": data_blocks,
-                "zero_blocks": manifest.hashes.len() - data_blocks,
-                "verified": req.verify, "manifest_digest": digest.to_hex(),
-                "from": match req.from { From::Staging => "staging", From::Ebs => "ebs" },
-                "only_changed": req.only_changed, "blocks_written": written,
-            })
-        );
-    } else {
-        println!(
-            "restored server {} disk {} point {} to {}: {} ({data_blocks} data blocks{}, {} zero blocks {})",
-            rec.server,
-            req.disk,
-            rec.point,
-            req.to.display(),
-            fmt_bytes(size),
-            match (req.from, req.verify) {
-                (From::Staging, true) => ", each verified in the store and read back",
-                (From::Staging, false) => ", each verified in the store",
-                (From::Ebs, true) => ", each checked against its SHA-256 and the manifest, and read back",
-                (From::Ebs, false) => ", each checked against its SHA-256 and the manifest",
-            },
-            manifest.hashes.len() - data_blocks,
-            if is_device { "written" } else { "left sparse" },
-        );
-        if req.only_changed {
-            println!(
-                "only changed blocks: {written} of {} blocks differed from {} and were written",
-                manifest.hashes.len(),
-                req.to.display()
-            );
         }
-        println!("manifest digest {digest}");
+        pb.inc(len as u64);
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    let mut bad = bad.into_inner().unwrap_or_else(|e| e.into_inner());
+    bad.sort_unstable();
+    Ok(bad)
+}
+
+/// The blocks that changed between point `since` (which the destination holds) and the
+/// point restored: from their manifests, and, restoring from EBS with both points on EBS,
+/// also those EBS's `ListChangedBlocks` names between their snapshots. Returns them with how
+/// they were found.
+fn changed_since(
+    state_dir: &Path,
+    req: &Request,
+    rec: &crate::catalog::PointRecord,
+    manifest: &lifeboat_common::manifest::Manifest,
+    since: &str,
+) -> anyhow::Result<(Vec<bool>, &'static str)> {
+    let catalog = Catalog::new(state_dir);
+    let base = catalog.find(&req.server, since)?;
+    let old = catalog.manifest(&base, &req.disk).map_err(|e| {
+        DataError(format!(
+            "server {} point {} (--since): {e}",
+            base.server, base.point
+        ))
+    })?;
+    let mut need: Vec<bool> = manifest
+        .hashes
+        .iter()
+        .enumerate()
+        .map(|(i, h)| old.hashes.get(i) != Some(h))
+        .collect();
+    if req.from == From::Ebs {
+        if let Some(listed) = ebs_changed(state_dir, req, base.point, rec.point, &mut need)? {
+            tracing::debug!(listed, "ListChangedBlocks");
+            return Ok((need, "manifests and EBS ListChangedBlocks"));
+        }
     }
-    Ok(())
+    Ok((need, "manifests"))
+}
+
+#[cfg(not(feature = "aws"))]
+fn ebs_changed(
+    _: &Path,
+    _: &Request,
+    _: u64,
+    _: u64,
+    _: &mut [bool],
+) -> anyhow::Result<Option<u64>> {
+    Ok(None)
+}
+
+/// Marks what `ListChangedBlocks` names between the snapshots of points `first` and
+/// `second` of the disk; None when either point is not on EBS.
+#[cfg(feature = "aws")]
+fn ebs_changed(
+    state_dir: &Path,
+    req: &Request,
+    first: u64,
+    second: u64,
+    need: &mut [bool],
+) -> anyhow::Result<Option<u64>> {
+    use crate::snapshots::ebs::record::{DiskState, EbsRecord};
+    let catalog = Catalog::new(state_dir);
+    let snapshot = |point| -> anyhow::Result<Option<String>> {
+        let r = EbsRecord::load(&catalog, &req.server, point)?;
+        Ok(r.disks
+            .get(&req.disk)
+            .filter(|u| u.state == DiskState::OnEbs)
+            .and_then(|u| u.snapshot_id.clone()))
+    };
+    let (Some(a), Some(b)) = (snapshot(first)?, snapshot(second)?) else {
+        return Ok(None);
+    };
+    let config = lifeboat_common::config::ReceiverConfig::load(&state_dir.join("receiver.toml"))?;
+    let Some(ebs) = config.ebs else {
+        return Ok(None);
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let marked = rt.block_on(async {
+        let aws = crate::snapshots::ebs::client::Aws::connect(&ebs).await;
+        crate::snapshots::ebs::read::mark_changed(&aws, &a, &b, need).await
+    })?;
+    Ok(Some(marked))
 }
 
 #[cfg(not(feature = "aws"))]
