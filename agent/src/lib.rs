@@ -10,6 +10,7 @@
 //! - [`link`] and [`tls`]: the TLS connection with the pinned receiver CA.
 //! - [`run`]: the reconnecting main loop; [`state`]: what survives a restart.
 //! - [`identity`]: which machine this is, so a clone cannot pass for it.
+//! - [`metrics`]: what `/metrics` and `/healthz` serve for Prometheus.
 
 pub mod adapt;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod freeze;
 pub mod identity;
 pub mod limiter;
 pub mod link;
+pub mod metrics;
 pub mod pagesums;
 pub mod pipeline;
 pub mod reader;

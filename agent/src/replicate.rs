@@ -14,8 +14,8 @@ use crate::pipeline::Loaded;
 use crate::pipeline::{self, Prepared, ScanInput, ScanProgress};
 use crate::state::{AgentState, AgentStatus, DiskStatus, StateDir};
 use crate::tracker::{ebpf, hashscan::HashScan, Take, Tracker};
-use crate::window::Window;
 pub use crate::window::WINDOW;
+use crate::window::{Tally, Window};
 use lifeboat_common::block::block_count;
 use lifeboat_common::config::AgentConfig;
 use lifeboat_common::manifest::Manifest;
@@ -100,6 +100,10 @@ pub struct Replicator {
     cpu: crate::adapt::CpuSampler,
     /// Per disk: its page sums (`page_sums = true`), see [`crate::pagesums`].
     sums: Vec<Option<Arc<PageSums>>>,
+    /// What `/metrics` and `/healthz` render (see [`crate::metrics`]).
+    pub metrics: Arc<crate::metrics::AgentMetrics>,
+    /// Bytes written to earlier connections (the current one counts in its `Link`).
+    net_base: u64,
     _lock: lifeboat_common::lock::DirLock,
 }
 
@@ -164,6 +168,7 @@ impl Replicator {
             disks,
             ..Default::default()
         };
+        let (status_copy, health_stall_secs) = (status.clone(), cfg.health_stall_secs);
         Ok(Replicator {
             trackers,
             hub,
@@ -184,6 +189,11 @@ impl Replicator {
             level: crate::adapt::LevelControl::new(cfg_level.0, cfg_level.1),
             cpu: crate::adapt::CpuSampler::new(),
             sums,
+            metrics: Arc::new(crate::metrics::AgentMetrics::new(
+                status_copy,
+                health_stall_secs,
+            )),
+            net_base: 0,
             _lock: lock,
         })
     }
@@ -211,6 +221,7 @@ impl Replicator {
 
     pub fn save_status(&mut self) {
         self.status.updated_unix_ms = now_ms();
+        self.metrics.publish(&self.status);
         if let Err(e) = self.state.save_status(&self.status) {
             tracing::warn!("writing {}/status.json: {e}", self.state.root().display());
         }
@@ -297,6 +308,7 @@ impl Replicator {
         self.status.connected = true;
         self.status.last_error = None;
         self.connected_since = Some(Instant::now());
+        self.net_base = self.status.network_bytes_sent;
         self.connected_cycle = self.committed_once.iter().all(|c| *c);
         self.persist()?;
         Ok(())
@@ -393,6 +405,7 @@ impl Replicator {
                         matches!(t, Take::All { .. }) && self.trackers[i].sees_writes();
                     if let (true, Take::All { reason }) = (self.verifying[i], t) {
                         tracing::info!(disk = %self.cfg.disks[i].id, "verify scan: {reason}");
+                        self.status.disks[i].verify_scans += 1;
                     }
                 }
                 let work = PassWork {
@@ -482,6 +495,9 @@ impl Replicator {
             }
         }
         self.status.last_freeze_ms = cut.freeze_ms;
+        if let Some(ms) = cut.freeze_ms {
+            self.metrics.freeze_seconds.observe(ms as f64 / 1000.0);
+        }
         tracing::debug!(final_blocks, passes, "final delta sent");
         self.commit(link, cut.instant_ms, consistency, why).await?;
         self.log_committed(changed, started);
@@ -489,6 +505,9 @@ impl Replicator {
     }
 
     fn log_committed(&mut self, changed: u64, started: Instant) {
+        self.metrics
+            .point_seconds
+            .observe(started.elapsed().as_secs_f64());
         self.connected_cycle = false;
         self.verifying.iter_mut().for_each(|v| *v = false);
         tracing::info!(
@@ -736,6 +755,8 @@ impl Replicator {
         started: Instant,
     ) -> Result<Vec<(usize, u64)>, ReplicateError> {
         let mut window = Window::new(self.cfg.disks.len());
+        // What the disks' blocks cost before this pass; the window counts this pass's.
+        let tally_base: Vec<Tally> = self.status.disks.iter().map(|d| d.sent).collect();
         let mut have_deadline = tokio::time::Instant::now();
         let mut tick = tokio::time::interval(PROGRESS_EVERY);
         let mut last_persist = Instant::now();
@@ -762,6 +783,7 @@ impl Replicator {
                 m = link.recv(link.reply_timeout) => match m.inspect(|_| last_heard = Instant::now())? {
                     Message::HaveReply { req, present } => window.have_reply(req, &present, link.out_buf())?,
                     Message::Acks { seqs } => {
+                        self.status.last_ack_unix_ms = Some(now_ms());
                         for a in window.acks(&seqs)? {
                             if let Some(slot) = self.acked[a.disk].hashes.get_mut(a.index as usize) {
                                 *slot = a.hash;
@@ -769,6 +791,7 @@ impl Replicator {
                         }
                     }
                     Message::Named { named } => {
+                        self.status.last_ack_unix_ms = Some(now_ms());
                         for a in window.named(&named)? {
                             if let Some(slot) = self.acked[a.disk].hashes.get_mut(a.index as usize) {
                                 *slot = a.hash;
@@ -816,7 +839,7 @@ impl Replicator {
                     was_stalled = stalled;
                     let m = self.progress_message(&window.outstanding, progress, started, stalled);
                     link.queue(&m);
-                    self.status.bytes_sent = link.bytes_sent;
+                    self.count_sent(link, &tally_base, &window);
                     if last_persist.elapsed() >= PERSIST_EVERY {
                         last_persist = Instant::now();
                         self.persist()?;
@@ -841,11 +864,22 @@ impl Replicator {
                 _ => {}
             }
             if scans_done && window.is_empty() {
+                self.count_sent(link, &tally_base, &window);
                 self.status.patches_sent += window.patches_sent;
                 self.status.patches_mismatched += window.patches_mismatched;
                 return Ok(std::mem::take(&mut window.refused));
             }
         }
+    }
+
+    /// Brings the status's wire counters up to date: `base` (before this pass) plus what
+    /// `window` counted, and the connection's bytes.
+    fn count_sent(&mut self, link: &Link, base: &[Tally], window: &Window) {
+        for ((d, b), w) in self.status.disks.iter_mut().zip(base).zip(&window.tally) {
+            d.sent = *b + *w;
+        }
+        self.status.bytes_sent = link.bytes_sent;
+        self.status.network_bytes_sent = self.net_base + link.bytes_sent;
     }
 
     async fn commit(
@@ -921,6 +955,9 @@ impl Replicator {
         self.status.last_point_consistency = Some(consistency);
         self.status.last_point_why = why;
         self.status.bytes_sent = link.bytes_sent;
+        self.status.network_bytes_sent = self.net_base + link.bytes_sent;
+        self.status.points_committed += 1;
+        self.status.last_ack_unix_ms = Some(now_ms());
         for d in &mut self.status.disks {
             d.state = Some(DiskState::Continuous);
             d.backlog_blocks = 0;

@@ -23,6 +23,8 @@ pub enum RunError {
     GaveUp { secs: u64, last: String },
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("metrics_listen = {0:?}: cannot bind it: {1} (another process on that port? set another address, or \"\" for no metrics)")]
+    Metrics(String, std::io::Error),
 }
 
 enum Outcome {
@@ -57,6 +59,25 @@ pub async fn run(cfg: AgentConfig, opts: RunOptions) -> Result<(), RunError> {
     crate::freeze::thaw_leftovers(&cfg.state_dir.join(crate::freeze::MARKER));
     let mut rep = Replicator::new(cfg)?;
     tracing::info!(server = %rep.server_id, disks = rep.status.disks.len(), "lifeboat-agent starting");
+    // The metrics endpoint, on its own task until the agent exits.
+    let (_metrics_stop, metrics_stopped) = tokio::sync::watch::channel(false);
+    let listen = rep.config().metrics_listen.clone();
+    let _ = std::fs::remove_file(rep.config().state_dir.join("metrics.addr"));
+    let metrics = lifeboat_common::exporter::bind(&listen)
+        .await
+        .map_err(|e| RunError::Metrics(listen.clone(), e))?;
+    if let Some(l) = metrics {
+        let addr = lifeboat_common::exporter::local_addr(&l);
+        tracing::info!(addr = ?addr, "serving /metrics and /healthz");
+        if let Some(a) = addr {
+            let _ = std::fs::write(rep.config().state_dir.join("metrics.addr"), a.to_string());
+        }
+        tokio::spawn(lifeboat_common::exporter::serve(
+            l,
+            rep.metrics.clone(),
+            metrics_stopped,
+        ));
+    }
     lifeboat_common::sd_notify::ready();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Runtime)?;
@@ -93,6 +114,7 @@ pub async fn run(cfg: AgentConfig, opts: RunOptions) -> Result<(), RunError> {
             tracing::error!("{pe}");
         }
         let msg = err.to_string();
+        rep.status.reconnects += 1;
         rep.set_disconnected(Some(msg.clone()));
         if err.retryable() {
             tracing::warn!(

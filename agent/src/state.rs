@@ -38,6 +38,12 @@ pub struct DiskStatus {
     /// Reads into io_uring registered buffers since the agent started.
     #[serde(default)]
     pub fixed_reads: u64,
+    /// What this disk's blocks cost on the wire since the agent started.
+    #[serde(default)]
+    pub sent: crate::window::Tally,
+    /// Verify scans (every block hashed) since the agent started.
+    #[serde(default)]
+    pub verify_scans: u64,
     /// Seconds until the backlog is examined, at the current pass's rate.
     #[serde(default)]
     pub eta_secs: Option<u64>,
@@ -64,7 +70,20 @@ pub struct AgentStatus {
     #[serde(default)]
     pub last_freeze_ms: Option<u64>,
     pub last_error: Option<String>,
+    /// Bytes written to the current connection.
     pub bytes_sent: u64,
+    /// Bytes written to every connection since the agent started.
+    #[serde(default)]
+    pub network_bytes_sent: u64,
+    /// Connections that ended in an error since the agent started.
+    #[serde(default)]
+    pub reconnects: u64,
+    /// Points committed since the agent started.
+    #[serde(default)]
+    pub points_committed: u64,
+    /// When the receiver last acknowledged something (a block, a patch, a point).
+    #[serde(default)]
+    pub last_ack_unix_ms: Option<u64>,
     /// Blocks sent as their written pages (patches) since the agent started.
     #[serde(default)]
     pub patches_sent: u64,

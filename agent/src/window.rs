@@ -14,7 +14,7 @@ use crate::link::LinkError;
 use crate::pipeline::{Payload, Prepared};
 use lifeboat_common::codec::Codec;
 use lifeboat_common::protocol::{self, Message};
-use lifeboat_common::BlockHash;
+use lifeboat_common::{BlockHash, BLOCK_SIZE};
 use std::collections::{HashMap, HashSet};
 
 /// Most whole blocks unacknowledged at once.
@@ -25,6 +25,33 @@ pub const PATCH_WINDOW: usize = 1024;
 pub const PATCH_WINDOW_BYTES: usize = 32 << 20;
 /// Most hashes in one dedupe query.
 pub const HAVE_BATCH: usize = 256;
+
+/// What one disk's blocks cost on the wire, cumulative (exported as metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Tally {
+    /// Blocks and patches sent as data: their bytes before compression (whole blocks, or
+    /// the pages of a patch) ...
+    pub raw_bytes: u64,
+    /// ... and as encoded on the wire.
+    pub data_bytes: u64,
+    /// Changed blocks whose content the receiver had already (sent as a `Ref`).
+    pub dedupe_hits: u64,
+    /// Blocks sent again: data for a `Ref` the receiver could not honour, or whole after a
+    /// patch it could not apply or named otherwise than expected.
+    pub resent: u64,
+}
+
+impl std::ops::Add for Tally {
+    type Output = Tally;
+    fn add(self, o: Tally) -> Tally {
+        Tally {
+            raw_bytes: self.raw_bytes + o.raw_bytes,
+            data_bytes: self.data_bytes + o.data_bytes,
+            dedupe_hits: self.dedupe_hits + o.dedupe_hits,
+            resent: self.resent + o.resent,
+        }
+    }
+}
 
 struct Entry {
     disk: usize,
@@ -61,6 +88,8 @@ pub struct Window {
     sent_data: HashSet<BlockHash>,
     /// Unacknowledged blocks per disk.
     pub outstanding: Vec<u64>,
+    /// Per disk: what its blocks cost on the wire in this window's life.
+    pub tally: Vec<Tally>,
     /// Blocks sent as patches, and patches the receiver could not apply (it lacked the base).
     pub patches_sent: u64,
     pub patches_refused: u64,
@@ -87,6 +116,7 @@ impl Window {
             known: HashSet::new(),
             sent_data: HashSet::new(),
             outstanding: vec![0; disks],
+            tally: vec![Tally::default(); disks],
             patches_sent: 0,
             patches_refused: 0,
             patches_mismatched: 0,
@@ -135,6 +165,10 @@ impl Window {
             let bytes = patch.bytes.len();
             self.patches_open += 1;
             self.patch_bytes_open += bytes;
+            let t = &mut self.tally[p.disk];
+            t.raw_bytes +=
+                patch.pages.iter().map(|r| r.1 as u64).sum::<u64>() * protocol::PAGE_SIZE as u64;
+            t.data_bytes += bytes as u64;
             Message::Patch {
                 seq,
                 handle,
@@ -192,6 +226,7 @@ impl Window {
                     bytes: 0,
                 };
                 if self.known.contains(&p.hash) || self.sent_data.contains(&p.hash) {
+                    self.tally[p.disk].dedupe_hits += 1;
                     Message::Ref {
                         seq,
                         handle,
@@ -250,6 +285,7 @@ impl Window {
         for ((seq, e), &has) in batch.into_iter().zip(present) {
             let handle = e.disk as u32;
             if has || self.sent_data.contains(&e.hash) {
+                self.tally[e.disk].dedupe_hits += 1;
                 Message::Ref {
                     seq,
                     handle,
@@ -260,6 +296,9 @@ impl Window {
             } else if let Some((codec, data)) = &e.data {
                 protocol::encode_block(out, seq, handle, e.index, &e.hash, *codec, data);
                 self.sent_data.insert(e.hash);
+                let t = &mut self.tally[e.disk];
+                t.raw_bytes += BLOCK_SIZE as u64;
+                t.data_bytes += data.len() as u64;
             }
             self.inflight.insert(seq, e);
         }
@@ -307,6 +346,7 @@ impl Window {
                 self.patch_bytes_open -= e.bytes;
                 if !e.hash.is_zero() && e.hash != *hash {
                     self.patches_mismatched += 1;
+                    self.tally[disk].resent += 1;
                     self.refused.push((disk, index));
                 }
                 self.inflight.remove(seq);
@@ -334,6 +374,7 @@ impl Window {
                 self.patches_open -= 1;
                 self.patch_bytes_open -= e.bytes;
                 self.patches_refused += 1;
+                self.tally[e.disk].resent += 1;
                 self.refused.push((e.disk, e.index));
             }
             return Ok(());
@@ -348,6 +389,10 @@ impl Window {
             )));
         };
         protocol::encode_block(out, seq, e.disk as u32, e.index, &e.hash, *codec, data);
+        let t = &mut self.tally[e.disk];
+        t.resent += 1;
+        t.raw_bytes += BLOCK_SIZE as u64;
+        t.data_bytes += data.len() as u64;
         Ok(())
     }
 }

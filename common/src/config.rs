@@ -133,6 +133,12 @@ pub struct AgentConfig {
     /// the pages that changed rather than whole. `false`: no file, whole blocks.
     #[serde(default = "default_true")]
     pub page_sums: bool,
+    /// Where `/metrics` (Prometheus) and `/healthz` are served; "" serves neither.
+    #[serde(default = "default_agent_metrics_listen")]
+    pub metrics_listen: String,
+    /// `/healthz` answers 503 when the receiver acknowledged nothing for this long.
+    #[serde(default = "default_health_stall_secs")]
+    pub health_stall_secs: u64,
     pub receiver: ReceiverEndpoint,
     pub disks: Vec<DiskConfig>,
 }
@@ -186,6 +192,31 @@ fn default_freeze_timeout_ms() -> u64 {
 fn default_freeze_max_delta_mib() -> u64 {
     256
 }
+fn default_agent_metrics_listen() -> String {
+    "127.0.0.1:9811".into()
+}
+fn default_receiver_metrics_listen() -> String {
+    "127.0.0.1:9810".into()
+}
+fn default_health_stall_secs() -> u64 {
+    600
+}
+
+/// `metrics_listen`: empty (no endpoint) or an `ip:port` to bind.
+fn check_metrics_listen(path: &Path, addr: &str) -> Result<(), ConfigError> {
+    if addr.is_empty() || addr.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    Err(invalid(
+        path,
+        "metrics_listen",
+        format!(
+            "{addr:?} must be ip:port (\"127.0.0.1:9811\"; \"0.0.0.0:9811\" for every \
+             address), or \"\" to serve no metrics"
+        ),
+    ))
+}
+
 fn default_ebpf_ring_buffer_kib() -> u64 {
     4096
 }
@@ -318,6 +349,14 @@ impl AgentConfig {
                 "must be a power of two between 4 and 1048576",
             ));
         }
+        check_metrics_listen(path, &self.metrics_listen)?;
+        if !(10..=86_400).contains(&self.health_stall_secs) {
+            return Err(invalid(
+                path,
+                "health_stall_secs",
+                "must be between 10 and 86400",
+            ));
+        }
         if self.receiver.address.is_empty() || !self.receiver.address.contains(':') {
             return Err(invalid(path, "receiver.address", "must be host:port"));
         }
@@ -415,6 +454,9 @@ pub struct ReceiverConfig {
     /// Address the TLS listener binds.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Where `/metrics` (Prometheus) and `/healthz` are served; "" serves neither.
+    #[serde(default = "default_receiver_metrics_listen")]
+    pub metrics_listen: String,
     #[serde(default)]
     pub retention: RetentionConfig,
     /// Most agents connected at once (after authentication); more are refused with a clear,
@@ -781,6 +823,7 @@ impl ReceiverConfig {
     }
 
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        check_metrics_listen(path, &self.metrics_listen)?;
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(
                 path,
@@ -885,6 +928,7 @@ impl Default for ReceiverConfig {
     fn default() -> Self {
         ReceiverConfig {
             listen: default_listen(),
+            metrics_listen: default_receiver_metrics_listen(),
             retention: RetentionConfig::default(),
             max_connections: default_max_connections(),
             max_pending_handshakes: default_max_pending_handshakes(),

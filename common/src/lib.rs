@@ -7,11 +7,14 @@
 //! - [`config`]: the agent's and the receiver's configuration files.
 //! - [`durable`]: write-tmp, fsync, rename, fsync-dir.
 //! - [`fuzzing`]: the fuzz targets' checks, also run over the regression corpus by the tests.
+//! - [`exporter`] (feature `exporter`): the `/metrics` and `/healthz` endpoint of both daemons.
 
 pub mod block;
 pub mod codec;
 pub mod config;
 pub mod durable;
+#[cfg(feature = "exporter")]
+pub mod exporter;
 pub mod fuzzing;
 pub mod lock;
 pub mod logging;

@@ -44,6 +44,17 @@ pub enum DiskState {
 }
 
 impl DiskState {
+    /// Every state, in wire order.
+    pub const ALL: [DiskState; 7] = [
+        DiskState::InitialSync,
+        DiskState::Continuous,
+        DiskState::Rescan,
+        DiskState::Backlog,
+        DiskState::Stalled,
+        DiskState::Disconnected,
+        DiskState::Paused,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DiskState::InitialSync => "initial_sync",

@@ -42,6 +42,8 @@ pub struct GcReport {
     pub skipped_busy: bool,
     /// Whether the block sweep ran.
     pub swept: bool,
+    /// Blocks left in the store after the sweep (when it ran).
+    pub blocks_kept: Option<u64>,
 }
 
 /// Opens (creating) the lock file shared by GC and restores.
@@ -121,12 +123,16 @@ pub fn run_pass(
     }
     let grace = Duration::from_secs(policy.gc_grace_minutes * 60);
     let cutoff = SystemTime::now() - grace;
+    let mut kept = 0u64;
     for (hash, mtime) in store.list()? {
         if !referenced.contains(&hash) && mtime < cutoff {
             store.remove(&hash)?;
             report.blocks_deleted += 1;
+        } else {
+            kept += 1;
         }
     }
+    report.blocks_kept = Some(kept);
     if report.blocks_deleted > 0 || report.points_deleted > 0 {
         tracing::info!(
             points = report.points_deleted,

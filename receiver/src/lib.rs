@@ -7,6 +7,7 @@
 //! - [`catalog`] and [`target`]: committed points and where they are written.
 //! - [`retention`] and [`gc`]: which points are kept, which blocks can go.
 //! - [`commands`]: one file per CLI command.
+//! - [`metrics`]: what `/metrics` and `/healthz` serve for Prometheus.
 
 pub mod auth;
 pub mod catalog;
@@ -15,6 +16,7 @@ pub mod commands;
 pub mod disk;
 pub mod durability;
 pub mod gc;
+pub mod metrics;
 pub mod recovery;
 pub mod retention;
 pub mod server;

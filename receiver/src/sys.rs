@@ -1,4 +1,4 @@
-//! The few system calls std does not wrap: `syncfs`, `flock` and `geteuid`.
+//! The few system calls std does not wrap: `syncfs`, `flock`, `geteuid` and `statvfs`.
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -45,4 +45,19 @@ pub fn flock(f: &File, exclusive: bool, nonblocking: bool) -> io::Result<bool> {
 pub fn euid() -> u32 {
     // SAFETY: geteuid(2) takes no arguments and cannot fail.
     unsafe { libc::geteuid() }
+}
+
+/// The filesystem statistics of the filesystem holding `path`.
+pub fn statvfs(path: &std::path::Path) -> io::Result<libc::statvfs> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut out = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: statvfs(3) reads the NUL-terminated path `c` and fills `out`, both alive for the
+    // call; `out` is only read after it succeeded.
+    let r = unsafe { libc::statvfs(c.as_ptr(), out.as_mut_ptr()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs succeeded, so it initialised `out`.
+    Ok(unsafe { out.assume_init() })
 }

@@ -8,5 +8,6 @@ mod ebs;
 mod faults;
 mod gc;
 mod identity;
+mod metrics;
 mod power_cut;
 mod tracking;

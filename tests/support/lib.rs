@@ -189,8 +189,21 @@ impl Receiver {
             wrapper: Vec::new(),
             serve_args: Vec::new(),
         };
+        // Many receivers run at once: each metrics endpoint on a port of its own.
+        r.set_config("metrics_listen", "\"127.0.0.1:0\"");
         r.restart();
         r
+    }
+
+    /// Where `serve` serves `/metrics` and `/healthz` (it writes the bound address).
+    pub fn metrics_addr(&self) -> String {
+        let p = self.dir.join("metrics.addr");
+        wait_for(
+            "the receiver's metrics address",
+            Duration::from_secs(30),
+            || p.exists(),
+        );
+        std::fs::read_to_string(p).unwrap()
     }
 
     pub fn restart(&mut self) {
@@ -477,6 +490,10 @@ impl Agent {
     pub fn new(root: &Path, rx: &Receiver, spec: &AgentSpec) -> Agent {
         let state_dir = root.join(format!("agent-{}", spec.server_id));
         let mut toml = spec.extra.join("\n") + "\n";
+        if !spec.extra.iter().any(|l| l.starts_with("metrics_listen")) {
+            // Many agents run at once: each metrics endpoint on a port of its own.
+            toml += "metrics_listen = \"127.0.0.1:0\"\n";
+        }
         toml += &format!(
             "server_id = \"{}\"\nstate_dir = \"{}\"\npoint_interval_secs = {}\nbandwidth_limit_mbps = {}\nreader = \"{}\"\n\n[receiver]\naddress = \"127.0.0.1:{}\"\nca_fingerprint = \"{}\"\ntoken = \"{}\"\ntimeout_secs = {}\n",
             spec.server_id,
@@ -575,6 +592,17 @@ impl Agent {
         self.proc.log_text()
     }
 
+    /// Where the running agent serves `/metrics` and `/healthz`.
+    pub fn metrics_addr(&self) -> String {
+        let p = self.state_dir.join("metrics.addr");
+        wait_for(
+            "the agent's metrics address",
+            Duration::from_secs(30),
+            || p.exists(),
+        );
+        std::fs::read_to_string(p).unwrap()
+    }
+
     /// The agent's own status file.
     pub fn status(&self) -> Value {
         serde_json::from_slice(&std::fs::read(self.state_dir.join("status.json")).unwrap()).unwrap()
@@ -591,6 +619,38 @@ impl Drop for Agent {
             .arg(&self.config)
             .output();
     }
+}
+
+/// `GET path` from an HTTP server at `addr` (host:port): the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_string())
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed, e.g.
+/// `lifeboat_agent_backlog_bytes{disk="root"}`) in a Prometheus text exposition.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// A deterministic generator (xorshift), so images are reproducible from a seed.

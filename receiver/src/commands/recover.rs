@@ -76,6 +76,7 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
             catalog: Catalog::new(state_dir),
             store: Arc::new(store),
             install: crate::snapshots::ebs::install_id(state_dir)?,
+            metrics: None,
         };
         let mappings = |r: &EbsRecord| -> Vec<Mapping> {
             devices

@@ -43,6 +43,7 @@ pub fn run(state_dir: &Path, server: &str, point: &str, json: bool) -> anyhow::R
             catalog: Catalog::new(state_dir),
             store: Arc::new(store),
             install,
+            metrics: None,
         };
         m.materialize(server, rec.point, true).await
     });

@@ -155,7 +155,10 @@ async fn handshake(
             tracing::debug!("closed before the TLS handshake");
             return Ok(None);
         }
-        Err(e) => return Err(format!("TLS handshake failed: {e}")),
+        Err(e) => {
+            shared.metrics.refused(crate::metrics::Refusal::Tls);
+            return Err(format!("TLS handshake failed: {e}"));
+        }
         Ok(tls) => tls,
     };
     let (mut rd, mut wr) = tokio::io::split(tls);
@@ -174,6 +177,7 @@ async fn handshake(
         } else {
             ErrorCode::Protocol
         };
+        shared.metrics.refused(crate::metrics::Refusal::Protocol);
         send_now(&mut wr, &error(code, false, e.to_string())).await;
         return Err(e.to_string());
     }
@@ -185,6 +189,7 @@ async fn handshake(
     let hello = match read_frame(&mut rd, &mut buf, per_read, MAX_PREAUTH_FRAME).await {
         Ok(h) => h,
         Err(e) => {
+            shared.metrics.refused(crate::metrics::Refusal::Protocol);
             send_now(&mut wr, &error(ErrorCode::Protocol, false, e.clone())).await;
             return Err(e);
         }
@@ -199,6 +204,7 @@ async fn handshake(
         }) => {
             if !lifeboat_common::config::valid_name(&server_id) {
                 let msg = format!("server id {server_id:?} must be 1-64 of [A-Za-z0-9._-]");
+                shared.metrics.refused(crate::metrics::Refusal::Protocol);
                 send_now(&mut wr, &error(ErrorCode::Protocol, false, msg.clone())).await;
                 return Err(msg);
             }
@@ -213,11 +219,13 @@ async fn handshake(
                     "server {server_id}: Hello names instance {instance:?} on host {hostname:?}: \
                      an instance is 16 hex digits, a host name 1-255 printable characters"
                 );
+                shared.metrics.refused(crate::metrics::Refusal::Protocol);
                 send_now(&mut wr, &error(ErrorCode::Protocol, false, msg.clone())).await;
                 return Err(msg);
             }
             if let Err(why) = shared.tokens.check(&token, &server_id) {
                 let msg = format!("token refused for server {server_id}: {why}");
+                shared.metrics.refused(crate::metrics::Refusal::Token);
                 send_now(
                     &mut wr,
                     &error(
@@ -241,6 +249,7 @@ async fn handshake(
         }
         Some(other) => {
             let msg = format!("expected Hello first, got {}", other.name());
+            shared.metrics.refused(crate::metrics::Refusal::Protocol);
             send_now(&mut wr, &error(ErrorCode::Protocol, false, msg.clone())).await;
             Err(msg)
         }
@@ -261,6 +270,9 @@ async fn run(
     let stage = AtomicU8::new(STAGE_TLS);
     let auth = match tokio::time::timeout(limit, handshake(shared, acceptor, tcp, &stage)).await {
         Err(_) => {
+            shared
+                .metrics
+                .refused(crate::metrics::Refusal::HandshakeTimeout);
             let waiting_for = match stage.load(Ordering::Relaxed) {
                 STAGE_TLS => "the TLS handshake",
                 STAGE_PREFACE => "the preface",
@@ -292,6 +304,9 @@ async fn run(
             "server {server} refused: the receiver already serves max_connections = {} agents",
             shared.config.max_connections
         );
+        shared
+            .metrics
+            .refused(crate::metrics::Refusal::MaxConnections);
         send_now(&mut wr, &error(ErrorCode::Busy, true, msg.clone())).await;
         return Err(msg);
     };
@@ -310,6 +325,7 @@ async fn run(
     let (generation, mut newer) = match slot.claim(&server, me, last, now_ms(), lease_ms) {
         Ok(c) => c,
         Err(msg) => {
+            shared.metrics.refused(crate::metrics::Refusal::Identity);
             let refused = RefusedClaim {
                 instance: instance.clone(),
                 hostname: hostname.clone(),
@@ -329,6 +345,7 @@ async fn run(
         Ok(g) => g,
         Err(_) => {
             let msg = format!("server {server} is still replicating on another connection");
+            shared.metrics.refused(crate::metrics::Refusal::Busy);
             send_now(&mut wr, &error(ErrorCode::Busy, true, msg.clone())).await;
             return Err(msg);
         }

@@ -43,6 +43,8 @@ pub struct Shared {
     pub peer_log: RateLimit,
     /// Memory for open disks' manifests (`max_manifest_memory_mib`).
     pub manifest_memory: Arc<Budget>,
+    /// What `/metrics` and `/healthz` serve.
+    pub metrics: Arc<crate::metrics::ReceiverMetrics>,
 }
 
 /// A peer's place among the pending handshakes: one of `max_pending_handshakes`, and one of
@@ -285,6 +287,10 @@ impl Shared {
             catalog: Catalog::new(state_dir),
             target: Box::new(LocalTarget::new(Catalog::new(state_dir))),
             state_dir: state_dir.to_path_buf(),
+            metrics: Arc::new(crate::metrics::ReceiverMetrics::new(
+                state_dir,
+                store.clone(),
+            )),
             store,
             tokens,
             gc_lock: RwLock::new(()),
@@ -392,9 +398,34 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, state_dir = %state_dir.display(), "lifeboat-receiver listening");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let _ = std::fs::remove_file(state_dir.join("metrics.addr"));
+    let metrics_task = match lifeboat_common::exporter::bind(&config.metrics_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding metrics_listen = {:?} (another process on that port? set another \
+                 address in {}, or \"\" for no metrics)",
+                config.metrics_listen,
+                cfg_path.display()
+            )
+        })? {
+        Some(l) => {
+            let maddr = lifeboat_common::exporter::local_addr(&l);
+            tracing::info!(addr = ?maddr, "serving /metrics and /healthz");
+            if let Some(a) = maddr {
+                let _ = std::fs::write(state_dir.join("metrics.addr"), a.to_string());
+            }
+            Some(tokio::spawn(lifeboat_common::exporter::serve(
+                l,
+                shared.metrics.clone(),
+                stop_rx.clone(),
+            )))
+        }
+        None => None,
+    };
     lifeboat_common::sd_notify::ready();
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     // Two budgets: peers still in their handshake, and authenticated agents. A flood of
     // unauthenticated peers can exhaust only the first.
     let handshakes = Arc::new(Semaphore::new(config.max_pending_handshakes));
@@ -425,14 +456,29 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 )
             })
             .await;
+            let m = &gc_shared.metrics;
+            m.gc_runs.inc();
             match r {
                 Ok(Ok(report)) => {
                     if report.swept {
                         last_sweep = Some(std::time::Instant::now());
                     }
+                    m.gc_points_deleted.inc_by(report.points_deleted as u64);
+                    m.gc_blocks_deleted.inc_by(report.blocks_deleted as u64);
+                    if let Some(n) = report.blocks_kept {
+                        m.store_blocks.store(n, Ordering::Relaxed);
+                    }
+                    m.gc_last_success_unix_ms
+                        .store(crate::status::now_ms(), Ordering::Relaxed);
                 }
-                Ok(Err(e)) => tracing::error!("gc pass failed: {e:#}"),
-                Err(e) => tracing::error!("gc pass panicked: {e}"),
+                Ok(Err(e)) => {
+                    m.gc_failures.inc();
+                    tracing::error!("gc pass failed: {e:#}");
+                }
+                Err(e) => {
+                    m.gc_failures.inc();
+                    tracing::error!("gc pass panicked: {e}");
+                }
             }
         }
     });
@@ -450,8 +496,16 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     #[cfg(feature = "aws")]
     let uploader = match &config.ebs {
         Some(ebs) => {
+            let aws = crate::snapshots::ebs::client::Aws::connect(ebs).await;
+            *shared
+                .metrics
+                .ebs_client
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) =
+                Some((aws.throttles.clone(), aws.retries.clone()));
             let m = Arc::new(crate::snapshots::ebs::Materializer {
-                aws: crate::snapshots::ebs::client::Aws::connect(ebs).await,
+                aws,
+                metrics: Some(shared.metrics.clone()),
                 catalog: Catalog::new(&state_dir),
                 store: shared.store.clone(),
                 install: crate::snapshots::ebs::install_id(&state_dir)?,
@@ -486,6 +540,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 let ticket = match HandshakeTicket::take(&handshakes, &sources, peer.ip(), config.max_pending_handshakes_per_source) {
                     Ok(t) => t,
                     Err(why) => {
+                        shared.metrics.refused(crate::metrics::Refusal::HandshakeLimit);
                         let (allowed, dropped) = shared.peer_log.allow();
                         if allowed {
                             tracing::warn!(%peer, dropped_similar = dropped, "connection refused: {why}");
@@ -529,6 +584,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let _ = gc.await;
     if let Some(u) = uploader {
         let _ = u.await;
+    }
+    if let Some(m) = metrics_task {
+        let _ = m.await;
     }
     mark_all_disconnected(&shared);
     tracing::info!("lifeboat-receiver stopped");

@@ -839,6 +839,7 @@ impl Session {
         self.status.last_point_created_unix_ms = Some(created_unix_ms);
         self.status.last_point_committed_unix_ms = Some(rec.committed_unix_ms);
         self.save_status();
+        self.shared.metrics.committed(&self.server);
         tracing::info!(point, consistency = ?consistency, why = %rec.consistency_why, "point committed");
         self.outbox.push(Message::Committed { point });
         Ok(())

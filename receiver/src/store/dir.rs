@@ -180,6 +180,10 @@ fn name_of(path: &Path) -> Option<BlockHash> {
 }
 
 impl BlockStore for DirStore {
+    fn unhealthy(&self) -> Option<String> {
+        self.check_poisoned().err().map(|e| e.to_string())
+    }
+
     fn insert(&self, blocks: &[VerifiedBlock]) -> Result<usize, StoreError> {
         self.check_poisoned()?;
         // A descriptor of this batch's own, opened before it writes anything: `syncfs`

@@ -83,6 +83,10 @@ pub trait BlockStore: Send + Sync {
     /// Durably inserts verified blocks; returns how many were new. Returns only when every
     /// block of `blocks` is durable.
     fn insert(&self, blocks: &[VerifiedBlock]) -> Result<usize, StoreError>;
+    /// Why the store cannot take blocks any more (a failed flush poisoned it), if so.
+    fn unhealthy(&self) -> Option<String> {
+        None
+    }
 
     /// Whether the store holds `hash` (the zero block always counts as held).
     fn has(&self, hash: &BlockHash) -> Result<bool, StoreError>;

@@ -189,6 +189,8 @@ pub struct Aws {
     pub config: EbsConfig,
     /// Counted for logs and status: attempts that were retried.
     pub retries: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Requests refused as throttled.
+    pub throttles: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub pace: std::sync::Arc<Pace>,
 }
 
@@ -229,6 +231,7 @@ impl Aws {
             ec2: aws_sdk_ec2::Client::from_conf(ec2.build()),
             config: config.clone(),
             retries: Default::default(),
+            throttles: Default::default(),
             pace: Default::default(),
         }
     }
@@ -263,6 +266,8 @@ impl Aws {
             let transient = match classify(&e) {
                 Class::Throttled => {
                     self.pace.throttled();
+                    self.throttles
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     max = max.max(THROTTLE_ATTEMPTS);
                     true
                 }

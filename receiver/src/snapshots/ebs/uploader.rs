@@ -17,6 +17,8 @@ pub struct Materializer {
     pub store: Arc<dyn BlockStore>,
     /// This receiver's install id (see [`super::install_id`]), in every ClientToken.
     pub install: String,
+    /// Where upload times and failures are counted (inside `serve`).
+    pub metrics: Option<Arc<crate::metrics::ReceiverMetrics>>,
 }
 
 /// Passes in a row that may end in an error that may pass before a disk goes `failed`.
@@ -226,8 +228,12 @@ impl Materializer {
                 })
                 .map(|_| ())
             };
+            let began = std::time::Instant::now();
             let result =
                 upload::upload_disk(&self.aws, self.store.clone(), job, started, completing).await;
+            if let (Some(m), Ok(_)) = (&self.metrics, &result) {
+                m.ebs_upload_seconds.observe(began.elapsed().as_secs_f64());
+            }
             self.finish(server, point, &d.id, result.map(Some))?;
         }
         Ok(())
@@ -279,6 +285,11 @@ impl Materializer {
                         u.retry_after_unix_ms = now_ms() + backoff;
                     }
                 })?;
+                if u.state == DiskState::Failed {
+                    if let Some(m) = &self.metrics {
+                        m.ebs_uploads_failed.inc();
+                    }
+                }
                 if u.state == DiskState::Failed && !permanent {
                     return Err(EbsError::Local(u.reason.unwrap_or_default()));
                 }
