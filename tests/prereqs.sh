@@ -3,6 +3,7 @@
 #   clang, libelf-dev, zlib1g-dev, pkg-config: build the agent's eBPF tracker (agent/build.rs)
 #   e2fsprogs, mount (losetup), util-linux (blkdiscard), fdisk (sfdisk): disks for the tests
 #   zstd, systemd (systemd-analyze), faketime, xfsprogs, btrfs-progs: the tests and the benches
+#   prometheus (prometheus, promtool): the alert rules' unit tests and a real scrape
 lifeboat_prereqs() {
   local need=()
   command -v clang >/dev/null 2>&1 || need+=(clang)
@@ -19,6 +20,7 @@ lifeboat_prereqs() {
     command -v faketime >/dev/null 2>&1 || need+=(faketime)
     command -v mkfs.xfs >/dev/null 2>&1 || need+=(xfsprogs)
     command -v mkfs.btrfs >/dev/null 2>&1 || need+=(btrfs-progs)
+    command -v promtool >/dev/null 2>&1 || need+=(prometheus)
   fi
   if [ "${1:-}" = tests ]; then
     python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)

@@ -34,6 +34,9 @@ fn a_chain_of_points_goes_to_ebs_incrementally_and_restores_byte_exact() {
     let ebs = EbsServer::start();
     let w = workdir();
     let mut rx = Receiver::start(w.path());
+    // Points go to EBS by `snapshot` here; the background uploader's retention (one point
+    // per 10 minutes) would delete the older ones mid-test on a slow machine.
+    rx.serve_args = vec!["--ebs-interval-secs".into(), "3600".into()];
     let kms = "arn:aws:kms:us-east-1:111122223333:key/lifeboat-test";
     rx.use_ebs(&ebs.url(), &[&format!("kms_key_arn = \"{kms}\"")]);
     let img = w.path().join("disk.img");
@@ -364,6 +367,7 @@ fn failback_writes_only_the_blocks_that_differ() {
     let ebs = EbsServer::start();
     let w = workdir();
     let mut rx = Receiver::start(w.path());
+    rx.serve_args = vec!["--ebs-interval-secs".into(), "3600".into()];
     rx.use_ebs(&ebs.url(), &[]);
     let img = w.path().join("disk.img");
     let old = make_image(&img, 24, 300, 19);
@@ -435,6 +439,7 @@ fn failback_since_a_point_writes_what_changed_and_repairs_the_rest() {
     ebs.faults(|f| f.page_cap = Some(5));
     let w = workdir();
     let mut rx = Receiver::start(w.path());
+    rx.serve_args = vec!["--ebs-interval-secs".into(), "3600".into()];
     rx.use_ebs(&ebs.url(), &[]);
     let img = w.path().join("disk.img");
     let old = make_image(&img, 24, 300, 23);

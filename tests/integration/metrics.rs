@@ -140,3 +140,180 @@ fn a_full_store_makes_the_receiver_unhealthy() {
     assert_eq!(code, 503, "{why}");
     assert!(why.contains("is full"), "{why}");
 }
+
+/// Prometheus's HTTP API at `addr`: the first value of an instant query, if any.
+fn query(addr: &str, q: &str) -> Option<f64> {
+    let enc: String = form_urlencoded::byte_serialize(q.as_bytes()).collect();
+    let (code, body) = http_get(addr, &format!("/api/v1/query?query={enc}"));
+    assert_eq!(code, 200, "{q}: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
+/// Every `lifeboat_*` metric name in a text (alert rules, a dashboard).
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("lifeboat_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        if name.starts_with("lifeboat_agent_") || name.starts_with("lifeboat_receiver_") {
+            out.insert(name.to_string());
+        }
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// The shipped alert rules pass promtool's checks and their own unit tests; a real Prometheus
+/// scrapes an agent and a receiver during a replication: the backlog rises and drains, the lag
+/// falls once the points catch up, the rules load, and every metric the rules and the dashboard
+/// name exists.
+#[test]
+fn prometheus_scrapes_both_daemons_and_the_rules_and_dashboard_hold() {
+    let have = |tool: &str| {
+        std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !have("prometheus") || !have("promtool") {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "prometheus and promtool are needed under CI (tests/prereqs.sh installs them)"
+        );
+        eprintln!("SKIPPED (loudly): no prometheus/promtool here");
+        return;
+    }
+    let pkg = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/prometheus");
+    for args in [
+        &["check", "rules", "lifeboat-rules.yml"][..],
+        &["test", "rules", "lifeboat-rules.test.yml"][..],
+    ] {
+        let o = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&pkg)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "promtool {args:?}: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+    }
+    let rules = std::fs::read_to_string(pkg.join("lifeboat-rules.yml")).unwrap();
+    let dashboard = std::fs::read_to_string(pkg.join("lifeboat-dashboard.json")).unwrap();
+    let _: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+
+    let w = workdir();
+    let rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    let mut rng = Rng::new(77);
+    let mut data = vec![0u8; 48 << 19];
+    rng.fill(&mut data);
+    std::fs::write(&img, &data).unwrap();
+    let mut spec = AgentSpec::new("prom-01", &[("root", &img)]);
+    spec.extra.push("tracker = \"scan\"".into());
+    // 24 MiB of incompressible data at 5 MB/s: a backlog Prometheus sees for seconds.
+    spec.bandwidth_mbps = 40;
+    let mut agent = Agent::new(w.path(), &rx, &spec);
+    agent.spawn();
+    let (ra, aa) = (rx.metrics_addr(), agent.metrics_addr());
+
+    let prom_port = free_port();
+    let prom_addr = format!("127.0.0.1:{prom_port}");
+    let cfg = w.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
+             scrape_configs:\n  - job_name: lifeboat-receiver\n    static_configs:\n      - targets: [\"{ra}\"]\n\
+             \x20 - job_name: lifeboat-agent\n    static_configs:\n      - targets: [\"{aa}\"]\n",
+            pkg.join("lifeboat-rules.yml").display()
+        ),
+    )
+    .unwrap();
+    let mut prom = Proc::new(w.path().join("prometheus.log"));
+    let mut cmd = std::process::Command::new("prometheus");
+    cmd.arg(format!("--config.file={}", cfg.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            w.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address={prom_addr}"));
+    prom.start(cmd);
+    wait_for("Prometheus to answer", Duration::from_secs(60), || {
+        std::net::TcpStream::connect(&prom_addr).is_ok()
+            && query(&prom_addr, "up{job=\"lifeboat-receiver\"}") == Some(1.0)
+            && query(&prom_addr, "up{job=\"lifeboat-agent\"}") == Some(1.0)
+    });
+
+    // The initial sync, then a rewrite of half the disk: the backlog rises and drains.
+    let committed = |n: f64| {
+        let aa = aa.clone();
+        move || {
+            sample(&scrape(&aa), "lifeboat_agent_points_committed_total").is_some_and(|v| v >= n)
+        }
+    };
+    wait_for("the first point", Duration::from_secs(120), committed(1.0));
+    let before = value(&scrape(&aa), "lifeboat_agent_points_committed_total");
+    let half = data.len() / 2;
+    rng.fill(&mut data[..half]);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&data[..half], 0).unwrap();
+    }
+    wait_for(
+        "a point after the rewrite",
+        Duration::from_secs(120),
+        committed(before + 2.0),
+    );
+    let drained = r#"lifeboat_agent_backlog_bytes{disk="root"}"#;
+    wait_for(
+        "Prometheus to see the backlog drained",
+        Duration::from_secs(60),
+        || query(&prom_addr, drained) == Some(0.0),
+    );
+    let peak = query(&prom_addr, &format!("max_over_time({drained}[10m])")).unwrap();
+    assert!(peak > 0.0, "Prometheus never saw a backlog");
+    let lag = r#"lifeboat_receiver_replication_lag_seconds{server="prom-01",disk="root"}"#;
+    let lag_peak = query(&prom_addr, &format!("max_over_time({lag}[10m])")).unwrap();
+    let lag_now = query(&prom_addr, lag).unwrap();
+    assert!(
+        lag_now < lag_peak,
+        "the lag did not fall once the points caught up: now {lag_now}, peak {lag_peak}"
+    );
+    agent.kill();
+    rx.expect_restore("prom-01", "root", "latest", &data);
+
+    // The rules loaded into a real server, and every metric they and the dashboard use exists.
+    let (_, body) = http_get(&prom_addr, "/api/v1/rules");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let loaded: Vec<&serde_json::Value> = v["data"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .collect();
+    assert_eq!(loaded.len(), 10, "{body}");
+    assert!(loaded.iter().all(|r| r["health"] == "ok"), "{body}");
+    let names: Vec<String> = metric_names(&rules)
+        .into_iter()
+        .chain(metric_names(&dashboard))
+        .collect();
+    assert!(names.len() >= 15, "{names:?}");
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|n| query(&prom_addr, &format!("count({{__name__=\"{n}\"}})")).is_none())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "metrics the rules or the dashboard use but no daemon exposes: {missing:?}"
+    );
+    prom.kill();
+}

@@ -76,12 +76,12 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn new(log: PathBuf) -> Proc {
+    pub fn new(log: PathBuf) -> Proc {
         Proc { child: None, log }
     }
 
     /// Starts `cmd` with stdout and stderr appended to the log.
-    fn start(&mut self, mut cmd: Command) {
+    pub fn start(&mut self, mut cmd: Command) {
         assert!(self.child.is_none(), "already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -623,13 +623,10 @@ impl Drop for Agent {
 
 /// `GET path` from an HTTP server at `addr` (host:port): the status code and the body.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    // HTTP/1.0, so that no server answers in chunks.
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nhost: {addr}\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
