@@ -6,8 +6,9 @@
 //! copy and never touches the replication path. Labels are bounded: the disk ids of the config
 //! and the seven disk states, never a point number or a hash.
 //!
-//! Health: unhealthy when nothing was acknowledged for longer than `health_stall_secs`
-//! (the receiver unreachable, or the agent stuck), with the reason.
+//! Health: unhealthy when nothing was acknowledged, and no scan examined a block, for longer
+//! than `health_stall_secs` (at least three point intervals): the receiver unreachable, or
+//! the agent stuck. The body says which, with the last error.
 
 use crate::state::AgentStatus;
 use lifeboat_common::exporter::{seconds_histogram, unix_secs, Exporter, Families};
@@ -115,7 +116,8 @@ impl Exporter for AgentMetrics {
         );
         let resent = f.counter(
             "lifeboat_agent_blocks_resent_total",
-            "Blocks sent again (the receiver lacked a base or a referenced block).",
+            "Blocks sent again (the receiver lacked a base or a referenced block, or named a \
+             patch otherwise than expected).",
             &["disk"],
         );
         let scans = f.counter(
@@ -200,7 +202,7 @@ impl Exporter for AgentMetrics {
             return Ok(());
         }
         let what = if st.last_ack_unix_ms.is_some() {
-            "nothing acknowledged by the receiver"
+            "nothing acknowledged by the receiver (and no block examined)"
         } else {
             "nothing acknowledged since the agent started"
         };

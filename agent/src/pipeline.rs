@@ -672,11 +672,17 @@ fn examine(
     let buf = match &w.data {
         Data::Block(buf, None) => buf,
         Data::Block(buf, Some(runs)) => {
-            // Read whole (too many runs to read alone), sent as its pages all the same.
-            let bytes = cut_pages(buf.as_slice(), runs);
-            let unknown = BlockHash::ZERO;
+            // Read whole (too many runs to read alone), sent as its pages all the same, with
+            // the whole block's name: a page the tracker missed shows as another name at the
+            // receiver, and the block goes whole.
+            let data = &buf.as_slice()[..w.len];
+            let hash = hash_block(data);
+            if hash == acked {
+                return None;
+            }
+            let bytes = cut_pages(data, runs);
             return patch_of(
-                input, w.index, acked, unknown, runs, &bytes, progress, &compress,
+                input, w.index, acked, hash, runs, &bytes, progress, &compress,
             );
         }
         Data::Pages(runs, bytes) => {

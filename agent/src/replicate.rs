@@ -168,7 +168,9 @@ impl Replicator {
             disks,
             ..Default::default()
         };
-        let (status_copy, health_stall_secs) = (status.clone(), cfg.health_stall_secs);
+        // Points come every interval: a gap of a few intervals is normal, not a stall.
+        let health_stall_secs = cfg.health_stall_secs.max(3 * cfg.point_interval_secs);
+        let status_copy = status.clone();
         Ok(Replicator {
             trackers,
             hub,
@@ -486,7 +488,7 @@ impl Replicator {
                 changed += c;
                 if again > 0 && consistency == Consistency::CrashConsistent {
                     consistency = Consistency::BestEffort;
-                    why = format!("{again} blocks of the final delta had to be read again after the thaw (the receiver lacked their base)");
+                    why = format!("{again} blocks of the final delta had to be read again after the thaw (the receiver lacked their base, or named a patch otherwise than expected)");
                 }
             }
             Err(e) => {
@@ -763,6 +765,7 @@ impl Replicator {
         let mut last_heard = Instant::now();
         let mut was_stalled = false;
         let mut scans_done = false;
+        let mut examined_before = 0u64;
         // For the compression level: how long, in this period, the sender was held up by the
         // network (window full, or writing).
         let mut period_start = Instant::now();
@@ -837,6 +840,13 @@ impl Replicator {
                         );
                     }
                     was_stalled = stalled;
+                    // A scan that examines blocks is alive, acknowledged or not (a verify
+                    // scan of a large disk that finds nothing changed sends nothing).
+                    let examined: u64 = progress.iter().map(|p| p.examined.load(Ordering::Relaxed)).sum();
+                    if examined > examined_before {
+                        examined_before = examined;
+                        self.status.last_ack_unix_ms = Some(now_ms());
+                    }
                     let m = self.progress_message(&window.outstanding, progress, started, stalled);
                     link.queue(&m);
                     self.count_sent(link, &tally_base, &window);

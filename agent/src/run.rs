@@ -23,8 +23,6 @@ pub enum RunError {
     GaveUp { secs: u64, last: String },
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
-    #[error("metrics_listen = {0:?}: cannot bind it: {1} (another process on that port? set another address, or \"\" for no metrics)")]
-    Metrics(String, std::io::Error),
 }
 
 enum Outcome {
@@ -63,14 +61,23 @@ pub async fn run(cfg: AgentConfig, opts: RunOptions) -> Result<(), RunError> {
     let (_metrics_stop, metrics_stopped) = tokio::sync::watch::channel(false);
     let listen = rep.config().metrics_listen.clone();
     let _ = std::fs::remove_file(rep.config().state_dir.join("metrics.addr"));
+    // Replication never stops for monitoring: a port in use is an error in the log, and the
+    // agent goes on without the endpoint.
     let metrics = lifeboat_common::exporter::bind(&listen)
         .await
-        .map_err(|e| RunError::Metrics(listen.clone(), e))?;
+        .unwrap_or_else(|e| {
+            tracing::error!(
+                "metrics_listen = {listen:?}: cannot bind it: {e}; no /metrics or /healthz \
+                 (another process on that port? set another address, or \"\" for none)"
+            );
+            None
+        });
     if let Some(l) = metrics {
         let addr = lifeboat_common::exporter::local_addr(&l);
         tracing::info!(addr = ?addr, "serving /metrics and /healthz");
         if let Some(a) = addr {
-            let _ = std::fs::write(rep.config().state_dir.join("metrics.addr"), a.to_string());
+            let path = rep.config().state_dir.join("metrics.addr");
+            let _ = lifeboat_common::durable::write_atomic(&path, a.to_string().as_bytes());
         }
         tokio::spawn(lifeboat_common::exporter::serve(
             l,

@@ -29,6 +29,9 @@ const MAX_CONNECTIONS: usize = 8;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a whole connection may last.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Renders at once: a render stuck on a hung filesystem is not joined by every later scrape
+/// (a render is not cancelled when its connection times out).
+const MAX_RENDERS: usize = 2;
 
 /// Binds `addr` for [`serve`]; an empty `addr` means no endpoint.
 pub async fn bind(addr: &str) -> std::io::Result<Option<TcpListener>> {
@@ -45,6 +48,7 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let renders = Arc::new(Semaphore::new(MAX_RENDERS));
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => match p {
@@ -65,11 +69,13 @@ pub async fn serve(
             _ = stop.changed() => return,
         };
         let exporter = exporter.clone();
+        let renders = renders.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
                 let exporter = exporter.clone();
-                async move { Ok::<_, Infallible>(answer(&req, exporter).await) }
+                let renders = renders.clone();
+                async move { Ok::<_, Infallible>(answer(&req, exporter, renders).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -86,7 +92,11 @@ pub async fn serve(
     }
 }
 
-async fn answer(req: &Request<Incoming>, exporter: Arc<dyn Exporter>) -> Response<Full<Bytes>> {
+async fn answer(
+    req: &Request<Incoming>,
+    exporter: Arc<dyn Exporter>,
+    renders: Arc<Semaphore>,
+) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, content_type: &'static str, body: String| {
         Response::builder()
             .status(status)
@@ -101,19 +111,46 @@ async fn answer(req: &Request<Incoming>, exporter: Arc<dyn Exporter>) -> Respons
             "only GET\n".into(),
         );
     }
-    // Rendering reads files and walks state: off the async threads.
-    match req.uri().path() {
+    // Rendering reads files and walks state: off the async threads, a few at a time.
+    let busy = || {
+        reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain; charset=utf-8",
+            "busy: earlier requests are still rendering\n".into(),
+        )
+    };
+    let path = req.uri().path();
+    if path != "/metrics" && path != "/healthz" {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found: /metrics and /healthz are served here\n".into(),
+        );
+    }
+    // The permit goes with the blocking work, which runs on even if the connection is gone.
+    let Ok(render) = renders.try_acquire_owned() else {
+        return busy();
+    };
+    match path {
         "/metrics" => {
-            let text = tokio::task::spawn_blocking(move || exporter.metrics())
-                .await
-                .unwrap_or_else(|e| format!("# rendering the metrics failed: {e}\n"));
+            let text = tokio::task::spawn_blocking(move || {
+                let _render = render;
+                exporter.metrics()
+            })
+            .await
+            .unwrap_or_else(|e| format!("# rendering the metrics failed: {e}\n"));
             reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
                 text,
             )
         }
-        "/healthz" => match tokio::task::spawn_blocking(move || exporter.health()).await {
+        "/healthz" => match tokio::task::spawn_blocking(move || {
+            let _render = render;
+            exporter.health()
+        })
+        .await
+        {
             Ok(Ok(())) => reply(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
             Ok(Err(why)) => reply(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -126,11 +163,7 @@ async fn answer(req: &Request<Incoming>, exporter: Arc<dyn Exporter>) -> Respons
                 format!("unhealthy: the health check failed: {e}\n"),
             ),
         },
-        _ => reply(
-            StatusCode::NOT_FOUND,
-            "text/plain; charset=utf-8",
-            "not found: /metrics and /healthz are served here\n".into(),
-        ),
+        _ => busy(),
     }
 }
 

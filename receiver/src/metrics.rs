@@ -244,6 +244,9 @@ impl ReceiverMetrics {
                 continue;
             };
             let s = server.as_str();
+            // Every known server has the series, at 0 until its first commit since the
+            // start (so `increase` sees a server that never commits).
+            self.points_committed.with_label_values(&[s]);
             agents += u64::from(st.connected);
             connected
                 .with_label_values(&[s])

@@ -469,6 +469,7 @@ fn failback_since_a_point_writes_what_changed_and_repairs_the_rest() {
         std::fs::write(&copy, &held).unwrap();
         let listed = ebs.count("ListChangedBlocks");
         let pages = ebs.count("ListSnapshotBlocks");
+        let gets = ebs.count("GetSnapshotBlock");
         let o = rx.restore_with(
             "web-01",
             "root",
@@ -503,6 +504,10 @@ fn failback_since_a_point_writes_what_changed_and_repairs_the_rest() {
                 "{v}"
             );
             assert_eq!(v["changed_from"], "manifests and EBS ListChangedBlocks");
+            // Exactly the data blocks written were fetched (a zero block is written unfetched).
+            let zero7 = new[7 * BLOCK_SIZE..8 * BLOCK_SIZE].iter().all(|b| *b == 0);
+            let fetched = 3 + u64::from(diverged && !zero7);
+            assert_eq!(ebs.count("GetSnapshotBlock") - gets, fetched, "{v}");
         } else {
             assert_eq!(ebs.count("ListChangedBlocks"), listed);
             assert_eq!(v["changed_from"], "manifests");

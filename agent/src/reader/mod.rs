@@ -192,7 +192,9 @@ mod tests {
         // that is not registered: the same bytes, and only the registered ones go fixed.
         let mut r = BlockReader::open(&p, ReaderEngine::IoUring, 4).unwrap();
         let mut pool: Vec<AlignedBuf> = (0..3).map(|_| AlignedBuf::new()).collect();
-        r.register(&mut pool).unwrap();
+        r.register(&mut pool).expect(
+            "registering 1.5 MiB of buffers needs root, CAP_IPC_LOCK or RLIMIT_MEMLOCK >= 2 MiB",
+        );
         let mut fixed = Vec::new();
         for i in 0..22u64 {
             let buf = if i % 4 == 3 {

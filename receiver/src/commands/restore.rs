@@ -187,7 +187,8 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
     let mut how = None;
     let need: Option<Vec<bool>> = match (&req.since, req.only_changed) {
         (Some(since), _) if !req.verify => bail!(
-            "--since {since} trusts that {} holds that point; only the read-back proves it,              so --no-verify cannot go with --since",
+            "--since {since} trusts that {} holds that point; only the read-back proves it, \
+             so --no-verify cannot go with --since",
             req.to.display()
         ),
         (Some(since), true) => {
@@ -216,18 +217,12 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
             req.to.display()
         ))
     };
-    write_blocks(
-        state_dir,
-        req,
-        &rec,
-        &manifest,
-        &dst,
-        is_device,
-        need.as_deref(),
-    )
-    .map_err(fail)?;
-    dst.sync_all()
-        .with_context(|| format!("fsync of {}", req.to.display()))?;
+    let write_and_sync = |need: Option<&[bool]>| -> anyhow::Result<()> {
+        write_blocks(state_dir, req, &rec, &manifest, &dst, is_device, need).map_err(fail)?;
+        dst.sync_all()
+            .with_context(|| format!("fsync of {}", req.to.display()))
+    };
+    write_and_sync(need.as_deref())?;
 
     let mut repaired = 0;
     if req.verify {
@@ -245,20 +240,13 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
             for &i in &bad {
                 again[i] = true;
             }
-            write_blocks(
-                state_dir,
-                req,
-                &rec,
-                &manifest,
-                &dst,
-                is_device,
-                Some(&again),
-            )
-            .map_err(fail)?;
-            dst.sync_all()
-                .with_context(|| format!("fsync of {}", req.to.display()))?;
+            write_and_sync(Some(&again))?;
             repaired = bad.len();
-            written += repaired;
+            // Blocks written twice count once.
+            written = match &need {
+                Some(n) => n.iter().zip(&again).filter(|(a, b)| **a || **b).count(),
+                None => manifest.hashes.len(),
+            };
             bad = read_back(&dst, &manifest, &req.to, Some(&again))?;
         }
         if let Some(&i) = bad.first() {
@@ -430,10 +418,20 @@ fn changed_since(
         .enumerate()
         .map(|(i, h)| old.hashes.get(i) != Some(h))
         .collect();
-    if req.from == From::Ebs {
-        if let Some(listed) = ebs_changed(state_dir, req, base.point, rec.point, &mut need)? {
-            tracing::debug!(listed, "ListChangedBlocks");
-            return Ok((need, "manifests and EBS ListChangedBlocks"));
+    // EBS can only add to what the manifests found: a failure there (a snapshot deleted, a
+    // permission missing) is a warning, not a failed restore.
+    if req.from == From::Ebs && base.point != rec.point {
+        let (first, second) = (base.point.min(rec.point), base.point.max(rec.point));
+        match ebs_changed(state_dir, req, first, second, &mut need) {
+            Ok(Some(listed)) => {
+                tracing::debug!(listed, "ListChangedBlocks");
+                return Ok((need, "manifests and EBS ListChangedBlocks"));
+            }
+            Ok(None) => {}
+            Err(e) => eprintln!(
+                "warning: EBS ListChangedBlocks between the snapshots of points {first} and \
+                 {second}: {e:#}; the manifests alone say what changed"
+            ),
         }
     }
     Ok((need, "manifests"))

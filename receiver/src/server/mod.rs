@@ -400,21 +400,26 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     tracing::info!(%addr, state_dir = %state_dir.display(), "lifeboat-receiver listening");
     let (stop_tx, stop_rx) = watch::channel(false);
     let _ = std::fs::remove_file(state_dir.join("metrics.addr"));
-    let metrics_task = match lifeboat_common::exporter::bind(&config.metrics_listen)
+    // Replication never stops for monitoring: a port in use is an error in the log, and the
+    // receiver goes on without the endpoint.
+    let bound = lifeboat_common::exporter::bind(&config.metrics_listen)
         .await
-        .with_context(|| {
-            format!(
-                "binding metrics_listen = {:?} (another process on that port? set another \
-                 address in {}, or \"\" for no metrics)",
+        .unwrap_or_else(|e| {
+            tracing::error!(
+                "metrics_listen = {:?}: cannot bind it: {e}; no /metrics or /healthz (another \
+                 process on that port? set another address in {}, or \"\" for none)",
                 config.metrics_listen,
                 cfg_path.display()
-            )
-        })? {
+            );
+            None
+        });
+    let metrics_task = match bound {
         Some(l) => {
             let maddr = lifeboat_common::exporter::local_addr(&l);
             tracing::info!(addr = ?maddr, "serving /metrics and /healthz");
             if let Some(a) = maddr {
-                let _ = std::fs::write(state_dir.join("metrics.addr"), a.to_string());
+                let path = state_dir.join("metrics.addr");
+                let _ = lifeboat_common::durable::write_atomic(&path, a.to_string().as_bytes());
             }
             Some(tokio::spawn(lifeboat_common::exporter::serve(
                 l,
