@@ -805,6 +805,7 @@ impl Replicator {
                     other => return Err(LinkError::Protocol(format!("unexpected {} while sending blocks", other.name())).into()),
                 },
                 _ = tick.tick() => {
+                    lifeboat_common::sd_notify::watchdog();
                     // The other branches keep re-arming the receive timeout; this catches a
                     // receiver that has gone silent with blocks outstanding.
                     if window.awaiting_receiver() && last_heard.elapsed() > link.reply_timeout {
@@ -1001,6 +1002,7 @@ impl Replicator {
                 return Ok(());
             }
             let wait = (deadline - now).min(PROGRESS_EVERY);
+            lifeboat_common::sd_notify::watchdog();
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {
                     link.queue(&self.idle_progress());
@@ -1061,6 +1063,8 @@ async fn fetch_manifest(
     let total = m.hashes.len() as u64;
     let mut got = 0u64;
     while got < total {
+        // A huge disk's manifest takes a while: progress keeps systemd's watchdog fed.
+        lifeboat_common::sd_notify::watchdog();
         match link.recv(link.reply_timeout).await? {
             Message::ManifestChunk {
                 handle: h,

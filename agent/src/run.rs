@@ -85,12 +85,24 @@ pub async fn run(cfg: AgentConfig, opts: RunOptions) -> Result<(), RunError> {
             metrics_stopped,
         ));
     }
+    if let Some(period) = lifeboat_common::sd_notify::watchdog_period() {
+        let timeout = rep.config().receiver.timeout_secs;
+        if period.as_secs() < timeout + timeout / 4 {
+            tracing::warn!(
+                "systemd's WatchdogSec ({} s) is not well above [receiver] timeout_secs \
+                 ({timeout} s): a write blocked on a silent receiver would end in a watchdog \
+                 restart rather than a reconnect; raise WatchdogSec in the unit",
+                period.as_secs()
+            );
+        }
+    }
     lifeboat_common::sd_notify::ready();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Runtime)?;
     let began = Instant::now();
     let mut backoff = Duration::from_secs(1);
     loop {
+        lifeboat_common::sd_notify::watchdog();
         let outcome = {
             let attempt = session(&mut rep, opts.once);
             tokio::pin!(attempt);
@@ -150,6 +162,7 @@ pub async fn run(cfg: AgentConfig, opts: RunOptions) -> Result<(), RunError> {
         if opts.once {
             pause = pause.min(opts.give_up_after.saturating_sub(began.elapsed()));
         }
+        lifeboat_common::sd_notify::watchdog();
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = sigterm.recv() => {

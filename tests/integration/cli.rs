@@ -2,6 +2,7 @@
 
 use lifeboat_tests::*;
 use std::process::Command;
+use std::time::Duration;
 
 /// The subcommands a `--help` lists (its "Commands:" section, first word of each line).
 fn commands_in_help(program: &str) -> Vec<String> {
@@ -331,6 +332,70 @@ fn restore_is_safe_to_aim() {
     assert!(std::fs::read(&dev.dev).unwrap()[..data.len()] == data[..]);
 }
 
+/// Datagrams sent to a notify socket within `within`.
+fn notifications(sock: &std::os::unix::net::UnixDatagram, within: Duration) -> Vec<String> {
+    let end = std::time::Instant::now() + within;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while let Some(left) = end.checked_duration_since(std::time::Instant::now()) {
+        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match sock.recv(&mut buf) {
+            Ok(n) => got.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+/// Under systemd's watchdog (`WatchdogSec`, seen as `WATCHDOG_USEC`), both daemons say
+/// READY=1 and then WATCHDOG=1 again and again from their main loops; a `WATCHDOG_PID` naming
+/// another process is not theirs to feed.
+#[test]
+fn both_daemons_feed_the_systemd_watchdog() {
+    use std::os::unix::net::UnixDatagram;
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    make_image(&img, 8, 0, 3);
+    for daemon in ["receiver", "agent", "agent-not-ours"] {
+        let sock_path = w.path().join(format!("{daemon}.sock"));
+        let sock = UnixDatagram::bind(&sock_path).unwrap();
+        let mut env = vec![
+            ("NOTIFY_SOCKET".to_string(), sock_path.display().to_string()),
+            ("WATCHDOG_USEC".to_string(), "1200000".to_string()),
+        ];
+        if daemon == "agent-not-ours" {
+            env.push(("WATCHDOG_PID".to_string(), "1".to_string()));
+        }
+        let got = if daemon == "receiver" {
+            rx.kill();
+            rx.env = env;
+            rx.restart();
+            notifications(&sock, Duration::from_secs(4))
+        } else {
+            let mut agent = Agent::new(w.path(), &rx, &AgentSpec::new(daemon, &[("root", &img)]));
+            agent.env = env;
+            agent.spawn();
+            let got = notifications(&sock, Duration::from_secs(4));
+            agent.kill();
+            got
+        };
+        assert_eq!(
+            got.first().map(String::as_str),
+            Some("READY=1"),
+            "{daemon}: {got:?}"
+        );
+        let pings = got.iter().filter(|m| *m == "WATCHDOG=1").count();
+        if daemon == "agent-not-ours" {
+            assert_eq!(pings, 0, "{got:?}");
+        } else {
+            // A ping at most every 0.4 s (a third of the period), and steadily.
+            assert!(pings >= 4, "{daemon}: {got:?}");
+        }
+    }
+}
+
 #[test]
 fn receiver_tells_systemd_it_is_ready() {
     use std::os::unix::net::UnixDatagram;
@@ -456,6 +521,31 @@ fn shipped_systemd_units_verify() {
             o.status.success() && o.stderr.is_empty(),
             "{unit}: {}",
             stderr(&o)
+        );
+        // systemd's own exposure score (0 safest, 10 worst), kept at or below what the units
+        // reach today: a change that loosens a unit fails here.
+        let o = Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--no-pager"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        let out = stdout(&o);
+        let score: f64 = out
+            .lines()
+            .find_map(|l| l.split("Overall exposure level for ").nth(1))
+            .and_then(|l| l.split(": ").nth(1))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{unit}: no exposure level in:\n{out}{}", stderr(&o)));
+        let limit = if unit.starts_with("lifeboat-agent") {
+            4.5
+        } else {
+            3.5
+        };
+        eprintln!("{unit}: systemd-analyze security exposure {score} (limit {limit})");
+        assert!(
+            score <= limit,
+            "{unit}: exposure {score} above {limit}:\n{out}"
         );
     }
 }

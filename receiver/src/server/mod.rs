@@ -530,8 +530,13 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     };
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // systemd's watchdog is fed from this loop: a runtime too stuck to accept is restarted.
+    let mut alive = tokio::time::interval(
+        lifeboat_common::sd_notify::watchdog_period().map_or(Duration::from_secs(3600), |p| p / 4),
+    );
     loop {
         tokio::select! {
+            _ = alive.tick() => lifeboat_common::sd_notify::watchdog(),
             accepted = listener.accept() => {
                 let (tcp, peer) = match accepted {
                     Ok(x) => x,
