@@ -71,6 +71,9 @@ pub enum Command {
         deadline_ms: u64,
         mounts: Vec<PathBuf>,
     },
+    /// (Packaging) Write the man pages and shell completions into DIR.
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
 
 fn load(path: &Path) -> anyhow::Result<AgentConfig> {
@@ -167,6 +170,11 @@ pub fn run(cli: Cli) -> u8 {
         }),
         Command::ThawWatchdog { deadline_ms, mounts } => {
             return crate::freeze::watchdog(&mounts, Duration::from_millis(deadline_ms))
+        }
+        Command::GenerateDocs { dir } => {
+            lifeboat_common::docgen::write_all(<Cli as clap::CommandFactory>::command(), &dir)
+                .map(|_| ())
+                .map_err(|e| anyhow::anyhow!("writing the docs into {}: {e}", dir.display()))
         }
     };
     match r {

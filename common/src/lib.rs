@@ -8,10 +8,13 @@
 //! - [`durable`]: write-tmp, fsync, rename, fsync-dir.
 //! - [`fuzzing`]: the fuzz targets' checks, also run over the regression corpus by the tests.
 //! - [`exporter`] (feature `exporter`): the `/metrics` and `/healthz` endpoint of both daemons.
+//! - [`docgen`] (feature `docgen`): man pages and shell completions from a clap definition.
 
 pub mod block;
 pub mod codec;
 pub mod config;
+#[cfg(feature = "docgen")]
+pub mod docgen;
 pub mod durable;
 #[cfg(feature = "exporter")]
 pub mod exporter;

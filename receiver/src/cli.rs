@@ -210,6 +210,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// (Packaging) Write the man pages and shell completions into DIR.
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
 
 /// Runs a parsed command; returns the process exit code.
@@ -288,6 +291,11 @@ pub fn run(cli: Cli) -> u8 {
                 json,
             },
         ),
+        Command::GenerateDocs { dir } => {
+            lifeboat_common::docgen::write_all(<Cli as clap::CommandFactory>::command(), &dir)
+                .map(|_| ())
+                .map_err(|e| anyhow::anyhow!("writing the docs into {}: {e}", dir.display()))
+        }
     };
     match r {
         Ok(()) => 0,

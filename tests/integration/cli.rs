@@ -332,6 +332,49 @@ fn restore_is_safe_to_aim() {
     assert!(std::fs::read(&dev.dev).unwrap()[..data.len()] == data[..]);
 }
 
+/// The man pages and shell completions the packages ship come from the CLI definitions: a
+/// page per command the help lists, completions that know every command.
+#[test]
+fn man_pages_and_completions_cover_every_command() {
+    let w = workdir();
+    for program in ["lifeboat-agent", "lifeboat-receiver"] {
+        let dir = w.path().join(program);
+        let o = Command::new(bin(program))
+            .arg("generate-docs")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{program}: {}", stderr(&o));
+        let commands: Vec<String> = commands_in_help(program)
+            .into_iter()
+            .filter(|c| c != "help")
+            .collect();
+        assert!(commands.len() >= 4, "{commands:?}");
+        let main = std::fs::read_to_string(dir.join(format!("man/{program}.1"))).unwrap();
+        assert!(main.starts_with(".ie") || main.contains(".TH"), "{main}");
+        let bash =
+            std::fs::read_to_string(dir.join(format!("completions/{program}.bash"))).unwrap();
+        let zsh = std::fs::read_to_string(dir.join(format!("completions/_{program}"))).unwrap();
+        let fish =
+            std::fs::read_to_string(dir.join(format!("completions/{program}.fish"))).unwrap();
+        for c in &commands {
+            let page = dir.join(format!("man/{program}-{c}.1"));
+            let text = std::fs::read_to_string(&page)
+                .unwrap_or_else(|e| panic!("{}: {e}", page.display()));
+            assert!(
+                text.contains(".SH OPTIONS") || text.contains(".SH SYNOPSIS"),
+                "{text}"
+            );
+            for (shell, script) in [("bash", &bash), ("zsh", &zsh), ("fish", &fish)] {
+                assert!(
+                    script.contains(c.as_str()),
+                    "{program}: {shell} completion lacks {c}"
+                );
+            }
+        }
+    }
+}
+
 /// Datagrams sent to a notify socket within `within`.
 fn notifications(sock: &std::os::unix::net::UnixDatagram, within: Duration) -> Vec<String> {
     let end = std::time::Instant::now() + within;
