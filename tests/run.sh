@@ -15,6 +15,12 @@ for c in "cargo fmt" "cargo clippy"; do
   $c --version >/dev/null 2>&1 || { echo "error: '$c' is missing (rustup component add rustfmt clippy)" >&2; exit 1; }
 done
 
+# cargo-deb, for the package test (pinned: see packaging/deb/build.sh).
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "installing cargo-deb"
+  cargo install --locked cargo-deb@3.8.0 >/dev/null
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -9,5 +9,6 @@ mod faults;
 mod gc;
 mod identity;
 mod metrics;
+mod packages;
 mod power_cut;
 mod tracking;
