@@ -22,18 +22,26 @@ pub const SPARE_CPU: f64 = 0.3;
 pub const BUSY_CPU: f64 = 0.1;
 
 pub struct LevelControl {
-    min: i32,
-    max: i32,
+    /// The floor and ceiling: shared, so a reload (SIGHUP) changes them live.
+    min: Arc<AtomicI32>,
+    max: Arc<AtomicI32>,
     level: Arc<AtomicI32>,
 }
 
 impl LevelControl {
     pub fn new(min: i32, max: i32) -> LevelControl {
-        LevelControl {
-            min,
-            max: max.max(min),
-            level: Arc::new(AtomicI32::new(min)),
-        }
+        LevelControl::with_bounds(Arc::new(AtomicI32::new(min)), Arc::new(AtomicI32::new(max)))
+    }
+
+    /// Bounds that follow `min` and `max`.
+    pub fn with_bounds(min: Arc<AtomicI32>, max: Arc<AtomicI32>) -> LevelControl {
+        let level = Arc::new(AtomicI32::new(min.load(Ordering::Relaxed)));
+        LevelControl { min, max, level }
+    }
+
+    fn bounds(&self) -> (i32, i32) {
+        let min = self.min.load(Ordering::Relaxed);
+        (min, self.max.load(Ordering::Relaxed).max(min))
     }
 
     /// The level the workers read for each block.
@@ -60,17 +68,19 @@ impl LevelControl {
         }
         let share = held_up.as_secs_f64() / period.as_secs_f64();
         let idle = idle.unwrap_or(0.0);
-        let now = self.level();
+        let (min, max) = self.bounds();
+        // A level outside new bounds (a reload) comes inside them first.
+        let now = self.level().clamp(min, max);
         let next = if idle < BUSY_CPU {
-            (now - 1).max(self.min)
+            (now - 1).max(min)
         } else if share >= NETWORK_BOUND && idle >= SPARE_CPU {
-            (now + 1).min(self.max)
+            (now + 1).min(max)
         } else if producing && share <= CPU_BOUND {
-            (now - 1).max(self.min)
+            (now - 1).max(min)
         } else {
             now
         };
-        if next == now {
+        if next == self.level() {
             return None;
         }
         self.level.store(next, Ordering::Relaxed);

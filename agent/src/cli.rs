@@ -19,8 +19,8 @@ what a running agent is doing."
 )]
 pub struct Cli {
     /// Log filter (RUST_LOG syntax), e.g. "info" or "lifeboat_agent=debug".
-    #[arg(long, global = true, env = "LIFEBOAT_LOG", default_value = "info")]
-    pub log: String,
+    #[arg(long, global = true, env = "LIFEBOAT_LOG")]
+    pub log: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -134,7 +134,7 @@ fn check_host(path: &Path, cfg: &AgentConfig) -> Result<Vec<String>, ConfigError
 }
 
 pub fn run(cli: Cli) -> u8 {
-    lifeboat_common::logging::init(&cli.log);
+    lifeboat_common::logging::init(cli.log.as_deref().unwrap_or("info"));
     let r = match cli.command {
         Command::Run { config, once, give_up_after_secs } => load(&config).and_then(|cfg| {
             for d in &cfg.disks {
@@ -148,7 +148,12 @@ pub fn run(cli: Cli) -> u8 {
                 .build()?;
             rt.block_on(crate::run::run(
                 cfg,
-                crate::run::RunOptions { once, give_up_after: Duration::from_secs(give_up_after_secs) },
+                crate::run::RunOptions {
+                    config_path: config.clone(),
+                    cli_log: cli.log.clone(),
+                    once,
+                    give_up_after: Duration::from_secs(give_up_after_secs),
+                },
             ))?;
             Ok(())
         }),

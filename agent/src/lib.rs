@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod pagesums;
 pub mod pipeline;
 pub mod reader;
+pub mod reload;
 pub mod replicate;
 pub mod run;
 pub mod source;

@@ -1,8 +1,13 @@
 //! Bandwidth limit: a token bucket over bytes written to the receiver.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct Limiter {
+    /// The limit in Mbit/s, 0 for none: shared, so a reload (SIGHUP) changes it live.
+    rate: Arc<AtomicU64>,
+    mbit: u64,
     bytes_per_sec: f64,
     burst: f64,
     tokens: f64,
@@ -12,17 +17,19 @@ pub struct Limiter {
 impl Limiter {
     /// `None` for 0 (no limit).
     pub fn new(mbit_per_sec: u64) -> Option<Limiter> {
-        if mbit_per_sec == 0 {
-            return None;
-        }
-        let bytes_per_sec = mbit_per_sec as f64 * 1_000_000.0 / 8.0;
-        let burst = bytes_per_sec.max(1024.0 * 1024.0);
-        Some(Limiter {
-            bytes_per_sec,
-            burst,
-            tokens: burst,
+        (mbit_per_sec > 0).then(|| Limiter::shared(Arc::new(AtomicU64::new(mbit_per_sec))))
+    }
+
+    /// A limiter that follows `rate` (Mbit/s; 0 lets everything through).
+    pub fn shared(rate: Arc<AtomicU64>) -> Limiter {
+        Limiter {
+            rate,
+            mbit: 0,
+            bytes_per_sec: 0.0,
+            burst: 0.0,
+            tokens: 0.0,
             last: Instant::now(),
-        })
+        }
     }
 
     /// How long to wait before sending `n` bytes; takes the tokens.
@@ -32,6 +39,18 @@ impl Limiter {
 
     /// As [`Limiter::take`], at the instant `now` (tests give fixed instants).
     pub fn take_at(&mut self, n: usize, now: Instant) -> Duration {
+        let mbit = self.rate.load(Ordering::Relaxed);
+        if mbit != self.mbit {
+            // A new limit: a full bucket of the new size.
+            self.mbit = mbit;
+            self.bytes_per_sec = mbit as f64 * 1_000_000.0 / 8.0;
+            self.burst = self.bytes_per_sec.max(1024.0 * 1024.0);
+            self.tokens = self.burst;
+            self.last = now;
+        }
+        if mbit == 0 {
+            return Duration::ZERO;
+        }
         let elapsed = now.duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.bytes_per_sec).min(self.burst);
@@ -51,8 +70,9 @@ mod tests {
     #[test]
     fn waits_in_proportion() {
         assert!(Limiter::new(0).is_none());
-        let mut l = Limiter::new(8).unwrap(); // 1 MB/s, burst 1 MiB
-        let t0 = l.last;
+        let rate = Arc::new(AtomicU64::new(8)); // 1 MB/s, burst 1 MiB
+        let mut l = Limiter::shared(rate.clone());
+        let t0 = Instant::now();
         assert_eq!(l.take_at(1024 * 1024, t0), Duration::ZERO);
         // The bucket is empty: 500 kB take exactly 0.5 s.
         assert_eq!(l.take_at(500_000, t0), Duration::from_millis(500));
@@ -65,5 +85,11 @@ mod tests {
         let t2 = t1 + Duration::from_secs(60);
         assert_eq!(l.take_at(1024 * 1024, t2), Duration::ZERO);
         assert_eq!(l.take_at(1_000_000, t2), Duration::from_secs(1));
+        // A reload lifts the limit, then sets another: it applies at the next write.
+        rate.store(0, Ordering::Relaxed);
+        assert_eq!(l.take_at(100 << 20, t2), Duration::ZERO);
+        rate.store(16, Ordering::Relaxed); // 2 MB/s, burst 2 MB
+        assert_eq!(l.take_at(2_000_000, t2), Duration::ZERO);
+        assert_eq!(l.take_at(1_000_000, t2), Duration::from_millis(500));
     }
 }

@@ -86,7 +86,7 @@ impl Drop for Link {
 async fn write_pieces(
     mut wr: WriteHalf<TlsStream<TcpStream>>,
     mut rx: mpsc::Receiver<Vec<u8>>,
-    mut limiter: Option<Limiter>,
+    mut limiter: Limiter,
     timeout: Duration,
     sent: Arc<AtomicU64>,
     error: Arc<Mutex<Option<LinkError>>>,
@@ -95,11 +95,9 @@ async fn write_pieces(
         *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
     };
     while let Some(piece) = rx.recv().await {
-        if let Some(l) = &mut limiter {
-            let wait = l.take(piece.len());
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
+        let wait = limiter.take(piece.len());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
         let write = async {
             wr.write_all(&piece).await?;
@@ -123,6 +121,7 @@ impl Link {
         cfg: &AgentConfig,
         server_id: &str,
         identity: &crate::identity::Identity,
+        bandwidth_mbps: Arc<AtomicU64>,
     ) -> Result<Link, LinkError> {
         let addr = cfg.receiver.address.clone();
         let connect_err = |why: String| LinkError::Connect {
@@ -212,7 +211,7 @@ impl Link {
         let writer = tokio::spawn(write_pieces(
             wr,
             pieces,
-            Limiter::new(cfg.bandwidth_limit_mbps),
+            Limiter::shared(bandwidth_mbps),
             reply_timeout,
             sent.clone(),
             writer_error.clone(),

@@ -20,17 +20,21 @@ pub struct AgentMetrics {
     status: Mutex<AgentStatus>,
     /// When the process started (health counts from there until the first ack).
     started_unix_ms: u64,
-    stall_ms: u64,
+    /// The health bound in seconds (changed by a reload).
+    stall_secs: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub point_seconds: prometheus::Histogram,
     pub freeze_seconds: prometheus::Histogram,
 }
 
 impl AgentMetrics {
-    pub fn new(status: AgentStatus, health_stall_secs: u64) -> AgentMetrics {
+    pub fn new(
+        status: AgentStatus,
+        stall_secs: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> AgentMetrics {
         AgentMetrics {
             status: Mutex::new(status),
             started_unix_ms: now_ms(),
-            stall_ms: health_stall_secs.saturating_mul(1000),
+            stall_secs,
             point_seconds: seconds_histogram(
                 "lifeboat_agent_point_duration_seconds",
                 "Time from a cycle's start to its point's commit.",
@@ -198,7 +202,11 @@ impl Exporter for AgentMetrics {
         let st = self.snapshot();
         let since = st.last_ack_unix_ms.unwrap_or(self.started_unix_ms);
         let silent = now_ms().saturating_sub(since);
-        if silent <= self.stall_ms {
+        let stall_ms = self
+            .stall_secs
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_mul(1000);
+        if silent <= stall_ms {
             return Ok(());
         }
         let what = if st.last_ack_unix_ms.is_some() {
@@ -209,7 +217,7 @@ impl Exporter for AgentMetrics {
         Err(format!(
             "{what} for {} s (health_stall_secs = {}){}",
             silent / 1000,
-            self.stall_ms / 1000,
+            stall_ms / 1000,
             st.last_error
                 .map(|e| format!("; last error: {e}"))
                 .unwrap_or_default()

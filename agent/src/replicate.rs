@@ -102,6 +102,8 @@ pub struct Replicator {
     sums: Vec<Option<Arc<PageSums>>>,
     /// What `/metrics` and `/healthz` render (see [`crate::metrics`]).
     pub metrics: Arc<crate::metrics::AgentMetrics>,
+    /// What a reload (SIGHUP) changes while running (see [`crate::reload`]).
+    pub live: Arc<crate::reload::Live>,
     /// Bytes written to earlier connections (the current one counts in its `Link`).
     net_base: u64,
     _lock: lifeboat_common::lock::DirLock,
@@ -157,7 +159,6 @@ impl Replicator {
             st.tracker = t.name().to_string();
             tracing::info!(disk = %d.id, tracker = t.name(), "tracking {}", d.path.display());
         }
-        let cfg_level = (cfg.compression_level, cfg.compression_level_max);
         let status = AgentStatus {
             server_id: server_id.clone(),
             instance: identity.instance.clone(),
@@ -168,8 +169,7 @@ impl Replicator {
             disks,
             ..Default::default()
         };
-        // Points come every interval: a gap of a few intervals is normal, not a stall.
-        let health_stall_secs = cfg.health_stall_secs.max(3 * cfg.point_interval_secs);
+        let live = Arc::new(crate::reload::Live::new(&cfg));
         let status_copy = status.clone();
         Ok(Replicator {
             trackers,
@@ -188,13 +188,17 @@ impl Replicator {
             status,
             connected_cycle: false,
             connected_since: None,
-            level: crate::adapt::LevelControl::new(cfg_level.0, cfg_level.1),
+            level: crate::adapt::LevelControl::with_bounds(
+                live.level_min.clone(),
+                live.level_max.clone(),
+            ),
             cpu: crate::adapt::CpuSampler::new(),
             sums,
             metrics: Arc::new(crate::metrics::AgentMetrics::new(
                 status_copy,
-                health_stall_secs,
+                live.stall_secs.clone(),
             )),
+            live,
             net_base: 0,
             _lock: lock,
         })

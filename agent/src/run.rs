@@ -9,6 +9,10 @@ use lifeboat_common::config::AgentConfig;
 use std::time::{Duration, Instant};
 
 pub struct RunOptions {
+    /// The config file, read again at SIGHUP.
+    pub config_path: std::path::PathBuf,
+    /// `--log`/`LIFEBOAT_LOG`, when given (it wins over `log` in the config).
+    pub cli_log: Option<String>,
     /// Exit after the first committed point (initial sync, then one point).
     pub once: bool,
     /// With `once`: give up after this long without success.
@@ -37,7 +41,13 @@ async fn session(rep: &mut Replicator, once: bool) -> Result<(), ReplicateError>
 }
 
 async fn session_inner(rep: &mut Replicator, once: bool) -> Result<(), ReplicateError> {
-    let mut link = Link::connect(rep.config(), &rep.server_id, &rep.identity).await?;
+    let mut link = Link::connect(
+        rep.config(),
+        &rep.server_id,
+        &rep.identity,
+        rep.live.bandwidth_mbps.clone(),
+    )
+    .await?;
     tracing::info!(receiver = %rep.status.receiver, "connected");
     rep.open_disks(&mut link).await?;
     loop {
@@ -99,6 +109,10 @@ pub async fn run(cfg: AgentConfig, opts: RunOptions) -> Result<(), RunError> {
     lifeboat_common::sd_notify::ready();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Runtime)?;
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(RunError::Runtime)?;
+    crate::reload::apply_log(rep.config(), opts.cli_log.as_deref());
+    let (running, live) = (rep.config().clone(), rep.live.clone());
     let began = Instant::now();
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -106,10 +120,19 @@ pub async fn run(cfg: AgentConfig, opts: RunOptions) -> Result<(), RunError> {
         let outcome = {
             let attempt = session(&mut rep, opts.once);
             tokio::pin!(attempt);
-            tokio::select! {
-                r = &mut attempt => Outcome::Done(r),
-                _ = sigterm.recv() => Outcome::Signal,
-                _ = tokio::signal::ctrl_c() => Outcome::Signal,
+            loop {
+                tokio::select! {
+                    r = &mut attempt => break Outcome::Done(r),
+                    _ = sigterm.recv() => break Outcome::Signal,
+                    _ = tokio::signal::ctrl_c() => break Outcome::Signal,
+                    // The session goes on: only what can change live is applied.
+                    _ = sighup.recv() => crate::reload::reload(
+                        &opts.config_path,
+                        &running,
+                        &live,
+                        opts.cli_log.as_deref(),
+                    ),
+                }
             }
         };
         let err = match outcome {

@@ -139,6 +139,9 @@ pub struct AgentConfig {
     /// `/healthz` answers 503 when the receiver acknowledged nothing for this long.
     #[serde(default = "default_health_stall_secs")]
     pub health_stall_secs: u64,
+    /// Log filter (RUST_LOG syntax); `--log`/`LIFEBOAT_LOG` win over it. Default "info".
+    #[serde(default)]
+    pub log: Option<String>,
     pub receiver: ReceiverEndpoint,
     pub disks: Vec<DiskConfig>,
 }
@@ -200,6 +203,21 @@ fn default_receiver_metrics_listen() -> String {
 }
 fn default_health_stall_secs() -> u64 {
     600
+}
+
+/// `log`: a filter in RUST_LOG syntax.
+fn check_log(path: &Path, log: Option<&str>) -> Result<(), ConfigError> {
+    match log.map(tracing_subscriber::EnvFilter::try_new) {
+        Some(Err(e)) => Err(invalid(
+            path,
+            "log",
+            format!(
+                "{:?} is not a log filter ({e}): e.g. \"info\" or \"lifeboat_agent=debug\"",
+                log.unwrap_or_default()
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// `metrics_listen`: empty (no endpoint) or an `ip:port` to bind.
@@ -350,6 +368,7 @@ impl AgentConfig {
             ));
         }
         check_metrics_listen(path, &self.metrics_listen)?;
+        check_log(path, self.log.as_deref())?;
         if !(10..=86_400).contains(&self.health_stall_secs) {
             return Err(invalid(
                 path,
@@ -457,6 +476,10 @@ pub struct ReceiverConfig {
     /// Where `/metrics` (Prometheus) and `/healthz` are served; "" serves neither.
     #[serde(default = "default_receiver_metrics_listen")]
     pub metrics_listen: String,
+    /// Log filter (RUST_LOG syntax) for `serve`; `--log`/`LIFEBOAT_LOG` win over it. Default
+    /// "info".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
     #[serde(default)]
     pub retention: RetentionConfig,
     /// Most agents connected at once (after authentication); more are refused with a clear,
@@ -824,6 +847,7 @@ impl ReceiverConfig {
 
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         check_metrics_listen(path, &self.metrics_listen)?;
+        check_log(path, self.log.as_deref())?;
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(
                 path,
@@ -929,6 +953,7 @@ impl Default for ReceiverConfig {
         ReceiverConfig {
             listen: default_listen(),
             metrics_listen: default_receiver_metrics_listen(),
+            log: None,
             retention: RetentionConfig::default(),
             max_connections: default_max_connections(),
             max_pending_handshakes: default_max_pending_handshakes(),

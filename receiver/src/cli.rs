@@ -31,8 +31,8 @@ pub struct Cli {
     )]
     pub state_dir: PathBuf,
     /// Log filter (RUST_LOG syntax), e.g. "info" or "lifeboat_receiver=debug".
-    #[arg(long, global = true, env = "LIFEBOAT_LOG", default_value = "info")]
-    pub log: String,
+    #[arg(long, global = true, env = "LIFEBOAT_LOG")]
+    pub log: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -217,7 +217,7 @@ pub enum Command {
 
 /// Runs a parsed command; returns the process exit code.
 pub fn run(cli: Cli) -> u8 {
-    lifeboat_common::logging::init(&cli.log);
+    lifeboat_common::logging::init(cli.log.as_deref().unwrap_or("info"));
     let r = match cli.command {
         Command::Init {
             listen,
@@ -228,9 +228,13 @@ pub fn run(cli: Cli) -> u8 {
             listen,
             gc_interval_secs,
             ebs_interval_secs,
-        } => {
-            crate::commands::serve::run(&cli.state_dir, listen, gc_interval_secs, ebs_interval_secs)
-        }
+        } => crate::commands::serve::run(
+            &cli.state_dir,
+            listen,
+            gc_interval_secs,
+            ebs_interval_secs,
+            cli.log.clone(),
+        ),
         Command::Snapshot {
             server,
             point,

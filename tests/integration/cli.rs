@@ -592,3 +592,99 @@ fn shipped_systemd_units_verify() {
         );
     }
 }
+
+/// SIGHUP: both daemons read their config again and apply what can change live (log filter,
+/// limits, retention) without dropping the replication; a config that no longer loads
+/// changes nothing, and a change that needs a restart is named.
+#[test]
+fn sighup_reloads_what_can_change_live() {
+    let w = workdir();
+    let mut rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    make_image(&img, 16, 0, 9);
+    let mut spec = AgentSpec::new("hup-01", &[("root", &img)]);
+    spec.extra.push("tracker = \"scan\"".into());
+    let mut agent = Agent::new(w.path(), &rx, &spec);
+    agent.spawn();
+    let points = |rx: &Receiver| rx.points("hup-01").len();
+    wait_for("a first point", Duration::from_secs(60), || {
+        points(&rx) >= 1
+    });
+    assert!(
+        !agent.log_text().contains("DEBUG"),
+        "debug lines before the reload"
+    );
+
+    // The agent: a debug filter and a bandwidth limit, live.
+    let original = std::fs::read_to_string(&agent.config).unwrap();
+    assert!(
+        original.contains("bandwidth_limit_mbps = 0\n"),
+        "{original}"
+    );
+    std::fs::write(
+        &agent.config,
+        format!(
+            "log = \"debug\"\n{}",
+            original.replace("bandwidth_limit_mbps = 0\n", "bandwidth_limit_mbps = 80\n")
+        ),
+    )
+    .unwrap();
+    agent.proc.signal(libc::SIGHUP);
+    wait_for("the agent's reload", Duration::from_secs(30), || {
+        agent.log_text().contains("SIGHUP: configuration reloaded")
+    });
+    assert!(
+        agent.log_text().contains("bandwidth_limit_mbps=80"),
+        "{}",
+        agent.log_text()
+    );
+    let before = points(&rx);
+    wait_for(
+        "debug lines and more points",
+        Duration::from_secs(60),
+        || agent.log_text().contains("DEBUG") && points(&rx) > before + 1,
+    );
+    // A broken config: nothing changes, the agent replicates on.
+    std::fs::write(&agent.config, format!("nonsense = 1\n{original}")).unwrap();
+    agent.proc.signal(libc::SIGHUP);
+    wait_for("the refusal", Duration::from_secs(30), || {
+        agent.log_text().contains("nothing was changed")
+    });
+    assert!(agent.is_running());
+    // A disk path change needs a restart, and says so.
+    std::fs::write(&agent.config, original.replace("disk.img", "other.img")).unwrap();
+    agent.proc.signal(libc::SIGHUP);
+    wait_for("the restart notice", Duration::from_secs(30), || {
+        agent.log_text().contains("disks changed in")
+    });
+    assert!(agent.is_running());
+
+    // The receiver: retention and log filter live; the listener only at a restart.
+    rx.set_config("log", "\"debug\"");
+    let cfg = rx.dir.join("receiver.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let edited: Vec<String> = text
+        .lines()
+        .map(|l| match l {
+            l if l.starts_with("listen = ") => "listen = \"127.0.0.1:1\"".to_string(),
+            "recent_minutes = 10" => "recent_minutes = 42".to_string(),
+            l => l.to_string(),
+        })
+        .collect();
+    assert!(edited.iter().any(|l| l == "recent_minutes = 42"), "{text}");
+    std::fs::write(&cfg, edited.join("\n") + "\n").unwrap();
+    rx.signal(libc::SIGHUP);
+    wait_for("the receiver's reload", Duration::from_secs(30), || {
+        rx.log_text().contains("recent_minutes=42")
+    });
+    assert!(
+        rx.log_text().contains("SIGHUP: listen changed in"),
+        "{}",
+        rx.log_text()
+    );
+    let before = points(&rx);
+    wait_for("the agent to go on", Duration::from_secs(60), || {
+        points(&rx) > before
+    });
+    agent.kill();
+}

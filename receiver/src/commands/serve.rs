@@ -1,4 +1,4 @@
-//! `serve`: the TLS listener, until SIGTERM.
+//! `serve`: the TLS listener, until SIGTERM (SIGHUP reloads the log filter and retention).
 
 use crate::server::{serve, ServeOptions};
 use std::path::Path;
@@ -9,6 +9,7 @@ pub fn run(
     listen: Option<String>,
     gc_interval_secs: u64,
     ebs_interval_secs: u64,
+    cli_log: Option<String>,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -19,5 +20,6 @@ pub fn run(
         gc_interval: Duration::from_secs(gc_interval_secs.max(1)),
         grace: Duration::from_secs(10),
         ebs_interval: Duration::from_secs(ebs_interval_secs.max(1)),
+        cli_log,
     }))
 }

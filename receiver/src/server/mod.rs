@@ -45,6 +45,8 @@ pub struct Shared {
     pub manifest_memory: Arc<Budget>,
     /// What `/metrics` and `/healthz` serve.
     pub metrics: Arc<crate::metrics::ReceiverMetrics>,
+    /// Retention as last loaded (SIGHUP reloads it).
+    pub retention: RwLock<lifeboat_common::config::RetentionConfig>,
 }
 
 /// A peer's place among the pending handshakes: one of `max_pending_handshakes`, and one of
@@ -297,6 +299,7 @@ impl Shared {
             servers: Mutex::new(HashMap::new()),
             peer_log: RateLimit::new(20),
             manifest_memory: Budget::new(config.max_manifest_memory_mib << 20),
+            retention: RwLock::new(config.retention.clone()),
             config,
         }
     }
@@ -358,6 +361,8 @@ pub struct ServeOptions {
     pub grace: Duration,
     /// Seconds between passes of the EBS uploader (with `[ebs]` in receiver.toml).
     pub ebs_interval: Duration,
+    /// `--log`/`LIFEBOAT_LOG`, when given (it wins over `log` in receiver.toml).
+    pub cli_log: Option<String>,
 }
 
 /// Runs the receiver until SIGTERM/SIGINT.
@@ -456,7 +461,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 crate::gc::run_pass(
                     &s.state_dir,
                     s.store.as_ref(),
-                    &s.config.retention,
+                    &s.retention
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone(),
                     sweep_anyway,
                 )
             })
@@ -530,6 +538,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     };
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    apply_log(&config, opts.cli_log.as_deref());
     // systemd's watchdog is fed from this loop: a runtime too stuck to accept is restarted.
     let mut alive = tokio::time::interval(
         lifeboat_common::sd_notify::watchdog_period().map_or(Duration::from_secs(3600), |p| p / 4),
@@ -573,6 +583,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             }
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
+            _ = sighup.recv() => reload(&shared, &cfg_path, opts.cli_log.as_deref()),
         }
     }
     tracing::info!(
@@ -601,6 +612,68 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     mark_all_disconnected(&shared);
     tracing::info!("lifeboat-receiver stopped");
     Ok(())
+}
+
+/// Applies `log` from receiver.toml, unless `--log`/`LIFEBOAT_LOG` set a filter.
+fn apply_log(config: &ReceiverConfig, cli_log: Option<&str>) {
+    if cli_log.is_none() {
+        if let Err(e) =
+            lifeboat_common::logging::set_filter(config.log.as_deref().unwrap_or("info"))
+        {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+/// SIGHUP: reads receiver.toml again and applies what can change while serving: the log
+/// filter and retention (tokens are read at every Hello anyway). A file that does not load
+/// changes nothing; other changes are named, for the next restart.
+fn reload(shared: &Shared, path: &std::path::Path, cli_log: Option<&str>) {
+    let new = match ReceiverConfig::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("SIGHUP: {e}; nothing was changed");
+            return;
+        }
+    };
+    apply_log(&new, cli_log);
+    *shared.retention.write().unwrap_or_else(|e| e.into_inner()) = new.retention.clone();
+    let old = &shared.config;
+    let restart: Vec<&str> = [
+        ("listen", old.listen != new.listen),
+        ("metrics_listen", old.metrics_listen != new.metrics_listen),
+        (
+            "max_connections",
+            old.max_connections != new.max_connections,
+        ),
+        (
+            "max_pending_handshakes",
+            old.max_pending_handshakes != new.max_pending_handshakes,
+        ),
+        (
+            "max_manifest_memory_mib",
+            old.max_manifest_memory_mib != new.max_manifest_memory_mib,
+        ),
+        ("ebs", old.ebs.is_some() != new.ebs.is_some()),
+    ]
+    .into_iter()
+    .filter(|(_, changed)| *changed)
+    .map(|(k, _)| k)
+    .collect();
+    tracing::info!(
+        log = new.log.as_deref().unwrap_or("info"),
+        recent_minutes = new.retention.recent_minutes,
+        daily_days = new.retention.daily_days,
+        gc_grace_minutes = new.retention.gc_grace_minutes,
+        "SIGHUP: configuration reloaded (log filter and retention)"
+    );
+    if !restart.is_empty() {
+        tracing::warn!(
+            "SIGHUP: {} changed in {}: that takes effect at the next restart",
+            restart.join(", "),
+            path.display()
+        );
+    }
 }
 
 /// After a start or a stop, no server is connected.
