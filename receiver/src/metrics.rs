@@ -311,6 +311,23 @@ impl ReceiverMetrics {
                 blocks as f64,
             );
         }
+        if let Some(r) = crate::commands::scrub::ScrubReport::load(&self.state_dir) {
+            f.gauge_value(
+                "lifeboat_receiver_scrub_last_timestamp_seconds",
+                "When the last scrub (lifeboat-receiver scrub) finished.",
+                unix_secs(r.finished_unix_ms),
+            );
+            f.gauge_value(
+                "lifeboat_receiver_scrub_last_checked_blocks",
+                "Blocks the last scrub read and checked against their names.",
+                r.blocks_checked as f64,
+            );
+            f.gauge_value(
+                "lifeboat_receiver_scrub_last_corrupt_blocks",
+                "Blocks the last scrub found corrupt and quarantined (agents resend them).",
+                r.corrupt as f64,
+            );
+        }
         let gc_ok = self.gc_last_success_unix_ms.load(Ordering::Relaxed);
         if gc_ok > 0 {
             f.gauge_value(

@@ -310,6 +310,18 @@ fn scrub_quarantines_rot_and_the_agent_heals_every_point() {
     assert_eq!(v["blocks_checked"], 10);
     assert_eq!(v["corrupt"][0]["hash"], name.as_str());
     assert!(!victim.exists(), "the corrupt block was not moved aside");
+    // serve exports what the scrub (another process) found.
+    let (_, m) = http_get(&rx.metrics_addr(), "/metrics");
+    assert_eq!(
+        sample(&m, "lifeboat_receiver_scrub_last_checked_blocks"),
+        Some(10.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "lifeboat_receiver_scrub_last_corrupt_blocks"),
+        Some(1.0),
+        "{m}"
+    );
     assert_eq!(
         std::fs::read_dir(rx.dir.join("store/quarantine"))
             .unwrap()
@@ -338,6 +350,12 @@ fn scrub_quarantines_rot_and_the_agent_heals_every_point() {
         o.status.success() && stdout(&o).contains("0 corrupt"),
         "{}",
         stdout(&o)
+    );
+    let (_, m) = http_get(&rx.metrics_addr(), "/metrics");
+    assert_eq!(
+        sample(&m, "lifeboat_receiver_scrub_last_corrupt_blocks"),
+        Some(0.0),
+        "{m}"
     );
 }
 

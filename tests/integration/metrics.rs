@@ -306,17 +306,26 @@ fn prometheus_scrapes_both_daemons_and_the_rules_and_dashboard_hold() {
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap())
         .collect();
-    assert_eq!(loaded.len(), 10, "{body}");
+    assert_eq!(loaded.len(), 11, "{body}");
     assert!(loaded.iter().all(|r| r["health"] == "ok"), "{body}");
     let names: Vec<String> = metric_names(&rules)
         .into_iter()
         .chain(metric_names(&dashboard))
         .collect();
     assert!(names.len() >= 15, "{names:?}");
-    let missing: Vec<&String> = names
-        .iter()
-        .filter(|n| query(&prom_addr, &format!("count({{__name__=\"{n}\"}})")).is_none())
-        .collect();
+    // The scrub's metrics exist once a scrub has run (it is a command of its own).
+    assert!(rx.cli(&["scrub"]).status.success());
+    let missing = || -> Vec<&String> {
+        names
+            .iter()
+            .filter(|n| query(&prom_addr, &format!("count({{__name__=\"{n}\"}})")).is_none())
+            .collect()
+    };
+    let start = std::time::Instant::now();
+    while !missing().is_empty() && start.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let missing = missing();
     assert!(
         missing.is_empty(),
         "metrics the rules or the dashboard use but no daemon exposes: {missing:?}"

@@ -13,6 +13,27 @@ use lifeboat_common::BLOCK_SIZE;
 use std::path::Path;
 use std::sync::Mutex;
 
+/// The last scrub's result, `<state-dir>/scrub.json`, which `serve` exports as metrics.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ScrubReport {
+    pub finished_unix_ms: u64,
+    pub blocks_checked: u64,
+    pub corrupt: u64,
+}
+
+impl ScrubReport {
+    const FILE: &'static str = "scrub.json";
+
+    pub fn load(state_dir: &Path) -> Option<ScrubReport> {
+        serde_json::from_slice(&std::fs::read(state_dir.join(Self::FILE)).ok()?).ok()
+    }
+
+    fn save(&self, state_dir: &Path) -> std::io::Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        lifeboat_common::durable::write_atomic(&state_dir.join(Self::FILE), &json)
+    }
+}
+
 pub fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
     let store = DirStore::open(&state_dir.join("store"))?;
     let blocks = store.list()?;
@@ -36,6 +57,15 @@ pub fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
     })?;
     pb.finish_and_clear();
     let bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+    // For `serve`'s metrics (scrub runs as its own process).
+    let report = ScrubReport {
+        finished_unix_ms: lifeboat_common::now_ms(),
+        blocks_checked: blocks.len() as u64,
+        corrupt: bad.len() as u64,
+    };
+    if let Err(e) = report.save(state_dir) {
+        tracing::warn!("recording the scrub's result: {e}");
+    }
     if json {
         println!(
             "{}",
