@@ -218,6 +218,24 @@ pub enum Command {
 /// Runs a parsed command; returns the process exit code.
 pub fn run(cli: Cli) -> u8 {
     lifeboat_common::logging::init(cli.log.as_deref().unwrap_or("info"));
+    // Root on the service's state directory acts as the service's user (see sys.rs); restore
+    // keeps root for the block devices it writes (it only reads the state, but its lock).
+    if !matches!(
+        cli.command,
+        Command::Init { .. } | Command::GenerateDocs { .. } | Command::Restore { .. }
+    ) {
+        match crate::sys::become_owner_of(&cli.state_dir) {
+            Ok(Some(uid)) => tracing::debug!(uid, "acting as the owner of the state directory"),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!(
+                    "error: {} belongs to another user, and becoming that user failed: {e}",
+                    cli.state_dir.display()
+                );
+                return 1;
+            }
+        }
+    }
     let r = match cli.command {
         Command::Init {
             listen,

@@ -48,11 +48,22 @@ pub struct GcReport {
 
 /// Opens (creating) the lock file shared by GC and restores.
 pub fn lock_file(state_dir: &Path) -> std::io::Result<File> {
-    std::fs::OpenOptions::new()
+    let path = state_dir.join("gc.lock");
+    let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(state_dir.join("gc.lock"))
+        .open(&path)?;
+    // `restore` runs as root (block devices): a lock it creates belongs to the state
+    // directory's owner all the same, so that the service can take it.
+    if crate::sys::euid() == 0 {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(state_dir)?;
+        if m.uid() != 0 {
+            std::os::unix::fs::lchown(&path, Some(m.uid()), Some(m.gid()))?;
+        }
+    }
+    Ok(f)
 }
 
 pub fn run_pass(

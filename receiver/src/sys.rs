@@ -1,4 +1,5 @@
-//! The few system calls std does not wrap: `syncfs`, `flock`, `geteuid` and `statvfs`.
+//! The few system calls std does not wrap: `syncfs`, `flock`, `geteuid`, `statvfs`, and the
+//! switch to the state directory's owner (`setgroups`, `setgid`, `setuid`).
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -60,4 +61,31 @@ pub fn statvfs(path: &std::path::Path) -> io::Result<libc::statvfs> {
     }
     // SAFETY: statvfs succeeded, so it initialised `out`.
     Ok(unsafe { out.assume_init() })
+}
+
+/// When run as root on a state directory that belongs to another user (the service's), become
+/// that user before touching anything, so that nothing the command creates is root's (the
+/// service could not write it later). Returns the uid switched to.
+pub fn become_owner_of(state_dir: &std::path::Path) -> io::Result<Option<u32>> {
+    use std::os::unix::fs::MetadataExt;
+    if euid() != 0 {
+        return Ok(None);
+    }
+    let Ok(m) = std::fs::metadata(state_dir) else {
+        return Ok(None);
+    };
+    if m.uid() == 0 {
+        return Ok(None);
+    }
+    // SAFETY: plain system calls with integer arguments; setgroups gets an empty list (a
+    // null pointer is allowed with size 0). Order: groups and gid first, while still root.
+    let ok = unsafe {
+        libc::setgroups(0, std::ptr::null()) == 0
+            && libc::setgid(m.gid()) == 0
+            && libc::setuid(m.uid()) == 0
+    };
+    if !ok {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Some(m.uid()))
 }

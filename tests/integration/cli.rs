@@ -688,3 +688,65 @@ fn sighup_reloads_what_can_change_live() {
     });
     agent.kill();
 }
+
+/// The service runs as its own user, which owns the state directory (systemd's StateDirectory
+/// gives it). A command run as root there acts as that user, so nothing it writes is root's;
+/// restore keeps root (block devices) but leaves its lock to the owner.
+#[test]
+fn root_acts_as_the_state_directory_owner() {
+    use std::os::unix::fs::MetadataExt;
+    let w = workdir();
+    if std::fs::metadata(w.path()).unwrap().uid() != 0 {
+        eprintln!("SKIPPED: not root");
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+        return;
+    }
+    let mut rx = Receiver::start(w.path());
+    let img = w.path().join("disk.img");
+    let data = make_image(&img, 6, 0, 4);
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("own-01", &[("root", &img)]));
+    agent.run_once_ok();
+    rx.kill();
+    // What systemd does at start for User= and StateDirectory=; the test's directories above
+    // it must let that user through.
+    let (uid, gid) = (4242u32, 4242u32);
+    let chown = Command::new("chown")
+        .args(["-R", &format!("{uid}:{gid}")])
+        .arg(&rx.dir)
+        .output()
+        .unwrap();
+    assert!(chown.status.success(), "{}", stderr(&chown));
+    let mut p = rx.dir.parent().unwrap().to_path_buf();
+    while p.starts_with(w.path()) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p = p.parent().unwrap().to_path_buf();
+    }
+    let o = rx.cli(&["token-add", "--server", "own-02", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::metadata(rx.dir.join("tokens")).unwrap().uid(), uid);
+    // A command that creates files: scrub writes its report as the owner.
+    let o = rx.cli(&["scrub"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::metadata(rx.dir.join("scrub.json")).unwrap().uid(),
+        uid
+    );
+    // Restore as root: its lock, made now, is the owner's; the image it writes is root's.
+    let _ = std::fs::remove_file(rx.dir.join("gc.lock"));
+    let out = w.path().join("restored.img");
+    let o = rx.restore("own-01", "root", "latest", &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::metadata(rx.dir.join("gc.lock")).unwrap().uid(),
+        uid
+    );
+    assert_eq!(std::fs::metadata(&out).unwrap().uid(), 0);
+    assert!(std::fs::read(&out).unwrap() == data);
+    // And serve, started by hand as root, runs as the owner: its store stays the owner's.
+    rx.restart();
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("own-01", &[("root", &img)]));
+    agent.run_once_ok();
+    let status = rx.dir.join("servers/own-01/status.json");
+    assert_eq!(std::fs::metadata(status).unwrap().uid(), uid);
+}

@@ -11,15 +11,28 @@ fn run(cmd: &mut Command) -> String {
     stdout(&o)
 }
 
-/// Purges both packages when dropped, so a failing test leaves nothing installed.
-struct Installed;
+/// Purges both packages when dropped, so a failing test leaves nothing installed (and the
+/// service user, which a purge keeps, when the test made it).
+struct Installed {
+    made_user: bool,
+}
 
 impl Drop for Installed {
     fn drop(&mut self) {
         let _ = Command::new("dpkg")
             .args(["--purge", "lifeboat-agent", "lifeboat-receiver"])
             .output();
+        if self.made_user {
+            let _ = Command::new("userdel").arg("lifeboat-receiver").output();
+        }
     }
+}
+
+fn user_exists(name: &str) -> bool {
+    Command::new("getent")
+        .args(["passwd", name])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Processes running one of the installed binaries.
@@ -98,7 +111,9 @@ fn packages_install_validate_start_nothing_and_purge_cleanly() {
         .collect();
     assert_eq!(debs.len(), 2, "{debs:?}");
 
-    let _guard = Installed;
+    let _guard = Installed {
+        made_user: !user_exists("lifeboat-receiver"),
+    };
     let said = run(Command::new("dpkg").arg("-i").args(&debs));
     assert!(
         said.contains("lifeboat-agent installed. Edit /etc/lifeboat/agent.toml"),
@@ -131,6 +146,10 @@ fn packages_install_validate_start_nothing_and_purge_cleanly() {
         "the agent's config holds its token"
     );
     assert_eq!(mode("/var/lib/lifeboat"), 0o700);
+    assert!(
+        user_exists("lifeboat-receiver"),
+        "the service user was not made"
+    );
     let conffiles =
         run(Command::new("dpkg-query").args(["-W", "-f=${Conffiles}", "lifeboat-agent"]));
     assert!(
