@@ -294,7 +294,6 @@ fn prometheus_scrapes_both_daemons_and_the_rules_and_dashboard_hold() {
         Duration::from_secs(30),
         || query(&prom_addr, lag).is_some_and(|now| now <= lag_peak - 2.0),
     );
-    agent.kill();
     rx.expect_restore("prom-01", "root", "latest", &data);
 
     // The rules loaded into a real server, and every metric they and the dashboard use exists.
@@ -330,5 +329,7 @@ fn prometheus_scrapes_both_daemons_and_the_rules_and_dashboard_hold() {
         missing.is_empty(),
         "metrics the rules or the dashboard use but no daemon exposes: {missing:?}"
     );
+    // (The agent runs to the end: a target that goes down has its series marked stale.)
+    agent.kill();
     prom.kill();
 }
