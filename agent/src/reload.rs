@@ -65,7 +65,11 @@ pub fn reload(path: &Path, running: &AgentConfig, live: &Live, cli_log: Option<&
             return;
         }
     };
-    live.apply(&cfg);
+    // The health bound counts the point interval the agent runs with (a new one waits for a
+    // restart).
+    let mut applied = cfg.clone();
+    applied.point_interval_secs = running.point_interval_secs;
+    live.apply(&applied);
     apply_log(&cfg, cli_log);
     let restart: Vec<&str> = [
         ("server_id", running.server_id != cfg.server_id),
@@ -85,7 +89,25 @@ pub fn reload(path: &Path, running: &AgentConfig, live: &Live, cli_log: Option<&
             "metrics_listen",
             running.metrics_listen != cfg.metrics_listen,
         ),
-        ("receiver", running.receiver.address != cfg.receiver.address),
+        (
+            "freeze_timeout_ms",
+            running.freeze_timeout_ms != cfg.freeze_timeout_ms,
+        ),
+        (
+            "freeze_max_delta_mib",
+            running.freeze_max_delta_mib != cfg.freeze_max_delta_mib,
+        ),
+        (
+            "ebpf_ring_buffer_kib",
+            running.ebpf_ring_buffer_kib != cfg.ebpf_ring_buffer_kib,
+        ),
+        ("reader", running.reader != cfg.reader),
+        ("page_sums", running.page_sums != cfg.page_sums),
+        // (Compared, never logged: it holds the token.)
+        (
+            "[receiver]",
+            format!("{:?}", running.receiver) != format!("{:?}", cfg.receiver),
+        ),
         (
             "disks",
             running.disks.len() != cfg.disks.len()

@@ -96,21 +96,26 @@ pub async fn run(cfg: AgentConfig, opts: RunOptions) -> Result<(), RunError> {
         ));
     }
     if let Some(period) = lifeboat_common::sd_notify::watchdog_period() {
-        let timeout = rep.config().receiver.timeout_secs;
-        if period.as_secs() < timeout + timeout / 4 {
+        // The longest wait without a ping: a receiver's silence, a freeze, the ping spacing.
+        let cfg = rep.config();
+        let longest = cfg.receiver.timeout_secs + cfg.freeze_timeout_ms.div_ceil(1000) + 5;
+        if period.as_secs() <= longest + longest / 4 {
             tracing::warn!(
-                "systemd's WatchdogSec ({} s) is not well above [receiver] timeout_secs \
-                 ({timeout} s): a write blocked on a silent receiver would end in a watchdog \
-                 restart rather than a reconnect; raise WatchdogSec in the unit",
-                period.as_secs()
+                "systemd's WatchdogSec ({} s) is not well above [receiver] timeout_secs ({} s) \
+                 plus a freeze: a wait on a silent receiver would end in a watchdog restart \
+                 rather than a reconnect; raise WatchdogSec in the unit",
+                period.as_secs(),
+                cfg.receiver.timeout_secs
             );
         }
     }
-    lifeboat_common::sd_notify::ready();
+    // Signals are ours before systemd is told we are up (a reload right after the start
+    // must not find SIGHUP's default action, which ends the process).
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Runtime)?;
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(RunError::Runtime)?;
+    lifeboat_common::sd_notify::ready();
     crate::reload::apply_log(rep.config(), opts.cli_log.as_deref());
     let (running, live) = (rep.config().clone(), rep.live.clone());
     let began = Instant::now();

@@ -24,7 +24,7 @@ pub fn watchdog_period() -> Option<std::time::Duration> {
 }
 
 /// Tells systemd the service is alive (`WATCHDOG=1`), at most every third of the watchdog
-/// period; nothing when the unit has no watchdog. Called from the daemons' main loops (never
+/// period and every 5 s; nothing when the unit has no watchdog. Called from the daemons' main loops (never
 /// from a side thread, which would keep pinging while the work is stuck).
 pub fn watchdog() {
     static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
@@ -32,7 +32,7 @@ pub fn watchdog() {
         return;
     };
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    if last.is_some_and(|t| t.elapsed() < period / 3) {
+    if last.is_some_and(|t| t.elapsed() < (period / 3).min(std::time::Duration::from_secs(5))) {
         return;
     }
     *last = Some(std::time::Instant::now());

@@ -219,10 +219,11 @@ pub enum Command {
 pub fn run(cli: Cli) -> u8 {
     lifeboat_common::logging::init(cli.log.as_deref().unwrap_or("info"));
     // Root on the service's state directory acts as the service's user (see sys.rs); restore
-    // keeps root for the block devices it writes (it only reads the state, but its lock).
+    // keeps root for the block devices it writes (it only reads the state, but its lock). A
+    // state directory that does not exist yet, or is root's, changes nothing.
     if !matches!(
         cli.command,
-        Command::Init { .. } | Command::GenerateDocs { .. } | Command::Restore { .. }
+        Command::GenerateDocs { .. } | Command::Restore { .. }
     ) {
         match crate::sys::become_owner_of(&cli.state_dir) {
             Ok(Some(uid)) => tracing::debug!(uid, "acting as the owner of the state directory"),

@@ -48,19 +48,28 @@ pub struct GcReport {
 
 /// Opens (creating) the lock file shared by GC and restores.
 pub fn lock_file(state_dir: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let path = state_dir.join("gc.lock");
+    // Never through a link: `restore` runs as root in a directory its service user owns.
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&path)?;
-    // `restore` runs as root (block devices): a lock it creates belongs to the state
-    // directory's owner all the same, so that the service can take it.
+    let m = f.metadata()?;
+    if !m.is_file() || m.nlink() != 1 {
+        return Err(std::io::Error::other(format!(
+            "{} is not a plain file of its own (a link?): refusing to use it",
+            path.display()
+        )));
+    }
+    // A lock root creates belongs to the state directory's owner all the same, so that the
+    // service can take it (changed through the open file, never the path).
     if crate::sys::euid() == 0 {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(state_dir)?;
-        if m.uid() != 0 {
-            std::os::unix::fs::lchown(&path, Some(m.uid()), Some(m.gid()))?;
+        let dir = std::fs::metadata(state_dir)?;
+        if dir.uid() != 0 && m.uid() != dir.uid() {
+            std::os::unix::fs::fchown(&f, Some(dir.uid()), Some(dir.gid()))?;
         }
     }
     Ok(f)

@@ -87,5 +87,24 @@ pub fn become_owner_of(state_dir: &std::path::Path) -> io::Result<Option<u32>> {
     if !ok {
         return Err(io::Error::last_os_error());
     }
+    // Its home, not root's, for what reads HOME (the AWS SDK's shared config): the user's
+    // from the password database, else the state directory.
+    let home = home_of(m.uid()).unwrap_or_else(|| state_dir.to_path_buf());
+    // Called first thing in `run`, before any runtime or thread exists: nothing reads the
+    // environment concurrently.
+    std::env::set_var("HOME", home);
     Ok(Some(m.uid()))
+}
+
+fn home_of(uid: u32) -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: getpwuid returns a pointer into static storage (or null), read at once, while
+    // the process is single-threaded.
+    let pw = unsafe { libc::getpwuid(uid) };
+    if pw.is_null() {
+        return None;
+    }
+    // SAFETY: non-null entry; pw_dir is a NUL-terminated string it owns.
+    let dir = unsafe { std::ffi::CStr::from_ptr((*pw).pw_dir) };
+    Some(std::ffi::OsStr::from_bytes(dir.to_bytes()).into())
 }

@@ -406,7 +406,7 @@ fn both_daemons_feed_the_systemd_watchdog() {
         let sock = UnixDatagram::bind(&sock_path).unwrap();
         let mut env = vec![
             ("NOTIFY_SOCKET".to_string(), sock_path.display().to_string()),
-            ("WATCHDOG_USEC".to_string(), "1200000".to_string()),
+            ("WATCHDOG_USEC".to_string(), "6000000".to_string()),
         ];
         if daemon == "agent-not-ours" {
             env.push(("WATCHDOG_PID".to_string(), "1".to_string()));
@@ -415,12 +415,12 @@ fn both_daemons_feed_the_systemd_watchdog() {
             rx.kill();
             rx.env = env;
             rx.restart();
-            notifications(&sock, Duration::from_secs(4))
+            notifications(&sock, Duration::from_secs(9))
         } else {
             let mut agent = Agent::new(w.path(), &rx, &AgentSpec::new(daemon, &[("root", &img)]));
             agent.env = env;
             agent.spawn();
-            let got = notifications(&sock, Duration::from_secs(4));
+            let got = notifications(&sock, Duration::from_secs(9));
             agent.kill();
             got
         };
@@ -433,8 +433,8 @@ fn both_daemons_feed_the_systemd_watchdog() {
         if daemon == "agent-not-ours" {
             assert_eq!(pings, 0, "{got:?}");
         } else {
-            // A ping at most every 0.4 s (a third of the period), and steadily.
-            assert!(pings >= 4, "{daemon}: {got:?}");
+            // A ping at most every 2 s (a third of the 6 s period), and again and again.
+            assert!(pings >= 2, "{daemon}: {got:?}");
         }
     }
 }
@@ -581,9 +581,9 @@ fn shipped_systemd_units_verify() {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("{unit}: no exposure level in:\n{out}{}", stderr(&o)));
         let limit = if unit.starts_with("lifeboat-agent") {
-            4.5
+            4.7
         } else {
-            3.5
+            3.2
         };
         eprintln!("{unit}: systemd-analyze security exposure {score} (limit {limit})");
         assert!(
@@ -599,7 +599,7 @@ fn shipped_systemd_units_verify() {
 #[test]
 fn sighup_reloads_what_can_change_live() {
     let w = workdir();
-    let mut rx = Receiver::start(w.path());
+    let rx = Receiver::start(w.path());
     let img = w.path().join("disk.img");
     make_image(&img, 16, 0, 9);
     let mut spec = AgentSpec::new("hup-01", &[("root", &img)]);
@@ -660,9 +660,15 @@ fn sighup_reloads_what_can_change_live() {
     assert!(agent.is_running());
 
     // The receiver: retention and log filter live; the listener only at a restart.
-    rx.set_config("log", "\"debug\"");
     let cfg = rx.dir.join("receiver.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = format!(
+        "log = \"debug\"\n{}",
+        std::fs::read_to_string(&cfg).unwrap()
+    );
+    assert!(
+        !rx.log_text().contains("DEBUG"),
+        "debug lines before the reload"
+    );
     let edited: Vec<String> = text
         .lines()
         .map(|l| match l {
@@ -681,6 +687,13 @@ fn sighup_reloads_what_can_change_live() {
         rx.log_text().contains("SIGHUP: listen changed in"),
         "{}",
         rx.log_text()
+    );
+    // A port probe (connect, close) is logged at debug level only.
+    drop(std::net::TcpStream::connect(("127.0.0.1", rx.port)).unwrap());
+    wait_for(
+        "the receiver's debug lines",
+        Duration::from_secs(30),
+        || rx.log_text().contains("DEBUG"),
     );
     let before = points(&rx);
     wait_for("the agent to go on", Duration::from_secs(60), || {

@@ -76,10 +76,18 @@ fn packages_install_validate_start_nothing_and_purge_cleanly() {
         eprintln!("SKIPPED (loudly): the package test needs root, dpkg and cargo-deb");
         return;
     }
+    for p in ["lifeboat-agent", "lifeboat-receiver"] {
+        let installed = Command::new("dpkg").args(["-s", p]).output().unwrap();
+        assert!(
+            !installed.status.success(),
+            "{p} is installed on this machine; the package test would purge it"
+        );
+    }
     for leftover in [
         "/etc/lifeboat",
         "/var/lib/lifeboat",
         "/usr/bin/lifeboat-agent",
+        "/usr/bin/lifeboat-receiver",
     ] {
         assert!(
             !Path::new(leftover).exists(),

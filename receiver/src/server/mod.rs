@@ -434,6 +434,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Signals are ours before systemd is told we are up (a reload right after the start must
+    // not find SIGHUP's default action, which ends the process).
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    apply_log(&config, opts.cli_log.as_deref());
     lifeboat_common::sd_notify::ready();
 
     // Two budgets: peers still in their handshake, and authenticated agents. A flood of
@@ -537,9 +542,6 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         None => None,
     };
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    apply_log(&config, opts.cli_log.as_deref());
     // systemd's watchdog is fed from this loop: a runtime too stuck to accept is restarted.
     let mut alive = tokio::time::interval(
         lifeboat_common::sd_notify::watchdog_period().map_or(Duration::from_secs(3600), |p| p / 4),
@@ -583,7 +585,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             }
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
-            _ = sighup.recv() => reload(&shared, &cfg_path, opts.cli_log.as_deref()),
+            _ = sighup.recv() => reload(&shared, &cfg_path, opts.cli_log.as_deref(), opts.listen.as_deref()),
         }
     }
     tracing::info!(
@@ -628,14 +630,18 @@ fn apply_log(config: &ReceiverConfig, cli_log: Option<&str>) {
 /// SIGHUP: reads receiver.toml again and applies what can change while serving: the log
 /// filter and retention (tokens are read at every Hello anyway). A file that does not load
 /// changes nothing; other changes are named, for the next restart.
-fn reload(shared: &Shared, path: &std::path::Path, cli_log: Option<&str>) {
-    let new = match ReceiverConfig::load(path) {
+fn reload(shared: &Shared, path: &std::path::Path, cli_log: Option<&str>, listen: Option<&str>) {
+    let mut new = match ReceiverConfig::load(path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("SIGHUP: {e}; nothing was changed");
             return;
         }
     };
+    if let Some(l) = listen {
+        // `serve --listen` overrides the file, now as at the start.
+        new.listen = l.to_string();
+    }
     apply_log(&new, cli_log);
     *shared.retention.write().unwrap_or_else(|e| e.into_inner()) = new.retention.clone();
     let old = &shared.config;
@@ -654,7 +660,31 @@ fn reload(shared: &Shared, path: &std::path::Path, cli_log: Option<&str>) {
             "max_manifest_memory_mib",
             old.max_manifest_memory_mib != new.max_manifest_memory_mib,
         ),
-        ("ebs", old.ebs.is_some() != new.ebs.is_some()),
+        (
+            "max_pending_handshakes_per_source",
+            old.max_pending_handshakes_per_source != new.max_pending_handshakes_per_source,
+        ),
+        (
+            "handshake_timeout_secs",
+            old.handshake_timeout_secs != new.handshake_timeout_secs,
+        ),
+        (
+            "max_disk_size_gib",
+            old.max_disk_size_gib != new.max_disk_size_gib,
+        ),
+        (
+            "max_disks_per_server",
+            old.max_disks_per_server != new.max_disks_per_server,
+        ),
+        (
+            "server_lease_minutes",
+            old.server_lease_minutes != new.server_lease_minutes,
+        ),
+        ("ebs", format!("{:?}", old.ebs) != format!("{:?}", new.ebs)),
+        (
+            "recovery",
+            format!("{:?}", old.recovery) != format!("{:?}", new.recovery),
+        ),
     ]
     .into_iter()
     .filter(|(_, changed)| *changed)
