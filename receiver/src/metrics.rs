@@ -74,6 +74,7 @@ pub struct ReceiverMetrics {
     store: Arc<dyn BlockStore>,
     refused: [AtomicU64; 8],
     points_committed: prometheus::IntCounterVec,
+    commits_refused: prometheus::IntCounterVec,
     pub gc_runs: prometheus::IntCounter,
     pub gc_failures: prometheus::IntCounter,
     pub gc_points_deleted: prometheus::IntCounter,
@@ -106,6 +107,15 @@ impl ReceiverMetrics {
                 &["server"],
             )
             .unwrap_or_else(|e| panic!("points_committed: {e}")),
+            commits_refused: prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "lifeboat_receiver_commits_refused_total",
+                    "Points the receiver did not commit: the agent's digests differed from its \
+                     (the agent rescans), or the commit failed (the log says why).",
+                ),
+                &["server", "reason"],
+            )
+            .unwrap_or_else(|e| panic!("commits_refused: {e}")),
             gc_runs: counter("lifeboat_receiver_gc_runs_total", "GC passes run."),
             gc_failures: counter(
                 "lifeboat_receiver_gc_failures_total",
@@ -144,10 +154,18 @@ impl ReceiverMetrics {
         self.points_committed.with_label_values(&[server]).inc();
     }
 
+    /// A point not committed; `reason` is "digest_mismatch" or "error".
+    pub fn commit_refused(&self, server: &str, reason: &'static str) {
+        self.commits_refused
+            .with_label_values(&[server, reason])
+            .inc();
+    }
+
     fn render(&self) -> String {
         let now = now_ms();
         let f = Families::new();
         f.add(self.points_committed.clone());
+        f.add(self.commits_refused.clone());
         for c in [
             &self.gc_runs,
             &self.gc_failures,

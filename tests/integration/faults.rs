@@ -410,6 +410,11 @@ fn a_block_quarantined_under_a_live_session_is_never_named_by_a_new_point() {
     let log = agent.log_text();
     assert!(log.contains("DigestMismatch"), "{log}");
     assert!(rx.log_text().contains("blocks missing from the store"));
+    // ... and counted as such.
+    let (_, m) = http_get(&rx.metrics_addr(), "/metrics");
+    let refused =
+        r#"lifeboat_receiver_commits_refused_total{reason="digest_mismatch",server="live-rot"}"#;
+    assert!(sample(&m, refused).is_some_and(|v| v >= 1.0), "{m}");
     // Content addressing heals the older points too.
     for p in rx.points("live-rot") {
         let n = p["point"].as_u64().unwrap().to_string();

@@ -615,7 +615,8 @@ impl Session {
                 // all of it or none of it.
                 let shared = self.shared.clone();
                 let _refs = shared.gc_lock.read().unwrap_or_else(|e| e.into_inner());
-                self.commit(point, created_unix_ms, consistency, why, &disks)?;
+                self.commit(point, created_unix_ms, consistency, why, &disks)
+                    .inspect_err(|_| self.shared.metrics.commit_refused(&self.server, "error"))?;
             }
             // Its clock was read by the connection as the frame arrived (`measured_skew`).
             Message::Progress { disks, .. } => {
@@ -726,6 +727,9 @@ impl Session {
             })?;
             let live = d.manifest.digest();
             if live != *digest {
+                self.shared
+                    .metrics
+                    .commit_refused(&self.server, "digest_mismatch");
                 // Not fatal: the agent re-reads our manifest and rescans.
                 self.outbox.push(Message::Error {
                     code: ErrorCode::DigestMismatch,
