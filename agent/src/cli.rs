@@ -49,6 +49,28 @@ pub enum Command {
         #[arg(long)]
         file_only: bool,
     },
+    /// Get this agent's client certificate from the receiver with a one-time code (made on
+    /// the receiver by `lifeboat-receiver enroll --server <server_id>`). From then on agent
+    /// and receiver authenticate each other with it (mutual TLS) and the token is not used.
+    #[command(
+        after_help = "The key is made here and never leaves this machine; the certificate \
+        is kept in <state_dir>/certificate.json (mode 0600) and renewed by the running agent \
+        once two thirds of its life have passed. The code is checked against the receiver \
+        whose CA agent.toml pins, so it cannot be sent to an impostor. A running agent picks \
+        the certificate up by itself; nothing is resent."
+    )]
+    Enroll {
+        #[arg(long, default_value = "/etc/lifeboat/agent.toml")]
+        config: PathBuf,
+        /// The enrolment code; read from stdin when left out (keeps it out of the shell's
+        /// history and the process list).
+        #[arg(long)]
+        code: Option<String>,
+        /// Renew the current certificate now, with no code (the running agent does this by
+        /// itself when it is due).
+        #[arg(long, conflicts_with = "code")]
+        renew: bool,
+    },
     /// Show the state of the agent that uses this config (from its state directory).
     Status {
         #[arg(long, default_value = "/etc/lifeboat/agent.toml")]
@@ -121,6 +143,27 @@ fn check_host(path: &Path, cfg: &AgentConfig) -> Result<Vec<String>, ConfigError
             format!("{}: {e}", cfg.state_dir.display()),
         )
     })?;
+    let server_id = cfg.server_id();
+    match crate::certificate::Credentials::load(&cfg.state_dir) {
+        Err(e) => return Err(invalid("state_dir".into(), e)),
+        Ok(Some(c)) => {
+            if let Err(e) = c.usable(&server_id, &cfg.state_dir, lifeboat_common::now_ms()) {
+                return Err(invalid("server_id".into(), e));
+            }
+        }
+        Ok(None) if cfg.receiver.token.trim().is_empty() => {
+            return Err(invalid(
+                "receiver.token".into(),
+                format!(
+                    "is empty, and this agent has no certificate ({} is missing): enrol it \
+                     (lifeboat-receiver enroll --server {server_id}, then lifeboat-agent \
+                     enroll) or set the token",
+                    crate::certificate::path(&cfg.state_dir).display()
+                ),
+            ))
+        }
+        Ok(None) => {}
+    }
     if !cfg.state_dir.starts_with(UNIT_STATE_DIR) {
         warnings.push(format!(
             "state_dir {} is outside {UNIT_STATE_DIR}, the only directory the shipped \
@@ -166,6 +209,9 @@ pub fn run(cli: Cli) -> u8 {
             println!("{}: ok ({} disk(s), receiver {})", config.display(), cfg.disks.len(), cfg.receiver.address);
             Ok(())
         }),
+        Command::Enroll { config, code, renew } => {
+            load(&config).and_then(|cfg| crate::certificate::enroll_command(&cfg, code, renew))
+        }
         Command::Status { config, json } => load(&config).and_then(|cfg| crate::status::show(&cfg, json)),
         Command::Untrack { config } => load(&config).map(|cfg| {
             let dir = crate::tracker::ebpf::pin::dir_for(&cfg.state_dir);

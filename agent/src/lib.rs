@@ -7,12 +7,14 @@
 //!   page checksums that let a block read whole go as the pages that changed.
 //! - [`replicate`]: the protocol client: cycles, commits; [`window`]: the send window
 //!   (dedupe queries, acks, resends), sans-IO.
-//! - [`link`] and [`tls`]: the TLS connection with the pinned receiver CA.
+//! - [`link`] and [`tls`]: the TLS connection with the pinned receiver CA; [`certificate`]:
+//!   the agent's client certificate (enrolment, renewal).
 //! - [`run`]: the reconnecting main loop; [`state`]: what survives a restart.
 //! - [`identity`]: which machine this is, so a clone cannot pass for it.
 //! - [`metrics`]: what `/metrics` and `/healthz` serve for Prometheus.
 
 pub mod adapt;
+pub mod certificate;
 pub mod cli;
 pub mod freeze;
 pub mod identity;

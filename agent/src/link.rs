@@ -116,13 +116,68 @@ async fn write_pieces(
     let _ = tokio::time::timeout(CONNECT_TIMEOUT, wr.shutdown()).await;
 }
 
+/// A connection past TLS and the preface, before `Hello` or `Enrol`.
+pub struct Opened {
+    rd: tokio::io::ReadHalf<TlsStream<TcpStream>>,
+    wr: WriteHalf<TlsStream<TcpStream>>,
+}
+
+impl Opened {
+    /// Sends one message and reads the one reply (an `Error` becomes [`LinkError::Refused`]).
+    pub async fn exchange(&mut self, m: &Message) -> Result<Message, LinkError> {
+        let mut out = Vec::new();
+        m.encode(&mut out);
+        let write = async {
+            self.wr.write_all(&out).await?;
+            self.wr.flush().await
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, write)
+            .await
+            .map_err(|_| LinkError::Timeout(CONNECT_TIMEOUT.as_secs()))?
+            .map_err(|e| LinkError::Lost(e.to_string()))?;
+        let mut buf = Vec::new();
+        loop {
+            match decode_frame(&buf) {
+                Ok(Some((
+                    Message::Error {
+                        code,
+                        retryable,
+                        message,
+                    },
+                    _,
+                ))) => {
+                    return Err(LinkError::Refused {
+                        code,
+                        retryable,
+                        message,
+                    })
+                }
+                Ok(Some((m, _))) => return Ok(m),
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(LinkError::Protocol(format!(
+                        "malformed frame from receiver: {e}"
+                    )))
+                }
+            }
+            let n = tokio::time::timeout(CONNECT_TIMEOUT, self.rd.read_buf(&mut buf))
+                .await
+                .map_err(|_| LinkError::Timeout(CONNECT_TIMEOUT.as_secs()))?
+                .map_err(|e| LinkError::Lost(e.to_string()))?;
+            if n == 0 {
+                return Err(LinkError::Lost("receiver closed the connection".into()));
+            }
+        }
+    }
+}
+
 impl Link {
-    pub async fn connect(
+    /// TCP, TLS 1.3 with the pinned CA (presenting `client` as this agent's certificate, when
+    /// given), and the preface both ways.
+    pub async fn open(
         cfg: &AgentConfig,
-        server_id: &str,
-        identity: &crate::identity::Identity,
-        bandwidth_mbps: Arc<AtomicU64>,
-    ) -> Result<Link, LinkError> {
+        client: Option<&crate::certificate::Credentials>,
+    ) -> Result<Opened, LinkError> {
         let addr = cfg.receiver.address.clone();
         let connect_err = |why: String| LinkError::Connect {
             addr: addr.clone(),
@@ -142,7 +197,8 @@ impl Link {
             addr: addr.clone(),
             why,
         };
-        let tls_cfg = crate::tls::client_config(pin).map_err(|e| tls_err(e.to_string()))?;
+        let tls_cfg = crate::tls::client_config(pin, client.map(|c| c.client_auth()))
+            .map_err(|e| tls_err(e.to_string()))?;
         let name = ServerName::try_from(cfg.receiver.server_name.clone())
             .map_err(|e| tls_err(format!("server_name {:?}: {e}", cfg.receiver.server_name)))?;
         let tls = tokio::time::timeout(
@@ -160,7 +216,6 @@ impl Link {
             }
         })?;
         let (mut rd, mut wr) = tokio::io::split(tls);
-        let reply_timeout = Duration::from_secs(cfg.receiver.timeout_secs);
         wr.write_all(&protocol::preface(protocol::PROTOCOL_VERSION))
             .await
             .map_err(|e| LinkError::Lost(e.to_string()))?;
@@ -170,6 +225,42 @@ impl Link {
             .map_err(|_| LinkError::Timeout(CONNECT_TIMEOUT.as_secs()))?
             .map_err(|e| LinkError::Lost(format!("reading preface: {e}")))?;
         protocol::check_preface(&pre).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        Ok(Opened { rd, wr })
+    }
+
+    /// Opens a connection (with this agent's certificate once it enrolled, else its token)
+    /// and says `Hello`; returns once the receiver answered `Welcome`.
+    pub async fn connect(
+        cfg: &AgentConfig,
+        server_id: &str,
+        identity: &crate::identity::Identity,
+        bandwidth_mbps: Arc<AtomicU64>,
+    ) -> Result<Link, LinkError> {
+        let creds = crate::certificate::Credentials::load(&cfg.state_dir).map_err(|why| {
+            LinkError::Tls {
+                addr: cfg.receiver.address.clone(),
+                why,
+            }
+        })?;
+        if let Some(c) = &creds {
+            c.usable(server_id, &cfg.state_dir, lifeboat_common::now_ms())
+                .map_err(|why| LinkError::Tls {
+                    addr: cfg.receiver.address.clone(),
+                    why,
+                })?;
+        } else if cfg.receiver.token.trim().is_empty() {
+            return Err(LinkError::Tls {
+                addr: cfg.receiver.address.clone(),
+                why: format!(
+                    "this agent has neither a certificate ({} is missing) nor a token \
+                     (receiver.token is empty): enrol it (lifeboat-receiver enroll --server \
+                     {server_id}, then lifeboat-agent enroll)",
+                    crate::certificate::path(&cfg.state_dir).display()
+                ),
+            });
+        }
+        let Opened { mut rd, wr } = Link::open(cfg, creds.as_ref()).await?;
+        let reply_timeout = Duration::from_secs(cfg.receiver.timeout_secs);
 
         let (tx, inbound) = mpsc::channel(1024);
         let reader = tokio::spawn(async move {
@@ -230,7 +321,12 @@ impl Link {
         };
         link.queue(&Message::Hello {
             server_id: server_id.to_string(),
-            token: cfg.receiver.token.clone(),
+            // With a certificate the receiver does not look at the token: none is sent.
+            token: if creds.is_some() {
+                String::new()
+            } else {
+                cfg.receiver.token.clone()
+            },
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             instance: identity.instance.clone(),
             hostname: identity.hostname.clone(),

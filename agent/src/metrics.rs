@@ -24,14 +24,18 @@ pub struct AgentMetrics {
     stall_secs: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub point_seconds: prometheus::Histogram,
     pub freeze_seconds: prometheus::Histogram,
+    /// Where the client certificate is (its expiry is read at each scrape).
+    state_dir: std::path::PathBuf,
 }
 
 impl AgentMetrics {
     pub fn new(
         status: AgentStatus,
         stall_secs: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        state_dir: std::path::PathBuf,
     ) -> AgentMetrics {
         AgentMetrics {
+            state_dir,
             status: Mutex::new(status),
             started_unix_ms: now_ms(),
             stall_secs,
@@ -188,6 +192,14 @@ impl Exporter for AgentMetrics {
                 "lifeboat_agent_last_point_crash_consistent",
                 "1 when the newest point is crash-consistent (frozen), 0 when best-effort.",
                 f64::from(u8::from(c == Consistency::CrashConsistent)),
+            );
+        }
+        if let Ok(Some(c)) = crate::certificate::Credentials::load(&self.state_dir) {
+            f.gauge_value(
+                "lifeboat_agent_certificate_expiry_timestamp_seconds",
+                "When this agent's client certificate expires (it renews it after two thirds \
+                 of its life); absent for an agent that uses a token.",
+                unix_secs(c.not_after_unix_ms),
             );
         }
         f.gauge_value(

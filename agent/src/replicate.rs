@@ -119,6 +119,7 @@ impl Replicator {
         let lock = lifeboat_common::lock::lock_dir(&cfg.state_dir, "agent")?;
         let agent = state.load_agent();
         let server_id = cfg.server_id();
+        let state_dir_path = cfg.state_dir.clone();
         let identity =
             crate::identity::load(&cfg.state_dir).map_err(|source| ReplicateError::State {
                 path: cfg.state_dir.clone(),
@@ -197,6 +198,7 @@ impl Replicator {
             metrics: Arc::new(crate::metrics::AgentMetrics::new(
                 status_copy,
                 live.stall_secs.clone(),
+                state_dir_path,
             )),
             live,
             net_base: 0,

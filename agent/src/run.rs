@@ -61,6 +61,15 @@ async fn session_inner(rep: &mut Replicator, once: bool) -> Result<(), Replicate
     }
 }
 
+/// Ends a background task when the run ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 pub async fn run(cfg: AgentConfig, opts: RunOptions) -> Result<(), RunError> {
     // Before anything is written: a filesystem left frozen by a killed agent (the state
     // directory may be on it).
@@ -117,6 +126,14 @@ pub async fn run(cfg: AgentConfig, opts: RunOptions) -> Result<(), RunError> {
         .map_err(RunError::Runtime)?;
     lifeboat_common::sd_notify::ready();
     crate::reload::apply_log(rep.config(), opts.cli_log.as_deref());
+    // The client certificate (once enrolled) is renewed when due: now, then on its own task.
+    crate::certificate::renew_if_due(rep.config(), &rep.server_id, &rep.identity).await;
+    let renewal = tokio::spawn(crate::certificate::keep_renewed(
+        rep.config().clone(),
+        rep.server_id.clone(),
+        rep.identity.clone(),
+    ));
+    let _renewal = AbortOnDrop(renewal);
     let (running, live) = (rep.config().clone(), rep.live.clone());
     let began = Instant::now();
     let mut backoff = Duration::from_secs(1);

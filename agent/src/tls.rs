@@ -5,7 +5,7 @@
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::sync::Arc;
 
@@ -89,13 +89,20 @@ impl ServerCertVerifier for PinnedCa {
     }
 }
 
-/// A TLS 1.3 client configuration that trusts only the pinned CA.
-pub fn client_config(pin: [u8; 32]) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+/// A TLS 1.3 client configuration that trusts only the pinned CA, presenting `client` (the
+/// agent's certificate and key) when given.
+pub fn client_config(
+    pin: [u8; 32],
+    client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCa { pin, provider }))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(Arc::new(PinnedCa { pin, provider }));
+    let cfg = match client {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    };
     Ok(Arc::new(cfg))
 }

@@ -156,7 +156,10 @@ pub struct ReceiverEndpoint {
     pub server_name: String,
     /// SHA-256 of the receiver's CA certificate, as printed by `lifeboat-receiver init`.
     pub ca_fingerprint: String,
-    /// The enrolment token printed by `lifeboat-receiver init`.
+    /// The enrolment token printed by `lifeboat-receiver init` (or a server's own, from
+    /// `token-add --server`). Not used once the agent enrolled a certificate
+    /// (`lifeboat-agent enroll`); may then be left out.
+    #[serde(default)]
     pub token: String,
     /// Seconds without an answer, with work outstanding, before the receiver is considered
     /// hung and the agent reconnects.
@@ -403,9 +406,6 @@ impl AgentConfig {
                 "must be between 2 and 3600",
             ));
         }
-        if self.receiver.token.trim().is_empty() {
-            return Err(invalid(path, "receiver.token", "must not be empty"));
-        }
         if self.disks.is_empty() {
             return Err(invalid(
                 path,
@@ -516,6 +516,10 @@ pub struct ReceiverConfig {
     /// holder is connected or was heard from less than this many minutes ago.
     #[serde(default = "default_server_lease_minutes")]
     pub server_lease_minutes: u64,
+    /// Days an enrolled agent's client certificate is valid (default 365). The agent renews
+    /// it by itself once two thirds of that have passed.
+    #[serde(default = "default_agent_certificate_days")]
+    pub agent_certificate_days: u64,
     /// The EBS snapshot target; absent: points stay in the staging store only (the local
     /// target, the embedded default).
     #[serde(default)]
@@ -823,6 +827,9 @@ fn default_max_clock_skew_secs() -> u64 {
 fn default_server_lease_minutes() -> u64 {
     30
 }
+fn default_agent_certificate_days() -> u64 {
+    365
+}
 fn default_recent_minutes() -> u64 {
     10
 }
@@ -924,6 +931,13 @@ impl ReceiverConfig {
         if self.max_clock_skew_secs == 0 {
             return Err(invalid(path, "max_clock_skew_secs", "must be at least 1"));
         }
+        if !(1..=3650).contains(&self.agent_certificate_days) {
+            return Err(invalid(
+                path,
+                "agent_certificate_days",
+                "must be 1-3650 (agents renew their certificates after two thirds of it)",
+            ));
+        }
         if self.retention.gc_grace_minutes > 7 * 24 * 60 {
             return Err(invalid(
                 path,
@@ -964,6 +978,7 @@ impl Default for ReceiverConfig {
             max_manifest_memory_mib: default_max_manifest_memory_mib(),
             max_clock_skew_secs: default_max_clock_skew_secs(),
             server_lease_minutes: default_server_lease_minutes(),
+            agent_certificate_days: default_agent_certificate_days(),
             ebs: None,
             recovery: Default::default(),
         }

@@ -374,6 +374,24 @@ impl<const CAP: usize> FieldCodec<Vec<bool>> for Bitmap<CAP> {
     }
 }
 
+/// Bytes: `u16` length, at most `CAP`.
+struct Bytes<const CAP: usize>;
+
+impl<const CAP: usize> FieldCodec<Vec<u8>> for Bytes<CAP> {
+    fn put(v: &Vec<u8>, w: &mut Writer<'_>) {
+        w.0.extend_from_slice(&(v.len() as u16).to_le_bytes());
+        w.0.extend_from_slice(v);
+    }
+    fn get(r: &mut Reader<'_>, what: &'static str) -> Result<Vec<u8>, DecodeError> {
+        let b = r.take(2)?;
+        let n = u16::from_le_bytes([b[0], b[1]]) as usize;
+        if n > CAP {
+            return Err(r.invalid(format!("{what} of {n} bytes is longer than {CAP}")));
+        }
+        Ok(r.take(n)?.to_vec())
+    }
+}
+
 /// A block's encoded bytes: `u32` length, at most one block plus zstd's worst-case growth.
 struct BlockData;
 
@@ -487,7 +505,28 @@ messages! {
     }
     /// R: these Patch sequence numbers are durable, and the blocks they made are named so.
     18 Named { named: Vec<(u64, BlockHash)> => List<MAX_ACKS> }
+    /// A, instead of `Hello`: ask for a client certificate for `public_key` (an uncompressed
+    /// P-256 point, 65 bytes) with the one-time `code` from `lifeboat-receiver enroll`, or,
+    /// with an empty code over a connection that presents this server's current certificate,
+    /// renew it. The receiver answers `Enrolled` or `Error`, then closes.
+    19 Enrol {
+        server_id: String,
+        code: String,
+        public_key: Vec<u8> => Bytes<MAX_PUBLIC_KEY>,
+        instance: String,
+        hostname: String,
+    }
+    /// R: the certificate (DER) issued for the key of `Enrol`, valid until `not_after_unix_ms`.
+    20 Enrolled {
+        certificate: Vec<u8> => Bytes<MAX_CERTIFICATE>,
+        not_after_unix_ms: u64,
+    }
 }
+
+/// Largest public key an `Enrol` may carry.
+pub const MAX_PUBLIC_KEY: usize = 512;
+/// Largest certificate an `Enrolled` may carry.
+pub const MAX_CERTIFICATE: usize = 8192;
 
 /// A sub-block page of a [`Message::Patch`].
 pub const PAGE_SIZE: usize = 4096;
@@ -782,6 +821,21 @@ mod tests {
                 instance: i,
                 hostname: n,
             }),
+            (s, s, proptest::collection::vec(any::<u8>(), 0..100), s, s).prop_map(
+                |(a, c, k, i, n)| Message::Enrol {
+                    server_id: a,
+                    code: c,
+                    public_key: k,
+                    instance: i,
+                    hostname: n,
+                }
+            ),
+            (proptest::collection::vec(any::<u8>(), 0..600), any::<u64>()).prop_map(|(c, t)| {
+                Message::Enrolled {
+                    certificate: c,
+                    not_after_unix_ms: t,
+                }
+            }),
             (s, any::<u64>()).prop_map(|(v, p)| Message::Welcome {
                 receiver_version: v,
                 last_point: p
@@ -976,7 +1030,7 @@ mod tests {
             disks: vec![(0, BlockHash([9; 32]))],
         }
         .encode(&mut frame);
-        for t in 1..=19u8 {
+        for t in 1..=21u8 {
             for cut in 0..frame.len() - 5 {
                 let mut body = frame[4..].to_vec();
                 body[0] = t;

@@ -53,7 +53,7 @@ fn run_corpus(target: &str, min: usize, check: fn(&[u8]), valid: fn(&[u8]) -> bo
 
 #[test]
 fn every_frame_input_decodes_canonically_or_fails_cleanly() {
-    run_corpus("decode_frame", 17, fuzzing::frames, |b| {
+    run_corpus("decode_frame", 19, fuzzing::frames, |b| {
         matches!(lifeboat_common::protocol::decode_frame(b), Ok(Some(_)))
     });
 }
@@ -185,6 +185,23 @@ fn seeds() -> Vec<(&'static str, Message)> {
                     state: DiskState::Continuous,
                     backlog_blocks: 0,
                 }],
+            },
+        ),
+        (
+            "enrol",
+            Message::Enrol {
+                server_id: "web-01".into(),
+                code: "c".into(),
+                public_key: vec![4; 65],
+                instance: "0123456789abcdef".into(),
+                hostname: "web-01".into(),
+            },
+        ),
+        (
+            "enrolled",
+            Message::Enrolled {
+                certificate: vec![0x30; 300],
+                not_after_unix_ms: 1_800_000_000_000,
             },
         ),
         (

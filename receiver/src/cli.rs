@@ -80,6 +80,40 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make a one-time enrolment code for a server's agent (shown once, expires). With it,
+    /// `lifeboat-agent enroll` gets a client certificate from this receiver's CA; from then on
+    /// agent and receiver authenticate each other (mutual TLS) and tokens no longer work for
+    /// that server.
+    #[command(
+        after_help = "Moving a server from its token to a certificate: run `enroll --server S` \
+        here, then `lifeboat-agent enroll --code ...` on S. A running agent picks the \
+        certificate up by itself (its token connection is closed and it reconnects); nothing \
+        is resent. Enrolling a server again replaces its certificate and cuts off the old one."
+    )]
+    Enroll {
+        /// The server id the code is for (the agent's server_id).
+        #[arg(long)]
+        server: String,
+        /// Minutes the code stays valid (at most 10080, 7 days).
+        #[arg(long, default_value_t = 60)]
+        valid_minutes: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every server's identity (certificate, token or revoked), host, certificate
+    /// expiry and last contact, and the enrolment codes not used yet.
+    Agents {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Refuse a server's agent from now on: its certificate and tokens stop working, and the
+    /// running receiver closes its connection within a second. Its replicas and points stay;
+    /// `enroll` lets it back.
+    Revoke {
+        /// The server id, as `agents` lists it.
+        #[arg(long)]
+        server: String,
+    },
     /// Check receiver.toml (or another file) and exit non-zero naming what is wrong.
     Validate {
         /// The file to check; default <state-dir>/receiver.toml.
@@ -282,6 +316,13 @@ pub fn run(cli: Cli) -> u8 {
         Command::TokenAdd { server, json } => {
             crate::commands::token::add(&cli.state_dir, server.as_deref(), json)
         }
+        Command::Enroll {
+            server,
+            valid_minutes,
+            json,
+        } => crate::commands::enroll::run(&cli.state_dir, &server, valid_minutes, json),
+        Command::Agents { json } => crate::commands::agents::run(&cli.state_dir, json),
+        Command::Revoke { server } => crate::commands::revoke::run(&cli.state_dir, &server),
         Command::Validate { config } => crate::commands::validate::run(&cli.state_dir, config),
         Command::Servers { json } => crate::commands::servers::run(&cli.state_dir, json),
         Command::Release { server } => crate::commands::release::run(&cli.state_dir, &server),

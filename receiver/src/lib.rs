@@ -16,6 +16,7 @@ pub mod commands;
 pub mod disk;
 pub mod durability;
 pub mod gc;
+pub mod identities;
 pub mod metrics;
 pub mod recovery;
 pub mod retention;

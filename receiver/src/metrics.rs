@@ -40,10 +40,16 @@ pub enum Refusal {
     Identity,
     /// The server is still replicating on another connection.
     Busy,
+    /// A client certificate not enrolled for the server, or none from a server that has one.
+    Certificate,
+    /// The server's identity was revoked.
+    Revoked,
+    /// An enrolment or renewal refused (unknown, used, expired or another server's code).
+    Enrolment,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 8] = [
+    const ALL: [Refusal; 11] = [
         Refusal::HandshakeLimit,
         Refusal::HandshakeTimeout,
         Refusal::Tls,
@@ -52,6 +58,9 @@ impl Refusal {
         Refusal::MaxConnections,
         Refusal::Identity,
         Refusal::Busy,
+        Refusal::Certificate,
+        Refusal::Revoked,
+        Refusal::Enrolment,
     ];
 
     fn as_str(self) -> &'static str {
@@ -64,6 +73,9 @@ impl Refusal {
             Refusal::MaxConnections => "max_connections",
             Refusal::Identity => "identity",
             Refusal::Busy => "busy",
+            Refusal::Certificate => "certificate",
+            Refusal::Revoked => "revoked",
+            Refusal::Enrolment => "enrolment",
         }
     }
 }
@@ -72,7 +84,7 @@ impl Refusal {
 pub struct ReceiverMetrics {
     state_dir: PathBuf,
     store: Arc<dyn BlockStore>,
-    refused: [AtomicU64; 8],
+    refused: [AtomicU64; 11],
     points_committed: prometheus::IntCounterVec,
     commits_refused: prometheus::IntCounterVec,
     pub gc_runs: prometheus::IntCounter,
@@ -302,6 +314,19 @@ impl ReceiverMetrics {
             ];
             for (family, v) in per_server.iter().zip(totals) {
                 family.with_label_values(&[s]).inc_by(v);
+            }
+        }
+        let expiry = f.gauge(
+            "lifeboat_receiver_agent_certificate_expiry_timestamp_seconds",
+            "When the server's client certificate expires (its agent renews it after two \
+             thirds of its life); absent for servers on tokens and revoked ones.",
+            &["server"],
+        );
+        for r in crate::identities::Record::all(&self.state_dir).unwrap_or_default() {
+            if r.revoked_unix_ms.is_none() && !r.certificate_sha256.is_empty() {
+                expiry
+                    .with_label_values(&[&r.server])
+                    .set(unix_secs(r.not_after_unix_ms));
             }
         }
         f.gauge_value(

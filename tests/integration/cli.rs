@@ -26,6 +26,9 @@ fn help_lists_every_command() {
             "serve",
             "scrub",
             "token-add",
+            "enroll",
+            "agents",
+            "revoke",
             "validate",
             "servers",
             "release",
@@ -39,7 +42,7 @@ fn help_lists_every_command() {
     );
     assert_eq!(
         commands_in_help("lifeboat-agent"),
-        ["run", "validate", "status", "untrack", "help"]
+        ["run", "validate", "enroll", "status", "untrack", "help"]
     );
 }
 

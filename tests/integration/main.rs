@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod e2e;
 mod ebs;
+mod enrolment;
 mod faults;
 mod gc;
 mod identity;

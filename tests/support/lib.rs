@@ -762,7 +762,7 @@ pub struct RawClient {
 impl RawClient {
     pub fn connect(rx: &Receiver) -> RawClient {
         let pin = lifeboat_common::config::parse_fingerprint(&rx.fingerprint).unwrap();
-        let cfg: Arc<rustls::ClientConfig> = lifeboat_agent::tls::client_config(pin).unwrap();
+        let cfg: Arc<rustls::ClientConfig> = lifeboat_agent::tls::client_config(pin, None).unwrap();
         let name = rustls::pki_types::ServerName::try_from("lifeboat-receiver").unwrap();
         let conn = rustls::ClientConnection::new(cfg, name).unwrap();
         let tcp = TcpStream::connect(("127.0.0.1", rx.port)).unwrap();

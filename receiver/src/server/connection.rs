@@ -4,6 +4,7 @@
 
 use super::session::{Session, SessionEnd};
 use super::{HandshakeTicket, Holder, LastHolder, ServerSlot, Shared};
+use crate::identities::{self, IdentityRefusal, Proof, Record};
 use crate::status::{now_ms, RefusedClaim, ServerStatus};
 use lifeboat_common::protocol::{
     self, decode_frame_capped, DecodeError, ErrorCode, Message, MAX_FRAME, MAX_PREAUTH_FRAME,
@@ -138,6 +139,168 @@ struct Authenticated {
     agent_version: String,
     instance: String,
     hostname: String,
+    /// The client certificate's "sha256:…", when one was presented.
+    presented: Option<String>,
+}
+
+/// Checks the names a `Hello` or `Enrol` carries; the message says which is wrong.
+fn check_names(server_id: &str, instance: &str, hostname: &str) -> Result<(), String> {
+    if !lifeboat_common::config::valid_name(server_id) {
+        return Err(format!(
+            "server id {server_id:?} must be 1-64 of [A-Za-z0-9._-]"
+        ));
+    }
+    let valid_instance = instance.len() == 16 && instance.bytes().all(|b| b.is_ascii_hexdigit());
+    if !valid_instance
+        || hostname.is_empty()
+        || hostname.len() > 255
+        || hostname.chars().any(char::is_control)
+    {
+        return Err(format!(
+            "server {server_id}: names instance {instance:?} on host {hostname:?}: an instance \
+             is 16 hex digits, a host name 1-255 printable characters"
+        ));
+    }
+    Ok(())
+}
+
+/// What a refused identity counts as.
+fn refusal_kind(r: &IdentityRefusal) -> crate::metrics::Refusal {
+    match r {
+        IdentityRefusal::Revoked { .. } => crate::metrics::Refusal::Revoked,
+        _ => crate::metrics::Refusal::Certificate,
+    }
+}
+
+/// An `Enrol`: a client certificate for a one-time code, or a renewal over a connection that
+/// presents the server's certificate. Answers `Enrolled` or an `Error`; either way the
+/// connection then ends. The code is never logged.
+#[allow(clippy::too_many_arguments)]
+async fn enrol<W: AsyncWrite + Unpin>(
+    shared: &Shared,
+    wr: &mut W,
+    presented: Option<&str>,
+    server_id: String,
+    code: String,
+    public_key: Vec<u8>,
+    instance: String,
+    hostname: String,
+) -> Result<(), String> {
+    /// A refusal: what it counts as, whether retrying can help, and the message.
+    type Refused = (crate::metrics::Refusal, bool, String);
+    let refuse = |kind: crate::metrics::Refusal, retryable: bool, msg: String| -> Refused {
+        (kind, retryable, msg)
+    };
+    let now = now_ms();
+    let state_dir = shared.state_dir.clone();
+    let valid = Duration::from_secs(shared.config.agent_certificate_days * 86_400);
+    let outcome = (|| {
+        check_names(&server_id, &instance, &hostname)
+            .map_err(|m| refuse(crate::metrics::Refusal::Protocol, false, m))?;
+        let record = Record::load(&state_dir, &server_id).map_err(|e| {
+            refuse(
+                crate::metrics::Refusal::Enrolment,
+                true,
+                format!("server {server_id}: reading its identity: {e:#}"),
+            )
+        })?;
+        let renewing = code.is_empty();
+        let previous = if renewing {
+            match identities::check(&server_id, record.as_ref(), presented) {
+                Ok(Proof::Certificate(fp)) => Some(fp),
+                Ok(Proof::Token) => {
+                    return Err(refuse(
+                        crate::metrics::Refusal::Enrolment,
+                        false,
+                        format!(
+                            "server {server_id}: an enrolment without a code renews a \
+                             certificate, and this connection presented none; enrol with a \
+                             code from `lifeboat-receiver enroll --server {server_id}`"
+                        ),
+                    ))
+                }
+                Err(r) => return Err(refuse(refusal_kind(&r), false, r.to_string())),
+            }
+        } else {
+            None
+        };
+        let issued =
+            crate::tls::issue_client_certificate(&state_dir, &server_id, &public_key, valid, now)
+                .map_err(|e| {
+                refuse(
+                    crate::metrics::Refusal::Enrolment,
+                    false,
+                    format!("server {server_id}: no certificate issued: {e:#}"),
+                )
+            })?;
+        // The code is spent only once everything before could be done.
+        if !renewing {
+            identities::redeem(&state_dir, &code, &server_id, &hostname, now).map_err(|r| {
+                refuse(
+                    crate::metrics::Refusal::Enrolment,
+                    false,
+                    format!("server {server_id}: {r}"),
+                )
+            })?;
+        }
+        let enrolled_unix_ms = match (&record, renewing) {
+            (Some(r), true) => r.enrolled_unix_ms,
+            _ => now,
+        };
+        let new = Record {
+            server: server_id.clone(),
+            certificate_sha256: issued.sha256.clone(),
+            issued_unix_ms: issued.issued_unix_ms,
+            not_after_unix_ms: issued.not_after_unix_ms,
+            enrolled_unix_ms,
+            previous_sha256: previous,
+            instance: instance.clone(),
+            hostname: hostname.clone(),
+            revoked_unix_ms: None,
+        };
+        new.save(&state_dir).map_err(|e| {
+            refuse(
+                crate::metrics::Refusal::Enrolment,
+                !renewing,
+                format!(
+                    "server {server_id}: recording its identity failed: {e:#}{}",
+                    if renewing {
+                        ""
+                    } else {
+                        " (the code is spent: make a new one)"
+                    }
+                ),
+            )
+        })?;
+        Ok((issued, renewing))
+    })();
+    match outcome {
+        Ok((issued, renewing)) => {
+            shared.identities.bump();
+            tracing::info!(
+                server = %server_id,
+                %hostname,
+                certificate = %issued.sha256,
+                valid_until = %crate::commands::fmt_utc(issued.not_after_unix_ms),
+                "{}",
+                if renewing { "agent certificate renewed" } else { "agent enrolled" }
+            );
+            send_now(
+                wr,
+                &Message::Enrolled {
+                    certificate: issued.der,
+                    not_after_unix_ms: issued.not_after_unix_ms,
+                },
+            )
+            .await;
+            Ok(())
+        }
+        Err((kind, retryable, msg)) => {
+            shared.metrics.refused(kind);
+            send_now(wr, &error(ErrorCode::Auth, retryable, msg.clone())).await;
+            Err(msg)
+        }
+    }
 }
 
 /// TLS, preface and `Hello`, all within one deadline (not one per read, which a peer
@@ -161,6 +324,12 @@ async fn handshake(
         }
         Ok(tls) => tls,
     };
+    let presented = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| crate::tls::fingerprint(c));
     let (mut rd, mut wr) = tokio::io::split(tls);
     stage.store(STAGE_PREFACE, Ordering::Relaxed);
 
@@ -202,28 +371,41 @@ async fn handshake(
             instance,
             hostname,
         }) => {
-            if !lifeboat_common::config::valid_name(&server_id) {
-                let msg = format!("server id {server_id:?} must be 1-64 of [A-Za-z0-9._-]");
+            if let Err(msg) = check_names(&server_id, &instance, &hostname) {
                 shared.metrics.refused(crate::metrics::Refusal::Protocol);
                 send_now(&mut wr, &error(ErrorCode::Protocol, false, msg.clone())).await;
                 return Err(msg);
             }
-            let valid_instance =
-                instance.len() == 16 && instance.bytes().all(|b| b.is_ascii_hexdigit());
-            if !valid_instance
-                || hostname.is_empty()
-                || hostname.len() > 255
-                || hostname.chars().any(char::is_control)
-            {
-                let msg = format!(
-                    "server {server_id}: Hello names instance {instance:?} on host {hostname:?}: \
-                     an instance is 16 hex digits, a host name 1-255 printable characters"
-                );
-                shared.metrics.refused(crate::metrics::Refusal::Protocol);
-                send_now(&mut wr, &error(ErrorCode::Protocol, false, msg.clone())).await;
-                return Err(msg);
+            let record = match Record::load(&shared.state_dir, &server_id) {
+                Ok(r) => r,
+                Err(e) => {
+                    let msg = format!("server {server_id}: reading its identity: {e:#}");
+                    send_now(&mut wr, &error(ErrorCode::Internal, true, msg.clone())).await;
+                    return Err(msg);
+                }
+            };
+            let proof = match identities::check(&server_id, record.as_ref(), presented.as_deref()) {
+                Ok(p) => p,
+                Err(r) => {
+                    let msg = format!("identity refused: {r}");
+                    shared.metrics.refused(refusal_kind(&r));
+                    send_now(&mut wr, &error(ErrorCode::Auth, false, msg.clone())).await;
+                    return Err(msg);
+                }
+            };
+            if let (Proof::Certificate(fp), Some(r)) = (&proof, &record) {
+                // The agent uses its renewed certificate: the one before is done with.
+                if r.previous_sha256.is_some() && &r.certificate_sha256 == fp {
+                    let mut r = r.clone();
+                    r.previous_sha256 = None;
+                    if let Err(e) = r.save(&shared.state_dir) {
+                        tracing::warn!("server {server_id}: forgetting its old certificate: {e:#}");
+                    }
+                }
             }
-            if let Err(why) = shared.tokens.check(&token, &server_id) {
+            if proof != Proof::Token {
+                // Authenticated by its certificate: the token is not looked at.
+            } else if let Err(why) = shared.tokens.check(&token, &server_id) {
                 let msg = format!("token refused for server {server_id}: {why}");
                 shared.metrics.refused(crate::metrics::Refusal::Token);
                 send_now(
@@ -245,10 +427,31 @@ async fn handshake(
                 agent_version,
                 instance,
                 hostname,
+                presented,
             }))
         }
+        Some(Message::Enrol {
+            server_id,
+            code,
+            public_key,
+            instance,
+            hostname,
+        }) => {
+            enrol(
+                shared,
+                &mut wr,
+                presented.as_deref(),
+                server_id,
+                code,
+                public_key,
+                instance,
+                hostname,
+            )
+            .await?;
+            Ok(None)
+        }
         Some(other) => {
-            let msg = format!("expected Hello first, got {}", other.name());
+            let msg = format!("expected Hello or Enrol first, got {}", other.name());
             shared.metrics.refused(crate::metrics::Refusal::Protocol);
             send_now(&mut wr, &error(ErrorCode::Protocol, false, msg.clone())).await;
             Err(msg)
@@ -295,6 +498,7 @@ async fn run(
         agent_version,
         instance,
         hostname,
+        presented,
     }) = auth
     else {
         return Ok(());
@@ -412,9 +616,26 @@ async fn run(
     let (work_tx, work_rx) = mpsc::channel::<Message>(super::session::BATCH);
     let processor = tokio::spawn(session.run(work_rx, out_tx.clone()));
 
+    let mut identity_changes = shared.identities.subscribe();
     let reason: Result<(), String> = loop {
         let frame = tokio::select! {
             f = read_frame(&mut rd, &mut buf, IDLE_TIMEOUT, MAX_FRAME) => f,
+            _ = identity_changes.changed() => {
+                // Revoked, enrolled again elsewhere, or (a token session) enrolled: this
+                // connection's proof no longer holds.
+                let Ok(record) = Record::load(&shared.state_dir, &server) else { continue };
+                match identities::check(&server, record.as_ref(), presented.as_deref()) {
+                    Ok(_) => continue,
+                    Err(r) => {
+                        // A token session whose server just enrolled reconnects with its
+                        // certificate at once; anything else is refused for good.
+                        let retryable = matches!(r, IdentityRefusal::CertificateRequired { .. });
+                        let msg = format!("identity refused: {r}");
+                        let _ = out_tx.send(error(ErrorCode::Auth, retryable, msg.clone())).await;
+                        break Err(msg);
+                    }
+                }
+            }
             _ = newer.changed() => break Err("replaced by a newer connection of the same server".into()),
             _ = stop.changed() => break Ok(()),
             _ = work_tx.closed() => break Ok(()),

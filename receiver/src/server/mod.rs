@@ -47,6 +47,8 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::ReceiverMetrics>,
     /// Retention as last loaded (SIGHUP reloads it).
     pub retention: RwLock<lifeboat_common::config::RetentionConfig>,
+    /// Bumped when an identity changes (revoked, enrolled), so live sessions recheck theirs.
+    pub identities: crate::identities::Changes,
 }
 
 /// A peer's place among the pending handshakes: one of `max_pending_handshakes`, and one of
@@ -300,6 +302,7 @@ impl Shared {
             peer_log: RateLimit::new(20),
             manifest_memory: Budget::new(config.max_manifest_memory_mib << 20),
             retention: RwLock::new(config.retention.clone()),
+            identities: Default::default(),
             config,
         }
     }
@@ -448,6 +451,21 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let agents = Arc::new(Semaphore::new(config.max_connections));
     let mut tasks = tokio::task::JoinSet::new();
 
+    // `revoke` and `enroll` are other processes: their changes reach live sessions through
+    // this poll (a revoked agent is cut off within a second).
+    let ident_shared = shared.clone();
+    let ident_stop = stop_rx.clone();
+    let identities = tokio::spawn(async move {
+        ident_shared
+            .identities
+            .watch(
+                ident_shared.state_dir.clone(),
+                Duration::from_secs(1),
+                ident_stop,
+            )
+            .await
+    });
+
     let gc_shared = shared.clone();
     let mut gc_stop = stop_rx.clone();
     let gc_interval = opts.gc_interval;
@@ -544,7 +562,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 
     // systemd's watchdog is fed from this loop: a runtime too stuck to accept is restarted.
     let mut alive = tokio::time::interval(
-        lifeboat_common::sd_notify::watchdog_period().map_or(Duration::from_secs(3600), |p| p / 4),
+        lifeboat_common::sd_notify::watchdog_period().map_or(Duration::from_secs(1), |p| p / 4),
     );
     loop {
         tokio::select! {
@@ -605,6 +623,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         tasks.abort_all();
     }
     let _ = gc.await;
+    let _ = identities.await;
     if let Some(u) = uploader {
         let _ = u.await;
     }
