@@ -522,6 +522,22 @@ impl Agent {
         }
     }
 
+    /// Enrols this agent at `rx`: a one-time code from `lifeboat-receiver enroll`, used by
+    /// `lifeboat-agent enroll --code`. Panics with both commands' words if either fails.
+    pub fn enroll(&self, rx: &Receiver, server_id: &str) {
+        let o = rx.cli(&["enroll", "--server", server_id, "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let code = v["code"].as_str().unwrap();
+        let o = Command::new(bin("lifeboat-agent"))
+            .args(["enroll", "--config"])
+            .arg(&self.config)
+            .args(["--code", code])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+
     /// `run --once`: sync and cut one point; returns the process output.
     pub fn run_once(&self, give_up_secs: u64) -> Output {
         self.run_once_wrapped(&[], give_up_secs)
