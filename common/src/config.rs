@@ -524,6 +524,10 @@ pub struct ReceiverConfig {
     /// target, the embedded default).
     #[serde(default)]
     pub ebs: Option<EbsConfig>,
+    /// The staging store in an S3 bucket instead of `<state-dir>/store`; absent: the
+    /// directory store.
+    #[serde(default)]
+    pub s3: Option<S3Config>,
     /// How `recover` launches each server: `[recovery.default]` for all, `[recovery.<server>]`
     /// for one (its keys override the default's).
     #[serde(default)]
@@ -681,13 +685,7 @@ fn default_ebs_snapshot_timeout_minutes() -> u64 {
 
 impl EbsConfig {
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let ok_region = !self.region.is_empty()
-            && self.region.len() <= 32
-            && self
-                .region
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-        if !ok_region {
+        if !region_ok(&self.region) {
             return Err(invalid(
                 path,
                 "ebs.region",
@@ -771,6 +769,129 @@ impl EbsConfig {
         }
         Ok(())
     }
+}
+
+/// `[s3]` in receiver.toml: the staging store's blocks in an S3 bucket (or an S3-compatible
+/// server) under `prefix`. Credentials come from the standard AWS chain, never from this file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// The bucket; it must exist (the receiver never creates or configures buckets).
+    pub bucket: String,
+    /// Every object's key starts with this (e.g. "lifeboat/"); default none.
+    #[serde(default)]
+    pub prefix: String,
+    /// The bucket's region, e.g. "eu-west-1".
+    pub region: String,
+    /// Another endpoint (a VPC endpoint, an S3-compatible server, a test server).
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// Path-style requests (`endpoint/bucket/key`), which most S3-compatible servers need.
+    #[serde(default)]
+    pub path_style: bool,
+    /// Seconds to open a connection.
+    #[serde(default = "default_ebs_connect_timeout_secs")]
+    pub connect_timeout_secs: u64,
+    /// Seconds one attempt of one request may take, reading its answer included.
+    #[serde(default = "default_s3_attempt_timeout_secs")]
+    pub attempt_timeout_secs: u64,
+    /// Attempts per request for what may pass (5xx, timeouts, broken connections), with
+    /// jittered exponential backoff; throttling (`SlowDown`, 503) slows every request down
+    /// and is tried again without counting against this.
+    #[serde(default = "default_ebs_max_attempts")]
+    pub max_attempts: u32,
+    /// Requests in flight at once for one batch of blocks.
+    #[serde(default = "default_s3_requests_in_flight")]
+    pub requests_in_flight: usize,
+}
+
+fn default_s3_attempt_timeout_secs() -> u64 {
+    30
+}
+fn default_s3_requests_in_flight() -> usize {
+    32
+}
+
+impl S3Config {
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        // Bucket names: 3-63 of a-z, 0-9, '.', '-', starting and ending with a letter or digit.
+        let b = &self.bucket;
+        let edge =
+            |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        if !(3..=63).contains(&b.len())
+            || !b
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+            || !edge(b.chars().next())
+            || !edge(b.chars().last())
+        {
+            return Err(invalid(
+                path,
+                "s3.bucket",
+                format!("{b:?} is not a bucket name (3-63 of a-z, 0-9, '.', '-')"),
+            ));
+        }
+        if self.prefix.len() > 512 || self.prefix.starts_with('/') {
+            return Err(invalid(
+                path,
+                "s3.prefix",
+                "must not start with '/' and must be at most 512 bytes",
+            ));
+        }
+        if !region_ok(&self.region) {
+            return Err(invalid(
+                path,
+                "s3.region",
+                format!(
+                    "{:?} is not a region name such as \"eu-west-1\"",
+                    self.region
+                ),
+            ));
+        }
+        if let Some(u) = &self.endpoint_url {
+            if !(u.starts_with("https://") || u.starts_with("http://")) {
+                return Err(invalid(
+                    path,
+                    "s3.endpoint_url",
+                    format!("{u:?} is not an http(s) URL"),
+                ));
+            }
+        }
+        for (key, v, range) in [
+            (
+                "s3.connect_timeout_secs",
+                self.connect_timeout_secs,
+                1..=300,
+            ),
+            (
+                "s3.attempt_timeout_secs",
+                self.attempt_timeout_secs,
+                1..=3600,
+            ),
+            ("s3.max_attempts", self.max_attempts as u64, 1..=100),
+            (
+                "s3.requests_in_flight",
+                self.requests_in_flight as u64,
+                1..=1024,
+            ),
+        ] {
+            if !range.contains(&v) {
+                return Err(invalid(
+                    path,
+                    key,
+                    format!("must be between {} and {}", range.start(), range.end()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn region_ok(r: &str) -> bool {
+    !r.is_empty()
+        && r.len() <= 32
+        && r.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 /// Which points are kept: everything of the last `recent_minutes`, then DRS's policy: one
@@ -948,6 +1069,9 @@ impl ReceiverConfig {
         if let Some(e) = &self.ebs {
             e.validate(path)?;
         }
+        if let Some(s) = &self.s3 {
+            s.validate(path)?;
+        }
         for (key, l) in &self.recovery {
             if key != "default" && !valid_name(key) {
                 return Err(invalid(
@@ -980,6 +1104,7 @@ impl Default for ReceiverConfig {
             server_lease_minutes: default_server_lease_minutes(),
             agent_certificate_days: default_agent_certificate_days(),
             ebs: None,
+            s3: None,
             recovery: Default::default(),
         }
     }
@@ -1117,6 +1242,43 @@ path = "/dev/sda"
         }
         let e = parse("[ebs]\nregion = \"eu-west-1\"\nbucket = \"x\"\n").unwrap_err();
         assert!(e.contains("bucket"), "unknown keys are refused: {e}");
+    }
+
+    #[test]
+    fn s3_section_parses_with_defaults_and_names_each_bad_field() {
+        let parse = |text: &str| -> Result<ReceiverConfig, String> {
+            let c: ReceiverConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+            c.validate(Path::new("r.toml")).map_err(|e| e.to_string())?;
+            Ok(c)
+        };
+        let c = parse("[s3]\nbucket = \"dr-staging\"\nregion = \"eu-west-1\"\n").unwrap();
+        let s = c.s3.unwrap();
+        assert_eq!((s.prefix.as_str(), s.path_style), ("", false));
+        assert_eq!((s.max_attempts, s.requests_in_flight), (8, 32));
+        for (text, field) in [
+            (
+                "bucket = \"Dr_Staging\"\nregion = \"eu-west-1\"",
+                "s3.bucket",
+            ),
+            ("bucket = \"ab\"\nregion = \"eu-west-1\"", "s3.bucket"),
+            ("bucket = \"-dr\"\nregion = \"eu-west-1\"", "s3.bucket"),
+            ("bucket = \"dr-1\"\nregion = \"Europe\"", "s3.region"),
+            (
+                "bucket = \"dr-staging\"\nregion = \"eu-west-1\"\nprefix = \"/x\"",
+                "s3.prefix",
+            ),
+            (
+                "bucket = \"dr-staging\"\nregion = \"eu-west-1\"\nendpoint_url = \"s3.local\"",
+                "s3.endpoint_url",
+            ),
+            (
+                "bucket = \"dr-staging\"\nregion = \"eu-west-1\"\nrequests_in_flight = 0",
+                "s3.requests_in_flight",
+            ),
+        ] {
+            let e = parse(&format!("[s3]\n{text}\n")).unwrap_err();
+            assert!(e.contains(field), "{text}: {e}");
+        }
     }
 
     #[test]

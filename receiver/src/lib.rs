@@ -10,6 +10,8 @@
 //! - [`metrics`]: what `/metrics` and `/healthz` serve for Prometheus.
 
 pub mod auth;
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod catalog;
 pub mod cli;
 pub mod commands;
@@ -17,6 +19,8 @@ pub mod disk;
 pub mod durability;
 pub mod gc;
 pub mod identities;
+#[cfg(feature = "aws")]
+pub mod lease;
 pub mod metrics;
 pub mod recovery;
 pub mod retention;

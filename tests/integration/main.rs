@@ -12,4 +12,5 @@ mod identity;
 mod metrics;
 mod packages;
 mod power_cut;
+mod s3;
 mod tracking;

@@ -331,6 +331,12 @@ impl Receiver {
             text.push('\n');
         }
         std::fs::write(&path, text).unwrap();
+        self.use_test_credentials();
+    }
+
+    /// Static test credentials, no instance metadata lookups; restarts `serve` when it was
+    /// running so that it takes them (and the configuration just written).
+    fn use_test_credentials(&mut self) {
         for (k, v) in [
             ("AWS_ACCESS_KEY_ID", "lifeboat-test"),
             ("AWS_SECRET_ACCESS_KEY", "lifeboat-test"),
@@ -338,12 +344,29 @@ impl Receiver {
             ("AWS_CONFIG_FILE", "/nonexistent"),
             ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
         ] {
-            self.env.push((k.to_string(), v.to_string()));
+            if !self.env.iter().any(|(key, _)| key == k) {
+                self.env.push((k.to_string(), v.to_string()));
+            }
         }
         if self.proc.is_running() {
             self.proc.kill();
             self.restart();
         }
+    }
+
+    /// Puts this receiver's staging store in `bucket` of an S3 server at `endpoint`
+    /// (`[s3]` appended to receiver.toml, path-style), with static test credentials.
+    /// Restarts `serve` when it was running.
+    pub fn use_s3(&mut self, endpoint: &str, bucket: &str, prefix: &str) {
+        let path = self.dir.join("receiver.toml");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(&format!(
+            "\n[s3]\nbucket = \"{bucket}\"\nprefix = \"{prefix}\"\nregion = \"us-east-1\"\n\
+             endpoint_url = \"{endpoint}\"\npath_style = true\nmax_attempts = 4\n\
+             attempt_timeout_secs = 10\n"
+        ));
+        std::fs::write(&path, text).unwrap();
+        self.use_test_credentials();
     }
 
     pub fn points(&self, server: &str) -> Vec<Value> {
@@ -639,19 +662,43 @@ impl Drop for Agent {
 
 /// `GET path` from an HTTP server at `addr` (host:port): the status code and the body.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
-    // HTTP/1.0, so that no server answers in chunks.
+    let (code, body) = http_request(addr, "GET", path, &[], &[]);
+    (code, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// One HTTP/1.0 request (so that no server answers in chunks): the status code and the body.
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nhost: {addr}\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let mut head = format!(
+        "{method} {path} HTTP/1.0\r\nhost: {addr}\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(out.len());
+    let head = String::from_utf8_lossy(&out[..split]).into_owned();
     let code = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    (code, body.to_string())
+    (code, out[(split + 4).min(out.len())..].to_vec())
 }
 
 /// The value of the sample `series` (name and labels exactly as exposed, e.g.

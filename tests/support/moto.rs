@@ -1,6 +1,7 @@
 //! moto in server mode (the pip package, installed by `tests/prereqs.sh` into its own
-//! virtualenv), for EC2's images and instances: started on a free loopback port, killed on
-//! drop.
+//! virtualenv), for EC2's images and instances and as an S3 server: started on a free
+//! loopback port, killed on drop. Its S3 takes unsigned path-style requests, which the tests
+//! use to set buckets up and to look inside them.
 
 use super::{free_port, wait_for, Proc};
 use std::net::{SocketAddr, TcpStream};
@@ -38,5 +39,72 @@ impl Moto {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             _proc: proc,
         })
+    }
+}
+
+/// moto refuses anonymous reads of private objects; any signature passes.
+const AUTH: (&str, &str) = (
+    "authorization",
+    "AWS4-HMAC-SHA256 Credential=lifeboat-test/20260101/us-east-1/s3/aws4_request, \
+     SignedHeaders=host, Signature=0",
+);
+
+impl Moto {
+    /// An S3 request to moto, as an authenticated client.
+    fn s3(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        crate::http_request(&self.addr.to_string(), method, path, &[AUTH], body)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Creates a bucket (path-style, unsigned).
+    pub fn create_bucket(&self, bucket: &str) {
+        let (code, body) = self.s3("PUT", &format!("/{bucket}"), &[]);
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    }
+
+    /// The object at `key`, if any.
+    pub fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        let (code, body) = self.s3("GET", &format!("/{bucket}/{key}"), &[]);
+        (code == 200).then_some(body)
+    }
+
+    /// Writes `body` at `key` behind the receivers' backs.
+    pub fn put(&self, bucket: &str, key: &str, body: &[u8]) {
+        let (code, _) = self.s3("PUT", &format!("/{bucket}/{key}"), body);
+        assert_eq!(code, 200);
+    }
+
+    /// Every key under `prefix`, in order (ListObjectsV2, every page).
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut token = String::new();
+        loop {
+            let mut path = format!("/{bucket}?list-type=2&prefix={prefix}");
+            if !token.is_empty() {
+                path.push_str("&continuation-token=");
+                path.push_str(
+                    &form_urlencoded::byte_serialize(token.as_bytes()).collect::<String>(),
+                );
+            }
+            let (code, body) = self.s3("GET", &path, &[]);
+            let body = String::from_utf8_lossy(&body).into_owned();
+            assert_eq!(code, 200, "{body}");
+            let tag = |t: &str| -> Vec<String> {
+                body.split(&format!("<{t}>"))
+                    .skip(1)
+                    .filter_map(|s| s.split(&format!("</{t}>")).next())
+                    .map(str::to_string)
+                    .collect()
+            };
+            keys.extend(tag("Key"));
+            match tag("NextContinuationToken").first() {
+                Some(t) if body.contains("<IsTruncated>true</IsTruncated>") => token = t.clone(),
+                _ => break,
+            }
+        }
+        keys
     }
 }

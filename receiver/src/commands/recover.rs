@@ -21,9 +21,7 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
     use crate::recovery::launch::{self, Mapping};
     use crate::snapshots::ebs::record::{DiskState, EbsRecord};
     use crate::snapshots::ebs::{client::Aws, Materializer};
-    use crate::store::DirStore;
     use anyhow::{bail, Context};
-    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     let started = Instant::now();
@@ -68,13 +66,13 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let store = DirStore::open(&state_dir.join("store"))?;
+    let store = crate::store::open(state_dir, &config)?;
     let outcome = rt.block_on(async {
         let aws = Aws::connect(&ebs).await;
         let m = Materializer {
             aws: aws.clone(),
             catalog: Catalog::new(state_dir),
-            store: Arc::new(store),
+            store,
             install: crate::snapshots::ebs::install_id(state_dir)?,
             metrics: None,
         };

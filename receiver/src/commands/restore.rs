@@ -9,7 +9,6 @@
 
 use super::{fmt_bytes, parallel};
 use crate::catalog::Catalog;
-use crate::store::{BlockStore, DirStore};
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use lifeboat_common::block::{block_len, hash_block};
@@ -333,7 +332,7 @@ fn write_blocks(
     let pb = progress(size, "restore");
     let r = match req.from {
         From::Staging => {
-            let store = DirStore::open(&state_dir.join("store"))?;
+            let store = crate::store::open_configured(state_dir)?;
             parallel(manifest.hashes.len(), |i| {
                 let h = manifest.hashes[i];
                 let len = block_len(i as u64, size);

@@ -8,7 +8,7 @@
 
 use super::{fmt_bytes, parallel};
 use crate::commands::restore::{progress, DataError};
-use crate::store::{BlockStore, DirStore, StoreError};
+use crate::store::StoreError;
 use lifeboat_common::BLOCK_SIZE;
 use std::path::Path;
 use std::sync::Mutex;
@@ -35,7 +35,7 @@ impl ScrubReport {
 }
 
 pub fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
-    let store = DirStore::open(&state_dir.join("store"))?;
+    let store = crate::store::open_configured(state_dir)?;
     let blocks = store.list()?;
     let pb = progress(blocks.len() as u64 * BLOCK_SIZE as u64, "scrub");
     let bad: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());

@@ -12,12 +12,10 @@ pub fn run(state_dir: &Path, server: &str, point: &str, json: bool) -> anyhow::R
     use crate::catalog::Catalog;
     use crate::snapshots::ebs::record::EbsRecord;
     use crate::snapshots::ebs::{client::Aws, Materializer};
-    use crate::store::DirStore;
     use anyhow::{bail, Context};
-    use std::sync::Arc;
     let cfg_path = state_dir.join("receiver.toml");
     let config = lifeboat_common::config::ReceiverConfig::load(&cfg_path)?;
-    let Some(ebs) = config.ebs else {
+    let Some(ebs) = config.ebs.clone() else {
         bail!(
             "{} has no [ebs] section: add one (region, and endpoint_url for a test server) to \
              put points on EBS",
@@ -30,7 +28,7 @@ pub fn run(state_dir: &Path, server: &str, point: &str, json: bool) -> anyhow::R
         .with_context(|| format!("opening the lock in {}", state_dir.display()))?;
     crate::sys::flock(&lock, false, false)?;
     let rec = catalog.find(server, point)?;
-    let store = DirStore::open(&state_dir.join("store"))?;
+    let store = crate::store::open(state_dir, &config)?;
     let started = std::time::Instant::now();
     let install = crate::snapshots::ebs::install_id(state_dir)
         .with_context(|| format!("reading the install id in {}", state_dir.display()))?;
@@ -41,7 +39,7 @@ pub fn run(state_dir: &Path, server: &str, point: &str, json: bool) -> anyhow::R
         let m = Materializer {
             aws: Aws::connect(&ebs).await,
             catalog: Catalog::new(state_dir),
-            store: Arc::new(store),
+            store,
             install,
             metrics: None,
         };

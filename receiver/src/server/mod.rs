@@ -390,15 +390,20 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     if let Some(w) = crate::durability::journal_warning(&state_dir) {
         tracing::warn!("{w}");
     }
-    let store = DirStore::open(&state_dir.join("store"))?;
-    store.clear_tmp(&_lock)?;
+    let store: Arc<dyn BlockStore> = match &config.s3 {
+        Some(s3) => {
+            let store = crate::store::open(&state_dir, &config)?;
+            tracing::info!(bucket = %s3.bucket, prefix = %s3.prefix, "staging store in S3");
+            store
+        }
+        None => {
+            let store = DirStore::open(&state_dir.join("store"))?;
+            store.clear_tmp(&_lock)?;
+            Arc::new(store)
+        }
+    };
     let tokens = Tokens::load(&state_dir)?;
-    let shared = Arc::new(Shared::new(
-        &state_dir,
-        Arc::new(store),
-        tokens,
-        config.clone(),
-    ));
+    let shared = Arc::new(Shared::new(&state_dir, store, tokens, config.clone()));
     mark_all_disconnected(&shared);
 
     let listener = TcpListener::bind(&config.listen)
@@ -538,7 +543,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 .ebs_client
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) =
-                Some((aws.throttles.clone(), aws.retries.clone()));
+                Some((aws.retrier.throttles.clone(), aws.retrier.retries.clone()));
             let m = Arc::new(crate::snapshots::ebs::Materializer {
                 aws,
                 metrics: Some(shared.metrics.clone()),

@@ -12,8 +12,6 @@
 
 use super::{io_err, BlockStore, Fence, StoreError, VerifiedBlock};
 use crate::sys;
-use lifeboat_common::block::hash_block;
-use lifeboat_common::codec::{self, Codec};
 use lifeboat_common::BlockHash;
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -271,18 +269,7 @@ impl BlockStore for DirStore {
             }
             Err(e) => return Err(io_err(&path)(e)),
         };
-        let corrupt = |why: String| StoreError::Corrupt { hash: *hash, why };
-        let (&c, body) = raw
-            .split_first()
-            .ok_or_else(|| corrupt("empty file".into()))?;
-        let codec = Codec::from_u8(c).ok_or_else(|| corrupt(format!("unknown codec byte {c}")))?;
-        let mut plain = codec::decode(codec, body).map_err(|e| corrupt(e.to_string()))?;
-        let actual = hash_block(&plain);
-        if actual != *hash {
-            return Err(corrupt(format!("content hashes to {actual}")));
-        }
-        plain.resize(lifeboat_common::BLOCK_SIZE, 0);
-        Ok(plain)
+        super::decode_stored(hash, &raw)
     }
 
     /// Every block name in the store with its file's modification time.
@@ -342,6 +329,8 @@ impl BlockStore for DirStore {
 mod tests {
     use super::*;
     use crate::store::verify;
+    use lifeboat_common::block::hash_block;
+    use lifeboat_common::codec::{self, Codec};
     use lifeboat_common::BLOCK_SIZE;
 
     #[test]

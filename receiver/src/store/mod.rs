@@ -1,7 +1,7 @@
 //! Staging store: every block the receiver has acknowledged, content-addressed by blake3.
 //!
 //! One contract, several backends ([`BlockStore`]): a directory ([`dir::DirStore`], the
-//! default) and, later, S3. The contract, which every acknowledgement relies on:
+//! default) and an S3 bucket (`s3::S3Store`). The contract, which every acknowledgement relies on:
 //!
 //! - [`BlockStore::insert`] returns only when every block it was given is durable: after a
 //!   crash (or power cut) at any instant after it returned, the block reads back whole.
@@ -14,6 +14,8 @@
 //!   is garbage again at the next sweep, or corrupt again at the next scrub.
 
 pub mod dir;
+#[cfg(feature = "aws")]
+pub mod s3;
 
 pub use dir::DirStore;
 
@@ -36,12 +38,22 @@ pub enum StoreError {
     Corrupt { hash: BlockHash, why: String },
     #[error("staging store I/O on {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    /// A request to the bucket failed (`retryable`: it kept failing in a way that may pass).
+    #[error("staging store in S3: {message}")]
+    Remote { message: String, retryable: bool },
 }
 
 impl StoreError {
     /// True when trying again later can help (I/O), false for bad content.
     pub fn retryable(&self) -> bool {
-        matches!(self, StoreError::Io { .. })
+        matches!(
+            self,
+            StoreError::Io { .. }
+                | StoreError::Remote {
+                    retryable: true,
+                    ..
+                }
+        )
     }
 }
 
@@ -67,6 +79,51 @@ pub fn verify(hash: BlockHash, codec: Codec, data: Vec<u8>) -> Result<VerifiedBl
         return Err(StoreError::HashMismatch { hash, actual });
     }
     Ok(VerifiedBlock { hash, codec, data })
+}
+
+/// The staging store `config` names: the bucket of `[s3]`, else `<state_dir>/store`.
+pub fn open(
+    state_dir: &std::path::Path,
+    config: &lifeboat_common::config::ReceiverConfig,
+) -> Result<std::sync::Arc<dyn BlockStore>, StoreError> {
+    match &config.s3 {
+        #[cfg(feature = "aws")]
+        Some(c) => Ok(std::sync::Arc::new(s3::S3Store::open(c)?)),
+        #[cfg(not(feature = "aws"))]
+        Some(_) => Err(StoreError::Remote {
+            message: "[s3] is set but this build has no AWS support (feature `aws`)".into(),
+            retryable: false,
+        }),
+        None => Ok(std::sync::Arc::new(DirStore::open(
+            &state_dir.join("store"),
+        )?)),
+    }
+}
+
+/// [`open`] with the configuration in `<state_dir>/receiver.toml` (for the commands).
+pub fn open_configured(
+    state_dir: &std::path::Path,
+) -> anyhow::Result<std::sync::Arc<dyn BlockStore>> {
+    let path = state_dir.join("receiver.toml");
+    let config = lifeboat_common::config::ReceiverConfig::load(&path)?;
+    Ok(open(state_dir, &config)?)
+}
+
+/// Decodes a stored block (`codec u8 | encoded bytes`, as every backend keeps it) and
+/// checks it against its name; returns its plain bytes, `BLOCK_SIZE` long.
+pub fn decode_stored(hash: &BlockHash, raw: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let corrupt = |why: String| StoreError::Corrupt { hash: *hash, why };
+    let (&c, body) = raw
+        .split_first()
+        .ok_or_else(|| corrupt("empty object".into()))?;
+    let codec = Codec::from_u8(c).ok_or_else(|| corrupt(format!("unknown codec byte {c}")))?;
+    let mut plain = codec::decode(codec, body).map_err(|e| corrupt(e.to_string()))?;
+    let actual = hash_block(&plain);
+    if actual != *hash {
+        return Err(corrupt(format!("content hashes to {actual}")));
+    }
+    plain.resize(lifeboat_common::BLOCK_SIZE, 0);
+    Ok(plain)
 }
 
 /// A held fence (see [`BlockStore::quarantine_fence`]); released when dropped.

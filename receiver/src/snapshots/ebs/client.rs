@@ -1,24 +1,12 @@
-//! The AWS clients (EBS direct APIs, EC2) with explicit timeouts, and the one retry policy
-//! every call goes through.
-//!
-//! The SDK's own retries are off: a call is tried up to `max_attempts` times here, with a
-//! jittered exponential backoff, for what may pass — 5xx, timeouts, broken connections, and
-//! "does not exist" for a snapshot just started. Anything else (access denied, a bad KMS key,
-//! a quota, a refused parameter) is permanent at once: it is reported, never retried in a
-//! storm.
-//!
-//! Throttling is not a failure but a request to slow down: every request of a client first
-//! takes a slot from one shared [`Pace`], whose spacing doubles at each throttle and shrinks
-//! again with each success (AIMD, like TCP), and a throttled call is tried again up to
-//! [`THROTTLE_ATTEMPTS`] times.
+//! The AWS clients of the EBS target (EBS direct APIs, EC2), with explicit timeouts; every
+//! call goes through the one retry policy of [`crate::aws::retry`].
 
+use crate::aws::retry::{CallError, HasStatus, Retrier};
 use aws_sdk_ebs::error::ProvideErrorMetadata;
 use aws_smithy_runtime_api::client::result::SdkError;
-use aws_smithy_types::error::display::DisplayErrorContext;
 use lifeboat_common::config::EbsConfig;
-use rand::Rng;
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbsError {
@@ -51,169 +39,24 @@ impl EbsError {
     }
 }
 
-/// Attempts for a call that keeps being throttled (the pace slows meanwhile).
-pub const THROTTLE_ATTEMPTS: u32 = 60;
-
-/// The spacing between requests of one client, adapted to throttling.
-#[derive(Default)]
-pub struct Pace {
-    /// (next free slot, spacing in microseconds)
-    state: std::sync::Mutex<(Option<Instant>, u64)>,
-}
-
-impl Pace {
-    const MAX_US: u64 = 2_000_000;
-
-    /// Waits for this request's slot.
-    async fn slot(&self) {
-        let at = {
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if s.1 == 0 {
-                return;
-            }
-            let now = Instant::now();
-            let at = s.0.filter(|t| *t > now).unwrap_or(now);
-            s.0 = Some(at + Duration::from_micros(s.1));
-            at
-        };
-        tokio::time::sleep_until(at.into()).await;
-    }
-
-    fn throttled(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.1 = (s.1 * 2).clamp(5_000, Self::MAX_US);
-    }
-
-    fn succeeded(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.1 = if s.1 < 1_000 { 0 } else { s.1 - s.1 / 32 };
-    }
-
-    /// The current spacing, for logs.
-    pub fn spacing(&self) -> Duration {
-        Duration::from_micros(self.state.lock().unwrap_or_else(|e| e.into_inner()).1)
-    }
-}
-
-enum Class {
-    Throttled,
-    Transient,
-    /// "Does not exist": transient only for a snapshot just started.
-    NotFound,
-    Permanent,
-}
-
-fn classify<E, R>(e: &SdkError<E, R>) -> Class
-where
-    E: ProvideErrorMetadata,
-    R: HasStatus,
-{
-    match e {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            Class::Transient
-        }
-        SdkError::ServiceError(s) => {
-            let code = s.err().code().unwrap_or("");
-            let status = s.raw().status_code();
-            if code == "ConflictException" {
-                // A ClientToken reused with other parameters: deterministic, whatever its
-                // status code (EBS sends 503) says.
-                Class::Permanent
-            } else if matches!(
-                code,
-                "RequestThrottledException"
-                    | "ThrottlingException"
-                    | "Throttling"
-                    | "RequestLimitExceeded"
-                    | "TooManyRequestsException"
-                    | "ConcurrentLimitExceededException"
-                    | "SlowDown"
-            ) || status == 429
-            {
-                Class::Throttled
-            } else if matches!(
-                code,
-                "InternalServerException"
-                    | "InternalError"
-                    | "InternalFailure"
-                    | "ServiceUnavailable"
-                    | "Unavailable"
-            ) || status >= 500
-            {
-                Class::Transient
-            } else if code == "ResourceNotFoundException" || code == "InvalidSnapshot.NotFound" {
-                Class::NotFound
-            } else {
-                Class::Permanent
-            }
-        }
-        _ => Class::Permanent,
-    }
-}
-
-/// The HTTP status of a raw response, whatever the SDK calls its type.
-pub trait HasStatus {
-    fn status_code(&self) -> u16;
-}
-
-impl HasStatus for aws_smithy_runtime_api::http::Response {
-    fn status_code(&self) -> u16 {
-        self.status().as_u16()
-    }
-}
-
-fn describe<E, R>(e: &SdkError<E, R>) -> String
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
-{
-    match e {
-        SdkError::ServiceError(s) => {
-            let err = s.err();
-            match (err.code(), err.message()) {
-                (Some(c), Some(m)) => format!("{c}: {m}"),
-                (Some(c), None) => c.to_string(),
-                _ => DisplayErrorContext(e).to_string(),
-            }
-        }
-        SdkError::TimeoutError(_) => "timed out".to_string(),
-        _ => DisplayErrorContext(e).to_string(),
-    }
-}
-
 /// Both clients, built once per receiver from `[ebs]`.
 #[derive(Clone)]
 pub struct Aws {
     pub ebs: aws_sdk_ebs::Client,
     pub ec2: aws_sdk_ec2::Client,
     pub config: EbsConfig,
-    /// Counted for logs and status: attempts that were retried.
-    pub retries: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// Requests refused as throttled.
-    pub throttles: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    pub pace: std::sync::Arc<Pace>,
+    /// Retries, throttles and the pace, shared by both clients.
+    pub retrier: Retrier,
 }
 
 impl Aws {
     pub async fn connect(config: &EbsConfig) -> Aws {
-        use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(Provider::Rustls(CryptoMode::Ring))
-            .build_https();
-        let attempt = Duration::from_secs(config.attempt_timeout_secs);
-        let timeouts = aws_config::timeout::TimeoutConfig::builder()
-            .connect_timeout(Duration::from_secs(config.connect_timeout_secs))
-            .read_timeout(attempt)
-            .operation_attempt_timeout(attempt)
-            .operation_timeout(attempt)
-            .build();
-        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(config.region.clone()))
-            .http_client(http)
-            .timeout_config(timeouts)
-            .retry_config(aws_config::retry::RetryConfig::disabled())
-            .load()
-            .await;
+        let shared = crate::aws::sdk_config(
+            &config.region,
+            config.connect_timeout_secs,
+            config.attempt_timeout_secs,
+        )
+        .await;
         let mut ebs = aws_sdk_ebs::config::Builder::from(&shared);
         if let Some(u) = &config.endpoint_url {
             ebs = ebs.endpoint_url(u);
@@ -230,20 +73,17 @@ impl Aws {
             ebs: aws_sdk_ebs::Client::from_conf(ebs.build()),
             ec2: aws_sdk_ec2::Client::from_conf(ec2.build()),
             config: config.clone(),
-            retries: Default::default(),
-            throttles: Default::default(),
-            pace: Default::default(),
+            retrier: Retrier::new(config.max_attempts),
         }
     }
 
-    /// Runs `call` under the retry policy. `fresh_until`: "does not exist" is transient
-    /// until then (a snapshot just started may not be visible everywhere yet).
+    /// Runs `call` under the retry policy (see [`crate::aws::retry`]).
     pub async fn retry<T, E, R, F, Fut>(
         &self,
         op: &'static str,
         what: &str,
         fresh_until: Option<Instant>,
-        mut call: F,
+        call: F,
     ) -> Result<T, EbsError>
     where
         F: FnMut() -> Fut,
@@ -251,73 +91,30 @@ impl Aws {
         E: ProvideErrorMetadata + std::error::Error + 'static,
         R: HasStatus + std::fmt::Debug,
     {
-        let mut max = self.config.max_attempts.max(1);
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            self.pace.slot().await;
-            let e = match call().await {
-                Ok(v) => {
-                    self.pace.succeeded();
-                    return Ok(v);
-                }
-                Err(e) => e,
-            };
-            let transient = match classify(&e) {
-                Class::Throttled => {
-                    self.pace.throttled();
-                    self.throttles
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    max = max.max(THROTTLE_ATTEMPTS);
-                    true
-                }
-                Class::Transient => true,
-                Class::NotFound => fresh_until.is_some_and(|t| Instant::now() < t),
-                Class::Permanent => false,
-            };
-            let message = describe(&e);
-            if !transient {
-                return Err(EbsError::Permanent {
-                    op,
-                    what: what.to_string(),
-                    message,
-                });
-            }
-            if attempt >= max {
-                return Err(EbsError::Exhausted {
-                    op,
-                    what: what.to_string(),
-                    attempts: attempt,
-                    message,
-                });
-            }
-            self.retries
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let delay = backoff(attempt);
-            tracing::debug!(
-                "{op} ({what}): {message}; attempt {attempt} of {max}, again in {delay:?}"
-            );
-            tokio::time::sleep(delay).await;
-        }
+        self.retrier
+            .run(op, what, fresh_until, call)
+            .await
+            .map_err(EbsError::from)
     }
 }
 
-/// 100 ms × 2^attempt, capped at 20 s, jittered down to a quarter of it.
-fn backoff(attempt: u32) -> Duration {
-    let cap_ms = 100u64.saturating_mul(1 << attempt.min(8)).min(20_000);
-    Duration::from_millis(rand::thread_rng().gen_range(cap_ms / 4..=cap_ms))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_stays_capped() {
-        for attempt in 1..40 {
-            let d = backoff(attempt);
-            assert!(d <= Duration::from_secs(20), "{attempt}: {d:?}");
+impl From<CallError> for EbsError {
+    fn from(e: CallError) -> EbsError {
+        match e {
+            CallError::Permanent {
+                op, what, message, ..
+            } => EbsError::Permanent { op, what, message },
+            CallError::Exhausted {
+                op,
+                what,
+                attempts,
+                message,
+            } => EbsError::Exhausted {
+                op,
+                what,
+                attempts,
+                message,
+            },
         }
-        assert!(backoff(1) <= Duration::from_millis(200));
     }
 }

@@ -1,0 +1,251 @@
+//! The S3 client of the receiver: objects under one bucket and prefix, every call through the
+//! retry policy of [`super::retry`], conditional writes for what must not be overwritten
+//! blindly (leases).
+//!
+//! Keys are given relative to the configured prefix; the prefix is added here and nowhere
+//! else.
+
+use super::retry::{CallError, Retrier};
+use aws_sdk_s3::primitives::ByteStream;
+use lifeboat_common::config::S3Config;
+use std::time::SystemTime;
+
+/// One bucket under one prefix.
+#[derive(Clone)]
+pub struct S3 {
+    pub client: aws_sdk_s3::Client,
+    pub bucket: String,
+    prefix: String,
+    pub retrier: Retrier,
+}
+
+/// What a conditional PUT requires of the object already there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Condition {
+    /// Any object or none: an unconditional write.
+    None,
+    /// No object may exist (`If-None-Match: *`).
+    Absent,
+    /// The object must still have this ETag (`If-Match`).
+    ETag(String),
+}
+
+/// A PUT refused by its condition.
+#[derive(Debug)]
+pub enum PutError {
+    /// The condition did not hold: another writer got there first (412 Precondition Failed,
+    /// or 409 ConditionalRequestConflict for a concurrent conditional write).
+    Lost,
+    Failed(CallError),
+}
+
+impl std::fmt::Display for PutError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PutError::Lost => f.write_str("the object changed since it was read"),
+            PutError::Failed(e) => e.fmt(f),
+        }
+    }
+}
+
+/// One object of a listing.
+pub struct Listed {
+    /// The key, relative to the prefix.
+    pub key: String,
+    pub modified: SystemTime,
+    pub size: u64,
+}
+
+impl S3 {
+    pub async fn connect(cfg: &S3Config) -> S3 {
+        let shared = super::sdk_config(
+            &cfg.region,
+            cfg.connect_timeout_secs,
+            cfg.attempt_timeout_secs,
+        )
+        .await;
+        let mut b = aws_sdk_s3::config::Builder::from(&shared).force_path_style(cfg.path_style);
+        if let Some(u) = &cfg.endpoint_url {
+            b = b.endpoint_url(u);
+        }
+        S3 {
+            client: aws_sdk_s3::Client::from_conf(b.build()),
+            bucket: cfg.bucket.clone(),
+            prefix: cfg.prefix.clone(),
+            retrier: Retrier::new(cfg.max_attempts),
+        }
+    }
+
+    /// The full key of `rel`.
+    pub fn key(&self, rel: &str) -> String {
+        format!("{}{rel}", self.prefix)
+    }
+
+    /// For messages: `s3://bucket/prefix+rel`.
+    pub fn url(&self, rel: &str) -> String {
+        format!("s3://{}/{}", self.bucket, self.key(rel))
+    }
+
+    /// Writes `body` at `rel` if `cond` holds; returns the new ETag.
+    pub async fn put(
+        &self,
+        rel: &str,
+        body: Vec<u8>,
+        cond: &Condition,
+    ) -> Result<String, PutError> {
+        let key = self.key(rel);
+        let r = self
+            .retrier
+            .run("PutObject", &self.url(rel), None, || {
+                let mut req = self
+                    .client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .body(ByteStream::from(body.clone()));
+                match cond {
+                    Condition::None => {}
+                    Condition::Absent => req = req.if_none_match("*"),
+                    Condition::ETag(e) => req = req.if_match(e),
+                }
+                req.send()
+            })
+            .await;
+        match r {
+            Ok(out) => Ok(out.e_tag().unwrap_or_default().to_string()),
+            Err(e) if matches!(e.status(), Some(412) | Some(409)) && *cond != Condition::None => {
+                Err(PutError::Lost)
+            }
+            Err(e) => Err(PutError::Failed(e)),
+        }
+    }
+
+    /// The object at `rel` and its ETag; `None` if there is none.
+    pub async fn get(&self, rel: &str) -> Result<Option<(Vec<u8>, String)>, CallError> {
+        let key = self.key(rel);
+        let what = self.url(rel);
+        let r =
+            self.retrier
+                .run("GetObject", &what, None, || async {
+                    let out = self
+                        .client
+                        .get_object()
+                        .bucket(&self.bucket)
+                        .key(&key)
+                        .send()
+                        .await?;
+                    let etag = out.e_tag().unwrap_or_default().to_string();
+                    // A body cut short (a broken or stalled connection) may pass: tried again like
+                    // a timeout.
+                    let body =
+                        out.body.collect().await.map_err(
+                            aws_smithy_runtime_api::client::result::SdkError::timeout_error,
+                        )?;
+                    Ok((body.into_bytes().to_vec(), etag))
+                })
+                .await;
+        match r {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether `rel` exists (HEAD).
+    pub async fn exists(&self, rel: &str) -> Result<bool, CallError> {
+        let key = self.key(rel);
+        let r = self
+            .retrier
+            .run("HeadObject", &self.url(rel), None, || {
+                self.client
+                    .head_object()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .send()
+            })
+            .await;
+        match r {
+            Ok(_) => Ok(true),
+            Err(e) if e.status() == Some(404) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes `rel` (absent already counts as deleted). With `etag`, only that version of
+    /// it (`If-Match`): a lease someone else took since is left alone.
+    pub async fn delete(&self, rel: &str, etag: Option<&str>) -> Result<(), PutError> {
+        let key = self.key(rel);
+        let r = self
+            .retrier
+            .run("DeleteObject", &self.url(rel), None, || {
+                let mut req = self.client.delete_object().bucket(&self.bucket).key(&key);
+                if let Some(e) = etag {
+                    req = req.if_match(e);
+                }
+                req.send()
+            })
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.status() == Some(404) => Ok(()),
+            Err(e) if matches!(e.status(), Some(412) | Some(409)) && etag.is_some() => {
+                Err(PutError::Lost)
+            }
+            Err(e) => Err(PutError::Failed(e)),
+        }
+    }
+
+    /// Copies `from` to `to` within the bucket.
+    pub async fn copy(&self, from: &str, to: &str) -> Result<(), CallError> {
+        let source = format!("{}/{}", self.bucket, self.key(from));
+        let key = self.key(to);
+        self.retrier
+            .run("CopyObject", &self.url(from), None, || {
+                self.client
+                    .copy_object()
+                    .bucket(&self.bucket)
+                    .copy_source(&source)
+                    .key(&key)
+                    .send()
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Every object whose key starts with `rel_prefix`, in key order.
+    pub async fn list(&self, rel_prefix: &str) -> Result<Vec<Listed>, CallError> {
+        let prefix = self.key(rel_prefix);
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .retrier
+                .run("ListObjectsV2", &self.url(rel_prefix), None, || {
+                    self.client
+                        .list_objects_v2()
+                        .bucket(&self.bucket)
+                        .prefix(&prefix)
+                        .set_continuation_token(token.clone())
+                        .send()
+                })
+                .await?;
+            for o in page.contents() {
+                let Some(k) = o.key() else { continue };
+                let modified = o
+                    .last_modified()
+                    .and_then(|t| SystemTime::try_from(*t).ok())
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                out.push(Listed {
+                    key: k.strip_prefix(&self.prefix).unwrap_or(k).to_string(),
+                    modified,
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                });
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,311 @@
+//! The S3 backend of the staging store: blocks as objects in a bucket (`[s3]` in
+//! receiver.toml), under the configured prefix.
+//!
+//! Layout: `blocks/<2 hex>/<64 hex>`, each object `codec u8 | encoded bytes` as in the
+//! directory store; `quarantine/<hash>.<ms>` for corrupt blocks; `quarantine/mark`.
+//!
+//! **Durability.** S3 stores an object durably before a PUT returns success, so
+//! [`BlockStore::insert`] returns once every PUT of the batch has returned; the PUTs of a batch
+//! run `requests_in_flight` at a time. A PUT carries `If-None-Match: *`: a block already in the
+//! bucket is refused with 412 instead of written again, which is how `insert` counts what was
+//! new without a request more. A 409 (another conditional write of the same key in flight, which
+//! may still fail) is written again unconditionally: only a PUT that returned counts.
+//!
+//! **Reads** are verified like the directory store's ([`super::decode_stored`]).
+//!
+//! **Requests** go through [`crate::aws::retry`]: timeouts, 5xx and broken connections are tried
+//! again with backoff, `SlowDown`/503 slow every request of the receiver down and are tried
+//! again; what keeps failing fails the batch, which is then not acknowledged.
+//!
+//! The store runs its requests on a small runtime of its own, so its blocking API serves both
+//! the receiver's blocking threads and the commands.
+//!
+//! Not yet: a `has` costs a HEAD (no cache: a block another receiver's GC removed must not be
+//! answered as held); the quarantine fence is this process's only (one `serve` per bucket
+//! until leases land).
+
+use super::{BlockStore, Fence, StoreError, VerifiedBlock};
+use crate::aws::retry::CallError;
+use crate::aws::s3::{Condition, PutError, S3};
+use lifeboat_common::config::S3Config;
+use lifeboat_common::BlockHash;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::sync::RwLock;
+
+const QUARANTINE_MARK: &str = "quarantine/mark";
+
+pub struct S3Store {
+    s3: S3,
+    /// Dropped with `shutdown_background` (see `Drop`): a runtime may not be dropped where
+    /// blocking is not allowed, and the store's last reference may go in async code.
+    rt: Option<tokio::runtime::Runtime>,
+    in_flight: usize,
+    /// Shared by sessions, exclusive around a quarantine.
+    fence: Arc<RwLock<()>>,
+}
+
+fn remote(e: CallError) -> StoreError {
+    StoreError::Remote {
+        retryable: matches!(e, CallError::Exhausted { .. }),
+        message: e.to_string(),
+    }
+}
+
+fn put_err(e: PutError) -> StoreError {
+    match e {
+        PutError::Failed(e) => remote(e),
+        PutError::Lost => StoreError::Remote {
+            message: "a conditional write was refused".into(),
+            retryable: true,
+        },
+    }
+}
+
+fn block_key(hash: &BlockHash) -> String {
+    let hex = hash.to_hex();
+    format!("blocks/{}/{hex}", &hex[..2])
+}
+
+impl S3Store {
+    /// Connects to the bucket of `cfg` and checks it answers (a listing of one key), so a
+    /// wrong bucket, endpoint or credentials fail here, named, and not at the first block.
+    pub fn open(cfg: &S3Config) -> Result<S3Store, StoreError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("lifeboat-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Remote {
+                message: format!("starting the S3 client's runtime: {e}"),
+                retryable: false,
+            })?;
+        let c = cfg.clone();
+        let s3 = run_on(&rt, async move { S3::connect(&c).await });
+        let store = S3Store {
+            s3,
+            rt: Some(rt),
+            in_flight: cfg.requests_in_flight.max(1),
+            fence: Default::default(),
+        };
+        let probe = store.s3.clone();
+        store
+            .run(async move {
+                probe
+                    .client
+                    .list_objects_v2()
+                    .bucket(&probe.bucket)
+                    .prefix(probe.key("blocks/"))
+                    .max_keys(1)
+                    .send()
+                    .await
+            })
+            .map_err(|e| StoreError::Remote {
+                message: format!(
+                    "bucket {:?} does not answer: {}",
+                    cfg.bucket,
+                    aws_smithy_types::error::display::DisplayErrorContext(&e)
+                ),
+                retryable: false,
+            })?;
+        Ok(store)
+    }
+
+    /// Runs `f` on the store's runtime and waits for it.
+    fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+        // The runtime is only taken in Drop.
+        #[allow(clippy::expect_used)]
+        run_on(self.rt.as_ref().expect("the store's runtime is alive"), f)
+    }
+
+    /// The client, for tests and commands that inspect the bucket.
+    pub fn client(&self) -> &S3 {
+        &self.s3
+    }
+}
+
+/// Runs `f` on `rt` and waits for it, from any thread: async code included, where
+/// `Runtime::block_on` would panic.
+fn run_on<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    f: impl Future<Output = T> + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let _ = tx.send(f.await);
+    });
+    // A task of ours only ends without sending by panicking, which the receiver's panic
+    // policy already handles as a bug; say so rather than hang.
+    #[allow(clippy::expect_used)]
+    rx.recv().expect("an S3 request task panicked")
+}
+
+impl Drop for S3Store {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl BlockStore for S3Store {
+    fn insert(&self, blocks: &[VerifiedBlock]) -> Result<usize, StoreError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut bodies = Vec::new();
+        for b in blocks {
+            if seen.insert(b.hash) {
+                let mut body = Vec::with_capacity(1 + b.data.len());
+                body.push(b.codec as u8);
+                body.extend_from_slice(&b.data);
+                bodies.push((block_key(&b.hash), body));
+            }
+        }
+        if bodies.is_empty() {
+            return Ok(0);
+        }
+        let s3 = self.s3.clone();
+        let limit = Arc::new(tokio::sync::Semaphore::new(self.in_flight));
+        self.run(async move {
+            let mut set = tokio::task::JoinSet::new();
+            for (key, body) in bodies {
+                let s3 = s3.clone();
+                let limit = limit.clone();
+                set.spawn(async move {
+                    let _slot = limit.acquire_owned().await;
+                    match s3.put(&key, body.clone(), &Condition::Absent).await {
+                        Ok(_) => Ok(true),
+                        Err(PutError::Lost) => {
+                            // 412: it is there, durable. 409: a concurrent write of the same
+                            // key may still fail, so ours goes in unconditionally.
+                            if s3.exists(&key).await.map_err(remote)? {
+                                Ok(false)
+                            } else {
+                                s3.put(&key, body, &Condition::None)
+                                    .await
+                                    .map(|_| true)
+                                    .map_err(put_err)
+                            }
+                        }
+                        Err(e) => Err(put_err(e)),
+                    }
+                });
+            }
+            let mut new = 0;
+            let mut first_err = None;
+            while let Some(r) = set.join_next().await {
+                match r {
+                    Ok(Ok(true)) => new += 1,
+                    Ok(Ok(false)) => {}
+                    Ok(Err(e)) => {
+                        first_err.get_or_insert(e);
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(StoreError::Remote {
+                            message: format!("a PUT task failed: {e}"),
+                            retryable: false,
+                        });
+                    }
+                }
+            }
+            match first_err {
+                Some(e) => Err(e),
+                None => Ok(new),
+            }
+        })
+    }
+
+    fn has(&self, hash: &BlockHash) -> Result<bool, StoreError> {
+        if hash.is_zero() {
+            return Ok(true);
+        }
+        let s3 = self.s3.clone();
+        let key = block_key(hash);
+        self.run(async move { s3.exists(&key).await })
+            .map_err(remote)
+    }
+
+    fn read(&self, hash: &BlockHash) -> Result<Vec<u8>, StoreError> {
+        let s3 = self.s3.clone();
+        let key = block_key(hash);
+        match self
+            .run(async move { s3.get(&key).await })
+            .map_err(remote)?
+        {
+            Some((raw, _)) => super::decode_stored(hash, &raw),
+            None => Err(StoreError::Missing { hash: *hash }),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<(BlockHash, SystemTime)>, StoreError> {
+        let s3 = self.s3.clone();
+        let listed = self
+            .run(async move { s3.list("blocks/").await })
+            .map_err(remote)?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|o| {
+                let name = o.key.rsplit('/').next()?;
+                Some((BlockHash::from_hex(name)?, o.modified))
+            })
+            .collect())
+    }
+
+    fn remove(&self, hash: &BlockHash) -> Result<(), StoreError> {
+        let s3 = self.s3.clone();
+        let key = block_key(hash);
+        self.run(async move { s3.delete(&key, None).await })
+            .map_err(put_err)
+    }
+
+    /// Copies the block to `quarantine/`, changes the mark, then deletes the block (the mark
+    /// before the removal: if the removal then fails, sessions re-check for nothing).
+    fn quarantine(&self, hash: &BlockHash) -> Result<String, StoreError> {
+        let fence = self.fence.clone();
+        let _exclusive = self.run(async move { fence.write_owned().await });
+        let s3 = self.s3.clone();
+        let key = block_key(hash);
+        let dst = format!("quarantine/{}.{}", hash.to_hex(), crate::status::now_ms());
+        let url = s3.url(&dst);
+        self.run(async move {
+            s3.copy(&key, &dst).await.map_err(remote)?;
+            s3.put(
+                QUARANTINE_MARK,
+                rand::random::<[u8; 16]>().to_vec(),
+                &Condition::None,
+            )
+            .await
+            .map_err(put_err)?;
+            s3.delete(&key, None).await.map_err(put_err)
+        })?;
+        Ok(url)
+    }
+
+    fn quarantine_fence(&self) -> Result<Fence, StoreError> {
+        let fence = self.fence.clone();
+        let guard = self.run(async move { fence.read_owned().await });
+        Ok(Fence::new(guard))
+    }
+
+    fn quarantined(&self) -> Result<std::collections::HashSet<BlockHash>, StoreError> {
+        let s3 = self.s3.clone();
+        let listed = self
+            .run(async move { s3.list("quarantine/").await })
+            .map_err(remote)?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|o| {
+                let name = o.key.rsplit('/').next()?;
+                BlockHash::from_hex(name.split('.').next()?)
+            })
+            .collect())
+    }
+
+    fn quarantine_mark(&self) -> Option<Vec<u8>> {
+        let s3 = self.s3.clone();
+        self.run(async move { s3.get(QUARANTINE_MARK).await })
+            .ok()
+            .flatten()
+            .map(|(body, _)| body)
+    }
+}
