@@ -9,6 +9,7 @@ mod enrolment;
 mod faults;
 mod gc;
 mod identity;
+mod leases;
 mod metrics;
 mod packages;
 mod power_cut;

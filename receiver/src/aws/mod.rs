@@ -7,6 +7,14 @@ pub mod s3;
 
 use std::time::Duration;
 
+/// HTTPS on rustls with ring.
+pub fn http_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
+    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https()
+}
+
 /// The shared SDK configuration for `region`: the AWS credential chain (environment,
 /// profile, instance role, web identity), the timeouts, no SDK retries.
 pub async fn sdk_config(
@@ -14,10 +22,6 @@ pub async fn sdk_config(
     connect_timeout_secs: u64,
     attempt_timeout_secs: u64,
 ) -> aws_config::SdkConfig {
-    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
-    let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(Provider::Rustls(CryptoMode::Ring))
-        .build_https();
     let attempt = Duration::from_secs(attempt_timeout_secs);
     let timeouts = aws_config::timeout::TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(connect_timeout_secs))
@@ -27,7 +31,7 @@ pub async fn sdk_config(
         .build();
     aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new(region.to_string()))
-        .http_client(http)
+        .http_client(http_client())
         .timeout_config(timeouts)
         .retry_config(aws_config::retry::RetryConfig::disabled())
         .load()

@@ -76,6 +76,21 @@ impl S3 {
         }
     }
 
+    /// Over a client built elsewhere (another credentials provider, a test's).
+    pub fn from_client(
+        client: aws_sdk_s3::Client,
+        bucket: &str,
+        prefix: &str,
+        max_attempts: u32,
+    ) -> S3 {
+        S3 {
+            client,
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+            retrier: Retrier::new(max_attempts),
+        }
+    }
+
     /// The full key of `rel`.
     pub fn key(&self, rel: &str) -> String {
         format!("{}{rel}", self.prefix)
