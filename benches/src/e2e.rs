@@ -16,7 +16,8 @@
 //! for byte, so the figures are of a sync that really produced the data.
 //!
 //! `--incremental` measures continuous replication instead (see `incremental.rs`); `--ebs`
-//! the upload of one point to EBS and its restore (see `ebs.rs`).
+//! the upload of one point to EBS and its restore (see `ebs.rs`); `--s3` the initial sync
+//! into the S3 staging store against the directory store (see `s3.rs`).
 //!
 //! `--device` runs the same against a fully allocated loop device holding the image (root
 //! needed): a block device has no holes to skip, so every byte is read, hashed and checked.
@@ -24,6 +25,7 @@
 mod ebs;
 mod incremental;
 mod lag;
+mod s3;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -42,6 +44,8 @@ pub(crate) struct Args {
     ebs: bool,
     ebs_latency_ms: u64,
     ebs_in_flight: usize,
+    /// `--s3`: the directory store against the S3 store (moto on loopback).
+    s3: bool,
 }
 
 fn args() -> Result<Args> {
@@ -56,6 +60,7 @@ fn args() -> Result<Args> {
         ebs: false,
         ebs_latency_ms: 50,
         ebs_in_flight: 64,
+        s3: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -71,8 +76,9 @@ fn args() -> Result<Args> {
             "--ebs" => a.ebs = true,
             "--ebs-latency-ms" => a.ebs_latency_ms = v()?.parse()?,
             "--ebs-in-flight" => a.ebs_in_flight = v()?.parse()?,
+            "--s3" => a.s3 = true,
             "-h" | "--help" => {
-                println!("e2e-bench [--runs N (3)] [--dir D (/var/tmp/lifeboat-bench)] [--size-gib G (8)] [--source DIR (/usr)] [--device] [--incremental] [--lag] [--ebs [--ebs-latency-ms 50] [--ebs-in-flight 64]]");
+                println!("e2e-bench [--runs N (3)] [--dir D (/var/tmp/lifeboat-bench)] [--size-gib G (8)] [--source DIR (/usr)] [--device] [--incremental] [--lag] [--ebs [--ebs-latency-ms 50] [--ebs-in-flight 64]] [--s3]");
                 std::process::exit(0);
             }
             // `cargo bench` passes --bench; ignore it.
@@ -103,7 +109,7 @@ pub(crate) fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn drop_caches() -> bool {
+pub(crate) fn drop_caches() -> bool {
     let _ = Command::new("sync").status();
     std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
 }
@@ -237,6 +243,17 @@ pub(crate) fn start_receiver(
     rx: &Path,
     state: &Path,
 ) -> Result<(std::process::Child, u16, serde_json::Value)> {
+    start_receiver_with(rx, state, "", &[])
+}
+
+/// As [`start_receiver`], with `extra` added to receiver.toml (its top-level keys first, its
+/// tables at the end) and `env` for `serve`.
+pub(crate) fn start_receiver_with(
+    rx: &Path,
+    state: &Path,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> Result<(std::process::Child, u16, serde_json::Value)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -247,10 +264,19 @@ pub(crate) fn start_receiver(
         &format!("127.0.0.1:{port}"),
     ]))?;
     let v: serde_json::Value = serde_json::from_str(&init)?;
+    if !extra.is_empty() {
+        // Top-level keys before the file's tables, tables after them.
+        let at = extra.find("\n[").map(|i| i + 1).unwrap_or(extra.len());
+        let (top, tables) = extra.split_at(at);
+        let path = state.join("receiver.toml");
+        let text = format!("{top}{}\n{tables}", std::fs::read_to_string(&path)?);
+        std::fs::write(&path, text)?;
+    }
     let mut server = Command::new(rx)
         .arg("--state-dir")
         .arg(state)
         .args(["--log", "warn", "serve"])
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .spawn()?;
     let started = Instant::now();
@@ -322,7 +348,7 @@ fn du(p: &Path) -> Result<u64> {
     Ok(out.split_whitespace().next().unwrap_or("0").parse()?)
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -471,6 +497,9 @@ fn main() -> Result<()> {
     );
     if a.incremental {
         return incremental::run(&a, &img, &rx, &agent);
+    }
+    if a.s3 {
+        return s3::run_s3(&a, &img, data, &rx, &agent);
     }
     if a.ebs {
         return ebs::run_ebs(&a, &img, &rx, &agent, a.ebs_latency_ms, a.ebs_in_flight);

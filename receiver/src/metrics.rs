@@ -334,7 +334,7 @@ impl ReceiverMetrics {
             "Agents connected now.",
             agents as f64,
         );
-        if let Some((avail, size)) = fs_space(&self.state_dir.join("store")) {
+        if let Some((avail, size)) = fs_space(&self.local_store()) {
             f.gauge_value(
                 "lifeboat_receiver_store_filesystem_avail_bytes",
                 "Space left for the store on its filesystem (for unprivileged use).",
@@ -393,11 +393,39 @@ impl ReceiverMetrics {
                 retries.load(Ordering::Relaxed),
             );
         }
+        if let Some(c) = self.store.requests() {
+            f.counter_value(
+                "lifeboat_receiver_store_requests_total",
+                "Requests the staging store sent to S3 (every attempt counts).",
+                c.requests,
+            );
+            f.counter_value(
+                "lifeboat_receiver_store_retries_total",
+                "S3 requests of the staging store tried again (throttling, 5xx, timeouts).",
+                c.retries,
+            );
+            f.counter_value(
+                "lifeboat_receiver_store_throttles_total",
+                "S3 requests of the staging store refused as throttled (SlowDown, 503).",
+                c.throttles,
+            );
+        }
         f.render()
     }
 
-    fn check(&self) -> Result<(), String> {
+    /// Where the store's local files are: `store/`, or with the store in S3 the state
+    /// directory (journals and manifests, which fill a disk too).
+    fn local_store(&self) -> std::path::PathBuf {
         let store = self.state_dir.join("store");
+        if store.is_dir() {
+            store
+        } else {
+            self.state_dir.clone()
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let store = self.local_store();
         if let Some(why) = self.store.unhealthy() {
             return Err(why);
         }

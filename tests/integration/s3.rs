@@ -61,6 +61,19 @@ fn an_s3_store_takes_the_blocks_survives_kill_9_and_heals_rot() {
         "blocks were written to the state directory too"
     );
 
+    // The bucket's requests are counted (a restarted receiver counts from zero, so at least
+    // what the agent's completing run needed); the receiver is healthy with no store/ dir.
+    let (code, m) = http_get(&rx.metrics_addr(), "/metrics");
+    assert_eq!(code, 200);
+    let requests = sample(&m, "lifeboat_receiver_store_requests_total").unwrap();
+    assert!(requests >= 1.0, "{m}");
+    assert_eq!(
+        sample(&m, "lifeboat_receiver_store_throttles_total"),
+        Some(0.0)
+    );
+    let (code, body) = http_get(&rx.metrics_addr(), "/healthz");
+    assert_eq!(code, 200, "{body}");
+
     // Rot in one object: scrub finds it and moves it aside; the point no longer restores.
     let victim = blocks[7].clone();
     let mut body = moto.get("lifeboat-staging", &victim).unwrap();
@@ -114,4 +127,48 @@ fn a_missing_bucket_is_refused_at_start_naming_it() {
         "{}",
         stderr(&o)
     );
+}
+
+/// Retention and GC on the bucket: blocks no kept point names are deleted from it, and only
+/// those; every kept point still restores.
+#[test]
+fn gc_deletes_from_the_bucket_exactly_what_no_kept_point_needs() {
+    let w = workdir();
+    let Some(moto) = Moto::start(w.path()) else {
+        return;
+    };
+    moto.create_bucket("lifeboat-gc");
+    let mut rx = Receiver::start(w.path());
+    rx.use_s3(&moto.url(), "lifeboat-gc", "");
+    let img = w.path().join("disk.img");
+    let mut versions = vec![random_image(&img, 12, 5)];
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("gc-s3", &[("root", &img)]));
+    agent.run_once_ok();
+    for round in 0..2 {
+        versions.push(random_image(&img, 12, 600 + round));
+        agent.run_once_ok();
+    }
+    assert_eq!(moto.keys("lifeboat-gc", "blocks/").len(), 36);
+
+    rx.restart_with_retention(0, 7, 0);
+    wait_for(
+        "retention to drop older points",
+        Duration::from_secs(30),
+        || rx.points("gc-s3").len() < 3,
+    );
+    let kept: Vec<u64> = rx
+        .points("gc-s3")
+        .iter()
+        .map(|p| p["point"].as_u64().unwrap())
+        .collect();
+    assert!(kept.contains(&3), "the newest point was dropped: {kept:?}");
+    let needed = 12 * kept.len();
+    wait_for(
+        "GC to delete unreferenced blocks",
+        Duration::from_secs(30),
+        || moto.keys("lifeboat-gc", "blocks/").len() == needed,
+    );
+    for p in &kept {
+        rx.expect_restore("gc-s3", "root", &p.to_string(), &versions[*p as usize - 1]);
+    }
 }

@@ -188,6 +188,8 @@ where
 #[derive(Clone)]
 pub struct Retrier {
     pub max_attempts: u32,
+    /// Every attempt of every call.
+    pub requests: Arc<AtomicU64>,
     /// Attempts that were retried (logs, status, metrics).
     pub retries: Arc<AtomicU64>,
     /// Requests refused as throttled.
@@ -199,6 +201,7 @@ impl Retrier {
     pub fn new(max_attempts: u32) -> Retrier {
         Retrier {
             max_attempts,
+            requests: Default::default(),
             retries: Default::default(),
             throttles: Default::default(),
             pace: Default::default(),
@@ -225,6 +228,7 @@ impl Retrier {
         loop {
             attempt += 1;
             self.pace.slot().await;
+            self.requests.fetch_add(1, Ordering::Relaxed);
             let e = match call().await {
                 Ok(v) => {
                     self.pace.succeeded();

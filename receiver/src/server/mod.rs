@@ -705,6 +705,7 @@ fn reload(shared: &Shared, path: &std::path::Path, cli_log: Option<&str>, listen
             old.server_lease_minutes != new.server_lease_minutes,
         ),
         ("ebs", format!("{:?}", old.ebs) != format!("{:?}", new.ebs)),
+        ("s3", old.s3 != new.s3),
         (
             "recovery",
             format!("{:?}", old.recovery) != format!("{:?}", new.recovery),

@@ -126,6 +126,17 @@ pub fn decode_stored(hash: &BlockHash, raw: &[u8]) -> Result<Vec<u8>, StoreError
     Ok(plain)
 }
 
+/// What a remote store has sent so far.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestCounts {
+    /// Every attempt of every request.
+    pub requests: u64,
+    /// Attempts that were tried again.
+    pub retries: u64,
+    /// Attempts refused as throttled.
+    pub throttles: u64,
+}
+
 /// A held fence (see [`BlockStore::quarantine_fence`]); released when dropped.
 pub struct Fence(#[allow(dead_code)] Box<dyn Send>);
 
@@ -142,6 +153,12 @@ pub trait BlockStore: Send + Sync {
     fn insert(&self, blocks: &[VerifiedBlock]) -> Result<usize, StoreError>;
     /// Why the store cannot take blocks any more (a failed flush poisoned it), if so.
     fn unhealthy(&self) -> Option<String> {
+        None
+    }
+
+    /// Requests sent to a remote store (S3), for metrics and benchmarks; `None` for a local
+    /// one.
+    fn requests(&self) -> Option<RequestCounts> {
         None
     }
 

@@ -215,6 +215,16 @@ impl BlockStore for S3Store {
         })
     }
 
+    fn requests(&self) -> Option<super::RequestCounts> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let r = &self.s3.retrier;
+        Some(super::RequestCounts {
+            requests: r.requests.load(Relaxed),
+            retries: r.retries.load(Relaxed),
+            throttles: r.throttles.load(Relaxed),
+        })
+    }
+
     fn has(&self, hash: &BlockHash) -> Result<bool, StoreError> {
         if hash.is_zero() {
             return Ok(true);
