@@ -101,9 +101,10 @@ fn an_s3_store_takes_the_blocks_survives_kill_9_and_heals_rot() {
 }
 
 /// A bucket that does not exist stops `serve` at start with its name, rather than failing at
-/// the first block.
+/// the first block; so do a prefix another receiver holds (their GCs would delete each other's
+/// blocks) and `[s3]` added to a receiver whose points name blocks in its directory store.
 #[test]
-fn a_missing_bucket_is_refused_at_start_naming_it() {
+fn a_missing_bucket_a_taken_prefix_and_a_local_store_are_refused_at_start() {
     let w = workdir();
     let Some(moto) = Moto::start(w.path()) else {
         return;
@@ -124,6 +125,50 @@ fn a_missing_bucket_is_refused_at_start_naming_it() {
     assert!(!o.status.success());
     assert!(
         stderr(&o).contains("bucket \"no-such-bucket\" does not answer"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Two receivers, one prefix: the second is refused; with a prefix of its own it runs.
+    moto.create_bucket("lifeboat-shared");
+    let w2 = workdir();
+    let mut a = Receiver::start(w2.path());
+    a.use_s3(&moto.url(), "lifeboat-shared", "fleet/");
+    let b_dir = w2.path().join("receiver-b");
+    let mut b = Receiver::start_at(w2.path(), &b_dir);
+    b.kill();
+    b.use_s3(&moto.url(), "lifeboat-shared", "fleet/");
+    let o = b.cli(&["scrub"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains(
+            "s3://lifeboat-shared/fleet/owner.json says this prefix belongs to another receiver"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        a.cli(&["scrub"]).status.success(),
+        "the owner was refused too"
+    );
+
+    // A receiver with blocks in its directory store cannot move to S3 by a config change.
+    let w3 = workdir();
+    let mut c = Receiver::start(w3.path());
+    let img = w3.path().join("disk.img");
+    random_image(&img, 2, 3);
+    Agent::new(
+        w3.path(),
+        &c,
+        &AgentSpec::new("local-01", &[("root", &img)]),
+    )
+    .run_once_ok();
+    c.kill();
+    c.use_s3(&moto.url(), "lifeboat-shared", "other/");
+    let o = c.cli(&["scrub"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("moving a directory store into S3 is not supported"),
         "{}",
         stderr(&o)
     );
@@ -171,4 +216,49 @@ fn gc_deletes_from_the_bucket_exactly_what_no_kept_point_needs() {
     for p in &kept {
         rx.expect_restore("gc-s3", "root", &p.to_string(), &versions[*p as usize - 1]);
     }
+}
+
+/// S3 throttling (`503 SlowDown` past 40 requests a second) slows the store down and fails
+/// nothing: the sync completes, every point restores, and the throttles are counted.
+#[test]
+fn slowdown_answers_slow_the_store_and_fail_no_session() {
+    let w = workdir();
+    let Some(moto) = Moto::start(w.path()) else {
+        return;
+    };
+    moto.create_bucket("lifeboat-slow");
+    let proxy = lifeboat_tests::slowdown::SlowDown::start(moto.addr, 40);
+    let mut rx = Receiver::start(w.path());
+    rx.use_s3(&proxy.url(), "lifeboat-slow", "");
+    let img = w.path().join("disk.img");
+    let data = random_image(&img, 40, 77);
+    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("slow-01", &[("root", &img)]));
+    let o = agent.run_once(120);
+    assert!(
+        o.status.success(),
+        "{}\nreceiver:\n{}",
+        stderr(&o),
+        rx.log_text()
+    );
+    // No batch failed for it (a failed insert names the store to the agent and in the log).
+    assert!(
+        !stderr(&o).contains("staging store in S3:"),
+        "{}",
+        stderr(&o)
+    );
+    let throttled = proxy.throttled.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        throttled > 0,
+        "the proxy throttled nothing; nothing was tested"
+    );
+    let (_, m) = http_get(&rx.metrics_addr(), "/metrics");
+    let counted = sample(&m, "lifeboat_receiver_store_throttles_total").unwrap();
+    assert!(counted >= 1.0, "throttles not counted: {m}");
+    assert!(
+        !rx.log_text().contains("staging store in S3:"),
+        "{}",
+        rx.log_text()
+    );
+    rx.expect_restore("slow-01", "root", "latest", &data);
+    assert_eq!(moto.keys("lifeboat-slow", "blocks/").len(), 40);
 }

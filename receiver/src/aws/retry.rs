@@ -58,43 +58,83 @@ impl CallError {
 pub const THROTTLE_ATTEMPTS: u32 = 60;
 
 /// The spacing between requests of one client, adapted to throttling.
+///
+/// Nothing is booked ahead: a request waits until `spacing` has passed since the last one
+/// started, looking again after each sleep, so a spacing that shrinks (successes) shortens
+/// the waits of requests already queued. A burst of throttles from requests sent under one
+/// spacing doubles it once, not once per request: otherwise 32 PUTs throttled together would
+/// take the spacing from 5 ms to its 2 s ceiling at once.
 #[derive(Default)]
 pub struct Pace {
-    /// (next free slot, spacing in microseconds)
-    state: std::sync::Mutex<(Option<Instant>, u64)>,
+    state: std::sync::Mutex<PaceState>,
+}
+
+#[derive(Default)]
+struct PaceState {
+    /// When the last request was let go.
+    last: Option<Instant>,
+    /// Microseconds between requests (0: none).
+    spacing_us: u64,
+    /// When the spacing last doubled.
+    doubled: Option<Instant>,
 }
 
 impl Pace {
     const MAX_US: u64 = 2_000_000;
+    const MIN_US: u64 = 5_000;
 
-    /// Waits for this request's slot.
+    /// Waits for this request's turn.
     async fn slot(&self) {
-        let at = {
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if s.1 == 0 {
-                return;
-            }
-            let now = Instant::now();
-            let at = s.0.filter(|t| *t > now).unwrap_or(now);
-            s.0 = Some(at + Duration::from_micros(s.1));
-            at
-        };
-        tokio::time::sleep_until(at.into()).await;
+        loop {
+            let wait = {
+                let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                let next = s
+                    .last
+                    .map(|l| l + Duration::from_micros(s.spacing_us))
+                    .filter(|n| *n > now);
+                match next {
+                    None => {
+                        s.last = Some(now);
+                        return;
+                    }
+                    Some(n) => n - now,
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
     }
 
     fn throttled(&self) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.1 = (s.1 * 2).clamp(5_000, Self::MAX_US);
+        let now = Instant::now();
+        // Throttles within one spacing (at least 50 ms) of the last doubling answer requests
+        // sent before it took effect: they count once.
+        let window = Duration::from_micros(s.spacing_us).max(Duration::from_millis(50));
+        if s.doubled.is_some_and(|d| now.duration_since(d) < window) {
+            return;
+        }
+        s.spacing_us = (s.spacing_us * 2).clamp(Self::MIN_US, Self::MAX_US);
+        s.doubled = Some(now);
     }
 
     fn succeeded(&self) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.1 = if s.1 < 1_000 { 0 } else { s.1 - s.1 / 32 };
+        s.spacing_us = if s.spacing_us < 1_000 {
+            0
+        } else {
+            s.spacing_us - s.spacing_us / 32
+        };
     }
 
     /// The current spacing, for logs.
     pub fn spacing(&self) -> Duration {
-        Duration::from_micros(self.state.lock().unwrap_or_else(|e| e.into_inner()).1)
+        Duration::from_micros(
+            self.state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .spacing_us,
+        )
     }
 }
 
@@ -132,6 +172,8 @@ where
                     | "ConcurrentLimitExceededException"
                     | "SlowDown"
             ) || status == 429
+                // S3's SlowDown is a 503, and a HEAD's 503 has no body to name it.
+                || status == 503
             {
                 Class::Throttled
             } else if matches!(
@@ -299,6 +341,22 @@ fn backoff(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_burst_of_throttles_doubles_the_spacing_once_and_successes_shrink_it() {
+        let p = Pace::default();
+        for _ in 0..32 {
+            p.throttled();
+        }
+        assert_eq!(p.spacing(), Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(60));
+        p.throttled();
+        assert_eq!(p.spacing(), Duration::from_millis(10));
+        for _ in 0..200 {
+            p.succeeded();
+        }
+        assert_eq!(p.spacing(), Duration::ZERO);
+    }
 
     #[test]
     fn backoff_grows_and_stays_capped() {

@@ -227,6 +227,22 @@ impl S3 {
             .map(|_| ())
     }
 
+    /// Lists at most one key under `rel_prefix`: proves the bucket answers and lets us in.
+    pub async fn probe(&self, rel_prefix: &str) -> Result<(), CallError> {
+        let prefix = self.key(rel_prefix);
+        self.retrier
+            .run("ListObjectsV2", &self.url(rel_prefix), None, || {
+                self.client
+                    .list_objects_v2()
+                    .bucket(&self.bucket)
+                    .prefix(&prefix)
+                    .max_keys(1)
+                    .send()
+            })
+            .await
+            .map(|_| ())
+    }
+
     /// Every object whose key starts with `rel_prefix`, in key order.
     pub async fn list(&self, rel_prefix: &str) -> Result<Vec<Listed>, CallError> {
         let prefix = self.key(rel_prefix);

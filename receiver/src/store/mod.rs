@@ -88,7 +88,29 @@ pub fn open(
 ) -> Result<std::sync::Arc<dyn BlockStore>, StoreError> {
     match &config.s3 {
         #[cfg(feature = "aws")]
-        Some(c) => Ok(std::sync::Arc::new(s3::S3Store::open(c)?)),
+        Some(c) => {
+            let local = state_dir.join("store").join("blocks");
+            let held = std::fs::read_dir(&local)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(false);
+            if held {
+                return Err(StoreError::Remote {
+                    message: format!(
+                        "[s3] is set but {} holds blocks that this receiver's points name: \
+                         moving a directory store into S3 is not supported; remove [s3], or \
+                         start from a new state directory",
+                        local.display()
+                    ),
+                    retryable: false,
+                });
+            }
+            let owner =
+                crate::snapshots::ebs::install_id(state_dir).map_err(|source| StoreError::Io {
+                    path: state_dir.join("install-id"),
+                    source,
+                })?;
+            Ok(std::sync::Arc::new(s3::S3Store::open(c, &owner)?))
+        }
         #[cfg(not(feature = "aws"))]
         Some(_) => Err(StoreError::Remote {
             message: "[s3] is set but this build has no AWS support (feature `aws`)".into(),

@@ -2,7 +2,8 @@
 //! receiver.toml), under the configured prefix.
 //!
 //! Layout: `blocks/<2 hex>/<64 hex>`, each object `codec u8 | encoded bytes` as in the
-//! directory store; `quarantine/<hash>.<ms>` for corrupt blocks; `quarantine/mark`.
+//! directory store; `quarantine/<hash>.<ms>` for corrupt blocks; `quarantine/mark`;
+//! `owner.json`, the install id of the one receiver whose blocks these are.
 //!
 //! **Durability.** S3 stores an object durably before a PUT returns success, so
 //! [`BlockStore::insert`] returns once every PUT of the batch has returned; the PUTs of a batch
@@ -35,6 +36,8 @@ use std::time::SystemTime;
 use tokio::sync::RwLock;
 
 const QUARANTINE_MARK: &str = "quarantine/mark";
+/// Which receiver the prefix belongs to (see [`S3Store::claim`]).
+const OWNER: &str = "owner.json";
 
 pub struct S3Store {
     s3: S3,
@@ -71,7 +74,7 @@ fn block_key(hash: &BlockHash) -> String {
 impl S3Store {
     /// Connects to the bucket of `cfg` and checks it answers (a listing of one key), so a
     /// wrong bucket, endpoint or credentials fail here, named, and not at the first block.
-    pub fn open(cfg: &S3Config) -> Result<S3Store, StoreError> {
+    pub fn open(cfg: &S3Config, owner: &str) -> Result<S3Store, StoreError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("lifeboat-s3")
@@ -89,27 +92,54 @@ impl S3Store {
             in_flight: cfg.requests_in_flight.max(1),
             fence: Default::default(),
         };
+        // Through the retry policy: a bucket throttling at start slows the start down.
         let probe = store.s3.clone();
         store
-            .run(async move {
-                probe
-                    .client
-                    .list_objects_v2()
-                    .bucket(&probe.bucket)
-                    .prefix(probe.key("blocks/"))
-                    .max_keys(1)
-                    .send()
-                    .await
-            })
+            .run(async move { probe.probe("blocks/").await })
             .map_err(|e| StoreError::Remote {
-                message: format!(
-                    "bucket {:?} does not answer: {}",
-                    cfg.bucket,
-                    aws_smithy_types::error::display::DisplayErrorContext(&e)
-                ),
+                message: format!("bucket {:?} does not answer: {e}", cfg.bucket),
                 retryable: false,
             })?;
+        store.claim(owner)?;
         Ok(store)
+    }
+
+    /// Makes the bucket's prefix this receiver's (`owner.json`, written only if absent), or
+    /// checks it is: two receivers on one prefix would each garbage-collect the blocks only
+    /// the other's points name.
+    fn claim(&self, owner: &str) -> Result<(), StoreError> {
+        let s3 = self.s3.clone();
+        let body = serde_json::to_vec_pretty(&serde_json::json!({
+            "install_id": owner,
+            "claimed_unix_ms": crate::status::now_ms(),
+        }))
+        .unwrap_or_default();
+        let url = s3.url(OWNER);
+        let there = self.run(async move {
+            match s3.put(OWNER, body, &Condition::Absent).await {
+                Ok(_) => Ok(None),
+                Err(PutError::Lost) => s3.get(OWNER).await.map_err(remote),
+                Err(e) => Err(put_err(e)),
+            }
+        })?;
+        let Some((raw, _)) = there else {
+            return Ok(());
+        };
+        let holder = serde_json::from_slice::<serde_json::Value>(&raw)
+            .ok()
+            .and_then(|v| v["install_id"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "(unreadable)".into());
+        if holder == owner {
+            return Ok(());
+        }
+        Err(StoreError::Remote {
+            message: format!(
+                "{url} says this prefix belongs to another receiver (install id {holder}; this \
+                 one is {owner}): two receivers on one prefix would delete each other's blocks. \
+                 Give this receiver a prefix of its own (`prefix` in [s3])"
+            ),
+            retryable: false,
+        })
     }
 
     /// Runs `f` on the store's runtime and waits for it.
