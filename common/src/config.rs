@@ -831,11 +831,18 @@ impl S3Config {
                 format!("{b:?} is not a bucket name (3-63 of a-z, 0-9, '.', '-')"),
             ));
         }
-        if self.prefix.len() > 512 || self.prefix.starts_with('/') {
+        let key_char = |c: char| c.is_ascii_alphanumeric() || "/._-".contains(c);
+        if self.prefix.len() > 512
+            || self.prefix.starts_with('/')
+            || !self.prefix.chars().all(key_char)
+        {
             return Err(invalid(
                 path,
                 "s3.prefix",
-                "must not start with '/' and must be at most 512 bytes",
+                format!(
+                    "{:?}: at most 512 of A-Z, a-z, 0-9, '/', '.', '_', '-', not starting with '/'",
+                    self.prefix
+                ),
             ));
         }
         if !region_ok(&self.region) {
@@ -1265,6 +1272,10 @@ path = "/dev/sda"
             ("bucket = \"dr-1\"\nregion = \"Europe\"", "s3.region"),
             (
                 "bucket = \"dr-staging\"\nregion = \"eu-west-1\"\nprefix = \"/x\"",
+                "s3.prefix",
+            ),
+            (
+                "bucket = \"dr-staging\"\nregion = \"eu-west-1\"\nprefix = \"a b+\"",
                 "s3.prefix",
             ),
             (

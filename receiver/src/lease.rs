@@ -27,15 +27,18 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// What a lease object says.
+/// What a lease object says (JSON).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LeaseBody {
     /// The receiver holding it ("" once released).
     pub holder: String,
+    /// Which run of that receiver: a process of its own, or a clone of its machine with the
+    /// same id, is another holder, never "us".
+    pub incarnation: String,
     /// Where agents reach that receiver (host:port).
     pub address: String,
-    /// The lease period the holder keeps, seconds.
-    pub period_secs: u64,
+    /// The lease period the holder keeps, milliseconds.
+    pub period_ms: u64,
     /// The holder's wall clock at the write (for people only).
     pub written_unix_ms: u64,
 }
@@ -68,10 +71,14 @@ pub enum Decision {
     },
 }
 
-/// The decision for `me` given the lease as read now and what was observed of it before.
-/// `observed` is updated: a new ETag restarts the wait.
+/// Longest period a lease body may claim: a garbled or hostile one cannot hold a server
+/// forever (or overflow the clock).
+const MAX_PERIOD: Duration = Duration::from_secs(24 * 3600);
+
+/// The decision for `me` (receiver id, incarnation) given the lease as read now and what was
+/// observed of it before. `observed` is updated: a new ETag restarts the wait.
 pub fn decide(
-    me: &str,
+    me: (&str, &str),
     current: &Current,
     observed: &mut Option<Observed>,
     now: Instant,
@@ -83,7 +90,7 @@ pub fn decide(
             Decision::Write(Condition::Absent)
         }
         Current::Present { etag, body } => {
-            if body.holder.is_empty() || body.holder == me {
+            if body.holder.is_empty() || (body.holder == me.0 && body.incarnation == me.1) {
                 // Released, or ours from before (a restart): write over exactly this version.
                 *observed = None;
                 return Decision::Write(Condition::ETag(etag.clone()));
@@ -100,7 +107,7 @@ pub fn decide(
             };
             // The holder's own period if longer than ours: never take a lease early because
             // two receivers were configured differently.
-            let wait = period.max(Duration::from_secs(body.period_secs));
+            let wait = period.max(Duration::from_millis(body.period_ms).min(MAX_PERIOD));
             if now.duration_since(since) >= wait {
                 Decision::Write(Condition::ETag(etag.clone()))
             } else {
@@ -153,6 +160,7 @@ pub enum LeaseError {
 pub struct Leases {
     s3: S3,
     me: String,
+    incarnation: String,
     address: String,
     period: Duration,
     observed: Mutex<HashMap<String, Observed>>,
@@ -164,6 +172,7 @@ impl Leases {
         Leases {
             s3,
             me: me.to_string(),
+            incarnation: hex::encode(rand::random::<[u8; 8]>()),
             address: address.to_string(),
             period,
             observed: Default::default(),
@@ -182,8 +191,10 @@ impl Leases {
     fn body(&self, holder: &str) -> Vec<u8> {
         let b = LeaseBody {
             holder: holder.to_string(),
+            incarnation: self.incarnation.clone(),
             address: self.address.clone(),
-            period_secs: self.period.as_secs().max(1),
+            // Rounded up: a taker never waits less than the holder counts.
+            period_ms: self.period.as_micros().div_ceil(1000).min(u64::MAX as u128) as u64,
             written_unix_ms: crate::status::now_ms(),
         };
         // A plain struct of strings and integers always serializes.
@@ -219,7 +230,13 @@ impl Leases {
         let decision = {
             let mut map = self.observed.lock().unwrap_or_else(|e| e.into_inner());
             let mut o = map.remove(server);
-            let d = decide(&self.me, &current, &mut o, now, self.period);
+            let d = decide(
+                (&self.me, &self.incarnation),
+                &current,
+                &mut o,
+                now,
+                self.period,
+            );
             if let Some(o) = o {
                 map.insert(server.to_string(), o);
             }
@@ -307,8 +324,9 @@ mod tests {
             etag: etag.into(),
             body: LeaseBody {
                 holder: holder.into(),
+                incarnation: "i1".into(),
                 address: "10.0.0.1:7443".into(),
-                period_secs: 30,
+                period_ms: 30_000,
                 written_unix_ms: 0,
             },
         }
@@ -320,31 +338,37 @@ mod tests {
         let t0 = Instant::now();
         let mut o = None;
         assert_eq!(
-            decide("b", &Current::Absent, &mut o, t0, p),
+            decide(("b", "i1"), &Current::Absent, &mut o, t0, p),
             Decision::Write(Condition::Absent)
         );
         let cur = held_by("a", "e1");
         assert!(matches!(
-            decide("b", &cur, &mut o, t0, p),
+            decide(("b", "i1"), &cur, &mut o, t0, p),
             Decision::Owned { takeable_at, .. } if takeable_at == t0 + p
         ));
         assert!(matches!(
-            decide("b", &cur, &mut o, t0 + p - Duration::from_millis(1), p),
+            decide(
+                ("b", "i1"),
+                &cur,
+                &mut o,
+                t0 + p - Duration::from_millis(1),
+                p
+            ),
             Decision::Owned { .. }
         ));
         // A renewal (a new ETag) restarts the wait.
         let renewed = held_by("a", "e2");
         let t1 = t0 + Duration::from_secs(20);
         assert!(matches!(
-            decide("b", &renewed, &mut o, t1, p),
+            decide(("b", "i1"), &renewed, &mut o, t1, p),
             Decision::Owned { .. }
         ));
         assert!(matches!(
-            decide("b", &renewed, &mut o, t0 + p, p),
+            decide(("b", "i1"), &renewed, &mut o, t0 + p, p),
             Decision::Owned { .. }
         ));
         assert_eq!(
-            decide("b", &renewed, &mut o, t1 + p, p),
+            decide(("b", "i1"), &renewed, &mut o, t1 + p, p),
             Decision::Write(Condition::ETag("e2".into()))
         );
     }
@@ -355,22 +379,44 @@ mod tests {
         let t0 = Instant::now();
         let mut o = None;
         assert_eq!(
-            decide("a", &held_by("a", "e1"), &mut o, t0, p),
+            decide(("a", "i1"), &held_by("a", "e1"), &mut o, t0, p),
             Decision::Write(Condition::ETag("e1".into()))
         );
         assert_eq!(
-            decide("b", &held_by("", "e3"), &mut o, t0, p),
+            decide(("b", "i1"), &held_by("", "e3"), &mut o, t0, p),
             Decision::Write(Condition::ETag("e3".into()))
         );
         // The holder keeps 30 s; a taker configured with 10 s still waits 30.
         let cur = held_by("a", "e4");
-        let _ = decide("b", &cur, &mut o, t0, p);
+        let _ = decide(("b", "i1"), &cur, &mut o, t0, p);
         assert!(matches!(
-            decide("b", &cur, &mut o, t0 + Duration::from_secs(29), p),
+            decide(("b", "i1"), &cur, &mut o, t0 + Duration::from_secs(29), p),
             Decision::Owned { .. }
         ));
         assert!(matches!(
-            decide("b", &cur, &mut o, t0 + Duration::from_secs(30), p),
+            decide(("b", "i1"), &cur, &mut o, t0 + Duration::from_secs(30), p),
+            Decision::Write(_)
+        ));
+    }
+
+    #[test]
+    fn our_id_in_another_incarnation_and_absurd_periods_are_someone_else() {
+        let p = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let mut o = None;
+        // A clone of this machine (same id, another run) holds it: wait like for anyone.
+        assert!(matches!(
+            decide(("a", "i2"), &held_by("a", "e1"), &mut o, t0, p),
+            Decision::Owned { .. }
+        ));
+        let mut greedy = held_by("x", "e9");
+        if let Current::Present { body, .. } = &mut greedy {
+            body.period_ms = u64::MAX;
+        }
+        let mut o = None;
+        let _ = decide(("b", "i1"), &greedy, &mut o, t0, p);
+        assert!(matches!(
+            decide(("b", "i1"), &greedy, &mut o, t0 + MAX_PERIOD, p),
             Decision::Write(_)
         ));
     }

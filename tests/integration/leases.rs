@@ -154,14 +154,17 @@ fn renewals_keep_a_lease_and_a_taken_lease_cannot_be_renewed() {
     // a goes quiet (as if paused): b takes over after a period, and a's lease has run out by
     // its own count before b could take it.
     let quiet_since = std::time::Instant::now();
-    let taken = loop {
+    let (taken, asked) = loop {
+        // Before the request that takes it: a's lease must have run out by a's own count
+        // before b's write could even be sent.
+        let asked = std::time::Instant::now();
         if let Some(t) = held(rt.block_on(b.acquire("web-01")).unwrap()) {
-            break t;
+            break (t, asked);
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(quiet_since.elapsed() >= period - Duration::from_millis(700));
-    assert!(!h.valid(std::time::Instant::now()), "both held web-01");
+    assert!(!h.valid(asked), "both held web-01");
     let e = rt.block_on(a.renew("web-01", &h)).unwrap_err().to_string();
     assert!(e.contains("another receiver took the lease"), "{e}");
     // b releases; a takes it at once.

@@ -53,6 +53,13 @@ fn an_s3_store_takes_the_blocks_survives_kill_9_and_heals_rot() {
     );
     agent.kill();
     rx.expect_restore("s3-01", "root", "latest", &data);
+    // Every block acknowledged before the kill was in the bucket: none had to be forgotten
+    // and sent again (which would heal, and so hide, an ack given too early).
+    assert!(
+        !rx.log_text().contains("blocks missing from the store"),
+        "{}",
+        rx.log_text()
+    );
 
     let blocks = moto.keys("lifeboat-staging", "fleet/blocks/");
     assert_eq!(blocks.len(), 80, "{blocks:?}");

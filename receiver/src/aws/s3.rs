@@ -265,7 +265,8 @@ impl S3 {
                 let modified = o
                     .last_modified()
                     .and_then(|t| SystemTime::try_from(*t).ok())
-                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                    // Unknown: as if stored now, so GC's grace period still covers it.
+                    .unwrap_or_else(SystemTime::now);
                 out.push(Listed {
                     key: k.strip_prefix(&self.prefix).unwrap_or(k).to_string(),
                     modified,

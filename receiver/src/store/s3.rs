@@ -285,8 +285,9 @@ impl BlockStore for S3Store {
         Ok(listed
             .into_iter()
             .filter_map(|o| {
-                let name = o.key.rsplit('/').next()?;
-                Some((BlockHash::from_hex(name)?, o.modified))
+                let hash = BlockHash::from_hex(o.key.rsplit('/').next()?)?;
+                // Exactly a block's key: nothing nested or misplaced under blocks/.
+                (o.key == block_key(&hash)).then_some((hash, o.modified))
             })
             .collect())
     }
@@ -341,11 +342,16 @@ impl BlockStore for S3Store {
             .collect())
     }
 
+    /// A mark that cannot be read counts as changed (a fresh random value): the session then
+    /// re-checks its disks, which costs requests but never misses a quarantine.
     fn quarantine_mark(&self) -> Option<Vec<u8>> {
         let s3 = self.s3.clone();
-        self.run(async move { s3.get(QUARANTINE_MARK).await })
-            .ok()
-            .flatten()
-            .map(|(body, _)| body)
+        match self.run(async move { s3.get(QUARANTINE_MARK).await }) {
+            Ok(m) => m.map(|(body, _)| body),
+            Err(e) => {
+                tracing::warn!("reading the quarantine mark: {e}; re-checking as if it changed");
+                Some(rand::random::<[u8; 16]>().to_vec())
+            }
+        }
     }
 }
