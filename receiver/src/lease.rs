@@ -287,7 +287,7 @@ impl Leases {
             )
             .await;
         match r {
-            Ok(_) | Err(PutError::Lost) => Ok(()),
+            Ok(_) | Err(PutError::Lost | PutError::Conflict) => Ok(()),
             Err(PutError::Failed(source)) => Err(LeaseError::Call {
                 server: server.to_string(),
                 source,
@@ -306,7 +306,7 @@ impl Leases {
                 etag,
                 valid_until: sent + self.period.saturating_sub(self.margin()),
             })),
-            Err(PutError::Lost) => Ok(Acquired::Lost),
+            Err(PutError::Lost | PutError::Conflict) => Ok(Acquired::Lost),
             Err(PutError::Failed(source)) => Err(LeaseError::Call {
                 server: server.to_string(),
                 source,

@@ -32,9 +32,9 @@ fn an_s3_store_takes_the_blocks_survives_kill_9_and_heals_rot() {
     let mut rx = Receiver::start(w.path());
     rx.use_s3(&moto.url(), "lifeboat-staging", "fleet/");
     let img = w.path().join("disk.img");
-    let data = random_image(&img, 80, 91);
+    let data = random_image(&img, 120, 91);
     let mut spec = AgentSpec::new("s3-01", &[("root", &img)]);
-    spec.bandwidth_mbps = 60; // about 6 s for 40 MiB
+    spec.bandwidth_mbps = 32; // about 15 s for 60 MiB
     let mut agent = Agent::new(w.path(), &rx, &spec);
     agent.spawn();
     wait_for("some blocks to arrive", Duration::from_secs(60), || {
@@ -62,7 +62,7 @@ fn an_s3_store_takes_the_blocks_survives_kill_9_and_heals_rot() {
     );
 
     let blocks = moto.keys("lifeboat-staging", "fleet/blocks/");
-    assert_eq!(blocks.len(), 80, "{blocks:?}");
+    assert_eq!(blocks.len(), 120, "{blocks:?}");
     assert!(
         rx.store_blocks().is_empty(),
         "blocks were written to the state directory too"
@@ -89,7 +89,7 @@ fn an_s3_store_takes_the_blocks_survives_kill_9_and_heals_rot() {
     let o = rx.cli(&["scrub", "--json"]);
     assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["blocks_checked"], 80);
+    assert_eq!(v["blocks_checked"], 120);
     let name = victim.rsplit('/').next().unwrap();
     assert_eq!(v["corrupt"][0]["hash"], name);
     assert!(moto.get("lifeboat-staging", &victim).is_none());
@@ -225,7 +225,7 @@ fn gc_deletes_from_the_bucket_exactly_what_no_kept_point_needs() {
     }
 }
 
-/// S3 throttling (`503 SlowDown` past 40 requests a second) slows the store down and fails
+/// S3 throttling (`503 SlowDown` past 10 requests a second) slows the store down and fails
 /// nothing: the sync completes, every point restores, and the throttles are counted.
 #[test]
 fn slowdown_answers_slow_the_store_and_fail_no_session() {
@@ -234,7 +234,7 @@ fn slowdown_answers_slow_the_store_and_fail_no_session() {
         return;
     };
     moto.create_bucket("lifeboat-slow");
-    let proxy = lifeboat_tests::slowdown::SlowDown::start(moto.addr, 40);
+    let proxy = lifeboat_tests::slowdown::SlowDown::start(moto.addr, 10);
     let mut rx = Receiver::start(w.path());
     rx.use_s3(&proxy.url(), "lifeboat-slow", "");
     let img = w.path().join("disk.img");

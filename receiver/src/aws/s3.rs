@@ -33,9 +33,11 @@ pub enum Condition {
 /// A PUT refused by its condition.
 #[derive(Debug)]
 pub enum PutError {
-    /// The condition did not hold: another writer got there first (412 Precondition Failed,
-    /// or 409 ConditionalRequestConflict for a concurrent conditional write).
+    /// The condition did not hold: another writer got there first (412 Precondition Failed).
     Lost,
+    /// Another conditional write of the same key is in flight (409
+    /// ConditionalRequestConflict): it may yet fail, so nothing is known.
+    Conflict,
     Failed(CallError),
 }
 
@@ -43,6 +45,7 @@ impl std::fmt::Display for PutError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PutError::Lost => f.write_str("the object changed since it was read"),
+            PutError::Conflict => f.write_str("another conditional write of it was in flight"),
             PutError::Failed(e) => e.fmt(f),
         }
     }
@@ -128,8 +131,9 @@ impl S3 {
             .await;
         match r {
             Ok(out) => Ok(out.e_tag().unwrap_or_default().to_string()),
-            Err(e) if matches!(e.status(), Some(412) | Some(409)) && *cond != Condition::None => {
-                Err(PutError::Lost)
+            Err(e) if e.status() == Some(412) && *cond != Condition::None => Err(PutError::Lost),
+            Err(e) if e.status() == Some(409) && *cond != Condition::None => {
+                Err(PutError::Conflict)
             }
             Err(e) => Err(PutError::Failed(e)),
         }

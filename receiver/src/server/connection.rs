@@ -603,14 +603,32 @@ async fn run(
         .await;
 
     let skew = Arc::new(AtomicI64::new(i64::MIN));
-    let session = Session::new(
-        shared.clone(),
-        server.clone(),
-        agent_version,
-        peer.to_string(),
-        (instance, hostname),
-        skew.clone(),
-    );
+    // Off the runtime: opening reads the store's quarantine mark, which with the store in S3
+    // is a request (retried for as long as the bucket throttles) that must not hold a worker
+    // every other connection needs.
+    let opened = {
+        let (shared, server, peer, skew) = (
+            shared.clone(),
+            server.clone(),
+            peer.to_string(),
+            skew.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            Session::new(
+                shared,
+                server,
+                agent_version,
+                peer,
+                (instance, hostname),
+                skew,
+            )
+        })
+        .await
+    };
+    let session = match opened {
+        Ok(s) => s,
+        Err(e) => return Err(format!("opening the session failed: {e}")),
+    };
     // With the batch the processor holds, at most 2 × BATCH frames of this connection are
     // in memory at once (≈ 75 MiB at the frame cap).
     let (work_tx, work_rx) = mpsc::channel::<Message>(super::session::BATCH);
