@@ -12,15 +12,6 @@ fn wait_for_journal(rx: &Receiver, server: &str, records: u64) {
     });
 }
 
-/// Incompressible, so the bandwidth limit makes the sync last long enough to interrupt.
-fn random_image(path: &std::path::Path, blocks: usize, seed: u64) -> Vec<u8> {
-    let mut rng = Rng::new(seed);
-    let mut data = vec![0u8; blocks * lifeboat_common::BLOCK_SIZE];
-    rng.fill(&mut data);
-    std::fs::write(path, &data).unwrap();
-    data
-}
-
 #[test]
 fn agent_killed_mid_initial_sync_resumes_without_resending() {
     let w = workdir();

@@ -29,6 +29,20 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A bucket, and the leases of receivers rx-a and rx-b in it, with a 2 s period.
+fn two_receivers(moto: &Moto) -> (Leases, Leases, Duration, tokio::runtime::Runtime) {
+    moto.create_bucket("lifeboat-leases");
+    let period = Duration::from_secs(2);
+    let leases =
+        |id: &str, address: &str| Leases::new(client(moto, "lifeboat-leases"), id, address, period);
+    (
+        leases("rx-a", "10.0.0.1:7443"),
+        leases("rx-b", "10.0.0.2:7443"),
+        period,
+        runtime(),
+    )
+}
+
 fn held(a: Acquired) -> Option<Held> {
     match a {
         Acquired::Held(h) => Some(h),
@@ -45,21 +59,7 @@ fn of_two_receivers_racing_for_a_lease_exactly_one_wins_each_time() {
     let Some(moto) = Moto::start(w.path()) else {
         return;
     };
-    moto.create_bucket("lifeboat-leases");
-    let period = Duration::from_secs(2);
-    let a = Leases::new(
-        client(&moto, "lifeboat-leases"),
-        "rx-a",
-        "10.0.0.1:7443",
-        period,
-    );
-    let b = Leases::new(
-        client(&moto, "lifeboat-leases"),
-        "rx-b",
-        "10.0.0.2:7443",
-        period,
-    );
-    let rt = runtime();
+    let (a, b, period, rt) = two_receivers(&moto);
     let mut double = Vec::new();
     for i in 0..60 {
         let server = format!("race-{i}");
@@ -125,21 +125,7 @@ fn renewals_keep_a_lease_and_a_taken_lease_cannot_be_renewed() {
     let Some(moto) = Moto::start(w.path()) else {
         return;
     };
-    moto.create_bucket("lifeboat-leases");
-    let period = Duration::from_secs(2);
-    let a = Leases::new(
-        client(&moto, "lifeboat-leases"),
-        "rx-a",
-        "10.0.0.1:7443",
-        period,
-    );
-    let b = Leases::new(
-        client(&moto, "lifeboat-leases"),
-        "rx-b",
-        "10.0.0.2:7443",
-        period,
-    );
-    let rt = runtime();
+    let (a, b, period, rt) = two_receivers(&moto);
     let mut h = held(rt.block_on(a.acquire("web-01")).unwrap()).unwrap();
     assert!(h.valid(std::time::Instant::now()));
     // Renewed every third of the period for three periods: b never gets it.

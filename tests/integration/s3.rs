@@ -11,14 +11,6 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn random_image(path: &std::path::Path, blocks: usize, seed: u64) -> Vec<u8> {
-    let mut rng = Rng::new(seed);
-    let mut data = vec![0u8; blocks * lifeboat_common::BLOCK_SIZE];
-    rng.fill(&mut data);
-    std::fs::write(path, &data).unwrap();
-    data
-}
-
 /// Blocks go to the bucket under the prefix (none to the state directory); a receiver
 /// SIGKILLed mid-stream restarts on the bucket and the agent completes; every point restores
 /// byte-exact; rot in a block object is quarantined by scrub and healed by the agent.

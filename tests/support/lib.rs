@@ -806,6 +806,16 @@ pub fn mutate(path: &Path, seed: u64, changes: usize) -> Vec<u8> {
 }
 
 /// Distinct non-zero blocks of an image.
+/// Writes `blocks` blocks of incompressible data to `path` (so a bandwidth limit makes a sync
+/// last long enough to interrupt); returns them.
+pub fn random_image(path: &Path, blocks: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    let mut data = vec![0u8; blocks * BLOCK_SIZE];
+    rng.fill(&mut data);
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
 pub fn unique_data_blocks(data: &[u8]) -> usize {
     let mut set = std::collections::HashSet::new();
     for c in data.chunks(BLOCK_SIZE) {
