@@ -144,13 +144,18 @@ pub fn run_pass(
     let grace = Duration::from_secs(policy.gc_grace_minutes * 60);
     let cutoff = SystemTime::now() - grace;
     let mut kept = 0u64;
+    let mut garbage = Vec::new();
     for (hash, mtime) in store.list()? {
         if !referenced.contains(&hash) && mtime < cutoff {
-            store.remove(&hash)?;
-            report.blocks_deleted += 1;
+            garbage.push(hash);
         } else {
             kept += 1;
         }
+    }
+    // In batches (S3 deletes 1000 keys a request), counted as each batch is done.
+    for batch in garbage.chunks(1000) {
+        store.remove_many(batch)?;
+        report.blocks_deleted += batch.len();
     }
     report.blocks_kept = Some(kept);
     if report.blocks_deleted > 0 || report.points_deleted > 0 {

@@ -214,6 +214,49 @@ impl S3 {
         }
     }
 
+    /// Deletes up to 1000 keys in one request (absent ones count as deleted); fails naming
+    /// the first key S3 could not delete.
+    pub async fn delete_many(&self, rels: &[String]) -> Result<(), CallError> {
+        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+        let what = format!("{} keys under {}", rels.len(), self.url(""));
+        let objects: Vec<ObjectIdentifier> = rels
+            .iter()
+            .filter_map(|r| ObjectIdentifier::builder().key(self.key(r)).build().ok())
+            .collect();
+        let Ok(delete) = Delete::builder()
+            .set_objects(Some(objects))
+            .quiet(true)
+            .build()
+        else {
+            return Ok(());
+        };
+        let out = self
+            .retrier
+            .run("DeleteObjects", &what, None, || {
+                self.client
+                    .delete_objects()
+                    .bucket(&self.bucket)
+                    .delete(delete.clone())
+                    .send()
+            })
+            .await?;
+        match out.errors().first() {
+            None => Ok(()),
+            Some(e) => Err(CallError::Permanent {
+                op: "DeleteObjects",
+                what: format!("s3://{}/{}", self.bucket, e.key().unwrap_or("?")),
+                status: None,
+                code: e.code().map(str::to_string),
+                message: format!(
+                    "{} of {} keys not deleted, e.g. this one: {}",
+                    out.errors().len(),
+                    rels.len(),
+                    e.message().unwrap_or("no reason given")
+                ),
+            }),
+        }
+    }
+
     /// Copies `from` to `to` within the bucket.
     pub async fn copy(&self, from: &str, to: &str) -> Result<(), CallError> {
         let source = format!("{}/{}", self.bucket, self.key(from));

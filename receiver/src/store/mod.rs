@@ -196,6 +196,11 @@ pub trait BlockStore: Send + Sync {
     /// Removes a block. Only the garbage collector calls this.
     fn remove(&self, hash: &BlockHash) -> Result<(), StoreError>;
 
+    /// Removes many blocks (the garbage collector's sweep); a backend may batch them.
+    fn remove_many(&self, hashes: &[BlockHash]) -> Result<(), StoreError> {
+        hashes.iter().try_for_each(|h| self.remove(h))
+    }
+
     /// Moves a corrupt block aside (kept for inspection, never read again) and changes the
     /// [`BlockStore::quarantine_mark`]; returns where it went, for people.
     fn quarantine(&self, hash: &BlockHash) -> Result<String, StoreError>;

@@ -337,6 +337,22 @@ impl BlockStore for S3Store {
             .map_err(put_err)
     }
 
+    /// One DeleteObjects request per 1000 blocks, each out of the index first.
+    fn remove_many(&self, hashes: &[BlockHash]) -> Result<(), StoreError> {
+        if let Some(index) = self.index().as_mut() {
+            for h in hashes {
+                index.remove(h);
+            }
+        }
+        for chunk in hashes.chunks(1000) {
+            let s3 = self.s3.clone();
+            let keys: Vec<String> = chunk.iter().map(block_key).collect();
+            self.run(async move { s3.delete_many(&keys).await })
+                .map_err(remote)?;
+        }
+        Ok(())
+    }
+
     /// Copies the block to `quarantine/`, changes the mark, then deletes the block (the mark
     /// before the removal: if the removal then fails, sessions re-check for nothing).
     fn quarantine(&self, hash: &BlockHash) -> Result<String, StoreError> {
