@@ -261,3 +261,53 @@ fn slowdown_answers_slow_the_store_and_fail_no_session() {
     rx.expect_restore("slow-01", "root", "latest", &data);
     assert_eq!(moto.keys("lifeboat-slow", "blocks/").len(), 40);
 }
+
+/// Rot in the bucket found by `scrub` (another process) while the agent stays connected and
+/// cuts points: the session notices the quarantine, has the block sent again before its next
+/// point, and every point restores, older ones included.
+#[test]
+fn a_scrub_beside_a_live_session_on_s3_leaves_every_point_restorable() {
+    let w = workdir();
+    let Some(moto) = Moto::start(w.path()) else {
+        return;
+    };
+    moto.create_bucket("lifeboat-live");
+    let mut rx = Receiver::start(w.path());
+    rx.use_s3(&moto.url(), "lifeboat-live", "");
+    let img = w.path().join("disk.img");
+    let data = random_image(&img, 10, 4321);
+    let mut agent = Agent::new(w.path(), &rx, &AgentSpec::new("live-s3", &[("root", &img)]));
+    agent.spawn();
+    wait_for("the first point", Duration::from_secs(60), || {
+        !rx.points("live-s3").is_empty()
+    });
+    let victim = moto.keys("lifeboat-live", "blocks/")[3].clone();
+    let mut body = moto.get("lifeboat-live", &victim).unwrap();
+    body[50] ^= 0x80;
+    moto.put("lifeboat-live", &victim, &body);
+    let o = rx.cli(&["scrub"]);
+    assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+    let newest = |rx: &Receiver| {
+        rx.points("live-s3")
+            .iter()
+            .filter_map(|p| p["point"].as_u64())
+            .max()
+            .unwrap()
+    };
+    let after_scrub = newest(&rx);
+    wait_for(
+        "two points after the scrub",
+        Duration::from_secs(60),
+        || newest(&rx) >= after_scrub + 2,
+    );
+    agent.kill();
+    assert!(rx.log_text().contains("blocks missing from the store"));
+    assert!(
+        moto.get("lifeboat-live", &victim).is_some(),
+        "never sent again"
+    );
+    for p in rx.points("live-s3") {
+        let n = p["point"].as_u64().unwrap().to_string();
+        rx.expect_restore("live-s3", "root", &n, &data);
+    }
+}

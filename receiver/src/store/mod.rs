@@ -109,7 +109,9 @@ pub fn open(
                     path: state_dir.join("install-id"),
                     source,
                 })?;
-            Ok(std::sync::Arc::new(s3::S3Store::open(c, &owner)?))
+            Ok(std::sync::Arc::new(s3::S3Store::open(
+                c, &owner, state_dir,
+            )?))
         }
         #[cfg(not(feature = "aws"))]
         Some(_) => Err(StoreError::Remote {

@@ -31,7 +31,9 @@
 //! its blocks and a reconnecting agent's disk check cost no request. It holds ~60 bytes per
 //! block: about 60 MiB per 512 GiB of unique data.
 //!
-//! Not yet: the quarantine fence is this process's only (docs/scale.md says what that costs).
+//! **The quarantine fence** is a `flock` on `<state-dir>/quarantine.lock`, as the directory
+//! store's: `scrub` runs in another process on the same state directory (and so the same
+//! machine), and the prefix belongs to this receiver alone.
 
 use super::{BlockStore, Fence, StoreError, VerifiedBlock};
 use crate::aws::retry::CallError;
@@ -42,7 +44,6 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
-use tokio::sync::RwLock;
 
 const QUARANTINE_MARK: &str = "quarantine/mark";
 /// Which receiver the prefix belongs to (see [`S3Store::claim`]).
@@ -54,8 +55,8 @@ pub struct S3Store {
     /// blocking is not allowed, and the store's last reference may go in async code.
     rt: Option<tokio::runtime::Runtime>,
     in_flight: usize,
-    /// Shared by sessions, exclusive around a quarantine.
-    fence: Arc<RwLock<()>>,
+    /// The quarantine fence's lock file: shared by sessions, exclusive around a quarantine.
+    fence: std::path::PathBuf,
     /// Every block of the prefix, listed at the first `has` and kept up to date by this
     /// process's own writes and removals (see the module docs); `None` until then.
     index: std::sync::Mutex<Option<HashSet<BlockHash>>>,
@@ -88,7 +89,12 @@ fn block_key(hash: &BlockHash) -> String {
 impl S3Store {
     /// Connects to the bucket of `cfg` and checks it answers (a listing of one key), so a
     /// wrong bucket, endpoint or credentials fail here, named, and not at the first block.
-    pub fn open(cfg: &S3Config, owner: &str) -> Result<S3Store, StoreError> {
+    /// `state_dir`: where the quarantine fence's lock file lives.
+    pub fn open(
+        cfg: &S3Config,
+        owner: &str,
+        state_dir: &std::path::Path,
+    ) -> Result<S3Store, StoreError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("lifeboat-s3")
@@ -104,7 +110,7 @@ impl S3Store {
             s3,
             rt: Some(rt),
             in_flight: cfg.requests_in_flight.max(1),
-            fence: Default::default(),
+            fence: state_dir.join("quarantine.lock"),
             index: Default::default(),
             mark_seen: Default::default(),
         };
@@ -172,6 +178,23 @@ impl S3Store {
         // The runtime is only taken in Drop.
         #[allow(clippy::expect_used)]
         run_on(self.rt.as_ref().expect("the store's runtime is alive"), f)
+    }
+
+    /// The fence, on a descriptor of its own (flock belongs to the open file, so threads must
+    /// not share one).
+    fn lock_fence(&self, exclusive: bool) -> Result<std::fs::File, StoreError> {
+        let io = |source| StoreError::Io {
+            path: self.fence.clone(),
+            source,
+        };
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.fence)
+            .map_err(io)?;
+        crate::sys::flock(&f, exclusive, false).map_err(io)?;
+        Ok(f)
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, Option<HashSet<BlockHash>>> {
@@ -356,8 +379,7 @@ impl BlockStore for S3Store {
     /// Copies the block to `quarantine/`, changes the mark, then deletes the block (the mark
     /// before the removal: if the removal then fails, sessions re-check for nothing).
     fn quarantine(&self, hash: &BlockHash) -> Result<String, StoreError> {
-        let fence = self.fence.clone();
-        let _exclusive = self.run(async move { fence.write_owned().await });
+        let _exclusive = self.lock_fence(true)?;
         if let Some(index) = self.index().as_mut() {
             index.remove(hash);
         }
@@ -380,9 +402,7 @@ impl BlockStore for S3Store {
     }
 
     fn quarantine_fence(&self) -> Result<Fence, StoreError> {
-        let fence = self.fence.clone();
-        let guard = self.run(async move { fence.read_owned().await });
-        Ok(Fence::new(guard))
+        Ok(Fence::new(self.lock_fence(false)?))
     }
 
     fn quarantined(&self) -> Result<std::collections::HashSet<BlockHash>, StoreError> {
