@@ -373,16 +373,18 @@ fn lost_events_force_a_verify_scan_and_nothing_is_missed() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The cycle in flight at the stop may commit first: its point was cut before the writes
+    // (a take drains the ring and would have seen the loss). The scan comes with the next.
+    wait_for(
+        "a verify scan after the loss",
+        Duration::from_secs(60),
+        || agent.log_text().matches("verify scan:").count() >= 2,
+    );
     let _ = wait_point_after(&rx, &agent, "lossy", first);
     // SIGSTOP/SIGCONT interrupt the tracker's wait on the ring buffer: no failure (it was one).
     assert!(
         !agent.log_text().contains("tracker stopped"),
         "{}",
-        agent.log_text()
-    );
-    assert!(
-        agent.log_text().matches("verify scan:").count() >= 2,
-        "no verify scan after the loss:\n{}",
         agent.log_text()
     );
     newest_point_is_the_device(&rx, &mut agent, "lossy", "raw", &dev.dev);

@@ -27,9 +27,11 @@
 //! or a quarantine starts. It can be trusted because one receiver alone writes and removes
 //! blocks under a prefix (`owner.json`, see [`S3Store::claim`]); the one other writer, a
 //! `scrub` of the same receiver in another process, changes the quarantine mark, and a changed
-//! mark takes every quarantined block out of the index. So a dedupe answer, a point's check of
-//! its blocks and a reconnecting agent's disk check cost no request. It holds ~60 bytes per
-//! block: about 60 MiB per 512 GiB of unique data.
+//! mark takes every quarantined block out of the index. One lock covers it all ([`Index`]):
+//! the listing runs under the quarantine fence with the mark read first, removals hold the
+//! lock until their deletes returned, and an insert whose PUTs spanned a purge adds nothing.
+//! So a dedupe answer, a point's check of its blocks and a reconnecting agent's disk check
+//! cost no request. It holds ~60 bytes per block: about 60 MiB per 512 GiB of unique data.
 //!
 //! **The quarantine fence** is a `flock` on `<state-dir>/quarantine.lock`, as the directory
 //! store's: `scrub` runs in another process on the same state directory (and so the same
@@ -57,11 +59,30 @@ pub struct S3Store {
     in_flight: usize,
     /// The quarantine fence's lock file: shared by sessions, exclusive around a quarantine.
     fence: std::path::PathBuf,
-    /// Every block of the prefix, listed at the first `has` and kept up to date by this
-    /// process's own writes and removals (see the module docs); `None` until then.
-    index: std::sync::Mutex<Option<HashSet<BlockHash>>>,
-    /// The quarantine mark as last read, to notice another process's quarantine.
-    mark_seen: std::sync::Mutex<Option<Option<Vec<u8>>>>,
+    /// See [`Index`] and the module docs.
+    index: std::sync::Mutex<Index>,
+}
+
+/// Every block of the prefix, as this process knows it. One lock for all of it: listings,
+/// removals and purges never interleave.
+#[derive(Default)]
+struct Index {
+    /// Listed at the first `has` (under the quarantine fence), then kept by this process's
+    /// writes and removals; `None` until then or after an error.
+    blocks: Option<HashSet<BlockHash>>,
+    /// The quarantine mark the blocks are current with: read before the listing, and again
+    /// at each purge.
+    mark: Option<Vec<u8>>,
+    /// Bumped by every purge and every reset: an insert whose PUTs spanned one adds nothing
+    /// (its blocks then look absent and are sent again, which is always safe).
+    epoch: u64,
+}
+
+impl Index {
+    fn reset(&mut self) {
+        self.blocks = None;
+        self.epoch += 1;
+    }
 }
 
 fn remote(e: CallError) -> StoreError {
@@ -112,7 +133,6 @@ impl S3Store {
             in_flight: cfg.requests_in_flight.max(1),
             fence: state_dir.join("quarantine.lock"),
             index: Default::default(),
-            mark_seen: Default::default(),
         };
         // Through the retry policy: a bucket throttling at start slows the start down.
         let probe = store.s3.clone();
@@ -197,7 +217,7 @@ impl S3Store {
         Ok(f)
     }
 
-    fn index(&self) -> std::sync::MutexGuard<'_, Option<HashSet<BlockHash>>> {
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -246,6 +266,7 @@ impl BlockStore for S3Store {
         if bodies.is_empty() {
             return Ok(0);
         }
+        let epoch = self.index().epoch;
         let s3 = self.s3.clone();
         let limit = Arc::new(tokio::sync::Semaphore::new(self.in_flight));
         let new = self.run(async move {
@@ -292,9 +313,13 @@ impl BlockStore for S3Store {
                 None => Ok(new),
             }
         })?;
-        // Every PUT returned: each block is in the bucket, durable.
-        if let Some(index) = self.index().as_mut() {
-            index.extend(seen);
+        // Every PUT returned: each block is in the bucket, durable, unless a purge or reset
+        // came meanwhile (a quarantine may have taken one of them since its PUT).
+        let mut index = self.index();
+        if index.epoch == epoch {
+            if let Some(blocks) = index.blocks.as_mut() {
+                blocks.extend(seen);
+            }
         }
         Ok(new)
     }
@@ -315,11 +340,26 @@ impl BlockStore for S3Store {
         if hash.is_zero() {
             return Ok(true);
         }
-        let mut index = self.index();
-        if index.is_none() {
-            *index = Some(self.list()?.into_iter().map(|(h, _)| h).collect());
+        {
+            let index = self.index();
+            if let Some(blocks) = index.blocks.as_ref() {
+                return Ok(blocks.contains(hash));
+            }
         }
-        Ok(index.as_ref().is_some_and(|i| i.contains(hash)))
+        // Under the fence, so no quarantine runs during the listing; the fence before the
+        // index lock, in the order every other path takes them.
+        let _fence = self.lock_fence(false)?;
+        let mut index = self.index();
+        if index.blocks.is_none() {
+            // The mark first, so a quarantine after it is seen as a change.
+            let s3 = self.s3.clone();
+            index.mark = self
+                .run(async move { s3.get(QUARANTINE_MARK).await })
+                .map_err(remote)?
+                .map(|(body, _)| body);
+            index.blocks = Some(self.list()?.into_iter().map(|(h, _)| h).collect());
+        }
+        Ok(index.blocks.as_ref().is_some_and(|b| b.contains(hash)))
     }
 
     fn read(&self, hash: &BlockHash) -> Result<Vec<u8>, StoreError> {
@@ -350,21 +390,16 @@ impl BlockStore for S3Store {
     }
 
     fn remove(&self, hash: &BlockHash) -> Result<(), StoreError> {
-        // Out of the index first: from here on nothing counts it as held.
-        if let Some(index) = self.index().as_mut() {
-            index.remove(hash);
-        }
-        let s3 = self.s3.clone();
-        let key = block_key(hash);
-        self.run(async move { s3.delete(&key, None).await })
-            .map_err(put_err)
+        self.remove_many(std::slice::from_ref(hash))
     }
 
-    /// One DeleteObjects request per 1000 blocks, each out of the index first.
+    /// One DeleteObjects request per 1000 blocks, each out of the index first; the index
+    /// stays locked until the deletes returned, so no listing can see a block being deleted.
     fn remove_many(&self, hashes: &[BlockHash]) -> Result<(), StoreError> {
-        if let Some(index) = self.index().as_mut() {
+        let mut index = self.index();
+        if let Some(blocks) = index.blocks.as_mut() {
             for h in hashes {
-                index.remove(h);
+                blocks.remove(h);
             }
         }
         for chunk in hashes.chunks(1000) {
@@ -380,9 +415,12 @@ impl BlockStore for S3Store {
     /// before the removal: if the removal then fails, sessions re-check for nothing).
     fn quarantine(&self, hash: &BlockHash) -> Result<String, StoreError> {
         let _exclusive = self.lock_fence(true)?;
-        if let Some(index) = self.index().as_mut() {
-            index.remove(hash);
+        let mut index = self.index();
+        if let Some(blocks) = index.blocks.as_mut() {
+            blocks.remove(hash);
         }
+        index.epoch += 1;
+        drop(index);
         let s3 = self.s3.clone();
         let key = block_key(hash);
         let dst = format!("quarantine/{}.{}", hash.to_hex(), crate::status::now_ms());
@@ -428,23 +466,26 @@ impl BlockStore for S3Store {
             Err(e) => {
                 tracing::warn!("reading the quarantine mark: {e}; re-checking as if it changed");
                 // Forget the index too: it is listed again at the next `has`.
-                *self.index() = None;
+                self.index().reset();
                 return Some(rand::random::<[u8; 16]>().to_vec());
             }
         };
-        let mut seen = self.mark_seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.as_ref().is_some_and(|s| *s != mark) {
+        let mut index = self.index();
+        if index.blocks.is_some() && index.mark != mark {
             // Another process (scrub) quarantined blocks: whatever it moved is not held.
+            // (Every block ever quarantined, resent ones too: those are sent once more.)
             match self.quarantined() {
                 Ok(gone) => {
-                    if let Some(index) = self.index().as_mut() {
-                        index.retain(|h| !gone.contains(h));
+                    if let Some(blocks) = index.blocks.as_mut() {
+                        blocks.retain(|h| !gone.contains(h));
                     }
+                    index.epoch += 1;
+                    index.mark = mark.clone();
                 }
-                Err(_) => *self.index() = None,
+                Err(_) => index.reset(),
             }
         }
-        *seen = Some(mark.clone());
+        drop(index);
         mark
     }
 }
