@@ -141,10 +141,14 @@ fn a_full_store_makes_the_receiver_unhealthy() {
     assert!(why.contains("is full"), "{why}");
 }
 
-/// Prometheus's HTTP API at `addr`: the first value of an instant query, if any.
+/// Prometheus's HTTP API at `addr`: the first value of an instant query, if any (none while
+/// Prometheus is still starting: it answers 503 until its storage is ready).
 fn query(addr: &str, q: &str) -> Option<f64> {
     let enc: String = form_urlencoded::byte_serialize(q.as_bytes()).collect();
     let (code, body) = http_get(addr, &format!("/api/v1/query?query={enc}"));
+    if code == 503 {
+        return None;
+    }
     assert_eq!(code, 200, "{q}: {body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
