@@ -45,6 +45,12 @@ fn an_s3_store_takes_the_blocks_survives_kill_9_and_heals_rot() {
     );
     agent.kill();
     rx.expect_restore("s3-01", "root", "latest", &data);
+    // Dedupe answers came from the index once it was listed (in the background).
+    assert!(
+        rx.log_text().contains("staging store index listed"),
+        "{}",
+        rx.log_text()
+    );
     // Every block acknowledged before the kill was in the bucket: none had to be forgotten
     // and sent again (which would heal, and so hide, an ack given too early).
     assert!(

@@ -28,8 +28,10 @@
 //! blocks under a prefix (`owner.json`, see [`S3Store::claim`]); the one other writer, a
 //! `scrub` of the same receiver in another process, changes the quarantine mark, and a changed
 //! mark takes every quarantined block out of the index. One lock covers it all ([`Index`]):
-//! the listing runs under the quarantine fence with the mark read first, removals hold the
-//! lock until their deletes returned, and an insert whose PUTs spanned a purge adds nothing.
+//! the listing runs in the background under the quarantine fence with the mark read first
+//! (a `has` asks with HEAD until it is done, so a bucket of millions of blocks never holds the
+//! dedupe answers for minutes), removals hold the lock until their deletes returned, and an
+//! insert or a listing that spanned a removal or purge adds nothing.
 //! So a dedupe answer, a point's check of its blocks and a reconnecting agent's disk check
 //! cost no request. It holds ~60 bytes per block: about 60 MiB per 512 GiB of unique data.
 //!
@@ -60,7 +62,7 @@ pub struct S3Store {
     /// The quarantine fence's lock file: shared by sessions, exclusive around a quarantine.
     fence: std::path::PathBuf,
     /// See [`Index`] and the module docs.
-    index: std::sync::Mutex<Index>,
+    index: Arc<std::sync::Mutex<Index>>,
 }
 
 /// Every block of the prefix, as this process knows it. One lock for all of it: listings,
@@ -73,9 +75,12 @@ struct Index {
     /// The quarantine mark the blocks are current with: read before the listing, and again
     /// at each purge.
     mark: Option<Vec<u8>>,
-    /// Bumped by every purge and every reset: an insert whose PUTs spanned one adds nothing
-    /// (its blocks then look absent and are sent again, which is always safe).
+    /// Bumped by every removal, purge and reset: an insert whose PUTs spanned one adds
+    /// nothing (its blocks then look absent and are sent again, which is always safe), and a
+    /// listing that spanned one is thrown away.
     epoch: u64,
+    /// A listing is under way in the background (`has` asks with HEAD meanwhile).
+    loading: bool,
 }
 
 impl Index {
@@ -100,6 +105,34 @@ fn put_err(e: PutError) -> StoreError {
             retryable: true,
         },
     }
+}
+
+/// The blocks of a listing of `blocks/`: exactly a block's key, nothing nested or misplaced.
+fn blocks_of(listed: Vec<crate::aws::s3::Listed>) -> Vec<(BlockHash, SystemTime)> {
+    listed
+        .into_iter()
+        .filter_map(|o| {
+            let hash = BlockHash::from_hex(o.key.rsplit('/').next()?)?;
+            (o.key == block_key(&hash)).then_some((hash, o.modified))
+        })
+        .collect()
+}
+
+/// The quarantine fence at `path`, on a descriptor of its own (flock belongs to the open file,
+/// so threads must not share one).
+fn lock_fence_at(path: &std::path::Path, exclusive: bool) -> Result<std::fs::File, StoreError> {
+    let io = |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    crate::sys::flock(&f, exclusive, false).map_err(io)?;
+    Ok(f)
 }
 
 fn block_key(hash: &BlockHash) -> String {
@@ -203,18 +236,56 @@ impl S3Store {
     /// The fence, on a descriptor of its own (flock belongs to the open file, so threads must
     /// not share one).
     fn lock_fence(&self, exclusive: bool) -> Result<std::fs::File, StoreError> {
-        let io = |source| StoreError::Io {
-            path: self.fence.clone(),
-            source,
-        };
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&self.fence)
-            .map_err(io)?;
-        crate::sys::flock(&f, exclusive, false).map_err(io)?;
-        Ok(f)
+        lock_fence_at(&self.fence, exclusive)
+    }
+
+    /// Lists the prefix's blocks into the index on a thread of its own, under the quarantine
+    /// fence (no quarantine during the listing) with the mark read first (a quarantine after
+    /// it is seen as a change). Thrown away if a removal or purge came meanwhile.
+    fn start_loading(&self, index: &mut Index) {
+        if index.loading {
+            return;
+        }
+        let Some(rt) = self.rt.as_ref() else { return };
+        index.loading = true;
+        let start = index.epoch;
+        let (shared, s3, fence, handle) = (
+            self.index.clone(),
+            self.s3.clone(),
+            self.fence.clone(),
+            rt.handle().clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("lifeboat-s3-index".into())
+            .spawn(move || {
+                let listed = (|| -> Result<(Option<Vec<u8>>, HashSet<BlockHash>), StoreError> {
+                    let _fence = lock_fence_at(&fence, false)?;
+                    let mark = handle.block_on(s3.get(QUARANTINE_MARK)).map_err(remote)?;
+                    let objects = handle.block_on(s3.list("blocks/")).map_err(remote)?;
+                    Ok((
+                        mark.map(|(body, _)| body),
+                        blocks_of(objects).into_iter().map(|(h, _)| h).collect(),
+                    ))
+                })();
+                let mut index = shared.lock().unwrap_or_else(|e| e.into_inner());
+                index.loading = false;
+                match listed {
+                    Ok((mark, blocks)) if index.epoch == start => {
+                        tracing::info!(blocks = blocks.len(), "staging store index listed");
+                        index.blocks = Some(blocks);
+                        index.mark = mark;
+                    }
+                    // Something was removed or purged meanwhile: listed again at the next `has`.
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(
+                        "listing the staging store's blocks: {e}; asking the bucket block by \
+                         block meanwhile"
+                    ),
+                }
+            });
+        if spawned.is_err() {
+            index.loading = false;
+        }
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -334,32 +405,24 @@ impl BlockStore for S3Store {
         })
     }
 
-    /// From the index: no request once it is loaded (one listing of the prefix, at the first
+    /// From the index once it is listed (in the background, from the first call); a HEAD
+    /// until then.
     /// call).
     fn has(&self, hash: &BlockHash) -> Result<bool, StoreError> {
         if hash.is_zero() {
             return Ok(true);
         }
         {
-            let index = self.index();
+            let mut index = self.index();
             if let Some(blocks) = index.blocks.as_ref() {
                 return Ok(blocks.contains(hash));
             }
+            self.start_loading(&mut index);
         }
-        // Under the fence, so no quarantine runs during the listing; the fence before the
-        // index lock, in the order every other path takes them.
-        let _fence = self.lock_fence(false)?;
-        let mut index = self.index();
-        if index.blocks.is_none() {
-            // The mark first, so a quarantine after it is seen as a change.
-            let s3 = self.s3.clone();
-            index.mark = self
-                .run(async move { s3.get(QUARANTINE_MARK).await })
-                .map_err(remote)?
-                .map(|(body, _)| body);
-            index.blocks = Some(self.list()?.into_iter().map(|(h, _)| h).collect());
-        }
-        Ok(index.blocks.as_ref().is_some_and(|b| b.contains(hash)))
+        let s3 = self.s3.clone();
+        let key = block_key(hash);
+        self.run(async move { s3.exists(&key).await })
+            .map_err(remote)
     }
 
     fn read(&self, hash: &BlockHash) -> Result<Vec<u8>, StoreError> {
@@ -379,14 +442,7 @@ impl BlockStore for S3Store {
         let listed = self
             .run(async move { s3.list("blocks/").await })
             .map_err(remote)?;
-        Ok(listed
-            .into_iter()
-            .filter_map(|o| {
-                let hash = BlockHash::from_hex(o.key.rsplit('/').next()?)?;
-                // Exactly a block's key: nothing nested or misplaced under blocks/.
-                (o.key == block_key(&hash)).then_some((hash, o.modified))
-            })
-            .collect())
+        Ok(blocks_of(listed))
     }
 
     fn remove(&self, hash: &BlockHash) -> Result<(), StoreError> {
@@ -402,6 +458,7 @@ impl BlockStore for S3Store {
                 blocks.remove(h);
             }
         }
+        index.epoch += 1;
         for chunk in hashes.chunks(1000) {
             let s3 = self.s3.clone();
             let keys: Vec<String> = chunk.iter().map(block_key).collect();
