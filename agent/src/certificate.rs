@@ -140,7 +140,7 @@ pub async fn request(
     current: Option<&Credentials>,
 ) -> Result<Credentials, LinkError> {
     let (key, public_key) = new_key().map_err(LinkError::Lost)?;
-    let mut link = crate::link::Link::open(cfg, current).await?;
+    let mut link = crate::link::Link::open(cfg, &cfg.receiver.address, current).await?;
     let m = Message::Enrol {
         server_id: server_id.to_string(),
         code: code.to_string(),

@@ -44,6 +44,9 @@ pub enum LinkError {
     Protocol(String),
     #[error("receiver did not answer within {0}s")]
     Timeout(u64),
+    /// Another receiver of the fleet holds this server: connect to `address`.
+    #[error("receiver {holder} at {address} holds this server now")]
+    Redirected { address: String, holder: String },
 }
 
 impl LinkError {
@@ -176,9 +179,10 @@ impl Link {
     /// given), and the preface both ways.
     pub async fn open(
         cfg: &AgentConfig,
+        addr: &str,
         client: Option<&crate::certificate::Credentials>,
     ) -> Result<Opened, LinkError> {
-        let addr = cfg.receiver.address.clone();
+        let addr = addr.to_string();
         let connect_err = |why: String| LinkError::Connect {
             addr: addr.clone(),
             why,
@@ -228,29 +232,31 @@ impl Link {
         Ok(Opened { rd, wr })
     }
 
-    /// Opens a connection (with this agent's certificate once it enrolled, else its token)
-    /// and says `Hello`; returns once the receiver answered `Welcome`.
+    /// Opens a connection to `addr` (with this agent's certificate once it enrolled, else its
+    /// token) and says `Hello`; returns once the receiver answered `Welcome`
+    /// ([`LinkError::Redirected`] when it answered that another receiver holds the server).
     pub async fn connect(
         cfg: &AgentConfig,
+        addr: &str,
         server_id: &str,
         identity: &crate::identity::Identity,
         bandwidth_mbps: Arc<AtomicU64>,
     ) -> Result<Link, LinkError> {
         let creds = crate::certificate::Credentials::load(&cfg.state_dir).map_err(|why| {
             LinkError::Tls {
-                addr: cfg.receiver.address.clone(),
+                addr: addr.to_string(),
                 why,
             }
         })?;
         if let Some(c) = &creds {
             c.usable(server_id, &cfg.state_dir, lifeboat_common::now_ms())
                 .map_err(|why| LinkError::Tls {
-                    addr: cfg.receiver.address.clone(),
+                    addr: addr.to_string(),
                     why,
                 })?;
         } else if cfg.receiver.token.trim().is_empty() {
             return Err(LinkError::Tls {
-                addr: cfg.receiver.address.clone(),
+                addr: addr.to_string(),
                 why: format!(
                     "this agent has neither a certificate ({} is missing) nor a token \
                      (receiver.token is empty): enrol it (lifeboat-receiver enroll --server \
@@ -259,7 +265,7 @@ impl Link {
                 ),
             });
         }
-        let Opened { mut rd, wr } = Link::open(cfg, creds.as_ref()).await?;
+        let Opened { mut rd, wr } = Link::open(cfg, addr, creds.as_ref()).await?;
         let reply_timeout = Duration::from_secs(cfg.receiver.timeout_secs);
 
         let (tx, inbound) = mpsc::channel(1024);
@@ -334,6 +340,9 @@ impl Link {
         link.flush().await?;
         match link.recv(CONNECT_TIMEOUT).await? {
             Message::Welcome { last_point, .. } => link.receiver_last_point = last_point,
+            Message::Redirect { address, holder } => {
+                return Err(LinkError::Redirected { address, holder })
+            }
             other => {
                 return Err(LinkError::Protocol(format!(
                     "expected Welcome, got {}",

@@ -40,14 +40,64 @@ async fn session(rep: &mut Replicator, once: bool) -> Result<(), ReplicateError>
     tracing::Instrument::instrument(session_inner(rep, once), span).await
 }
 
+/// Connects to the receiver that holds this server: the one connected last first, then each
+/// configured address in turn, following a receiver's `Redirect` to the fleet's holder.
+async fn connect(rep: &mut Replicator) -> Result<Link, ReplicateError> {
+    let configured = rep.config().receiver.all_addresses();
+    let mut queue: std::collections::VecDeque<String> =
+        std::iter::once(rep.status.receiver.clone())
+            .chain(configured.iter().cloned())
+            .collect();
+    let mut tried = Vec::new();
+    let mut first_permanent = None;
+    let mut last = None;
+    // Each address once, plus a few redirects (a fleet mid-takeover may send us round).
+    let mut redirects = 0;
+    while let Some(addr) = queue.pop_front() {
+        if tried.contains(&addr) {
+            continue;
+        }
+        tried.push(addr.clone());
+        let r = Link::connect(
+            rep.config(),
+            &addr,
+            &rep.server_id,
+            &rep.identity,
+            rep.live.bandwidth_mbps.clone(),
+        )
+        .await;
+        match r {
+            Ok(link) => {
+                rep.status.receiver = addr;
+                return Ok(link);
+            }
+            Err(crate::link::LinkError::Redirected { address, holder }) if redirects < 3 => {
+                redirects += 1;
+                tracing::info!(from = %addr, to = %address, %holder, "redirected to the receiver that holds this server");
+                tried.retain(|a| *a != address);
+                queue.push_front(address);
+            }
+            Err(e) => {
+                if configured.len() > 1 {
+                    tracing::warn!(receiver = %addr, "{e}; trying the next receiver");
+                }
+                if !e.retryable() && first_permanent.is_none() {
+                    first_permanent = Some(e);
+                } else {
+                    last = Some(e);
+                }
+            }
+        }
+    }
+    // A permanent refusal (a wrong CA, a refused token) says more than a timeout elsewhere.
+    Err(first_permanent
+        .or(last)
+        .unwrap_or_else(|| crate::link::LinkError::Lost("no receiver address".into()))
+        .into())
+}
+
 async fn session_inner(rep: &mut Replicator, once: bool) -> Result<(), ReplicateError> {
-    let mut link = Link::connect(
-        rep.config(),
-        &rep.server_id,
-        &rep.identity,
-        rep.live.bandwidth_mbps.clone(),
-    )
-    .await?;
+    let mut link = connect(rep).await?;
     tracing::info!(receiver = %rep.status.receiver, "connected");
     rep.open_disks(&mut link).await?;
     loop {

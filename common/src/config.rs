@@ -151,6 +151,11 @@ pub struct AgentConfig {
 pub struct ReceiverEndpoint {
     /// host:port of the receiver.
     pub address: String,
+    /// More receivers of the same fleet (host:port each), tried in turn after `address` when
+    /// it does not answer. A receiver that does not hold this server sends the agent to the
+    /// one that does, listed here or not.
+    #[serde(default)]
+    pub addresses: Vec<String>,
     /// TLS server name checked against the receiver's certificate.
     #[serde(default = "default_server_name")]
     pub server_name: String,
@@ -169,6 +174,19 @@ pub struct ReceiverEndpoint {
 
 fn default_timeout_secs() -> u64 {
     120
+}
+
+impl ReceiverEndpoint {
+    /// Every receiver to try, `address` first, each once.
+    pub fn all_addresses(&self) -> Vec<String> {
+        let mut out = vec![self.address.clone()];
+        for a in &self.addresses {
+            if !out.contains(a) {
+                out.push(a.clone());
+            }
+        }
+        out
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -382,6 +400,18 @@ impl AgentConfig {
         if self.receiver.address.is_empty() || !self.receiver.address.contains(':') {
             return Err(invalid(path, "receiver.address", "must be host:port"));
         }
+        if let Some(a) = self
+            .receiver
+            .addresses
+            .iter()
+            .find(|a| a.is_empty() || !a.contains(':'))
+        {
+            return Err(invalid(
+                path,
+                "receiver.addresses",
+                format!("{a:?} is not host:port"),
+            ));
+        }
         if !valid_server_name(&self.receiver.server_name) {
             return Err(invalid(
                 path,
@@ -528,6 +558,10 @@ pub struct ReceiverConfig {
     /// directory store.
     #[serde(default)]
     pub s3: Option<S3Config>,
+    /// Fleet mode: several receivers share the bucket of `[s3]`, each server owned by one of
+    /// them at a time through a lease; absent: the bucket's prefix belongs to this receiver.
+    #[serde(default)]
+    pub fleet: Option<FleetConfig>,
     /// How `recover` launches each server: `[recovery.default]` for all, `[recovery.<server>]`
     /// for one (its keys override the default's).
     #[serde(default)]
@@ -805,6 +839,50 @@ pub struct S3Config {
     pub requests_in_flight: usize,
 }
 
+/// `[fleet]` in receiver.toml: this receiver is one of several sharing the bucket of `[s3]`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// host:port where agents reach this receiver; other receivers send agents here when this
+    /// one holds their server's lease.
+    pub address: String,
+    /// Seconds a server's lease lasts without renewal (renewed every third of it). A dead
+    /// receiver's servers move to another one after about this long. Default 30.
+    #[serde(default = "default_lease_seconds")]
+    pub lease_seconds: u64,
+}
+
+fn default_lease_seconds() -> u64 {
+    30
+}
+
+impl FleetConfig {
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let port_ok = self
+            .address
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !port_ok {
+            return Err(invalid(
+                path,
+                "fleet.address",
+                format!(
+                    "{:?} is not host:port (where agents reach this receiver)",
+                    self.address
+                ),
+            ));
+        }
+        if !(3..=3600).contains(&self.lease_seconds) {
+            return Err(invalid(
+                path,
+                "fleet.lease_seconds",
+                "must be between 3 and 3600",
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn default_s3_attempt_timeout_secs() -> u64 {
     30
 }
@@ -1079,6 +1157,16 @@ impl ReceiverConfig {
         if let Some(s) = &self.s3 {
             s.validate(path)?;
         }
+        if let Some(f) = &self.fleet {
+            if self.s3.is_none() {
+                return Err(invalid(
+                    path,
+                    "fleet",
+                    "needs [s3]: the receivers of a fleet share its bucket",
+                ));
+            }
+            f.validate(path)?;
+        }
         for (key, l) in &self.recovery {
             if key != "default" && !valid_name(key) {
                 return Err(invalid(
@@ -1112,6 +1200,7 @@ impl Default for ReceiverConfig {
             agent_certificate_days: default_agent_certificate_days(),
             ebs: None,
             s3: None,
+            fleet: None,
             recovery: Default::default(),
         }
     }
@@ -1288,6 +1377,23 @@ path = "/dev/sda"
             ),
         ] {
             let e = parse(&format!("[s3]\n{text}\n")).unwrap_err();
+            assert!(e.contains(field), "{text}: {e}");
+        }
+        let s3 = "[s3]\nbucket = \"dr-staging\"\nregion = \"eu-west-1\"\n";
+        let c = parse(&format!("{s3}[fleet]\naddress = \"rx1:7443\"\n")).unwrap();
+        assert_eq!(c.fleet.unwrap().lease_seconds, 30);
+        for (text, field) in [
+            ("[fleet]\naddress = \"rx1:7443\"\n", "[s3]"),
+            (
+                &*format!("{s3}[fleet]\naddress = \"rx1\"\n"),
+                "fleet.address",
+            ),
+            (
+                &*format!("{s3}[fleet]\naddress = \"rx1:1\"\nlease_seconds = 1\n"),
+                "fleet.lease_seconds",
+            ),
+        ] {
+            let e = parse(text).unwrap_err();
             assert!(e.contains(field), "{text}: {e}");
         }
     }

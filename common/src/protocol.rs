@@ -521,6 +521,9 @@ messages! {
         certificate: Vec<u8> => Bytes<MAX_CERTIFICATE>,
         not_after_unix_ms: u64,
     }
+    /// R, instead of `Welcome`: another receiver of the fleet (`holder`) owns this server now;
+    /// connect to `address` (host:port) instead. The receiver closes after it.
+    21 Redirect { address: String, holder: String }
 }
 
 /// Largest public key an `Enrol` may carry.
@@ -835,6 +838,10 @@ mod tests {
                     certificate: c,
                     not_after_unix_ms: t,
                 }
+            }),
+            (s, s).prop_map(|(a, h)| Message::Redirect {
+                address: a,
+                holder: h
             }),
             (s, any::<u64>()).prop_map(|(v, p)| Message::Welcome {
                 receiver_version: v,

@@ -256,6 +256,38 @@ impl Catalog {
         Ok(m)
     }
 
+    /// Writes a point from its files as another receiver wrote them (the fleet's bucket):
+    /// each manifest checked against the record and made durable, `point.json` last.
+    pub fn import(
+        &self,
+        rec: &PointRecord,
+        record_json: &[u8],
+        manifests: &[(String, Vec<u8>)],
+    ) -> Result<(), CatalogError> {
+        let dir = self.point_dir(&rec.server, rec.point);
+        durable::create_dir_all_durable(&dir).map_err(ioe(&dir))?;
+        for (disk, bytes) in manifests {
+            let p = dir.join(format!("{disk}.manifest"));
+            let m = Manifest::decode(bytes).map_err(|source| CatalogError::Manifest {
+                path: p.clone(),
+                source,
+            })?;
+            if !rec
+                .disks
+                .iter()
+                .any(|d| d.id == *disk && d.digest == m.digest().to_hex())
+            {
+                return Err(CatalogError::BadRecord {
+                    path: p,
+                    why: format!("manifest digest {} is not the point record's", m.digest()),
+                });
+            }
+            durable::write_atomic(&p, bytes).map_err(ioe(&p))?;
+        }
+        let p = dir.join("point.json");
+        durable::write_atomic(&p, record_json).map_err(ioe(&p))
+    }
+
     /// Unlists a point (removes `point.json` durably), then removes its files.
     pub fn delete(&self, server: &str, point: u64) -> Result<(), CatalogError> {
         let dir = self.point_dir(server, point);

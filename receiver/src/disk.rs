@@ -271,6 +271,43 @@ impl LiveDisk {
     }
 }
 
+/// Replaces a disk's state on disk with `base` (none: the disk as it was before its first
+/// point) and `records` after it, as the fleet's bucket has them (see `crate::fleet`).
+/// Durable when it returns; the disk must not be open.
+pub fn replace_local(
+    dir: &Path,
+    id: &str,
+    base: Option<&Manifest>,
+    records: &[(u64, BlockHash)],
+) -> Result<(), DiskError> {
+    let ioe = |path: &Path| {
+        let path = path.to_path_buf();
+        let disk = id.to_string();
+        move |source| DiskError::Io { disk, path, source }
+    };
+    durable::create_dir_all_durable(dir).map_err(ioe(dir))?;
+    let mut journal = Vec::with_capacity(records.len() * RECORD);
+    for (index, hash) in records {
+        journal.extend_from_slice(&index.to_le_bytes());
+        journal.extend_from_slice(&hash.0);
+        journal.extend_from_slice(&check(*index, hash));
+    }
+    // The journal first, empty of anything older: a crash between the two leaves an older
+    // base under these records, which the next take replaces again.
+    let jpath = dir.join("journal");
+    durable::write_atomic(&jpath, &journal).map_err(ioe(&jpath))?;
+    let mpath = dir.join("live.manifest");
+    match base {
+        Some(m) => durable::write_atomic(&mpath, &m.encode()).map_err(ioe(&mpath))?,
+        None => match fs::remove_file(&mpath) {
+            Ok(()) => durable::sync_dir(dir).map_err(ioe(dir))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ioe(&mpath)(e)),
+        },
+    }
+    Ok(())
+}
+
 /// Reads a disk's live manifest (manifest + journal) without opening it for writing.
 pub fn read_live(dir: &Path) -> Option<Manifest> {
     let mut m = Manifest::decode(&fs::read(dir.join("live.manifest")).ok()?).ok()?;
@@ -410,6 +447,33 @@ mod tests {
         let disk = LiveDisk::open(d.path(), "root", size).unwrap();
         assert_eq!(disk.damaged_records, MAX_RECORDS_PER_APPEND + 1);
         assert_eq!(good / RECORD, 1);
+    }
+
+    #[test]
+    fn a_replaced_disk_opens_as_its_base_and_records() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 4 * BLOCK_SIZE as u64;
+        let mut disk = LiveDisk::open(d.path(), "root", size).unwrap();
+        disk.record(&[(0, BlockHash([9; 32]))]).unwrap();
+        disk.compact().unwrap();
+        drop(disk);
+        let mut base = Manifest::zeroed(size);
+        base.hashes[1] = BlockHash([1; 32]);
+        replace_local(d.path(), "root", Some(&base), &[(2, BlockHash([2; 32]))]).unwrap();
+        let disk = LiveDisk::open(d.path(), "root", size).unwrap();
+        assert_eq!(
+            disk.manifest.hashes[0],
+            BlockHash::ZERO,
+            "the old state stayed"
+        );
+        assert_eq!(disk.manifest.hashes[1], BlockHash([1; 32]));
+        assert_eq!(disk.manifest.hashes[2], BlockHash([2; 32]));
+        drop(disk);
+        replace_local(d.path(), "root", None, &[(3, BlockHash([3; 32]))]).unwrap();
+        let disk = LiveDisk::open(d.path(), "root", size).unwrap();
+        let mut want = Manifest::zeroed(size);
+        want.hashes[3] = BlockHash([3; 32]);
+        assert_eq!(disk.manifest, want);
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod commands;
 pub mod disk;
 pub mod durability;
+pub mod fleet;
 pub mod gc;
 pub mod identities;
 #[cfg(feature = "aws")]

@@ -7,6 +7,7 @@ mod e2e;
 mod ebs;
 mod enrolment;
 mod faults;
+mod fleet;
 mod gc;
 mod identity;
 mod leases;

@@ -370,6 +370,35 @@ impl Receiver {
         self.use_test_credentials();
     }
 
+    /// Gives this receiver (stopped) `like`'s CA, server certificate and tokens: agents trust
+    /// one CA for a whole fleet.
+    pub fn share_ca_with(&mut self, like: &Receiver) {
+        for f in [
+            "tls/ca.pem",
+            "tls/ca.key",
+            "tls/server.pem",
+            "tls/server.key",
+            "tokens",
+        ] {
+            std::fs::copy(like.dir.join(f), self.dir.join(f)).unwrap();
+        }
+        self.fingerprint = like.fingerprint.clone();
+        self.token = like.token.clone();
+    }
+
+    /// Makes this receiver (stopped) a member of the fleet on `bucket` of the S3 server at
+    /// `endpoint` (prefix "fleet/"), with its own address and `lease_secs`. Starts nothing.
+    pub fn join_fleet(&mut self, endpoint: &str, bucket: &str, lease_secs: u64) {
+        self.use_s3(endpoint, bucket, "fleet/");
+        let path = self.dir.join("receiver.toml");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(&format!(
+            "\n[fleet]\naddress = \"127.0.0.1:{}\"\nlease_seconds = {lease_secs}\n",
+            self.port
+        ));
+        std::fs::write(&path, text).unwrap();
+    }
+
     pub fn points(&self, server: &str) -> Vec<Value> {
         let out = self.cli(&["points", "--server", server, "--json"]);
         assert!(
@@ -482,6 +511,8 @@ pub struct AgentSpec {
     pub timeout_secs: u64,
     /// More top-level lines of agent.toml (`tracker = "ebpf"`, ...).
     pub extra: Vec<String>,
+    /// More receivers of a fleet (`[receiver] addresses`, host:port each).
+    pub more_receivers: Vec<String>,
 }
 
 impl AgentSpec {
@@ -498,6 +529,7 @@ impl AgentSpec {
             token: None,
             timeout_secs: 120,
             extra: Vec::new(),
+            more_receivers: Vec::new(),
         }
     }
 }
@@ -530,6 +562,9 @@ impl Agent {
             spec.token.clone().unwrap_or_else(|| rx.token.clone()),
             spec.timeout_secs,
         );
+        if !spec.more_receivers.is_empty() {
+            toml += &format!("addresses = {:?}\n", spec.more_receivers);
+        }
         for (id, p) in &spec.disks {
             toml.push_str(&format!(
                 "\n[[disks]]\nid = \"{id}\"\npath = \"{}\"\n",

@@ -8,6 +8,7 @@ use lifeboat_common::BLOCK_SIZE;
 use std::path::Path;
 
 pub fn run(state_dir: &Path, server: &str, json: bool) -> anyhow::Result<()> {
+    crate::fleet::sync_catalog(state_dir)?;
     let catalog = Catalog::new(state_dir);
     let points = catalog.points(server)?;
     // Where each point stands on EBS (an unreadable record is shown as such, never fatal).

@@ -171,6 +171,8 @@ pub fn run(state_dir: &Path, req: &Request) -> anyhow::Result<()> {
     let lock = crate::gc::lock_file(state_dir)
         .with_context(|| format!("opening the lock in {}", state_dir.display()))?;
     crate::sys::flock(&lock, false, false)?;
+    // In a fleet, every receiver's points (the restore then reads the shared bucket).
+    crate::fleet::sync_catalog(state_dir)?;
 
     let rec = catalog.find(&req.server, &req.point)?;
     let manifest = catalog

@@ -12,6 +12,7 @@ use std::path::Path;
 const STALL_MS: u64 = 60_000;
 
 pub fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
+    crate::fleet::sync_catalog(state_dir)?;
     let catalog = Catalog::new(state_dir);
     let now = now_ms();
     let mut rows = Vec::new();

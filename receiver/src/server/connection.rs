@@ -129,6 +129,15 @@ impl Drop for Released<'_> {
     }
 }
 
+/// In a fleet: gives the server's lease up (its agent is gone), while the server's slot is
+/// still this connection's.
+async fn release_lease(shared: &Arc<Shared>, server: &str) {
+    if let Some(fleet) = shared.fleet.clone() {
+        let s = server.to_string();
+        let _ = tokio::task::spawn_blocking(move || fleet.release(&s)).await;
+    }
+}
+
 /// A peer that completed the handshake: TLS, preface and an accepted `Hello`.
 struct Authenticated {
     rd: ReadHalf<Tls>,
@@ -557,6 +566,26 @@ async fn run(
     if *newer.borrow_and_update() != generation {
         return Err("replaced by a newer connection of the same server".into());
     }
+    // In a fleet: this receiver must hold the server's lease (and then works on the bucket's
+    // state), else the agent is sent to the receiver that does.
+    if let Some(fleet) = shared.fleet.clone() {
+        let s = server.clone();
+        let taken = tokio::task::spawn_blocking(move || fleet.take(&s)).await;
+        match taken {
+            Ok(Ok(crate::fleet::Taken::Held)) => {}
+            Ok(Ok(crate::fleet::Taken::Elsewhere { holder, address })) => {
+                tracing::info!(%holder, %address, "server held by another receiver: agent redirected");
+                send_now(&mut wr, &Message::Redirect { address, holder }).await;
+                return Ok(());
+            }
+            Ok(Err(e)) => {
+                let msg = format!("taking server {server} for this receiver: {e}");
+                send_now(&mut wr, &error(ErrorCode::Busy, true, msg.clone())).await;
+                return Err(msg);
+            }
+            Err(e) => return Err(format!("taking the server's lease panicked: {e}")),
+        }
+    }
     tracing::info!(%agent_version, "agent connected");
 
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(1024);
@@ -627,7 +656,10 @@ async fn run(
     };
     let session = match opened {
         Ok(s) => s,
-        Err(e) => return Err(format!("opening the session failed: {e}")),
+        Err(e) => {
+            release_lease(shared, &server).await;
+            return Err(format!("opening the session failed: {e}"));
+        }
     };
     // With the batch the processor holds, at most 2 × BATCH frames of this connection are
     // in memory at once (≈ 75 MiB at the frame cap).
@@ -723,6 +755,7 @@ async fn run(
         .unwrap_or_else(|e| SessionEnd::Panicked(e.to_string()));
     drop(out_tx);
     let _ = writer.await;
+    release_lease(shared, &server).await;
     tracing::info!("agent disconnected");
     match (reason, end) {
         (_, SessionEnd::Panicked(e)) => {

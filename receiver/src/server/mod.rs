@@ -49,6 +49,8 @@ pub struct Shared {
     pub retention: RwLock<lifeboat_common::config::RetentionConfig>,
     /// Bumped when an identity changes (revoked, enrolled), so live sessions recheck theirs.
     pub identities: crate::identities::Changes,
+    /// With `[fleet]`: the leases and the bucket's copy of every server's state.
+    pub fleet: Option<Arc<dyn crate::fleet::Fleet>>,
 }
 
 /// A peer's place among the pending handshakes: one of `max_pending_handshakes`, and one of
@@ -303,6 +305,7 @@ impl Shared {
             manifest_memory: Budget::new(config.max_manifest_memory_mib << 20),
             retention: RwLock::new(config.retention.clone()),
             identities: Default::default(),
+            fleet: None,
             config,
         }
     }
@@ -390,20 +393,22 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     if let Some(w) = crate::durability::journal_warning(&state_dir) {
         tracing::warn!("{w}");
     }
-    let store: Arc<dyn BlockStore> = match &config.s3 {
+    let (store, fleet): (Arc<dyn BlockStore>, _) = match &config.s3 {
         Some(s3) => {
-            let store = crate::store::open(&state_dir, &config)?;
-            tracing::info!(bucket = %s3.bucket, prefix = %s3.prefix, "staging store in S3");
-            store
+            let (store, fleet) = crate::fleet::open(&state_dir, &config)?;
+            tracing::info!(bucket = %s3.bucket, prefix = %s3.prefix, fleet = fleet.is_some(), "staging store in S3");
+            (store, fleet)
         }
         None => {
             let store = DirStore::open(&state_dir.join("store"))?;
             store.clear_tmp(&_lock)?;
-            Arc::new(store)
+            (Arc::new(store), None)
         }
     };
     let tokens = Tokens::load(&state_dir)?;
-    let shared = Arc::new(Shared::new(&state_dir, store, tokens, config.clone()));
+    let mut shared = Shared::new(&state_dir, store, tokens, config.clone());
+    shared.fleet = fleet;
+    let shared = Arc::new(shared);
     mark_all_disconnected(&shared);
 
     let listener = TcpListener::bind(&config.listen)
@@ -475,6 +480,15 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let mut gc_stop = stop_rx.clone();
     let gc_interval = opts.gc_interval;
     let gc = tokio::spawn(async move {
+        if gc_shared.fleet.is_some() {
+            // Each receiver of a fleet sees only the points of the servers it held: a sweep
+            // here would delete blocks the others' points name.
+            tracing::warn!(
+                "fleet mode: retention and GC do not run (not yet shared safely between the \
+                 receivers of a fleet); points and blocks are kept"
+            );
+            return;
+        }
         // A sweep at the first pass (what a crash left behind), then at least hourly.
         let mut last_sweep: Option<std::time::Instant> = None;
         loop {
@@ -522,6 +536,22 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 }
             }
         }
+    });
+
+    // Fleet leases, renewed every third of their period while held; one that fails is
+    // dropped at once (its sessions then acknowledge nothing more).
+    let renewals = shared.fleet.clone().map(|fleet| {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(fleet.renew_every()) => {}
+                    _ = stop.changed() => return,
+                }
+                let f = fleet.clone();
+                let _ = tokio::task::spawn_blocking(move || f.renew()).await;
+            }
+        })
     });
 
     // The EBS target, in the background: points are already durable and committed.
@@ -629,6 +659,13 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     let _ = gc.await;
     let _ = identities.await;
+    if let Some(r) = renewals {
+        let _ = r.await;
+    }
+    if let Some(f) = shared.fleet.clone() {
+        // Other receivers may take these servers at once rather than after the period.
+        let _ = tokio::task::spawn_blocking(move || f.release_all()).await;
+    }
     if let Some(u) = uploader {
         let _ = u.await;
     }

@@ -84,6 +84,21 @@ impl From<crate::disk::DiskError> for Fail {
     }
 }
 
+impl From<crate::fleet::FleetError> for Fail {
+    fn from(e: crate::fleet::FleetError) -> Fail {
+        Fail {
+            // A receiver that lost the server is as busy as one at its limits: the agent
+            // reconnects and is sent to the holder.
+            code: match e {
+                crate::fleet::FleetError::NotHeld { .. } => ErrorCode::Busy,
+                _ => ErrorCode::Storage,
+            },
+            retryable: true,
+            message: e.to_string(),
+        }
+    }
+}
+
 impl From<crate::catalog::CatalogError> for Fail {
     fn from(e: crate::catalog::CatalogError) -> Fail {
         Fail {
@@ -212,6 +227,15 @@ impl Session {
     /// Replies are queued in `outbox` and sent only after each step returns, with no lock
     /// held: an agent that stops reading can stall its own session, never GC or the others.
     fn process(&mut self, batch: Vec<Message>, out: &Out) -> Result<(), Fail> {
+        if let Some(f) = &self.shared.fleet {
+            if !f.holds(&self.server) {
+                return Err(crate::fleet::FleetError::NotHeld {
+                    server: self.server.clone(),
+                    why: "its lease was lost or ran out".into(),
+                }
+                .into());
+            }
+        }
         let mut pending = Vec::new();
         for m in batch {
             match m {
@@ -388,7 +412,10 @@ impl Session {
         // The blocks, durable; then the journal records that name them, durable; then acks.
         let stored = shared.store.insert(&verified)?;
         let mut checkpoints = Vec::new();
-        if let Err(f) = self.journal(&records, &mut checkpoints) {
+        let journaled = self
+            .journal(&records, &mut checkpoints)
+            .and_then(|()| self.mirror(&records));
+        if let Err(f) = journaled {
             // Nothing of this batch is acknowledged: forget what it recorded, so that the
             // live manifests name only durable, acknowledged content.
             for (handle, cp) in checkpoints {
@@ -504,6 +531,22 @@ impl Session {
         Ok(())
     }
 
+    /// In a fleet: the batch's records into the bucket (an ack waits for them there too).
+    fn mirror(&self, records: &HashMap<u32, Vec<(u64, BlockHash)>>) -> Result<(), Fail> {
+        let Some(fleet) = &self.shared.fleet else {
+            return Ok(());
+        };
+        let by_disk: crate::fleet::Records = records
+            .iter()
+            .filter(|(_, r)| !r.is_empty())
+            .filter_map(|(h, r)| self.disks.get(h).map(|d| (d.id.clone(), r.clone())))
+            .collect();
+        if by_disk.is_empty() {
+            return Ok(());
+        }
+        Ok(fleet.journal(&self.server, &by_disk)?)
+    }
+
     fn control(&mut self, m: Message) -> Result<(), Fail> {
         match m {
             Message::OpenDisk {
@@ -582,7 +625,12 @@ impl Session {
                 let _refs = shared.gc_lock.read().unwrap_or_else(|e| e.into_inner());
                 let mut disk = LiveDisk::open(&dir, &disk_id, size)?;
                 self.status.counters.journal_records_damaged += disk.damaged_records;
-                Self::forget_missing(shared.store.as_ref(), &mut disk)?;
+                Self::forget_missing(
+                    shared.store.as_ref(),
+                    shared.fleet.as_deref(),
+                    &self.server,
+                    &mut disk,
+                )?;
                 let digest = disk.manifest.digest();
                 tracing::info!(disk = %disk_id, size, blocks = disk.manifest.hashes.len(), "disk opened");
                 self.disks.insert(handle, disk);
@@ -665,7 +713,12 @@ impl Session {
     /// takes our manifest, and its scan sends that content again. The caller holds the GC
     /// lock shared.
     /// Returns how many blocks it marked.
-    fn forget_missing(store: &dyn BlockStore, disk: &mut LiveDisk) -> Result<usize, Fail> {
+    fn forget_missing(
+        store: &dyn BlockStore,
+        fleet: Option<&dyn crate::fleet::Fleet>,
+        server: &str,
+        disk: &mut LiveDisk,
+    ) -> Result<usize, Fail> {
         let mut present = std::collections::HashMap::new();
         let mut missing = Vec::new();
         for (i, h) in disk.manifest.hashes.iter().enumerate() {
@@ -692,6 +745,9 @@ impl Session {
             );
             disk.record(&missing)?;
             disk.sync()?;
+            if let Some(f) = fleet {
+                f.journal(server, &vec![(disk.id.clone(), missing.clone())])?;
+            }
         }
         Ok(missing.len())
     }
@@ -716,7 +772,12 @@ impl Session {
         if mark != self.quarantine_seen {
             self.quarantine_seen = mark;
             for d in self.disks.values_mut() {
-                Self::forget_missing(self.shared.store.as_ref(), d)?;
+                Self::forget_missing(
+                    self.shared.store.as_ref(),
+                    self.shared.fleet.as_deref(),
+                    &self.server,
+                    d,
+                )?;
             }
         }
         for (handle, digest) in disks {
@@ -829,11 +890,19 @@ impl Session {
             target: self.shared.target.name().to_string(),
             disks: records,
         };
+        // In a fleet the bucket's copy first: it is the one every receiver lists.
+        if let Some(f) = &self.shared.fleet {
+            f.write_point(&rec, &manifests)?;
+        }
         self.shared.target.write_point(&rec, &manifests)?;
         for (handle, _) in disks {
             if let Some(d) = self.disks.get_mut(handle) {
                 d.compact()?;
             }
+        }
+        if let Some(f) = &self.shared.fleet {
+            let ids: Vec<String> = manifests.iter().map(|(id, _)| id.clone()).collect();
+            f.compacted(&self.server, point, &ids);
         }
         for (id, m) in manifests {
             self.previous.insert(id, m);

@@ -104,14 +104,7 @@ pub fn open(
                     retryable: false,
                 });
             }
-            let owner =
-                crate::snapshots::ebs::install_id(state_dir).map_err(|source| StoreError::Io {
-                    path: state_dir.join("install-id"),
-                    source,
-                })?;
-            Ok(std::sync::Arc::new(s3::S3Store::open(
-                c, &owner, state_dir,
-            )?))
+            Ok(open_s3(state_dir, config, c)?)
         }
         #[cfg(not(feature = "aws"))]
         Some(_) => Err(StoreError::Remote {
@@ -122,6 +115,27 @@ pub fn open(
             &state_dir.join("store"),
         )?)),
     }
+}
+
+/// The S3 store of `[s3]` (`c`): the prefix claimed for this receiver, or for the fleet with
+/// `[fleet]`.
+#[cfg(feature = "aws")]
+pub fn open_s3(
+    state_dir: &std::path::Path,
+    config: &lifeboat_common::config::ReceiverConfig,
+    c: &lifeboat_common::config::S3Config,
+) -> Result<std::sync::Arc<s3::S3Store>, StoreError> {
+    let owner = if config.fleet.is_some() {
+        s3::FLEET.to_string()
+    } else {
+        crate::snapshots::ebs::install_id(state_dir).map_err(|source| StoreError::Io {
+            path: state_dir.join("install-id"),
+            source,
+        })?
+    };
+    Ok(std::sync::Arc::new(s3::S3Store::open(
+        c, &owner, state_dir,
+    )?))
 }
 
 /// [`open`] with the configuration in `<state_dir>/receiver.toml` (for the commands).

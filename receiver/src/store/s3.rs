@@ -52,6 +52,8 @@ use std::time::SystemTime;
 const QUARANTINE_MARK: &str = "quarantine/mark";
 /// Which receiver the prefix belongs to (see [`S3Store::claim`]).
 const OWNER: &str = "owner.json";
+/// The owner a fleet's prefix names: every receiver of the fleet shares it.
+pub const FLEET: &str = "fleet";
 
 pub struct S3Store {
     s3: S3,
@@ -216,6 +218,27 @@ impl S3Store {
         if holder == owner {
             return Ok(());
         }
+        if holder == FLEET || owner == FLEET {
+            let (this, that) = if owner == FLEET {
+                (
+                    "this receiver is in a fleet ([fleet] in receiver.toml)",
+                    format!("it belongs to receiver {holder} alone"),
+                )
+            } else {
+                (
+                    "this receiver is not in a fleet (no [fleet] in receiver.toml)",
+                    "it is a fleet's".to_string(),
+                )
+            };
+            return Err(StoreError::Remote {
+                message: format!(
+                    "{url}: {this}, but {that}: receivers that do not share leases would \
+                     delete each other's blocks. Make the settings agree, or give this receiver \
+                     a prefix of its own (`prefix` in [s3])"
+                ),
+                retryable: false,
+            });
+        }
         Err(StoreError::Remote {
             message: format!(
                 "{url} says this prefix belongs to another receiver (install id {holder}; this \
@@ -226,8 +249,8 @@ impl S3Store {
         })
     }
 
-    /// Runs `f` on the store's runtime and waits for it.
-    fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+    /// Runs `f` on the store's runtime and waits for it (from any thread).
+    pub fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
         // The runtime is only taken in Drop.
         #[allow(clippy::expect_used)]
         run_on(self.rt.as_ref().expect("the store's runtime is alive"), f)

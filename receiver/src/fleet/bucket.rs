@@ -1,0 +1,685 @@
+//! The fleet over an S3 bucket (see the module docs of [`crate::fleet`]).
+//!
+//! Layout, under the `[s3]` prefix, per server:
+//!
+//! ```text
+//! leases/<server>.json                              the lease (crate::lease)
+//! servers/<server>/journal/<seq:020>               a journal segment (super::segment)
+//! servers/<server>/disks/<disk>/live/<seq:020>     a disk's live base: its manifest as of
+//!                                                   every segment up to <seq>
+//! servers/<server>/points/<point:016>/<disk>.manifest
+//! servers/<server>/points/<point:016>/point.json   written last: a point is listed iff it exists
+//! ```
+//!
+//! A disk's live state is its newest live base with every later segment's records for it
+//! applied in order. Segment numbers grow across holders: a new holder starts past the
+//! highest it listed, and writes each with `If-None-Match`, so two writers never share one.
+
+use super::{Fleet, FleetError, Records, Taken};
+use crate::aws::s3::{Condition, PutError, S3};
+use crate::catalog::{Catalog, PointRecord};
+use crate::lease::{Acquired, Current, Held, Leases};
+use crate::store::s3::S3Store;
+use lifeboat_common::manifest::Manifest;
+use lifeboat_common::BlockHash;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A server this receiver holds.
+struct Holding {
+    held: Held,
+    /// The next journal segment's number.
+    next_seq: u64,
+    /// Per disk known to the bucket: the segment its live base is current with.
+    through: BTreeMap<String, u64>,
+}
+
+pub struct BucketFleet {
+    store: Arc<S3Store>,
+    s3: S3,
+    leases: Arc<Leases>,
+    catalog: Catalog,
+    period: Duration,
+    held: Mutex<HashMap<String, Holding>>,
+}
+
+fn journal_key(server: &str, seq: u64) -> String {
+    format!("servers/{server}/journal/{seq:020}")
+}
+
+fn live_key(server: &str, disk: &str, seq: u64) -> String {
+    format!("servers/{server}/disks/{disk}/live/{seq:020}")
+}
+
+fn point_dir_key(server: &str, point: u64) -> String {
+    format!("servers/{server}/points/{point:016}/")
+}
+
+/// What the bucket holds for one server, as listed.
+#[derive(Default, Debug)]
+struct Listing {
+    segments: Vec<(u64, String)>,
+    /// disk → its live bases (seq, key), ascending.
+    live: BTreeMap<String, Vec<(u64, String)>>,
+    /// point → its objects' keys, and whether `point.json` is among them.
+    points: BTreeMap<u64, (Vec<String>, bool)>,
+}
+
+fn parse_listing(server: &str, keys: impl IntoIterator<Item = String>) -> Listing {
+    let base = format!("servers/{server}/");
+    let mut out = Listing::default();
+    for key in keys {
+        let Some(rest) = key.strip_prefix(&base) else {
+            continue;
+        };
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            ["journal", n] => {
+                if let Ok(seq) = n.parse::<u64>() {
+                    out.segments.push((seq, key.clone()));
+                }
+            }
+            ["disks", disk, "live", n] if lifeboat_common::config::valid_name(disk) => {
+                if let Ok(seq) = n.parse::<u64>() {
+                    out.live
+                        .entry(disk.to_string())
+                        .or_default()
+                        .push((seq, key.clone()));
+                }
+            }
+            ["points", p, file] => {
+                if let Ok(point) = p.parse::<u64>() {
+                    let e = out.points.entry(point).or_default();
+                    e.1 |= *file == "point.json";
+                    e.0.push(key.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    out.segments.sort();
+    for v in out.live.values_mut() {
+        v.sort();
+    }
+    out
+}
+
+/// A disk's state as the bucket has it: its live base and the records after it.
+struct DiskState {
+    base: Option<Manifest>,
+    through: u64,
+    records: Vec<(u64, BlockHash)>,
+}
+
+impl BucketFleet {
+    pub fn new(
+        store: Arc<S3Store>,
+        state_dir: &std::path::Path,
+        me: &str,
+        address: &str,
+        period: Duration,
+    ) -> BucketFleet {
+        let s3 = store.client().clone();
+        BucketFleet {
+            leases: Arc::new(Leases::new(s3.clone(), me, address, period)),
+            s3,
+            store,
+            catalog: Catalog::new(state_dir),
+            period,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Holding>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bucket_err(server: &str) -> impl Fn(crate::aws::retry::CallError) -> FleetError + '_ {
+        move |e| FleetError::Bucket {
+            server: server.to_string(),
+            why: e.to_string(),
+        }
+    }
+
+    /// Fails unless the lease is still valid now (called after a write returned).
+    fn still_held(&self, server: &str) -> Result<(), FleetError> {
+        let mut held = self.held();
+        match held.get(server) {
+            Some(h) if h.held.valid(Instant::now()) => Ok(()),
+            Some(_) => {
+                held.remove(server);
+                tracing::error!(server, "lease expired before it was renewed: no more acknowledgements for this server here");
+                Err(FleetError::NotHeld {
+                    server: server.into(),
+                    why: "its lease expired before it was renewed".into(),
+                })
+            }
+            None => Err(FleetError::NotHeld {
+                server: server.into(),
+                why: "its lease was lost (a renewal failed, or another receiver took it)".into(),
+            }),
+        }
+    }
+
+    /// Reads the server's state from the bucket: every disk's live base and later records,
+    /// the next segment number, and the listing (for the points).
+    fn read_state(
+        &self,
+        server: &str,
+    ) -> Result<(BTreeMap<String, DiskState>, u64, Listing), FleetError> {
+        let s3 = self.s3.clone();
+        let prefix = format!("servers/{server}/");
+        let keys = self
+            .store
+            .run(async move { s3.list(&prefix).await })
+            .map_err(Self::bucket_err(server))?;
+        let listing = parse_listing(server, keys.into_iter().map(|o| o.key));
+        let mut disks: BTreeMap<String, DiskState> = BTreeMap::new();
+        for (disk, bases) in &listing.live {
+            let Some((seq, key)) = bases.last() else {
+                continue;
+            };
+            let raw = self.get(server, key)?;
+            let m = Manifest::decode(&raw).map_err(|e| FleetError::Corrupt {
+                server: server.into(),
+                what: self.s3.url(key),
+                why: e.to_string(),
+            })?;
+            disks.insert(
+                disk.clone(),
+                DiskState {
+                    base: Some(m),
+                    through: *seq,
+                    records: Vec::new(),
+                },
+            );
+        }
+        let mut next = listing
+            .live
+            .values()
+            .flatten()
+            .map(|(s, _)| s + 1)
+            .max()
+            .unwrap_or(1);
+        for (seq, key) in &listing.segments {
+            next = next.max(seq + 1);
+            let raw = self.get(server, key)?;
+            let records = super::segment::decode(&raw).map_err(|e| FleetError::Corrupt {
+                server: server.into(),
+                what: self.s3.url(key),
+                why: e.to_string(),
+            })?;
+            for (disk, recs) in records {
+                if !lifeboat_common::config::valid_name(&disk) {
+                    continue;
+                }
+                let d = disks.entry(disk).or_insert(DiskState {
+                    base: None,
+                    through: 0,
+                    records: Vec::new(),
+                });
+                if *seq > d.through {
+                    d.records.extend(recs);
+                }
+            }
+        }
+        Ok((disks, next, listing))
+    }
+
+    fn get(&self, server: &str, key: &str) -> Result<Vec<u8>, FleetError> {
+        let s3 = self.s3.clone();
+        let k = key.to_string();
+        match self
+            .store
+            .run(async move { s3.get(&k).await })
+            .map_err(Self::bucket_err(server))?
+        {
+            Some((raw, _)) => Ok(raw),
+            None => Err(FleetError::Bucket {
+                server: server.into(),
+                why: format!("{} vanished while it was being read", self.s3.url(key)),
+            }),
+        }
+    }
+
+    /// Makes the working copy of `server` the bucket's state.
+    fn hydrate(&self, server: &str) -> Result<Holding, FleetError> {
+        let (disks, next_seq, listing) = self.read_state(server)?;
+        let local = |why: String| FleetError::Local {
+            server: server.into(),
+            why,
+        };
+        let disks_dir = self.catalog.server_dir(server).join("disks");
+        for (id, d) in &disks {
+            crate::disk::replace_local(&disks_dir.join(id), id, d.base.as_ref(), &d.records)
+                .map_err(|e| local(e.to_string()))?;
+        }
+        // A disk the bucket knows nothing of holds nothing acknowledged.
+        if let Ok(rd) = std::fs::read_dir(&disks_dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if !disks.contains_key(&name) {
+                    std::fs::remove_dir_all(e.path())
+                        .map_err(|err| local(format!("{}: {err}", e.path().display())))?;
+                }
+            }
+        }
+        self.sync_points(server, &listing)?;
+        let changed: usize = disks.values().map(|d| d.records.len()).sum();
+        tracing::info!(
+            server,
+            disks = disks.len(),
+            journal_records = changed,
+            next_segment = next_seq,
+            "took the server's state from the bucket"
+        );
+        Ok(Holding {
+            held: Held {
+                etag: String::new(),
+                valid_until: Instant::now(),
+            },
+            next_seq,
+            through: disks
+                .iter()
+                .map(|(id, d)| (id.clone(), d.through))
+                .collect(),
+        })
+    }
+
+    /// Makes the local catalog of `server` list exactly the bucket's points.
+    fn sync_points(&self, server: &str, listing: &Listing) -> Result<(), FleetError> {
+        let local = self.catalog.points(server).map_err(|e| FleetError::Local {
+            server: server.into(),
+            why: e.to_string(),
+        })?;
+        let listed: std::collections::BTreeSet<u64> = listing
+            .points
+            .iter()
+            .filter(|(_, (_, has_record))| *has_record)
+            .map(|(p, _)| *p)
+            .collect();
+        for rec in &local {
+            if !listed.contains(&rec.point) {
+                self.catalog
+                    .delete(server, rec.point)
+                    .map_err(|e| FleetError::Local {
+                        server: server.into(),
+                        why: e.to_string(),
+                    })?;
+            }
+        }
+        for point in listed {
+            if local.iter().any(|r| r.point == point) {
+                continue;
+            }
+            let dir = point_dir_key(server, point);
+            let raw = self.get(server, &format!("{dir}point.json"))?;
+            let rec: PointRecord =
+                serde_json::from_slice(&raw).map_err(|e| FleetError::Corrupt {
+                    server: server.into(),
+                    what: self.s3.url(&format!("{dir}point.json")),
+                    why: e.to_string(),
+                })?;
+            let mut manifests = Vec::new();
+            for d in &rec.disks {
+                let bytes = self.get(server, &format!("{dir}{}.manifest", d.id))?;
+                manifests.push((d.id.clone(), bytes));
+            }
+            self.catalog
+                .import(&rec, &raw, &manifests)
+                .map_err(|e| FleetError::Corrupt {
+                    server: server.into(),
+                    what: format!("point {point}"),
+                    why: e.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Copies every server's points from the bucket into the local catalog (for the
+    /// commands that read it: `points`, `restore`).
+    pub fn sync_catalog(&self) -> Result<(), FleetError> {
+        let s3 = self.s3.clone();
+        let keys = self
+            .store
+            .run(async move { s3.list("servers/").await })
+            .map_err(Self::bucket_err("(all)"))?;
+        let mut by_server: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for o in keys {
+            if let Some(server) = o
+                .key
+                .strip_prefix("servers/")
+                .and_then(|r| r.split('/').next())
+            {
+                if lifeboat_common::config::valid_name(server) {
+                    by_server.entry(server.to_string()).or_default().push(o.key);
+                }
+            }
+        }
+        for (server, keys) in by_server {
+            let listing = parse_listing(&server, keys);
+            self.sync_points(&server, &listing)?;
+        }
+        Ok(())
+    }
+
+    fn delete_keys(&self, keys: Vec<String>) -> Result<(), crate::aws::retry::CallError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let s3 = self.s3.clone();
+        self.store.run(async move {
+            for chunk in keys.chunks(1000) {
+                s3.delete_many(chunk).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn compact(&self, server: &str, point: u64, disks: &[String]) -> Result<(), FleetError> {
+        let through = {
+            let held = self.held();
+            match held.get(server) {
+                Some(h) => h.next_seq.saturating_sub(1),
+                None => return Ok(()),
+            }
+        };
+        let err = Self::bucket_err(server);
+        for disk in disks {
+            let (s3, from, to) = (
+                self.s3.clone(),
+                format!("{}{disk}.manifest", point_dir_key(server, point)),
+                live_key(server, disk, through),
+            );
+            self.store
+                .run(async move { s3.copy(&from, &to).await })
+                .map_err(&err)?;
+            let s3 = self.s3.clone();
+            let prefix = format!("servers/{server}/disks/{disk}/live/");
+            let older: Vec<String> = self
+                .store
+                .run(async move { s3.list(&prefix).await })
+                .map_err(&err)?
+                .into_iter()
+                .map(|o| o.key)
+                .filter(|k| *k != live_key(server, disk, through))
+                .collect();
+            self.delete_keys(older).map_err(&err)?;
+            if let Some(h) = self.held().get_mut(server) {
+                h.through.insert(disk.clone(), through);
+            }
+        }
+        let oldest = match self.held().get(server) {
+            Some(h) => h.through.values().copied().min().unwrap_or(0),
+            None => return Ok(()),
+        };
+        let s3 = self.s3.clone();
+        let prefix = format!("servers/{server}/journal/");
+        let covered: Vec<String> = self
+            .store
+            .run(async move { s3.list(&prefix).await })
+            .map_err(&err)?
+            .into_iter()
+            .filter_map(|o| {
+                let seq = o.key.rsplit('/').next()?.parse::<u64>().ok()?;
+                (seq <= oldest).then_some(o.key)
+            })
+            .collect();
+        self.delete_keys(covered).map_err(&err)
+    }
+}
+
+impl Fleet for BucketFleet {
+    fn take(&self, server: &str) -> Result<Taken, FleetError> {
+        let leases = self.leases.clone();
+        let s = server.to_string();
+        let acquired = self
+            .store
+            .run(async move { leases.acquire(&s).await })
+            .map_err(|e| FleetError::Bucket {
+                server: server.into(),
+                why: e.to_string(),
+            })?;
+        let held = match acquired {
+            Acquired::Held(h) => h,
+            Acquired::Owned {
+                holder, address, ..
+            } => return Ok(Taken::Elsewhere { holder, address }),
+            Acquired::Lost => {
+                // Another receiver's write won just now: it is the holder.
+                let leases = self.leases.clone();
+                let s = server.to_string();
+                let current = self
+                    .store
+                    .run(async move { leases.current(&s).await })
+                    .map_err(|e| FleetError::Bucket {
+                        server: server.into(),
+                        why: e.to_string(),
+                    })?;
+                return match current {
+                    Current::Present { body, .. } if !body.holder.is_empty() => {
+                        Ok(Taken::Elsewhere {
+                            holder: body.holder,
+                            address: body.address,
+                        })
+                    }
+                    _ => Err(FleetError::Bucket {
+                        server: server.into(),
+                        why: "another receiver is taking this server's lease now".into(),
+                    }),
+                };
+            }
+        };
+        // Held from here: the working copy becomes the bucket's (every write of an earlier
+        // holder that was acknowledged is there: it returned before that lease ran out).
+        self.held().insert(
+            server.to_string(),
+            Holding {
+                held: held.clone(),
+                next_seq: 0,
+                through: BTreeMap::new(),
+            },
+        );
+        let hydrated = match self.hydrate(server) {
+            Ok(h) => h,
+            Err(e) => {
+                self.release(server);
+                return Err(e);
+            }
+        };
+        let mut map = self.held();
+        match map.get_mut(server) {
+            Some(h) if h.held.valid(Instant::now()) => {
+                h.next_seq = hydrated.next_seq;
+                h.through = hydrated.through;
+                Ok(Taken::Held)
+            }
+            _ => {
+                map.remove(server);
+                Err(FleetError::NotHeld {
+                    server: server.into(),
+                    why: "its lease ran out while its state was read from the bucket".into(),
+                })
+            }
+        }
+    }
+
+    fn release(&self, server: &str) {
+        let Some(h) = self.held().remove(server) else {
+            return;
+        };
+        let leases = self.leases.clone();
+        let s = server.to_string();
+        if let Err(e) = self
+            .store
+            .run(async move { leases.release(&s, &h.held).await })
+        {
+            tracing::warn!(server, "releasing the lease: {e} (it expires by itself)");
+        }
+    }
+
+    fn holds(&self, server: &str) -> bool {
+        self.held()
+            .get(server)
+            .is_some_and(|h| h.held.valid(Instant::now()))
+    }
+
+    fn journal(&self, server: &str, records: &Records) -> Result<(), FleetError> {
+        let seq = {
+            let mut held = self.held();
+            let h = held.get_mut(server).ok_or_else(|| FleetError::NotHeld {
+                server: server.into(),
+                why: "its lease was lost (a renewal failed, or another receiver took it)".into(),
+            })?;
+            let seq = h.next_seq;
+            h.next_seq += 1;
+            seq
+        };
+        let (s3, key, body) = (
+            self.s3.clone(),
+            journal_key(server, seq),
+            super::segment::encode(records),
+        );
+        let r = self
+            .store
+            .run(async move { s3.put(&key, body, &Condition::Absent).await });
+        match r {
+            Ok(_) => self.still_held(server),
+            Err(PutError::Lost | PutError::Conflict) => {
+                self.held().remove(server);
+                tracing::error!(
+                    server,
+                    segment = seq,
+                    "another receiver wrote this server's journal: this one stops acting for it"
+                );
+                Err(FleetError::NotHeld {
+                    server: server.into(),
+                    why: format!("another receiver wrote journal segment {seq}"),
+                })
+            }
+            Err(PutError::Failed(e)) => Err(Self::bucket_err(server)(e)),
+        }
+    }
+
+    fn write_point(
+        &self,
+        rec: &PointRecord,
+        manifests: &[(String, Manifest)],
+    ) -> Result<(), FleetError> {
+        let server = rec.server.as_str();
+        self.still_held(server)?;
+        let dir = point_dir_key(server, rec.point);
+        let mut objects: Vec<(String, Vec<u8>)> = manifests
+            .iter()
+            .map(|(d, m)| (format!("{dir}{d}.manifest"), m.encode()))
+            .collect();
+        let json = serde_json::to_vec_pretty(rec).map_err(|e| FleetError::Local {
+            server: server.into(),
+            why: e.to_string(),
+        })?;
+        let s3 = self.s3.clone();
+        let record_key = format!("{dir}point.json");
+        let r = self.store.run(async move {
+            // The manifests, then the record that lists the point.
+            for (key, body) in objects.drain(..) {
+                s3.put(&key, body, &Condition::None).await?;
+            }
+            s3.put(&record_key, json, &Condition::None).await
+        });
+        match r {
+            Ok(_) => self.still_held(server),
+            Err(PutError::Failed(e)) => Err(Self::bucket_err(server)(e)),
+            Err(other) => Err(FleetError::Bucket {
+                server: server.into(),
+                why: other.to_string(),
+            }),
+        }
+    }
+
+    fn compacted(&self, server: &str, point: u64, disks: &[String]) {
+        if let Err(e) = self.compact(server, point, disks) {
+            tracing::warn!(
+                server,
+                point,
+                "making the point the live base in the bucket: {e} (the journal stays until the next point)"
+            );
+        }
+    }
+
+    fn renew(&self) {
+        let due: Vec<(String, Held)> = self
+            .held()
+            .iter()
+            .map(|(s, h)| (s.clone(), h.held.clone()))
+            .collect();
+        for (server, held) in due {
+            let leases = self.leases.clone();
+            let (s, h) = (server.clone(), held.clone());
+            let r = self.store.run(async move { leases.renew(&s, &h).await });
+            let mut map = self.held();
+            match r {
+                Ok(new) => {
+                    if let Some(h) = map.get_mut(&server) {
+                        if h.held.etag == held.etag {
+                            h.held = new;
+                        }
+                    }
+                }
+                Err(e) => {
+                    if map.get(&server).is_some_and(|h| h.held.etag == held.etag) {
+                        map.remove(&server);
+                        tracing::error!(
+                            server,
+                            "renewing the lease failed: {e}; no more acknowledgements for this server here"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn release_all(&self) {
+        let servers: Vec<String> = self.held().keys().cloned().collect();
+        for s in servers {
+            self.release(&s);
+        }
+    }
+
+    fn renew_every(&self) -> Duration {
+        self.period / 3
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listings_are_sorted_into_segments_bases_and_points() {
+        let keys = [
+            "servers/web/journal/00000000000000000003",
+            "servers/web/journal/00000000000000000001",
+            "servers/web/disks/root/live/00000000000000000002",
+            "servers/web/disks/root/live/00000000000000000001",
+            "servers/web/points/0000000000000007/root.manifest",
+            "servers/web/points/0000000000000007/point.json",
+            "servers/web/points/0000000000000008/root.manifest",
+            "servers/web/journal/garbage",
+            "servers/web/disks/../live/00000000000000000009",
+            "servers/webby/journal/00000000000000000004",
+        ];
+        let l = parse_listing("web", keys.iter().map(|k| k.to_string()));
+        assert_eq!(
+            l.segments.iter().map(|s| s.0).collect::<Vec<_>>(),
+            vec![1, 3]
+        );
+        assert_eq!(
+            l.live["root"].iter().map(|s| s.0).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(l.live.len(), 1);
+        assert!(l.points[&7].1, "point 7 is listed");
+        assert!(!l.points[&8].1, "point 8 has no record yet");
+    }
+}

@@ -1,0 +1,146 @@
+//! Fleet mode (`[fleet]`): several receivers share the bucket of `[s3]`, and each source
+//! server is owned by one of them at a time.
+//!
+//! The bucket is the truth, each receiver's state directory a working copy:
+//!
+//! - **Ownership** is a lease per server ([`crate::lease`]), taken when an agent says `Hello`
+//!   and renewed every third of `lease_seconds` while it is connected. An agent that reaches a
+//!   receiver not holding its lease is sent to the holder (`Redirect`).
+//! - **Taking a server** (a new lease, or one taken over from a receiver that died) makes the
+//!   working copy the bucket's: live manifests and journal segments replayed into the local
+//!   disks, points copied in, local ones the bucket no longer has removed. So the agent goes
+//!   on where it was acknowledged, with no full resync.
+//! - **Every acknowledgement** waits for the batch's journal segment (one object per batch,
+//!   `If-None-Match`: a segment number someone else wrote means another writer, and ends the
+//!   holding) and for the lease to be still valid *after* that PUT returned: a taker only
+//!   takes a lease a whole period after its holder's last renewal, so whatever a holder wrote
+//!   in time is in the bucket before the taker reads it. A holder whose renewal failed, or
+//!   that was paused past its lease, acknowledges nothing more.
+//! - **Points** are written to the bucket (manifests, then `point.json`) before the local
+//!   catalog; each committed disk's manifest is then copied (server-side) as its new live
+//!   base, and the journal segments it covers are deleted.
+//!
+//! [`Fleet`] is the seam the sessions use; [`bucket::BucketFleet`] the one engine.
+
+#[cfg(feature = "aws")]
+pub mod bucket;
+pub mod segment;
+
+use crate::catalog::PointRecord;
+use crate::store::{BlockStore, StoreError};
+use lifeboat_common::config::ReceiverConfig;
+use lifeboat_common::manifest::Manifest;
+use std::path::Path;
+use std::sync::Arc;
+
+pub use segment::Records;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// This receiver no longer holds the server (renewal failed, the lease expired, another
+    /// writer appeared): nothing more may be acknowledged for it.
+    #[error("server {server}: this receiver no longer holds its lease ({why}); nothing more is acknowledged for it")]
+    NotHeld { server: String, why: String },
+    /// A request to the bucket failed.
+    #[error("server {server}: {why}")]
+    Bucket { server: String, why: String },
+    /// The bucket holds something unreadable where the server's state should be.
+    #[error("server {server}: {what} in the bucket is unreadable: {why}")]
+    Corrupt {
+        server: String,
+        what: String,
+        why: String,
+    },
+    #[error("server {server}: the working copy in the state directory: {why}")]
+    Local { server: String, why: String },
+}
+
+/// What taking a server's lease came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Taken {
+    /// Held by this receiver, and the working copy is the bucket's.
+    Held,
+    /// Another receiver holds it: agents belong at `address`.
+    Elsewhere { holder: String, address: String },
+}
+
+/// The fleet as a session sees it. Every call blocks (sessions run on blocking threads).
+pub trait Fleet: Send + Sync {
+    /// Takes (or keeps) the server's lease and makes the working copy the bucket's.
+    fn take(&self, server: &str) -> Result<Taken, FleetError>;
+    /// Gives the lease up (the agent disconnected); never fails loudly.
+    fn release(&self, server: &str);
+    /// Whether this receiver holds the server's lease now (no request).
+    fn holds(&self, server: &str) -> bool;
+    /// Makes a batch's journal records durable in the bucket; `Ok` only while the lease
+    /// still holds after they are.
+    fn journal(&self, server: &str, records: &Records) -> Result<(), FleetError>;
+    /// Writes a point to the bucket (manifests, then `point.json`); `Ok` only while the lease
+    /// still holds after it is.
+    fn write_point(
+        &self,
+        rec: &PointRecord,
+        manifests: &[(String, Manifest)],
+    ) -> Result<(), FleetError>;
+    /// After a point: its manifests become the disks' live bases in the bucket, and the
+    /// journal segments they cover go. Best effort (failures are logged): the bucket's live
+    /// state is whole either way.
+    fn compacted(&self, server: &str, point: u64, disks: &[String]);
+    /// Renews every held lease; those that fail are dropped (their sessions then end).
+    fn renew(&self);
+    /// Releases every held lease (serve is stopping).
+    fn release_all(&self);
+    /// Seconds between renewals.
+    fn renew_every(&self) -> std::time::Duration;
+}
+
+/// A staging store and, in a fleet, the fleet over its bucket.
+pub type Opened = (Arc<dyn BlockStore>, Option<Arc<dyn Fleet>>);
+
+/// The staging store `config` names and, with `[fleet]`, the fleet over its bucket.
+pub fn open(state_dir: &Path, config: &ReceiverConfig) -> Result<Opened, StoreError> {
+    match (&config.fleet, &config.s3) {
+        #[cfg(feature = "aws")]
+        (Some(f), Some(c)) => {
+            let store = crate::store::open_s3(state_dir, config, c)?;
+            let me =
+                crate::snapshots::ebs::install_id(state_dir).map_err(|source| StoreError::Io {
+                    path: state_dir.join("install-id"),
+                    source,
+                })?;
+            let fleet = bucket::BucketFleet::new(
+                store.clone(),
+                state_dir,
+                &me,
+                &f.address,
+                std::time::Duration::from_secs(f.lease_seconds),
+            );
+            Ok((store, Some(Arc::new(fleet))))
+        }
+        _ => Ok((crate::store::open(state_dir, config)?, None)),
+    }
+}
+
+/// With `[fleet]` in `<state_dir>/receiver.toml`: copies every server's points from the
+/// fleet's bucket into the local catalog, so that the commands reading it (`points`,
+/// `restore`, `servers`) see what every receiver of the fleet committed.
+pub fn sync_catalog(state_dir: &Path) -> anyhow::Result<()> {
+    let config = ReceiverConfig::load(&state_dir.join("receiver.toml"))?;
+    if config.fleet.is_none() {
+        return Ok(());
+    }
+    #[cfg(feature = "aws")]
+    if let Some(c) = &config.s3 {
+        let store = crate::store::open_s3(state_dir, &config, c)?;
+        let me = crate::snapshots::ebs::install_id(state_dir)?;
+        let fleet = bucket::BucketFleet::new(
+            store,
+            state_dir,
+            &me,
+            "",
+            std::time::Duration::from_secs(30),
+        );
+        fleet.sync_catalog()?;
+    }
+    Ok(())
+}
