@@ -1037,7 +1037,7 @@ mod tests {
             disks: vec![(0, BlockHash([9; 32]))],
         }
         .encode(&mut frame);
-        for t in 1..=21u8 {
+        for t in 1..=22u8 {
             for cut in 0..frame.len() - 5 {
                 let mut body = frame[4..].to_vec();
                 body[0] = t;

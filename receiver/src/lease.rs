@@ -179,6 +179,11 @@ impl Leases {
         }
     }
 
+    /// Where agents reach this receiver (what its lease bodies say).
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
     /// Room left for clock-rate differences and the request's own time.
     fn margin(&self) -> Duration {
         self.period / 10

@@ -15,6 +15,16 @@ const BUCKET: &str = "lifeboat-fleet";
 
 /// Two receivers of one fleet (one CA, one bucket), under `root/a` and `root/b`, running.
 fn fleet(root: &Path, moto: &Moto, lease_secs: u64) -> (Receiver, Receiver) {
+    fleet_through(root, moto, &moto.url(), lease_secs)
+}
+
+/// As [`fleet`], with receiver A reaching the bucket through `a_endpoint` (a proxy).
+fn fleet_through(
+    root: &Path,
+    moto: &Moto,
+    a_endpoint: &str,
+    lease_secs: u64,
+) -> (Receiver, Receiver) {
     moto.create_bucket(BUCKET);
     let (ra, rb) = (root.join("a"), root.join("b"));
     std::fs::create_dir_all(&ra).unwrap();
@@ -24,7 +34,7 @@ fn fleet(root: &Path, moto: &Moto, lease_secs: u64) -> (Receiver, Receiver) {
     a.kill();
     b.kill();
     b.share_ca_with(&a);
-    a.join_fleet(&moto.url(), BUCKET, lease_secs);
+    a.join_fleet(a_endpoint, BUCKET, lease_secs);
     b.join_fleet(&moto.url(), BUCKET, lease_secs);
     a.restart();
     b.restart();
@@ -66,11 +76,14 @@ fn a_killed_receivers_server_moves_to_another_and_completes_without_a_resync() {
         || !b.points("fleet-01").is_empty(),
     );
     agent.kill();
-    let received_at_b = b.counter("fleet-01", "blocks_received");
-    // A's count is as of its last status save: a lower bound of what it made durable.
+    // What B was sent, data or reference: only what A had not made durable. (A's count is
+    // as of its last status save: a lower bound.) Had B not taken A's state from the bucket,
+    // the agent would have sent B every block again, most as references.
+    let sent_to_b =
+        b.counter("fleet-01", "blocks_received") + b.counter("fleet-01", "refs_received");
     assert!(
-        received_at_b + acked_at_a <= 120,
-        "B received {received_at_b} blocks after A had stored {acked_at_a}: sent again"
+        sent_to_b + acked_at_a <= 120,
+        "B was sent {sent_to_b} blocks after A had stored {acked_at_a}: sent again"
     );
     let blog = b.log_text();
     assert!(
@@ -258,4 +271,57 @@ fn a_receiver_paused_past_its_lease_acknowledges_nothing_more() {
         matches!(&opened[..], [Message::DiskOpened { digest, .. }] if *digest == want.digest()),
         "{opened:?}"
     );
+}
+
+/// A journal segment that reaches the bucket but whose answer comes back after the lease ran
+/// out (renewals answered as late) is not acknowledged: the lease is checked after the write
+/// returned, not only before it was sent.
+#[test]
+fn a_write_that_returns_after_the_lease_ran_out_is_not_acknowledged() {
+    let w = workdir();
+    let Some(moto) = Moto::start(w.path()) else {
+        return;
+    };
+    let proxy = lifeboat_tests::slowdown::SlowDown::start(moto.addr, 1_000_000);
+    let (a, _b) = fleet_through(w.path(), &moto, &proxy.url(), 3);
+    let (mut ca, first) = connect(&a, "late-01");
+    assert!(matches!(first, Message::Welcome { .. }), "{first:?}");
+    open_and_send(&mut ca, 1, 0, b"acknowledged in time");
+    let replies = ca.read_frames(2);
+    assert!(
+        replies.iter().any(|m| matches!(m, Message::Acks { .. })),
+        "{replies:?}"
+    );
+    // From now on the journal's and the lease's answers take 6 s: two lease periods.
+    proxy.hold(&["/journal/", "/leases/"], Duration::from_secs(6));
+    let mut out = Vec::new();
+    let content = b"its segment is written, but late".to_vec();
+    let mut block = content.clone();
+    block.resize(lifeboat_common::BLOCK_SIZE, 0);
+    Message::Block {
+        seq: 2,
+        handle: 0,
+        index: 1,
+        hash: lifeboat_common::block::hash_block(&block),
+        codec: Codec::Raw,
+        data: content,
+    }
+    .encode(&mut out);
+    ca.send(&out).unwrap();
+    let replies = ca.read_frames(3);
+    assert!(
+        !replies.iter().any(|m| matches!(m, Message::Acks { .. })),
+        "acknowledged after the lease ran out: {replies:?}"
+    );
+    assert!(
+        replies.iter().any(|m| matches!(m, Message::Error { code: ErrorCode::Busy, message, .. } if message.contains("lease"))),
+        "{replies:?}"
+    );
+    // The segment itself did reach the bucket (this is the case the check after it is for).
+    assert!(
+        moto.keys(BUCKET, "fleet/servers/late-01/journal/").len() >= 2,
+        "{:?}",
+        moto.keys(BUCKET, "fleet/servers/late-01/")
+    );
+    proxy.hold(&[], Duration::ZERO);
 }

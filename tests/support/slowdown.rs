@@ -5,6 +5,10 @@
 //!
 //! It reads a request whole (headers, then the body by its `content-length`) before answering,
 //! so a throttled client sees a real 503 rather than a broken pipe.
+//!
+//! [`SlowDown::hold`] makes it slow instead: requests whose path contains one of some strings
+//! reach the server at once, and their answers are held back for a while (a write that took
+//! effect and returned late).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -18,6 +22,8 @@ pub struct SlowDown {
     pub throttled: Arc<AtomicU64>,
     /// Requests passed to the server.
     pub passed: Arc<AtomicU64>,
+    /// Answers held back: (path substrings, for how long).
+    held: Arc<Mutex<(Vec<String>, std::time::Duration)>>,
 }
 
 impl SlowDown {
@@ -28,12 +34,14 @@ impl SlowDown {
         let passed = Arc::new(AtomicU64::new(0));
         let (t, p) = (throttled.clone(), passed.clone());
         let bucket = Arc::new(Mutex::new((rate as f64, Instant::now())));
+        let held: Arc<Mutex<(Vec<String>, std::time::Duration)>> = Default::default();
+        let h = held.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (t, p, bucket) = (t.clone(), p.clone(), bucket.clone());
+                let (t, p, bucket, h) = (t.clone(), p.clone(), bucket.clone(), h.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(conn, upstream, rate, &bucket, &t, &p);
+                    let _ = serve(conn, upstream, rate, &bucket, &t, &p, &h);
                 });
             }
         });
@@ -41,7 +49,14 @@ impl SlowDown {
             addr,
             throttled,
             passed,
+            held,
         }
+    }
+
+    /// From now on, answers to requests whose path contains any of `paths` are held back for
+    /// `delay` (the request itself reaches the server at once). An empty list ends it.
+    pub fn hold(&self, paths: &[&str], delay: std::time::Duration) {
+        *self.held.lock().unwrap() = (paths.iter().map(|p| p.to_string()).collect(), delay);
     }
 
     pub fn url(&self) -> String {
@@ -114,8 +129,14 @@ fn serve(
     bucket: &Mutex<(f64, Instant)>,
     throttled: &AtomicU64,
     passed: &AtomicU64,
+    held: &Mutex<(Vec<String>, std::time::Duration)>,
 ) -> std::io::Result<()> {
     let request = read_request(&mut conn)?;
+    let path = String::from_utf8_lossy(&request[..request.len().min(2048)])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
     if !admit(bucket, rate) {
         throttled.fetch_add(1, Ordering::Relaxed);
         let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>\
@@ -150,6 +171,15 @@ fn serve(
         }
         answer.extend_from_slice(&buf[..n]);
     };
+    let delay = {
+        let h = held.lock().unwrap_or_else(|e| e.into_inner());
+        h.0.iter().any(|p| path.contains(p.as_str())).then_some(h.1)
+    };
+    if let Some(d) = delay {
+        // The whole answer first (the write has taken effect), then the wait.
+        up.read_to_end(&mut answer)?;
+        std::thread::sleep(d);
+    }
     conn.write_all(&closing(&answer[..head_end]))?;
     conn.write_all(&answer[head_end..])?;
     std::io::copy(&mut up, &mut conn)?;

@@ -31,8 +31,12 @@ struct Holding {
     held: Held,
     /// The next journal segment's number.
     next_seq: u64,
-    /// Per disk known to the bucket: the segment its live base is current with.
+    /// Per disk known to the bucket: the segment its live base is current with (0: none).
     through: BTreeMap<String, u64>,
+    /// Journal segments known to be in the bucket (listed at the take, or written since).
+    segments: std::collections::BTreeSet<u64>,
+    /// Objects found superseded at the take (older live bases), deleted at the next point.
+    garbage: Vec<String>,
 }
 
 pub struct BucketFleet {
@@ -265,7 +269,7 @@ impl BucketFleet {
                 }
             }
         }
-        self.sync_points(server, &listing)?;
+        self.sync_points(server, &listing, true)?;
         let changed: usize = disks.values().map(|d| d.records.len()).sum();
         tracing::info!(
             server,
@@ -284,11 +288,26 @@ impl BucketFleet {
                 .iter()
                 .map(|(id, d)| (id.clone(), d.through))
                 .collect(),
+            segments: listing.segments.iter().map(|(seq, _)| *seq).collect(),
+            garbage: listing
+                .live
+                .values()
+                .flat_map(|bases| bases.iter().rev().skip(1).map(|(_, k)| k.clone()))
+                .collect(),
         })
     }
 
-    /// Makes the local catalog of `server` list exactly the bucket's points.
-    fn sync_points(&self, server: &str, listing: &Listing) -> Result<(), FleetError> {
+    /// Makes the local catalog of `server` list the bucket's points. `holding`: this receiver
+    /// holds the server (no point of it is being written elsewhere), so a local point the
+    /// listing lacks is gone; otherwise (a command beside `serve`) it is removed only once the
+    /// bucket says it has no such point now (it may have been committed after the listing).
+    /// A point that cannot be read is logged and left out, never fatal.
+    fn sync_points(
+        &self,
+        server: &str,
+        listing: &Listing,
+        holding: bool,
+    ) -> Result<(), FleetError> {
         let local = self.catalog.points(server).map_err(|e| FleetError::Local {
             server: server.into(),
             why: e.to_string(),
@@ -300,41 +319,74 @@ impl BucketFleet {
             .map(|(p, _)| *p)
             .collect();
         for rec in &local {
-            if !listed.contains(&rec.point) {
-                self.catalog
-                    .delete(server, rec.point)
-                    .map_err(|e| FleetError::Local {
-                        server: server.into(),
-                        why: e.to_string(),
-                    })?;
+            if listed.contains(&rec.point) {
+                continue;
             }
+            if !holding {
+                let (s3, key) = (
+                    self.s3.clone(),
+                    format!("{}point.json", point_dir_key(server, rec.point)),
+                );
+                let there = self
+                    .store
+                    .run(async move { s3.exists(&key).await })
+                    .map_err(Self::bucket_err(server))?;
+                if there {
+                    continue;
+                }
+            }
+            self.catalog
+                .delete(server, rec.point)
+                .map_err(|e| FleetError::Local {
+                    server: server.into(),
+                    why: e.to_string(),
+                })?;
         }
         for point in listed {
             if local.iter().any(|r| r.point == point) {
                 continue;
             }
-            let dir = point_dir_key(server, point);
-            let raw = self.get(server, &format!("{dir}point.json"))?;
-            let rec: PointRecord =
-                serde_json::from_slice(&raw).map_err(|e| FleetError::Corrupt {
-                    server: server.into(),
-                    what: self.s3.url(&format!("{dir}point.json")),
-                    why: e.to_string(),
-                })?;
-            let mut manifests = Vec::new();
-            for d in &rec.disks {
-                let bytes = self.get(server, &format!("{dir}{}.manifest", d.id))?;
-                manifests.push((d.id.clone(), bytes));
+            match self.import_point(server, point) {
+                Ok(()) => {}
+                Err(e @ FleetError::Corrupt { .. }) => {
+                    tracing::error!(server, point, "{e}; that point is not listed here");
+                }
+                Err(e) => return Err(e),
             }
-            self.catalog
-                .import(&rec, &raw, &manifests)
-                .map_err(|e| FleetError::Corrupt {
-                    server: server.into(),
-                    what: format!("point {point}"),
-                    why: e.to_string(),
-                })?;
         }
         Ok(())
+    }
+
+    fn import_point(&self, server: &str, point: u64) -> Result<(), FleetError> {
+        let dir = point_dir_key(server, point);
+        let raw = self.get(server, &format!("{dir}point.json"))?;
+        let rec: PointRecord = serde_json::from_slice(&raw).map_err(|e| FleetError::Corrupt {
+            server: server.into(),
+            what: self.s3.url(&format!("{dir}point.json")),
+            why: e.to_string(),
+        })?;
+        if rec.server != server || rec.point != point {
+            return Err(FleetError::Corrupt {
+                server: server.into(),
+                what: self.s3.url(&format!("{dir}point.json")),
+                why: format!(
+                    "it is the record of server {} point {}",
+                    rec.server, rec.point
+                ),
+            });
+        }
+        let mut manifests = Vec::new();
+        for d in &rec.disks {
+            let bytes = self.get(server, &format!("{dir}{}.manifest", d.id))?;
+            manifests.push((d.id.clone(), bytes));
+        }
+        self.catalog
+            .import(&rec, &raw, &manifests)
+            .map_err(|e| FleetError::Corrupt {
+                server: server.into(),
+                what: format!("point {point}"),
+                why: e.to_string(),
+            })
     }
 
     /// Copies every server's points from the bucket into the local catalog (for the
@@ -359,9 +411,59 @@ impl BucketFleet {
         }
         for (server, keys) in by_server {
             let listing = parse_listing(&server, keys);
-            self.sync_points(&server, &listing)?;
+            self.sync_points(&server, &listing, false)?;
         }
         Ok(())
+    }
+
+    /// Writes one object of a point only if it is absent: an earlier holder's write that
+    /// lands late can then never replace ours. One already there with other content (an
+    /// earlier holder's point of the same number, never acknowledged) is replaced, by a
+    /// holder that still holds the server, over exactly the version it read.
+    fn put_point_object(&self, server: &str, key: &str, body: Vec<u8>) -> Result<(), FleetError> {
+        self.still_held(server)?;
+        let (s3, k, b) = (self.s3.clone(), key.to_string(), body.clone());
+        let first = self
+            .store
+            .run(async move { s3.put(&k, b, &Condition::Absent).await });
+        let bucket = |why: String| FleetError::Bucket {
+            server: server.into(),
+            why,
+        };
+        match first {
+            Ok(_) => return Ok(()),
+            Err(PutError::Failed(e)) => return Err(Self::bucket_err(server)(e)),
+            Err(PutError::Lost | PutError::Conflict) => {}
+        }
+        let (s3, k) = (self.s3.clone(), key.to_string());
+        let there = self
+            .store
+            .run(async move { s3.get(&k).await })
+            .map_err(Self::bucket_err(server))?;
+        let Some((raw, etag)) = there else {
+            return Err(bucket(format!(
+                "{} was being written by someone else",
+                self.s3.url(key)
+            )));
+        };
+        if raw == body {
+            return Ok(());
+        }
+        self.still_held(server)?;
+        tracing::warn!(
+            server,
+            object = %self.s3.url(key),
+            "replacing an earlier holder's write of this point (never acknowledged)"
+        );
+        let (s3, k) = (self.s3.clone(), key.to_string());
+        match self
+            .store
+            .run(async move { s3.put(&k, body, &Condition::ETag(etag)).await })
+        {
+            Ok(_) => Ok(()),
+            Err(PutError::Failed(e)) => Err(Self::bucket_err(server)(e)),
+            Err(other) => Err(bucket(format!("{}: {other}", self.s3.url(key)))),
+        }
     }
 
     fn delete_keys(&self, keys: Vec<String>) -> Result<(), crate::aws::retry::CallError> {
@@ -377,16 +479,20 @@ impl BucketFleet {
         })
     }
 
+    /// Makes the point's manifests the disks' live bases and deletes what they cover: the
+    /// previous bases and the segments every base is past. Only ever deletes what is older
+    /// than this holder's own newest writes, and checks the lease before each step, so a
+    /// holder that lost the server (paused, cut off) cannot delete a newer holder's state.
     fn compact(&self, server: &str, point: u64, disks: &[String]) -> Result<(), FleetError> {
-        let through = {
-            let held = self.held();
-            match held.get(server) {
-                Some(h) => h.next_seq.saturating_sub(1),
-                None => return Ok(()),
-            }
+        self.still_held(server)?;
+        let through = match self.held().get(server) {
+            Some(h) => h.next_seq.saturating_sub(1),
+            None => return Ok(()),
         };
         let err = Self::bucket_err(server);
+        let mut doomed = Vec::new();
         for disk in disks {
+            self.still_held(server)?;
             let (s3, from, to) = (
                 self.s3.clone(),
                 format!("{}{disk}.manifest", point_dir_key(server, point)),
@@ -395,38 +501,28 @@ impl BucketFleet {
             self.store
                 .run(async move { s3.copy(&from, &to).await })
                 .map_err(&err)?;
-            let s3 = self.s3.clone();
-            let prefix = format!("servers/{server}/disks/{disk}/live/");
-            let older: Vec<String> = self
-                .store
-                .run(async move { s3.list(&prefix).await })
-                .map_err(&err)?
-                .into_iter()
-                .map(|o| o.key)
-                .filter(|k| *k != live_key(server, disk, through))
-                .collect();
-            self.delete_keys(older).map_err(&err)?;
             if let Some(h) = self.held().get_mut(server) {
-                h.through.insert(disk.clone(), through);
+                let before = h.through.insert(disk.clone(), through);
+                if let Some(b) = before.filter(|b| *b < through) {
+                    doomed.push(live_key(server, disk, b));
+                }
             }
         }
-        let oldest = match self.held().get(server) {
-            Some(h) => h.through.values().copied().min().unwrap_or(0),
-            None => return Ok(()),
-        };
-        let s3 = self.s3.clone();
-        let prefix = format!("servers/{server}/journal/");
-        let covered: Vec<String> = self
-            .store
-            .run(async move { s3.list(&prefix).await })
-            .map_err(&err)?
-            .into_iter()
-            .filter_map(|o| {
-                let seq = o.key.rsplit('/').next()?.parse::<u64>().ok()?;
-                (seq <= oldest).then_some(o.key)
-            })
-            .collect();
-        self.delete_keys(covered).map_err(&err)
+        {
+            let mut held = self.held();
+            let Some(h) = held.get_mut(server) else {
+                return Ok(());
+            };
+            let oldest = h.through.values().copied().min().unwrap_or(0);
+            let covered: Vec<u64> = h.segments.range(..=oldest).copied().collect();
+            for seq in covered {
+                h.segments.remove(&seq);
+                doomed.push(journal_key(server, seq));
+            }
+            doomed.append(&mut h.garbage);
+        }
+        self.still_held(server)?;
+        self.delete_keys(doomed).map_err(&err)
     }
 }
 
@@ -458,7 +554,9 @@ impl Fleet for BucketFleet {
                         why: e.to_string(),
                     })?;
                 return match current {
-                    Current::Present { body, .. } if !body.holder.is_empty() => {
+                    Current::Present { body, .. }
+                        if !body.holder.is_empty() && body.address != self.leases.address() =>
+                    {
                         Ok(Taken::Elsewhere {
                             holder: body.holder,
                             address: body.address,
@@ -479,6 +577,8 @@ impl Fleet for BucketFleet {
                 held: held.clone(),
                 next_seq: 0,
                 through: BTreeMap::new(),
+                segments: Default::default(),
+                garbage: Vec::new(),
             },
         );
         let hydrated = match self.hydrate(server) {
@@ -493,6 +593,8 @@ impl Fleet for BucketFleet {
             Some(h) if h.held.valid(Instant::now()) => {
                 h.next_seq = hydrated.next_seq;
                 h.through = hydrated.through;
+                h.segments = hydrated.segments;
+                h.garbage = hydrated.garbage;
                 Ok(Taken::Held)
             }
             _ => {
@@ -526,6 +628,8 @@ impl Fleet for BucketFleet {
     }
 
     fn journal(&self, server: &str, records: &Records) -> Result<(), FleetError> {
+        // Never start a write for a server this receiver may no longer hold.
+        self.still_held(server)?;
         let seq = {
             let mut held = self.held();
             let h = held.get_mut(server).ok_or_else(|| FleetError::NotHeld {
@@ -545,7 +649,12 @@ impl Fleet for BucketFleet {
             .store
             .run(async move { s3.put(&key, body, &Condition::Absent).await });
         match r {
-            Ok(_) => self.still_held(server),
+            Ok(_) => {
+                if let Some(h) = self.held().get_mut(server) {
+                    h.segments.insert(seq);
+                }
+                self.still_held(server)
+            }
             Err(PutError::Lost | PutError::Conflict) => {
                 self.held().remove(server);
                 tracing::error!(
@@ -578,23 +687,12 @@ impl Fleet for BucketFleet {
             server: server.into(),
             why: e.to_string(),
         })?;
-        let s3 = self.s3.clone();
-        let record_key = format!("{dir}point.json");
-        let r = self.store.run(async move {
-            // The manifests, then the record that lists the point.
-            for (key, body) in objects.drain(..) {
-                s3.put(&key, body, &Condition::None).await?;
-            }
-            s3.put(&record_key, json, &Condition::None).await
-        });
-        match r {
-            Ok(_) => self.still_held(server),
-            Err(PutError::Failed(e)) => Err(Self::bucket_err(server)(e)),
-            Err(other) => Err(FleetError::Bucket {
-                server: server.into(),
-                why: other.to_string(),
-            }),
+        // The manifests, then the record that lists the point.
+        objects.push((format!("{dir}point.json"), json));
+        for (key, body) in objects.drain(..) {
+            self.put_point_object(server, &key, body)?;
         }
+        self.still_held(server)
     }
 
     fn compacted(&self, server: &str, point: u64, disks: &[String]) {

@@ -583,7 +583,10 @@ async fn run(
                 send_now(&mut wr, &error(ErrorCode::Busy, true, msg.clone())).await;
                 return Err(msg);
             }
-            Err(e) => return Err(format!("taking the server's lease panicked: {e}")),
+            Err(e) => {
+                release_lease(shared, &server).await;
+                return Err(format!("taking the server's lease panicked: {e}"));
+            }
         }
     }
     tracing::info!(%agent_version, "agent connected");
