@@ -81,6 +81,19 @@ pub fn run_pass(
     policy: &RetentionConfig,
     sweep_anyway: bool,
 ) -> anyhow::Result<GcReport> {
+    run_pass_in(state_dir, store, None, policy, sweep_anyway)
+}
+
+/// [`run_pass`], in a fleet when `fleet` is given: retention only for the servers this
+/// receiver holds (their points deleted from the bucket first), and no block sweep (each
+/// receiver sees only its own servers' references; a sweep needs them all).
+pub fn run_pass_in(
+    state_dir: &Path,
+    store: &dyn BlockStore,
+    fleet: Option<&dyn crate::fleet::Fleet>,
+    policy: &RetentionConfig,
+    sweep_anyway: bool,
+) -> anyhow::Result<GcReport> {
     let lock = lock_file(state_dir)?;
     if !sys::flock(&lock, true, true)? {
         return Ok(GcReport {
@@ -93,10 +106,14 @@ pub fn run_pass(
     let mut report = GcReport::default();
     let quarantined = store.quarantined()?;
     for server in catalog.servers()? {
+        if fleet.is_some_and(|f| !f.holds(&server)) {
+            continue; // another receiver's, or nobody's now
+        }
         // One server's trouble never stops retention for the others.
         if let Err(e) = apply_retention(
             &catalog,
             store,
+            fleet,
             &quarantined,
             &server,
             now_ms,
@@ -110,7 +127,7 @@ pub fn run_pass(
         points_deleted = report.points_deleted,
         "gc pass: retention applied"
     );
-    if report.points_deleted == 0 && !sweep_anyway {
+    if fleet.is_some() || (report.points_deleted == 0 && !sweep_anyway) {
         return Ok(report);
     }
     report.swept = true;
@@ -176,9 +193,11 @@ pub fn run_pass(
 /// blocks are quarantined and not yet resent is not counted this pass (it may heal), so the
 /// points it would replace stay. A manifest that cannot be judged stops retention for the
 /// server this pass.
+#[allow(clippy::too_many_arguments)]
 fn apply_retention(
     catalog: &Catalog,
     store: &dyn BlockStore,
+    fleet: Option<&dyn crate::fleet::Fleet>,
     quarantined: &std::collections::HashSet<BlockHash>,
     server: &str,
     now_ms: u64,
@@ -248,6 +267,9 @@ fn apply_retention(
             continue; // decide again without the points that cannot be restored now
         }
         for p in doomed {
+            if let Some(f) = fleet {
+                f.delete_point(server, p.point)?;
+            }
             catalog.delete(server, p.point)?;
             report.points_deleted += 1;
             tracing::info!(server = %server, point = p.point, "retention: point deleted");

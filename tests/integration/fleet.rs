@@ -325,3 +325,62 @@ fn a_write_that_returns_after_the_lease_ran_out_is_not_acknowledged() {
     );
     proxy.hold(&[], Duration::ZERO);
 }
+
+/// Retention in a fleet: the receiver holding a server applies it, deleting points from the
+/// bucket (record first) and its own catalog; another receiver's listing follows the bucket,
+/// and what is left restores from it.
+#[test]
+fn the_holder_applies_retention_and_every_receiver_lists_what_is_left() {
+    let w = workdir();
+    let Some(moto) = Moto::start(w.path()) else {
+        return;
+    };
+    let (mut a, b) = fleet(w.path(), &moto, 3);
+    let img = w.path().join("disk.img");
+    let data = random_image(&img, 8, 5);
+    let mut agent = Agent::new(w.path(), &a, &AgentSpec::new("kept-01", &[("root", &img)]));
+    agent.spawn();
+    let records = |m: &Moto| {
+        m.keys(BUCKET, "fleet/servers/kept-01/points/")
+            .into_iter()
+            .filter(|k| k.ends_with("/point.json"))
+            .count()
+    };
+    wait_for("four points in the bucket", Duration::from_secs(60), || {
+        records(&moto) >= 4
+    });
+    // Keep only the newest (and at most one more, should a 10-minute boundary pass).
+    a.restart_with_retention(0, 1, 10);
+    wait_for(
+        "retention to delete points in the bucket",
+        Duration::from_secs(60),
+        || {
+            let n = records(&moto);
+            let listed = a.points("kept-01").len();
+            (1..=2).contains(&n) && (1..=2).contains(&listed)
+        },
+    );
+    agent.kill();
+    assert!(
+        a.log_text().contains("retention: point deleted"),
+        "{}",
+        a.log_text()
+    );
+    let in_bucket = records(&moto);
+    let listed_b = b.points("kept-01");
+    assert_eq!(listed_b.len(), in_bucket, "B lists what the bucket holds");
+    for p in &listed_b {
+        let n = p["point"].as_u64().unwrap().to_string();
+        b.expect_restore("kept-01", "root", &n, &data);
+    }
+    // No manifest of a deleted point is left behind.
+    let manifests = moto
+        .keys(BUCKET, "fleet/servers/kept-01/points/")
+        .into_iter()
+        .filter(|k| k.ends_with(".manifest"))
+        .count();
+    assert!(
+        manifests <= in_bucket + 1,
+        "{manifests} manifests for {in_bucket} points"
+    );
+}

@@ -156,6 +156,41 @@ fn a_missing_bucket_a_taken_prefix_and_a_local_store_are_refused_at_start() {
         a.cli(&["scrub"]).status.success(),
         "the owner was refused too"
     );
+    // A fleet's receiver on that prefix is refused too, and a lone one on a fleet's prefix.
+    let path = b.dir.join("receiver.toml");
+    let lone = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        format!("{lone}\n[fleet]\naddress = \"127.0.0.1:{}\"\n", b.port),
+    )
+    .unwrap();
+    let o = b.cli(&["scrub"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("this receiver is in a fleet"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(
+        &path,
+        format!(
+            "{}\n[fleet]\naddress = \"127.0.0.1:{}\"\n",
+            lone.replace("\"fleet/\"", "\"fleet-2/\""),
+            b.port
+        ),
+    )
+    .unwrap();
+    assert!(
+        b.cli(&["scrub"]).status.success(),
+        "{}",
+        stderr(&b.cli(&["scrub"]))
+    );
+    std::fs::write(&path, lone.replace("\"fleet/\"", "\"fleet-2/\"")).unwrap();
+    let o = b.cli(&["scrub"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("it is a fleet's"),
+        "{}",
+        stderr(&o)
+    );
 
     // A receiver with blocks in its directory store cannot move to S3 by a config change.
     let w3 = workdir();

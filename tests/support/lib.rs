@@ -225,9 +225,16 @@ impl Receiver {
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.proc.start(cmd);
         let port = self.port;
-        wait_for("the receiver to listen", Duration::from_secs(30), || {
-            TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
+        let started = std::time::Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if started.elapsed() > Duration::from_secs(30) || !self.proc.is_running() {
+                panic!(
+                    "the receiver did not come to listen on port {port}; its log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn kill(&mut self) {

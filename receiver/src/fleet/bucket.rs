@@ -540,6 +540,24 @@ impl Fleet for BucketFleet {
         let held = match acquired {
             Acquired::Held(h) => h,
             Acquired::Owned {
+                address,
+                takeable_at,
+                ..
+            } if address == self.leases.address() => {
+                // An earlier run of this receiver (killed, restarted) holds it until it
+                // expires: sending the agent here again would only spin.
+                return Err(FleetError::NotHeld {
+                    server: server.into(),
+                    why: format!(
+                        "an earlier run of this receiver held it; free in {}s",
+                        takeable_at
+                            .saturating_duration_since(Instant::now())
+                            .as_secs()
+                            + 1
+                    ),
+                });
+            }
+            Acquired::Owned {
                 holder, address, ..
             } => return Ok(Taken::Elsewhere { holder, address }),
             Acquired::Lost => {
@@ -693,6 +711,27 @@ impl Fleet for BucketFleet {
             self.put_point_object(server, &key, body)?;
         }
         self.still_held(server)
+    }
+
+    fn delete_point(&self, server: &str, point: u64) -> Result<(), FleetError> {
+        self.still_held(server)?;
+        let dir = point_dir_key(server, point);
+        let (s3, record) = (self.s3.clone(), format!("{dir}point.json"));
+        self.store
+            .run(async move { s3.delete(&record, None).await })
+            .map_err(|e| FleetError::Bucket {
+                server: server.into(),
+                why: e.to_string(),
+            })?;
+        let (s3, prefix) = (self.s3.clone(), dir.clone());
+        let rest: Vec<String> = self
+            .store
+            .run(async move { s3.list(&prefix).await })
+            .map_err(Self::bucket_err(server))?
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        self.delete_keys(rest).map_err(Self::bucket_err(server))
     }
 
     fn compacted(&self, server: &str, point: u64, disks: &[String]) {

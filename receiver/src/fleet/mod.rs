@@ -82,6 +82,9 @@ pub trait Fleet: Send + Sync {
         rec: &PointRecord,
         manifests: &[(String, Manifest)],
     ) -> Result<(), FleetError>;
+    /// Unlists a point in the bucket (`point.json` first), then deletes its manifests; only
+    /// while holding the server.
+    fn delete_point(&self, server: &str, point: u64) -> Result<(), FleetError>;
     /// After a point: its manifests become the disks' live bases in the bucket, and the
     /// journal segments they cover go. Best effort (failures are logged): the bucket's live
     /// state is whole either way.

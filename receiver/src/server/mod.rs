@@ -481,13 +481,12 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let gc_interval = opts.gc_interval;
     let gc = tokio::spawn(async move {
         if gc_shared.fleet.is_some() {
-            // Each receiver of a fleet sees only the points of the servers it held: a sweep
-            // here would delete blocks the others' points name.
+            // Each receiver of a fleet sees only the references of the servers it holds: a
+            // sweep here would delete blocks the others' points name.
             tracing::warn!(
-                "fleet mode: retention and GC do not run (not yet shared safely between the \
-                 receivers of a fleet); points and blocks are kept"
+                "fleet mode: retention runs for the servers this receiver holds; the block \
+                 sweep does not run (not yet shared safely between the receivers of a fleet)"
             );
-            return;
         }
         // A sweep at the first pass (what a crash left behind), then at least hourly.
         let mut last_sweep: Option<std::time::Instant> = None;
@@ -500,9 +499,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             let sweep_anyway = last_sweep.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600));
             let r = tokio::task::spawn_blocking(move || {
                 let _w = s.gc_lock.write().unwrap_or_else(|e| e.into_inner());
-                crate::gc::run_pass(
+                crate::gc::run_pass_in(
                     &s.state_dir,
                     s.store.as_ref(),
+                    s.fleet.as_deref(),
                     &s.retention
                         .read()
                         .unwrap_or_else(|e| e.into_inner())
