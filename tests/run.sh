@@ -42,7 +42,7 @@ if [ "$fuzz_secs" -gt 0 ]; then
   # arbitrary frames (the malloc limit makes any unbounded allocation a failure).
   repo="$PWD"
   for spec in "common decode_frame decode_frame" "common decode_manifest decode_manifest" \
-      "receiver session decode_frame"; do
+      "receiver session decode_frame" "receiver decode_segment decode_segment"; do
     read -r crate t seeds <<<"$spec"
     mkdir -p "$scratch/$t"
     if ! (cd "$crate" && cargo fuzz run "$t" -s none --target-dir "$CARGO_TARGET_DIR/fuzz" \

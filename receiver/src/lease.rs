@@ -25,7 +25,43 @@ use crate::aws::s3::{Condition, PutError, S3};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+/// A moment on the boot-time clock (`CLOCK_BOOTTIME`): monotonic like `Instant`, and unlike it
+/// still counting while the machine is suspended, so a receiver resumed after a long suspend
+/// sees that its leases ran out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Moment(Duration);
+
+impl Moment {
+    pub fn now() -> Moment {
+        Moment(crate::sys::boottime())
+    }
+
+    /// How long after `earlier` this is (zero if it is not after it).
+    pub fn duration_since(&self, earlier: Moment) -> Duration {
+        self.0.saturating_sub(earlier.0)
+    }
+
+    /// How long after `earlier` this is (zero if it is not after it).
+    pub fn saturating_duration_since(&self, earlier: Moment) -> Duration {
+        self.duration_since(earlier)
+    }
+}
+
+impl std::ops::Add<Duration> for Moment {
+    type Output = Moment;
+    fn add(self, d: Duration) -> Moment {
+        Moment(self.0.saturating_add(d))
+    }
+}
+
+impl std::ops::Sub<Duration> for Moment {
+    type Output = Moment;
+    fn sub(self, d: Duration) -> Moment {
+        Moment(self.0.saturating_sub(d))
+    }
+}
 
 /// What a lease object says (JSON).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -54,7 +90,7 @@ pub enum Current {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Observed {
     pub etag: String,
-    pub since: Instant,
+    pub since: Moment,
 }
 
 /// What to do about a server's lease.
@@ -67,7 +103,7 @@ pub enum Decision {
         holder: String,
         address: String,
         /// When it becomes takeable if nothing changes.
-        takeable_at: Instant,
+        takeable_at: Moment,
     },
 }
 
@@ -81,7 +117,7 @@ pub fn decide(
     me: (&str, &str),
     current: &Current,
     observed: &mut Option<Observed>,
-    now: Instant,
+    now: Moment,
     period: Duration,
 ) -> Decision {
     match current {
@@ -126,11 +162,11 @@ pub fn decide(
 pub struct Held {
     pub etag: String,
     /// Until when it may act for the server (monotonic).
-    pub valid_until: Instant,
+    pub valid_until: Moment,
 }
 
 impl Held {
-    pub fn valid(&self, now: Instant) -> bool {
+    pub fn valid(&self, now: Moment) -> bool {
         now < self.valid_until
     }
 }
@@ -142,7 +178,7 @@ pub enum Acquired {
     Owned {
         holder: String,
         address: String,
-        takeable_at: Instant,
+        takeable_at: Moment,
     },
     /// Another receiver's conditional write won the race.
     Lost,
@@ -231,7 +267,7 @@ impl Leases {
     /// Takes the server's lease if it is free, released, ours, or unchanged for a whole period.
     pub async fn acquire(&self, server: &str) -> Result<Acquired, LeaseError> {
         let current = self.current(server).await?;
-        let now = Instant::now();
+        let now = Moment::now();
         let decision = {
             let mut map = self.observed.lock().unwrap_or_else(|e| e.into_inner());
             let mut o = map.remove(server);
@@ -301,7 +337,7 @@ impl Leases {
     }
 
     async fn write(&self, server: &str, cond: &Condition) -> Result<Acquired, LeaseError> {
-        let sent = Instant::now();
+        let sent = Moment::now();
         match self
             .s3
             .put(&Self::key(server), self.body(&self.me), cond)
@@ -340,7 +376,7 @@ mod tests {
     #[test]
     fn a_lease_is_taken_only_after_a_whole_period_without_change() {
         let p = Duration::from_secs(30);
-        let t0 = Instant::now();
+        let t0 = Moment::now();
         let mut o = None;
         assert_eq!(
             decide(("b", "i1"), &Current::Absent, &mut o, t0, p),
@@ -381,7 +417,7 @@ mod tests {
     #[test]
     fn released_and_own_leases_are_written_over_their_version_and_longer_periods_are_kept() {
         let p = Duration::from_secs(10);
-        let t0 = Instant::now();
+        let t0 = Moment::now();
         let mut o = None;
         assert_eq!(
             decide(("a", "i1"), &held_by("a", "e1"), &mut o, t0, p),
@@ -407,7 +443,7 @@ mod tests {
     #[test]
     fn our_id_in_another_incarnation_and_absurd_periods_are_someone_else() {
         let p = Duration::from_secs(10);
-        let t0 = Instant::now();
+        let t0 = Moment::now();
         let mut o = None;
         // A clone of this machine (same id, another run) holds it: wait like for anyone.
         assert!(matches!(
@@ -430,9 +466,9 @@ mod tests {
     fn a_holder_counts_its_lease_shorter_than_any_taker_waits() {
         let held = Held {
             etag: "e".into(),
-            valid_until: Instant::now() + Duration::from_secs(27),
+            valid_until: Moment::now() + Duration::from_secs(27),
         };
-        assert!(held.valid(Instant::now()));
-        assert!(!held.valid(Instant::now() + Duration::from_secs(28)));
+        assert!(held.valid(Moment::now()));
+        assert!(!held.valid(Moment::now() + Duration::from_secs(28)));
     }
 }

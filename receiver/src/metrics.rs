@@ -99,6 +99,8 @@ pub struct ReceiverMetrics {
     pub ebs_uploads_failed: prometheus::IntCounter,
     /// The EBS client's throttles and retried attempts, when the EBS target is on.
     pub ebs_client: std::sync::Mutex<Option<(Arc<AtomicU64>, Arc<AtomicU64>)>>,
+    /// The fleet, in fleet mode (its leases held and lost).
+    pub fleet: std::sync::Mutex<Option<Arc<dyn crate::fleet::Fleet>>>,
 }
 
 fn counter(name: &str, help: &str) -> prometheus::IntCounter {
@@ -155,6 +157,7 @@ impl ReceiverMetrics {
                 "Disk uploads to EBS that failed for good (the point shows `failed` and why).",
             ),
             ebs_client: std::sync::Mutex::new(None),
+            fleet: std::sync::Mutex::new(None),
         }
     }
 
@@ -391,6 +394,25 @@ impl ReceiverMetrics {
                 "lifeboat_receiver_ebs_retries_total",
                 "EBS and EC2 requests tried again (throttling, 5xx, timeouts).",
                 retries.load(Ordering::Relaxed),
+            );
+        }
+        if let Some(fleet) = &*self.fleet.lock().unwrap_or_else(|e| e.into_inner()) {
+            let c = fleet.counts();
+            f.gauge_value(
+                "lifeboat_receiver_fleet_servers_held",
+                "Servers whose lease this receiver of a fleet holds now.",
+                c.held as f64,
+            );
+            f.counter_value(
+                "lifeboat_receiver_fleet_leases_lost_total",
+                "Leases this receiver lost while holding them (a renewal failed, the lease ran \
+                 out, another writer appeared): each stops the server's acknowledgements here.",
+                c.lost,
+            );
+            f.counter_value(
+                "lifeboat_receiver_fleet_takes_total",
+                "Servers taken (their state read from the bucket) since the receiver started.",
+                c.taken,
             );
         }
         if let Some(c) = self.store.requests() {

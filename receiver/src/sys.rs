@@ -1,10 +1,31 @@
-//! The few system calls std does not wrap: `syncfs`, `flock`, `geteuid`, `statvfs`, and the
+//! The few system calls std does not wrap: `syncfs`, `flock`, `geteuid`, `statvfs`,
+//! `clock_gettime(CLOCK_BOOTTIME)`, and the
 //! switch to the state directory's owner (`setgroups`, `setgid`, `setuid`).
 #![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+
+/// The boot-time clock (`CLOCK_BOOTTIME`): monotonic, counting while suspended.
+pub fn boottime() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through the pointer, which is valid and
+    // exclusively ours for the call. CLOCK_BOOTTIME exists on every Linux since 2.6.39, so
+    // the call cannot fail with a valid pointer; were it to, the zero time makes every lease
+    // look expired (the safe side).
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    if r != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(
+        ts.tv_sec.max(0) as u64,
+        ts.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+}
 
 /// Flushes every dirty page and inode of the filesystem holding `f` (one journal commit
 /// instead of one fsync per file: the staging store's group commit).

@@ -253,6 +253,19 @@ fn a_receiver_paused_past_its_lease_acknowledges_nothing_more() {
         replies.iter().any(|m| matches!(m, Message::Error { code: ErrorCode::Busy, message, .. } if message.contains("lease"))),
         "{replies:?}"
     );
+    // A counts the lease it lost; B the server it took and holds.
+    let (_, m) = http_get(&a.metrics_addr(), "/metrics");
+    assert!(
+        sample(&m, "lifeboat_receiver_fleet_leases_lost_total").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+    let (_, m) = http_get(&b.metrics_addr(), "/metrics");
+    assert_eq!(
+        sample(&m, "lifeboat_receiver_fleet_servers_held"),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(sample(&m, "lifeboat_receiver_fleet_takes_total").unwrap_or(0.0) >= 1.0);
     // Nothing of it reached the server's state in the bucket: B's view is unchanged.
     drop(cb);
     b.wait_disconnected("paused-01");

@@ -18,13 +18,14 @@
 use super::{Fleet, FleetError, Records, Taken};
 use crate::aws::s3::{Condition, PutError, S3};
 use crate::catalog::{Catalog, PointRecord};
+use crate::lease::Moment;
 use crate::lease::{Acquired, Current, Held, Leases};
 use crate::store::s3::S3Store;
 use lifeboat_common::manifest::Manifest;
 use lifeboat_common::BlockHash;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A server this receiver holds.
 struct Holding {
@@ -46,6 +47,8 @@ pub struct BucketFleet {
     catalog: Catalog,
     period: Duration,
     held: Mutex<HashMap<String, Holding>>,
+    lost: std::sync::atomic::AtomicU64,
+    taken: std::sync::atomic::AtomicU64,
 }
 
 fn journal_key(server: &str, seq: u64) -> String {
@@ -132,6 +135,8 @@ impl BucketFleet {
             catalog: Catalog::new(state_dir),
             period,
             held: Mutex::new(HashMap::new()),
+            lost: Default::default(),
+            taken: Default::default(),
         }
     }
 
@@ -150,9 +155,10 @@ impl BucketFleet {
     fn still_held(&self, server: &str) -> Result<(), FleetError> {
         let mut held = self.held();
         match held.get(server) {
-            Some(h) if h.held.valid(Instant::now()) => Ok(()),
+            Some(h) if h.held.valid(Moment::now()) => Ok(()),
             Some(_) => {
                 held.remove(server);
+                self.lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::error!(server, "lease expired before it was renewed: no more acknowledgements for this server here");
                 Err(FleetError::NotHeld {
                     server: server.into(),
@@ -281,7 +287,7 @@ impl BucketFleet {
         Ok(Holding {
             held: Held {
                 etag: String::new(),
-                valid_until: Instant::now(),
+                valid_until: Moment::now(),
             },
             next_seq,
             through: disks
@@ -551,7 +557,7 @@ impl Fleet for BucketFleet {
                     why: format!(
                         "an earlier run of this receiver held it; free in {}s",
                         takeable_at
-                            .saturating_duration_since(Instant::now())
+                            .saturating_duration_since(Moment::now())
                             .as_secs()
                             + 1
                     ),
@@ -608,15 +614,18 @@ impl Fleet for BucketFleet {
         };
         let mut map = self.held();
         match map.get_mut(server) {
-            Some(h) if h.held.valid(Instant::now()) => {
+            Some(h) if h.held.valid(Moment::now()) => {
                 h.next_seq = hydrated.next_seq;
                 h.through = hydrated.through;
                 h.segments = hydrated.segments;
                 h.garbage = hydrated.garbage;
+                self.taken
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(Taken::Held)
             }
             _ => {
                 map.remove(server);
+                self.lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Err(FleetError::NotHeld {
                     server: server.into(),
                     why: "its lease ran out while its state was read from the bucket".into(),
@@ -640,9 +649,8 @@ impl Fleet for BucketFleet {
     }
 
     fn holds(&self, server: &str) -> bool {
-        self.held()
-            .get(server)
-            .is_some_and(|h| h.held.valid(Instant::now()))
+        // An expired holding is dropped (and counted lost) here too.
+        self.still_held(server).is_ok()
     }
 
     fn journal(&self, server: &str, records: &Records) -> Result<(), FleetError> {
@@ -675,6 +683,7 @@ impl Fleet for BucketFleet {
             }
             Err(PutError::Lost | PutError::Conflict) => {
                 self.held().remove(server);
+                self.lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::error!(
                     server,
                     segment = seq,
@@ -766,6 +775,7 @@ impl Fleet for BucketFleet {
                 Err(e) => {
                     if map.get(&server).is_some_and(|h| h.held.etag == held.etag) {
                         map.remove(&server);
+                        self.lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::error!(
                             server,
                             "renewing the lease failed: {e}; no more acknowledgements for this server here"
@@ -785,6 +795,15 @@ impl Fleet for BucketFleet {
 
     fn renew_every(&self) -> Duration {
         self.period / 3
+    }
+
+    fn counts(&self) -> super::Counts {
+        use std::sync::atomic::Ordering::Relaxed;
+        super::Counts {
+            held: self.held().len() as u64,
+            lost: self.lost.load(Relaxed),
+            taken: self.taken.load(Relaxed),
+        }
     }
 }
 

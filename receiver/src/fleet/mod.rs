@@ -64,6 +64,17 @@ pub enum Taken {
     Elsewhere { holder: String, address: String },
 }
 
+/// What `/metrics` shows of the fleet.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// Servers whose lease is held now.
+    pub held: u64,
+    /// Leases lost while held.
+    pub lost: u64,
+    /// Servers taken since the start.
+    pub taken: u64,
+}
+
 /// The fleet as a session sees it. Every call blocks (sessions run on blocking threads).
 pub trait Fleet: Send + Sync {
     /// Takes (or keeps) the server's lease and makes the working copy the bucket's.
@@ -95,6 +106,8 @@ pub trait Fleet: Send + Sync {
     fn release_all(&self);
     /// Seconds between renewals.
     fn renew_every(&self) -> std::time::Duration;
+    /// For `/metrics`.
+    fn counts(&self) -> Counts;
 }
 
 /// A staging store and, in a fleet, the fleet over its bucket.

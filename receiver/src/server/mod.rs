@@ -407,6 +407,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     };
     let tokens = Tokens::load(&state_dir)?;
     let mut shared = Shared::new(&state_dir, store, tokens, config.clone());
+    *shared
+        .metrics
+        .fleet
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = fleet.clone();
     shared.fleet = fleet;
     let shared = Arc::new(shared);
     mark_all_disconnected(&shared);
