@@ -1,6 +1,8 @@
 //! `e2e-bench --s3`: the initial sync of the reference image into the S3 staging store (moto
 //! in server mode on loopback, as the tests use it) against the directory store, runs
-//! alternating, in one process; with the S3 store's requests per acknowledged block.
+//! alternating, in one process; with the S3 store's requests per acknowledged block. A third
+//! run each time does the same as one receiver of a fleet (`[fleet]`: the server's lease, a
+//! journal segment per batch and the points in the bucket too).
 //!
 //!   tests/prereqs.sh tests   # moto, once
 //!   cargo build --release --bins -p lifeboat-agent -p lifeboat-receiver
@@ -48,7 +50,7 @@ fn one(
     img: &Path,
     rx: &Path,
     agent: &Path,
-    s3: Option<(&Moto, &str)>,
+    s3: Option<(&Moto, &str, bool)>,
     verify: bool,
 ) -> Result<Run> {
     let work = a.dir.join("run");
@@ -56,12 +58,16 @@ fn one(
     std::fs::create_dir_all(&work)?;
     let state = work.join("receiver");
     let mut extra = "metrics_listen = \"127.0.0.1:0\"\n".to_string();
-    if let Some((moto, prefix)) = s3 {
+    if let Some((moto, prefix, fleet)) = s3 {
         extra = format!(
             "{extra}[s3]\nbucket = \"{BUCKET}\"\nprefix = \"{prefix}\"\nregion = \"us-east-1\"\n\
              endpoint_url = \"{}\"\npath_style = true\n",
             moto.url()
         );
+        if fleet {
+            // The address only matters to agents other receivers redirect: there are none.
+            extra.push_str("[fleet]\naddress = \"127.0.0.1:7443\"\n");
+        }
     }
     let (mut server, port, v) = start_receiver_with(rx, &state, &extra, &ENV)?;
     let cfg = agent_config(&work, port, &v, img)?;
@@ -124,23 +130,38 @@ pub fn run_s3(a: &Args, img: &Path, data: u64, rx: &Path, agent: &Path) -> Resul
     moto.create_bucket(BUCKET);
     let (mut dirs, mut s3s, mut ratios, mut per_block) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut fleets, mut fleet_ratios, mut fleet_per_block) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..a.runs {
+        let last = i + 1 == a.runs;
         let d = one(a, img, rx, agent, None, false)?;
         let prefix = format!("run-{i}/");
-        let s = one(a, img, rx, agent, Some((&moto, &prefix)), i + 1 == a.runs)?;
-        let (dt, st) = (d.took.as_secs_f64(), s.took.as_secs_f64());
+        let s = one(a, img, rx, agent, Some((&moto, &prefix, false)), last)?;
+        let prefix = format!("fleet-{i}/");
+        let f = one(a, img, rx, agent, Some((&moto, &prefix, true)), last)?;
+        let (dt, st, ft) = (
+            d.took.as_secs_f64(),
+            s.took.as_secs_f64(),
+            f.took.as_secs_f64(),
+        );
         let rpb = s.requests.unwrap_or(f64::NAN) / s.blocks.max(1.0);
+        let fpb = f.requests.unwrap_or(f64::NAN) / f.blocks.max(1.0);
         eprintln!(
-            "run {}: directory {dt:.2}s  s3 {st:.2}s  ratio {:.2}  s3 requests {} for {} blocks ({rpb:.3} a block)",
+            "run {}: directory {dt:.2}s  s3 {st:.2}s (ratio {:.2}, {} requests for {} blocks, {rpb:.3} a block)  \
+             fleet {ft:.2}s (ratio {:.2}, {} requests, {fpb:.3} a block)",
             i + 1,
             st / dt,
             s.requests.unwrap_or(f64::NAN),
-            s.blocks
+            s.blocks,
+            ft / dt,
+            f.requests.unwrap_or(f64::NAN),
         );
         dirs.push(dt);
         s3s.push(st);
         ratios.push(st / dt);
         per_block.push(rpb);
+        fleets.push(ft);
+        fleet_ratios.push(ft / dt);
+        fleet_per_block.push(fpb);
     }
     let mib = data as f64 / (1 << 20) as f64;
     let (d, s, r, q) = (
@@ -167,6 +188,16 @@ pub fn run_s3(a: &Args, img: &Path, data: u64, rx: &Path, agent: &Path) -> Resul
             .join(", ")
     );
     println!("S3 requests per acknowledged block: median {q:.3}");
-    println!("the last S3 run's point restored from the bucket and identical to the image");
+    let (f, fr, fq) = (
+        median(&mut fleets),
+        median(&mut fleet_ratios),
+        median(&mut fleet_per_block),
+    );
+    println!(
+        "S3 store, fleet: median {f:.2}s ({:.0} MiB/s of data), ratio to directory {fr:.2}, \
+         {fq:.3} requests per acknowledged block",
+        mib / f
+    );
+    println!("the last runs' points restored from the bucket and identical to the image");
     Ok(())
 }

@@ -397,3 +397,48 @@ fn the_holder_applies_retention_and_every_receiver_lists_what_is_left() {
         "{manifests} manifests for {in_bucket} points"
     );
 }
+
+/// An enrolled agent (its certificate issued by receiver A) moves to receiver B when A dies:
+/// B knows its certificate from the bucket. Revoked with A's CLI (A's serve is dead), it is cut
+/// off at B within a renewal round, and refused from then on.
+#[test]
+fn an_enrolled_agent_moves_to_another_receiver_and_a_revocation_reaches_it_there() {
+    let w = workdir();
+    let Some(moto) = Moto::start(w.path()) else {
+        return;
+    };
+    let (mut a, b) = fleet(w.path(), &moto, 3);
+    let img = w.path().join("disk.img");
+    random_image(&img, 8, 23);
+    let mut spec = AgentSpec::new("cert-01", &[("root", &img)]);
+    spec.more_receivers = vec![format!("127.0.0.1:{}", b.port)];
+    let mut agent = Agent::new(w.path(), &a, &spec);
+    agent.enroll(&a, "cert-01");
+    agent.spawn();
+    wait_for("a point through A", Duration::from_secs(60), || {
+        !a.points("cert-01").is_empty()
+    });
+    a.kill();
+    wait_for(
+        "the enrolled agent to be served by B",
+        Duration::from_secs(90),
+        || b.try_counter("cert-01", "blocks_received").is_some(),
+    );
+    assert!(
+        b.log_text()
+            .contains("identity record taken from the bucket"),
+        "{}",
+        b.log_text()
+    );
+    // Revoked at A (its CLI writes the record to the bucket): B cuts the session.
+    let o = a.cli(&["revoke", "--server", "cert-01"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    wait_for(
+        "B to refuse the revoked agent",
+        Duration::from_secs(60),
+        || b.log_text().contains("identity was revoked"),
+    );
+    agent.kill();
+    let alog = agent.log_text();
+    assert!(alog.contains("identity was revoked"), "{alog}");
+}

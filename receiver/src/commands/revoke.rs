@@ -19,6 +19,13 @@ pub fn run(state_dir: &Path, server: &str) -> anyhow::Result<()> {
         );
     }
     let r = identities::revoke(state_dir, server, now_ms())?;
+    // In a fleet, every receiver refuses it: the record goes to the shared bucket.
+    crate::fleet::push_identity(state_dir, server).map_err(|e| {
+        anyhow::anyhow!(
+            "server {server} is revoked at this receiver, but writing that to the fleet's \
+             bucket failed ({e:#}): the other receivers still accept it; run revoke again"
+        )
+    })?;
     let serving = lifeboat_common::lock::lock_dir(state_dir, "serve").is_err();
     println!(
         "server {server} revoked at {} UTC: its certificate{} and tokens are refused from now on{}.",

@@ -49,6 +49,25 @@ pub struct BucketFleet {
     held: Mutex<HashMap<String, Holding>>,
     lost: std::sync::atomic::AtomicU64,
     taken: std::sync::atomic::AtomicU64,
+    state_dir: std::path::PathBuf,
+    /// The identity generation object as last read (see [`BucketFleet::renew`]).
+    identities_seen: Mutex<Option<Vec<u8>>>,
+}
+
+/// Bumped (rewritten with random bytes) after every identity record written to the bucket:
+/// one GET per renewal round tells a receiver whether to read its servers' records again.
+const IDENTITY_GENERATION: &str = "identities/generation";
+
+fn identity_key(server: &str) -> String {
+    format!("identities/{server}.json")
+}
+
+/// Which of two records of one server is newer: the later of its issue, enrolment and
+/// revocation (receivers' clocks; a revocation and an enrolment are minutes apart, not ms).
+fn identity_stamp(r: &crate::identities::Record) -> u64 {
+    r.issued_unix_ms
+        .max(r.enrolled_unix_ms)
+        .max(r.revoked_unix_ms.unwrap_or(0))
 }
 
 fn journal_key(server: &str, seq: u64) -> String {
@@ -137,6 +156,8 @@ impl BucketFleet {
             held: Mutex::new(HashMap::new()),
             lost: Default::default(),
             taken: Default::default(),
+            state_dir: state_dir.to_path_buf(),
+            identities_seen: Mutex::new(None),
         }
     }
 
@@ -753,7 +774,140 @@ impl Fleet for BucketFleet {
         }
     }
 
-    fn renew(&self) {
+    fn pull_identity(&self, server: &str) -> Result<bool, FleetError> {
+        use crate::identities::Record;
+        let (s3, key) = (self.s3.clone(), identity_key(server));
+        let Some((raw, _)) = self
+            .store
+            .run(async move { s3.get(&key).await })
+            .map_err(Self::bucket_err(server))?
+        else {
+            return Ok(false);
+        };
+        let theirs: Record = serde_json::from_slice(&raw).map_err(|e| FleetError::Corrupt {
+            server: server.into(),
+            what: self.s3.url(&identity_key(server)),
+            why: e.to_string(),
+        })?;
+        if theirs.server != server {
+            return Err(FleetError::Corrupt {
+                server: server.into(),
+                what: self.s3.url(&identity_key(server)),
+                why: format!("it is the record of server {}", theirs.server),
+            });
+        }
+        let local = |why: String| FleetError::Local {
+            server: server.into(),
+            why,
+        };
+        let ours = Record::load(&self.state_dir, server).map_err(|e| local(format!("{e:#}")))?;
+        let newer = match &ours {
+            None => true,
+            Some(o) => identity_stamp(&theirs) > identity_stamp(o),
+        };
+        if !newer || ours.as_ref() == Some(&theirs) {
+            return Ok(false);
+        }
+        theirs
+            .save(&self.state_dir)
+            .map_err(|e| local(format!("{e:#}")))?;
+        tracing::info!(
+            server,
+            revoked = theirs.revoked_unix_ms.is_some(),
+            "identity record taken from the bucket (written by another receiver)"
+        );
+        Ok(true)
+    }
+
+    fn push_identity(&self, server: &str) -> Result<(), FleetError> {
+        let record = crate::identities::Record::load(&self.state_dir, server).map_err(|e| {
+            FleetError::Local {
+                server: server.into(),
+                why: format!("{e:#}"),
+            }
+        })?;
+        let Some(record) = record else {
+            return Ok(());
+        };
+        let body = serde_json::to_vec_pretty(&record).map_err(|e| FleetError::Local {
+            server: server.into(),
+            why: e.to_string(),
+        })?;
+        let (s3, key) = (self.s3.clone(), identity_key(server));
+        let generation = rand::random::<[u8; 16]>().to_vec();
+        let r = self.store.run(async move {
+            s3.put(&key, body, &Condition::None).await?;
+            s3.put(IDENTITY_GENERATION, generation, &Condition::None)
+                .await
+        });
+        match r {
+            Ok(_) => Ok(()),
+            Err(PutError::Failed(e)) => Err(Self::bucket_err(server)(e)),
+            Err(other) => Err(FleetError::Bucket {
+                server: server.into(),
+                why: other.to_string(),
+            }),
+        }
+    }
+
+    fn renew(&self) -> bool {
+        self.renew_leases();
+        // One GET a round: has any receiver written an identity record since?
+        let s3 = self.s3.clone();
+        let now = match self
+            .store
+            .run(async move { s3.get(IDENTITY_GENERATION).await })
+        {
+            Ok(g) => g.map(|(body, _)| body),
+            Err(e) => {
+                tracing::warn!("reading the fleet's identity generation: {e}");
+                return false;
+            }
+        };
+        {
+            let mut seen = self
+                .identities_seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if *seen == now {
+                return false;
+            }
+            *seen = now;
+        }
+        let servers: Vec<String> = self.held().keys().cloned().collect();
+        let mut changed = false;
+        for server in servers {
+            match self.pull_identity(&server) {
+                Ok(c) => changed |= c,
+                Err(e) => tracing::warn!(server, "reading its identity record: {e}"),
+            }
+        }
+        changed
+    }
+
+    fn release_all(&self) {
+        let servers: Vec<String> = self.held().keys().cloned().collect();
+        for s in servers {
+            self.release(&s);
+        }
+    }
+
+    fn renew_every(&self) -> Duration {
+        self.period / 3
+    }
+
+    fn counts(&self) -> super::Counts {
+        use std::sync::atomic::Ordering::Relaxed;
+        super::Counts {
+            held: self.held().len() as u64,
+            lost: self.lost.load(Relaxed),
+            taken: self.taken.load(Relaxed),
+        }
+    }
+}
+
+impl BucketFleet {
+    fn renew_leases(&self) {
         let due: Vec<(String, Held)> = self
             .held()
             .iter()
@@ -783,26 +937,6 @@ impl Fleet for BucketFleet {
                     }
                 }
             }
-        }
-    }
-
-    fn release_all(&self) {
-        let servers: Vec<String> = self.held().keys().cloned().collect();
-        for s in servers {
-            self.release(&s);
-        }
-    }
-
-    fn renew_every(&self) -> Duration {
-        self.period / 3
-    }
-
-    fn counts(&self) -> super::Counts {
-        use std::sync::atomic::Ordering::Relaxed;
-        super::Counts {
-            held: self.held().len() as u64,
-            lost: self.lost.load(Relaxed),
-            taken: self.taken.load(Relaxed),
         }
     }
 }

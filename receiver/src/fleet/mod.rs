@@ -101,7 +101,15 @@ pub trait Fleet: Send + Sync {
     /// state is whole either way.
     fn compacted(&self, server: &str, point: u64, disks: &[String]);
     /// Renews every held lease; those that fail are dropped (their sessions then end).
-    fn renew(&self);
+    /// Returns whether the identity record of a held server changed in the bucket (another
+    /// receiver revoked or enrolled it): live sessions must check theirs again.
+    fn renew(&self) -> bool;
+    /// Brings the server's identity record from the bucket into the state directory when the
+    /// bucket's is newer (an enrolment, renewal or revocation at another receiver).
+    fn pull_identity(&self, server: &str) -> Result<bool, FleetError>;
+    /// Writes the server's identity record, as the state directory has it, to the bucket for
+    /// the fleet's other receivers.
+    fn push_identity(&self, server: &str) -> Result<(), FleetError>;
     /// Releases every held lease (serve is stopping).
     fn release_all(&self);
     /// Seconds between renewals.
@@ -141,22 +149,40 @@ pub fn open(state_dir: &Path, config: &ReceiverConfig) -> Result<Opened, StoreEr
 /// fleet's bucket into the local catalog, so that the commands reading it (`points`,
 /// `restore`, `servers`) see what every receiver of the fleet committed.
 pub fn sync_catalog(state_dir: &Path) -> anyhow::Result<()> {
-    let config = ReceiverConfig::load(&state_dir.join("receiver.toml"))?;
-    if config.fleet.is_none() {
-        return Ok(());
-    }
     #[cfg(feature = "aws")]
-    if let Some(c) = &config.s3 {
-        let store = crate::store::open_s3(state_dir, &config, c)?;
-        let me = crate::snapshots::ebs::install_id(state_dir)?;
-        let fleet = bucket::BucketFleet::new(
-            store,
-            state_dir,
-            &me,
-            "",
-            std::time::Duration::from_secs(30),
-        );
+    if let Some(fleet) = for_commands(state_dir)? {
         fleet.sync_catalog()?;
     }
+    Ok(())
+}
+
+/// With `[fleet]` in `<state_dir>/receiver.toml`: the fleet, for a command (it holds no
+/// lease); `None` outside a fleet.
+#[cfg(feature = "aws")]
+pub fn for_commands(state_dir: &Path) -> anyhow::Result<Option<bucket::BucketFleet>> {
+    let config = ReceiverConfig::load(&state_dir.join("receiver.toml"))?;
+    let (Some(f), Some(c)) = (&config.fleet, &config.s3) else {
+        return Ok(None);
+    };
+    let store = crate::store::open_s3(state_dir, &config, c)?;
+    let me = crate::snapshots::ebs::install_id(state_dir)?;
+    Ok(Some(bucket::BucketFleet::new(
+        store,
+        state_dir,
+        &me,
+        &f.address,
+        std::time::Duration::from_secs(f.lease_seconds),
+    )))
+}
+
+/// With `[fleet]`: writes the server's identity record to the bucket (after `revoke`), so
+/// every receiver of the fleet refuses or accepts it alike.
+pub fn push_identity(state_dir: &Path, server: &str) -> anyhow::Result<()> {
+    #[cfg(feature = "aws")]
+    if let Some(fleet) = for_commands(state_dir)? {
+        Fleet::push_identity(&fleet, server)?;
+    }
+    #[cfg(not(feature = "aws"))]
+    let _ = (state_dir, server);
     Ok(())
 }

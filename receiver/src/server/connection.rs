@@ -129,6 +129,37 @@ impl Drop for Released<'_> {
     }
 }
 
+/// In a fleet: takes the server's identity record from the bucket when another receiver
+/// wrote a newer one (an enrolment, renewal or revocation there). An error refuses the
+/// handshake: a revocation elsewhere must never be missed.
+async fn pull_identity(shared: &Shared, server: &str) -> Result<(), String> {
+    let Some(fleet) = shared.fleet.clone() else {
+        return Ok(());
+    };
+    let s = server.to_string();
+    match tokio::task::spawn_blocking(move || fleet.pull_identity(&s)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!(
+            "server {server}: cannot read its identity from the fleet's bucket: {e}"
+        )),
+        Err(e) => Err(format!(
+            "server {server}: reading its identity panicked: {e}"
+        )),
+    }
+}
+
+/// In a fleet: writes the server's identity record (as just saved here) to the bucket.
+async fn push_identity(shared: &Shared, server: &str) -> Result<(), String> {
+    let Some(fleet) = shared.fleet.clone() else {
+        return Ok(());
+    };
+    let s = server.to_string();
+    match tokio::task::spawn_blocking(move || fleet.push_identity(&s)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// In a fleet: gives the server's lease up (its agent is gone), while the server's slot is
 /// still this connection's.
 async fn release_lease(shared: &Arc<Shared>, server: &str) {
@@ -200,6 +231,11 @@ async fn enrol<W: AsyncWrite + Unpin>(
     let refuse = |kind: crate::metrics::Refusal, retryable: bool, msg: String| -> Refused {
         (kind, retryable, msg)
     };
+    if let Err(msg) = pull_identity(shared, &server_id).await {
+        shared.metrics.refused(crate::metrics::Refusal::Enrolment);
+        send_now(wr, &error(ErrorCode::Auth, true, msg.clone())).await;
+        return Err(msg);
+    }
     let now = now_ms();
     let state_dir = shared.state_dir.clone();
     let valid = Duration::from_secs(shared.config.agent_certificate_days * 86_400);
@@ -283,6 +319,26 @@ async fn enrol<W: AsyncWrite + Unpin>(
         })?;
         Ok((issued, renewing))
     })();
+    // In a fleet, every receiver must know the new certificate before the agent has it.
+    let outcome = match outcome {
+        Ok((issued, renewing)) => match push_identity(shared, &server_id).await {
+            Ok(()) => Ok((issued, renewing)),
+            Err(why) => Err((
+                crate::metrics::Refusal::Enrolment,
+                true,
+                format!(
+                    "server {server_id}: its identity is recorded here but not in the fleet's \
+                     bucket ({why}); {}",
+                    if renewing {
+                        "renew again later"
+                    } else {
+                        "the code is spent: make a new one"
+                    }
+                ),
+            )),
+        },
+        Err(e) => Err(e),
+    };
     match outcome {
         Ok((issued, renewing)) => {
             shared.identities.bump();
@@ -385,6 +441,10 @@ async fn handshake(
                 send_now(&mut wr, &error(ErrorCode::Protocol, false, msg.clone())).await;
                 return Err(msg);
             }
+            if let Err(msg) = pull_identity(shared, &server_id).await {
+                send_now(&mut wr, &error(ErrorCode::Internal, true, msg.clone())).await;
+                return Err(msg);
+            }
             let record = match Record::load(&shared.state_dir, &server_id) {
                 Ok(r) => r,
                 Err(e) => {
@@ -409,6 +469,9 @@ async fn handshake(
                     r.previous_sha256 = None;
                     if let Err(e) = r.save(&shared.state_dir) {
                         tracing::warn!("server {server_id}: forgetting its old certificate: {e:#}");
+                    } else if let Err(why) = push_identity(shared, &server_id).await {
+                        // The fleet's other receivers accept the old one a while longer.
+                        tracing::warn!("server {server_id}: forgetting its old certificate in the fleet's bucket: {why}");
                     }
                 }
             }

@@ -547,6 +547,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     // dropped at once (its sessions then acknowledge nothing more).
     let renewals = shared.fleet.clone().map(|fleet| {
         let mut stop = stop_rx.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -554,7 +555,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                     _ = stop.changed() => return,
                 }
                 let f = fleet.clone();
-                let _ = tokio::task::spawn_blocking(move || f.renew()).await;
+                // A revocation or enrolment at another receiver: live sessions check again.
+                if let Ok(true) = tokio::task::spawn_blocking(move || f.renew()).await {
+                    shared.identities.bump();
+                }
             }
         })
     });
