@@ -84,10 +84,20 @@ fn one(
         bail!("agent failed: {status}");
     }
     let requests = metric(&state, "lifeboat_receiver_store_requests_total");
+    // (In a fleet `servers` reads the bucket: it needs the credentials too.)
     let out = run(Command::new(rx)
         .arg("--state-dir")
         .arg(&state)
-        .args(["servers", "--json"]))?;
+        .args(["servers", "--json"])
+        .envs(ENV));
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = server.kill();
+            let _ = server.wait();
+            return Err(e);
+        }
+    };
     let v: serde_json::Value = serde_json::from_str(&out)?;
     let c = &v[0]["counters"];
     let blocks =
