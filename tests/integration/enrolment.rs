@@ -271,6 +271,12 @@ fn codes_unknown_expired_or_for_another_server_are_refused_and_never_logged() {
     let o = agent_enroll(&agent.config, &["--code", &short], None);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("expired at"), "{}", stderr(&o));
+    // Counted by this run of the receiver (the count starts again at a restart).
+    let m = metric(
+        &rx.metrics_addr(),
+        "lifeboat_receiver_connections_refused_total{reason=\"enrolment\"}",
+    );
+    assert!(m.unwrap() >= 1.0, "{m:?}");
     rx.wrapper.clear();
     rx.kill();
     rx.restart();
@@ -287,11 +293,6 @@ fn codes_unknown_expired_or_for_another_server_are_refused_and_never_logged() {
         assert!(!log.contains(c.as_str()) && !log.contains(&c.replace('-', "")));
     }
     assert!(log.contains("agent enrolled"), "{log}");
-    let m = metric(
-        &rx.metrics_addr(),
-        "lifeboat_receiver_connections_refused_total{reason=\"enrolment\"}",
-    );
-    assert!(m.unwrap() >= 1.0, "{m:?}");
 }
 
 #[test]

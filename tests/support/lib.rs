@@ -74,11 +74,26 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 pub struct Proc {
     child: Option<Child>,
     pub log: PathBuf,
+    /// Started as a process group of its own, killed as one (see [`Proc::start_group`]).
+    group: bool,
 }
 
 impl Proc {
     pub fn new(log: PathBuf) -> Proc {
-        Proc { child: None, log }
+        Proc {
+            child: None,
+            log,
+            group: false,
+        }
+    }
+
+    /// As [`Proc::start`], in a process group of its own that [`Proc::kill`] kills whole: a
+    /// wrapper such as `faketime` forks the command, which would outlive the wrapper. (Not
+    /// for the agent: its thaw watchdog must outlive it.)
+    pub fn start_group(&mut self, mut cmd: Command) {
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        self.start(cmd);
+        self.group = true;
     }
 
     /// Starts `cmd` with stdout and stderr appended to the log.
@@ -91,11 +106,19 @@ impl Proc {
             .unwrap();
         cmd.stdout(log.try_clone().unwrap()).stderr(log);
         self.child = Some(cmd.spawn().unwrap());
+        self.group = false;
     }
 
-    /// SIGKILL: no chance to save anything.
+    /// SIGKILL, to the process and everything it started: no chance to save anything.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if self.group {
+                #[allow(unsafe_code)]
+                // SAFETY: kill(2) on the process group our child leads; no memory is involved.
+                unsafe {
+                    libc::kill(-(c.id() as i32), libc::SIGKILL);
+                }
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -223,7 +246,7 @@ impl Receiver {
         ]);
         cmd.args(&self.serve_args);
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
-        self.proc.start(cmd);
+        self.proc.start_group(cmd);
         let port = self.port;
         let started = std::time::Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {

@@ -160,7 +160,11 @@ pub fn sync_catalog(state_dir: &Path) -> anyhow::Result<()> {
 /// lease); `None` outside a fleet.
 #[cfg(feature = "aws")]
 pub fn for_commands(state_dir: &Path) -> anyhow::Result<Option<bucket::BucketFleet>> {
-    let config = ReceiverConfig::load(&state_dir.join("receiver.toml"))?;
+    let path = state_dir.join("receiver.toml");
+    if !path.exists() {
+        return Ok(None); // not a receiver's state directory: the commands say so themselves
+    }
+    let config = ReceiverConfig::load(&path)?;
     let (Some(f), Some(c)) = (&config.fleet, &config.s3) else {
         return Ok(None);
     };
