@@ -7,15 +7,15 @@ use lifeboat_tests::moto::Moto;
 use lifeboat_tests::*;
 use std::time::Duration;
 
-/// A client of its own (its own connections), with test credentials.
-fn client(moto: &Moto, bucket: &str) -> S3 {
+/// A client of its own (its own connections) of the S3 server at `url`, with test credentials.
+fn client(url: &str, bucket: &str) -> S3 {
     use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
     let conf = aws_sdk_s3::config::Builder::new()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
         .credentials_provider(Credentials::new("lifeboat-test", "x", None, None, "test"))
         .http_client(lifeboat_receiver::aws::http_client())
-        .endpoint_url(moto.url())
+        .endpoint_url(url)
         .force_path_style(true)
         .build();
     S3::from_client(aws_sdk_s3::Client::from_conf(conf), bucket, "fleet/", 4)
@@ -32,9 +32,14 @@ fn runtime() -> tokio::runtime::Runtime {
 /// A bucket, and the leases of receivers rx-a and rx-b in it, with a 2 s period.
 fn two_receivers(moto: &Moto) -> (Leases, Leases, Duration, tokio::runtime::Runtime) {
     moto.create_bucket("lifeboat-leases");
+    two_receivers_at(&moto.url())
+}
+
+/// As [`two_receivers`], on the S3 server at `url` (its bucket exists or needs none).
+fn two_receivers_at(url: &str) -> (Leases, Leases, Duration, tokio::runtime::Runtime) {
     let period = Duration::from_secs(2);
     let leases =
-        |id: &str, address: &str| Leases::new(client(moto, "lifeboat-leases"), id, address, period);
+        |id: &str, address: &str| Leases::new(client(url, "lifeboat-leases"), id, address, period);
     (
         leases("rx-a", "10.0.0.1:7443"),
         leases("rx-b", "10.0.0.2:7443"),
@@ -59,7 +64,26 @@ fn of_two_receivers_racing_for_a_lease_exactly_one_wins_each_time() {
     let Some(moto) = Moto::start(w.path()) else {
         return;
     };
-    let (a, b, period, rt) = two_receivers(&moto);
+    moto.create_bucket("lifeboat-leases");
+    races(&moto.url());
+}
+
+/// The same races on a server whose conditional writes are atomic (tests/support/s3_server.rs),
+/// each conditional write holding its lock 20 ms so that the racers always overlap. moto checks
+/// a condition and then writes, so a race it let through would go unseen; here only the lease
+/// logic decides, and the losers' writes are refused (412).
+#[test]
+fn on_a_server_whose_conditional_writes_are_atomic_exactly_one_wins_each_race() {
+    let server = lifeboat_tests::s3_server::S3Server::start();
+    server.hold_conditional(Duration::from_millis(20));
+    races(&server.url());
+    let refused = server.refused.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(refused >= 1, "no race ever overlapped: nothing was tested");
+}
+
+/// 60 races for a free lease, then 20 takeovers raced, by rx-a and rx-b on the server at `url`.
+fn races(url: &str) {
+    let (a, b, period, rt) = two_receivers_at(url);
     let mut double = Vec::new();
     for i in 0..60 {
         let server = format!("race-{i}");
@@ -89,7 +113,7 @@ fn of_two_receivers_racing_for_a_lease_exactly_one_wins_each_time() {
     // Takeovers: rx-c holds 20 leases and goes quiet; rx-a and rx-b each see them, wait a whole
     // period, and race.
     let c = Leases::new(
-        client(&moto, "lifeboat-leases"),
+        client(url, "lifeboat-leases"),
         "rx-c",
         "10.0.0.3:7443",
         period,

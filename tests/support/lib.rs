@@ -5,6 +5,7 @@
 
 pub mod ebs_server;
 pub mod moto;
+pub mod s3_server;
 pub mod slowdown;
 
 use lifeboat_common::BLOCK_SIZE;
