@@ -907,17 +907,36 @@ impl Fleet for BucketFleet {
 }
 
 impl BucketFleet {
+    /// Renews every held lease, up to 32 at once: one slow or throttled renewal does not
+    /// hold up the others (each lease has only a third of its period to spare).
     fn renew_leases(&self) {
         let due: Vec<(String, Held)> = self
             .held()
             .iter()
             .map(|(s, h)| (s.clone(), h.held.clone()))
             .collect();
-        for (server, held) in due {
-            let leases = self.leases.clone();
-            let (s, h) = (server.clone(), held.clone());
-            let r = self.store.run(async move { leases.renew(&s, &h).await });
-            let mut map = self.held();
+        let leases = self.leases.clone();
+        let results = self.store.run(async move {
+            let limit = Arc::new(tokio::sync::Semaphore::new(32));
+            let mut set = tokio::task::JoinSet::new();
+            for (server, held) in due {
+                let (leases, limit) = (leases.clone(), limit.clone());
+                set.spawn(async move {
+                    let _permit = limit.acquire_owned().await;
+                    let r = leases.renew(&server, &held).await;
+                    (server, held, r)
+                });
+            }
+            let mut out = Vec::new();
+            while let Some(done) = set.join_next().await {
+                if let Ok(x) = done {
+                    out.push(x);
+                }
+            }
+            out
+        });
+        let mut map = self.held();
+        for (server, held, r) in results {
             match r {
                 Ok(new) => {
                     if let Some(h) = map.get_mut(&server) {
