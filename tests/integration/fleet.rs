@@ -112,31 +112,14 @@ fn a_killed_receivers_server_moves_to_another_and_completes_without_a_resync() {
     assert_eq!(moto.keys(BUCKET, "fleet/blocks/").len(), 120);
 }
 
-fn hello(server: &str, token: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    Message::Hello {
-        server_id: server.into(),
-        token: token.into(),
-        agent_version: "test".into(),
-        instance: "0123456789abcdef".into(),
-        hostname: "raw-client".into(),
-    }
-    .encode(&mut out);
-    out
-}
+const DISK: u64 = 4 * lifeboat_common::BLOCK_SIZE as u64;
 
-fn open_and_send(c: &mut RawClient, seq: u64, index: u64, content: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    if seq == 1 {
-        Message::OpenDisk {
-            handle: 0,
-            disk_id: "root".into(),
-            size: 4 * lifeboat_common::BLOCK_SIZE as u64,
-        }
-        .encode(&mut out);
-    }
+/// Sends Block `seq` (disk handle 0, block `index`) holding `content`; returns the block as
+/// named (zero-padded).
+fn send_block(c: &mut RawClient, seq: u64, index: u64, content: &[u8]) -> Vec<u8> {
     let mut block = content.to_vec();
     block.resize(lifeboat_common::BLOCK_SIZE, 0);
+    let mut out = Vec::new();
     Message::Block {
         seq,
         handle: 0,
@@ -150,11 +133,48 @@ fn open_and_send(c: &mut RawClient, seq: u64, index: u64, content: &[u8]) -> Vec
     block
 }
 
+/// Opens disk "root" (handle 0, 4 blocks) without waiting for the answer.
+fn send_open(c: &mut RawClient) {
+    let mut out = Vec::new();
+    Message::OpenDisk {
+        handle: 0,
+        disk_id: "root".into(),
+        size: DISK,
+    }
+    .encode(&mut out);
+    c.send(&out).unwrap();
+}
+
+/// Opens disk "root" and checks that the receiver's live state of it is `want`.
+fn expect_opened_as(c: &mut RawClient, want: &Manifest) {
+    send_open(c);
+    let opened = c.read_frames(1);
+    assert!(
+        matches!(&opened[..], [Message::DiskOpened { digest, .. }] if *digest == want.digest()),
+        "{opened:?}"
+    );
+}
+
+/// The replies to a block sent to a receiver that lost the server: an error naming the lease,
+/// and no acknowledgement.
+fn expect_refused_for_the_lease(c: &mut RawClient) {
+    let replies = c.read_frames(3);
+    assert!(
+        !replies.iter().any(|m| matches!(m, Message::Acks { .. })),
+        "acknowledged without the lease: {replies:?}"
+    );
+    assert!(
+        replies.iter().any(|m| matches!(m, Message::Error { code: ErrorCode::Busy, message, .. } if message.contains("lease"))),
+        "{replies:?}"
+    );
+}
+
 /// Connects to `rx` and says Hello; returns the client and the first reply.
 fn connect(rx: &Receiver, server: &str) -> (RawClient, Message) {
     let mut c = RawClient::connect(rx);
     c.preface();
-    c.send(&hello(server, &rx.token)).unwrap();
+    c.send(&hello_frame(server, &rx.token, "0123456789abcdef"))
+        .unwrap();
     let first = c.read_frames(1).pop().expect("an answer to Hello");
     (c, first)
 }
@@ -168,10 +188,11 @@ fn a_receiver_paused_past_its_lease_acknowledges_nothing_more() {
     let Some(moto) = Moto::start(w.path()) else {
         return;
     };
-    let (a, b) = fleet(w.path(), &moto, 3);
+    let (mut a, b) = fleet(w.path(), &moto, 3);
     let (mut ca, first) = connect(&a, "paused-01");
     assert!(matches!(first, Message::Welcome { .. }), "{first:?}");
-    let block0 = open_and_send(&mut ca, 1, 0, b"acknowledged by A");
+    send_open(&mut ca);
+    let block0 = send_block(&mut ca, 1, 0, b"acknowledged by A");
     let replies = ca.read_frames(2);
     assert!(
         replies
@@ -210,50 +231,16 @@ fn a_receiver_paused_past_its_lease_acknowledges_nothing_more() {
         "B took the lease before it could have expired"
     );
     // B's state holds what A acknowledged: its digest is that of a disk with block 0.
-    let mut out = Vec::new();
-    Message::OpenDisk {
-        handle: 0,
-        disk_id: "root".into(),
-        size: 4 * lifeboat_common::BLOCK_SIZE as u64,
-    }
-    .encode(&mut out);
-    cb.send(&out).unwrap();
-    let opened = cb.read_frames(1);
-    let mut want = Manifest::zeroed(4 * lifeboat_common::BLOCK_SIZE as u64);
+    let mut want = Manifest::zeroed(DISK);
     want.hashes[0] = lifeboat_common::block::hash_block(&block0);
-    assert!(
-        matches!(&opened[..], [Message::DiskOpened { digest, .. }] if *digest == want.digest()),
-        "{opened:?}"
-    );
+    expect_opened_as(&mut cb, &want);
 
     // A resumes: the block its paused session now gets is refused, never acknowledged.
     a.signal(libc::SIGCONT);
-    let mut out = Vec::new();
-    let mut late = b"sent to A after it lost the lease".to_vec();
-    Message::Block {
-        seq: 2,
-        handle: 0,
-        index: 1,
-        hash: lifeboat_common::block::hash_block(&{
-            let mut b = late.clone();
-            b.resize(lifeboat_common::BLOCK_SIZE, 0);
-            b
-        }),
-        codec: Codec::Raw,
-        data: std::mem::take(&mut late),
-    }
-    .encode(&mut out);
-    ca.send(&out).unwrap();
-    let replies = ca.read_frames(3);
-    assert!(
-        !replies.iter().any(|m| matches!(m, Message::Acks { .. })),
-        "A acknowledged after losing the lease: {replies:?}"
-    );
-    assert!(
-        replies.iter().any(|m| matches!(m, Message::Error { code: ErrorCode::Busy, message, .. } if message.contains("lease"))),
-        "{replies:?}"
-    );
+    send_block(&mut ca, 2, 1, b"sent to A after it lost the lease");
+    expect_refused_for_the_lease(&mut ca);
     // A counts the lease it lost; B the server it took and holds.
+    assert!(a.is_running(), "A died: {}", a.log_text());
     let (_, m) = http_get(&a.metrics_addr(), "/metrics");
     assert!(
         sample(&m, "lifeboat_receiver_fleet_leases_lost_total").unwrap_or(0.0) >= 1.0,
@@ -271,19 +258,7 @@ fn a_receiver_paused_past_its_lease_acknowledges_nothing_more() {
     b.wait_disconnected("paused-01");
     let (mut cb, first) = connect(&b, "paused-01");
     assert!(matches!(first, Message::Welcome { .. }), "{first:?}");
-    let mut out = Vec::new();
-    Message::OpenDisk {
-        handle: 0,
-        disk_id: "root".into(),
-        size: 4 * lifeboat_common::BLOCK_SIZE as u64,
-    }
-    .encode(&mut out);
-    cb.send(&out).unwrap();
-    let opened = cb.read_frames(1);
-    assert!(
-        matches!(&opened[..], [Message::DiskOpened { digest, .. }] if *digest == want.digest()),
-        "{opened:?}"
-    );
+    expect_opened_as(&mut cb, &want);
 }
 
 /// A journal segment that reaches the bucket but whose answer comes back after the lease ran
@@ -299,7 +274,8 @@ fn a_write_that_returns_after_the_lease_ran_out_is_not_acknowledged() {
     let (a, _b) = fleet_through(w.path(), &moto, &proxy.url(), 3);
     let (mut ca, first) = connect(&a, "late-01");
     assert!(matches!(first, Message::Welcome { .. }), "{first:?}");
-    open_and_send(&mut ca, 1, 0, b"acknowledged in time");
+    send_open(&mut ca);
+    send_block(&mut ca, 1, 0, b"acknowledged in time");
     let replies = ca.read_frames(2);
     assert!(
         replies.iter().any(|m| matches!(m, Message::Acks { .. })),
@@ -307,29 +283,8 @@ fn a_write_that_returns_after_the_lease_ran_out_is_not_acknowledged() {
     );
     // From now on the journal's and the lease's answers take 6 s: two lease periods.
     proxy.hold(&["/journal/", "/leases/"], Duration::from_secs(6));
-    let mut out = Vec::new();
-    let content = b"its segment is written, but late".to_vec();
-    let mut block = content.clone();
-    block.resize(lifeboat_common::BLOCK_SIZE, 0);
-    Message::Block {
-        seq: 2,
-        handle: 0,
-        index: 1,
-        hash: lifeboat_common::block::hash_block(&block),
-        codec: Codec::Raw,
-        data: content,
-    }
-    .encode(&mut out);
-    ca.send(&out).unwrap();
-    let replies = ca.read_frames(3);
-    assert!(
-        !replies.iter().any(|m| matches!(m, Message::Acks { .. })),
-        "acknowledged after the lease ran out: {replies:?}"
-    );
-    assert!(
-        replies.iter().any(|m| matches!(m, Message::Error { code: ErrorCode::Busy, message, .. } if message.contains("lease"))),
-        "{replies:?}"
-    );
+    send_block(&mut ca, 2, 1, b"its segment is written, but late");
+    expect_refused_for_the_lease(&mut ca);
     // The segment itself did reach the bucket (this is the case the check after it is for).
     assert!(
         moto.keys(BUCKET, "fleet/servers/late-01/journal/").len() >= 2,

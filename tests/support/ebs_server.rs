@@ -126,25 +126,8 @@ impl EbsServer {
             .build()
             .unwrap();
         let state = Arc::new(Mutex::new(State::default()));
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
         let st = state.clone();
-        runtime.spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let st = st.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let addr = serve_http(&runtime, move |req| handle(st.clone(), req));
         EbsServer {
             addr,
             state,
@@ -233,6 +216,34 @@ impl EbsServer {
     }
 }
 
+/// Serves HTTP/1.1 on a loopback port of its own on `runtime`, each request answered by
+/// `handler`; returns the address. (The test servers' accept loop.)
+pub fn serve_http<H, F>(runtime: &tokio::runtime::Runtime, handler: H) -> SocketAddr
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Answer, std::convert::Infallible>> + Send + 'static,
+{
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    runtime.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(handler);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
 impl Drop for EbsServer {
     fn drop(&mut self) {
         if let Some(rt) = self.runtime.take() {
@@ -287,7 +298,7 @@ fn sha256(data: &[u8]) -> [u8; 32] {
     d.as_ref().try_into().unwrap()
 }
 
-type Answer = Response<Full<Bytes>>;
+pub type Answer = Response<Full<Bytes>>;
 
 fn json_answer(status: StatusCode, v: Value) -> Answer {
     Response::builder()

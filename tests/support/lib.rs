@@ -247,6 +247,9 @@ impl Receiver {
         ]);
         cmd.args(&self.serve_args);
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        // The last run's address must not be read for this one's (serve rewrites it only
+        // after its TLS listener is up, which is all `restart` waits for).
+        let _ = std::fs::remove_file(self.dir.join("metrics.addr"));
         self.proc.start_group(cmd);
         let port = self.port;
         let started = std::time::Instant::now();
@@ -950,6 +953,21 @@ impl RawClient {
         self.stream.read_exact(&mut p).unwrap();
         assert_eq!(&p[..8], b"LIFEBOAT");
     }
+}
+
+/// A `Hello` frame for server `server` from machine `instance` (16 hex digits, as an agent's
+/// instance id is), as a raw client sends it.
+pub fn hello_frame(server: &str, token: &str, instance: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    lifeboat_common::protocol::Message::Hello {
+        server_id: server.into(),
+        token: token.into(),
+        agent_version: "test".into(),
+        instance: instance.into(),
+        hostname: "raw-client".into(),
+    }
+    .encode(&mut out);
+    out
 }
 
 pub fn stderr(o: &Output) -> String {

@@ -68,26 +68,9 @@ impl S3Server {
             .unwrap();
         let state: Arc<Mutex<State>> = Default::default();
         let refused = Arc::new(AtomicU64::new(0));
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
         let (st, rf) = (state.clone(), refused.clone());
-        runtime.spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (st, rf) = (st.clone(), rf.clone());
-                tokio::spawn(async move {
-                    let svc =
-                        hyper::service::service_fn(move |req| handle(st.clone(), rf.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let addr =
+            super::ebs_server::serve_http(&runtime, move |req| handle(st.clone(), rf.clone(), req));
         S3Server {
             addr,
             state,

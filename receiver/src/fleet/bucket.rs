@@ -165,6 +165,13 @@ impl BucketFleet {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn lease_err(server: &str) -> impl Fn(crate::lease::LeaseError) -> FleetError + '_ {
+        move |e| FleetError::Bucket {
+            server: server.to_string(),
+            why: e.to_string(),
+        }
+    }
+
     fn bucket_err(server: &str) -> impl Fn(crate::aws::retry::CallError) -> FleetError + '_ {
         move |e| FleetError::Bucket {
             server: server.to_string(),
@@ -560,10 +567,7 @@ impl Fleet for BucketFleet {
         let acquired = self
             .store
             .run(async move { leases.acquire(&s).await })
-            .map_err(|e| FleetError::Bucket {
-                server: server.into(),
-                why: e.to_string(),
-            })?;
+            .map_err(Self::lease_err(server))?;
         let held = match acquired {
             Acquired::Held(h) => h,
             Acquired::Owned {
@@ -594,10 +598,7 @@ impl Fleet for BucketFleet {
                 let current = self
                     .store
                     .run(async move { leases.current(&s).await })
-                    .map_err(|e| FleetError::Bucket {
-                        server: server.into(),
-                        why: e.to_string(),
-                    })?;
+                    .map_err(Self::lease_err(server))?;
                 return match current {
                     Current::Present { body, .. }
                         if !body.holder.is_empty() && body.address != self.leases.address() =>
