@@ -122,6 +122,14 @@ impl Proc {
             }
             let _ = c.kill();
             let _ = c.wait();
+            if self.group {
+                // A `faketime` wrapper (exec'd in place of `env`, so with our child's pid)
+                // killed before it could clean up leaves its semaphore and shared memory
+                // behind, and a later faketime given the same pid refuses to start.
+                for f in ["faketime_shm_", "sem.faketime_sem_"] {
+                    let _ = std::fs::remove_file(format!("/dev/shm/{f}{}", c.id()));
+                }
+            }
         }
     }
 
