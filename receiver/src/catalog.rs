@@ -293,11 +293,19 @@ impl Catalog {
         let dir = self.point_dir(server, point);
         let rec = dir.join("point.json");
         match fs::remove_file(&rec) {
-            Ok(()) => durable::sync_dir(&dir).map_err(ioe(&dir))?,
+            Ok(()) => match durable::sync_dir(&dir) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(ioe(&dir)(e)),
+                _ => {}
+            },
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(ioe(&rec)(e)),
         }
-        fs::remove_dir_all(&dir).map_err(ioe(&dir))
+        // Gone already: another process (retention in `serve`, a command syncing a fleet's
+        // catalog) deleted it meanwhile.
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(ioe(&dir)(e)),
+            _ => Ok(()),
+        }
     }
 
     /// Reads and verifies the manifest of one disk of a point, saying whether it is sound,
@@ -420,6 +428,8 @@ mod tests {
             c.find("nobody", "latest"),
             Err(CatalogError::NoServer { .. })
         ));
+        c.delete("s1", 3).unwrap();
+        // Deleted twice (two processes at once): the second finds nothing, and that is fine.
         c.delete("s1", 3).unwrap();
         assert_eq!(c.find("s1", "latest").unwrap().point, 1);
     }

@@ -7,24 +7,29 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-/// The boot-time clock (`CLOCK_BOOTTIME`): monotonic, counting while suspended.
+/// The boot-time clock (`CLOCK_BOOTTIME`): monotonic, counting while suspended. Should the
+/// call ever fail (it exists on every Linux since 2.6.39), the monotonic clock instead: it
+/// stops during a suspend, which the next failed renewal then catches.
 pub fn boottime() -> std::time::Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec through the pointer, which is valid and
-    // exclusively ours for the call. CLOCK_BOOTTIME exists on every Linux since 2.6.39, so
-    // the call cannot fail with a valid pointer; were it to, the zero time makes every lease
-    // look expired (the safe side).
-    let r = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    if r != 0 {
-        return std::time::Duration::ZERO;
+    fn read(clock: libc::clockid_t) -> Option<std::time::Duration> {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec through the pointer, which is valid and
+        // exclusively ours for the call.
+        let r = unsafe { libc::clock_gettime(clock, &mut ts) };
+        (r == 0).then(|| {
+            std::time::Duration::new(
+                ts.tv_sec.max(0) as u64,
+                ts.tv_nsec.clamp(0, 999_999_999) as u32,
+            )
+        })
     }
-    std::time::Duration::new(
-        ts.tv_sec.max(0) as u64,
-        ts.tv_nsec.clamp(0, 999_999_999) as u32,
-    )
+    read(libc::CLOCK_BOOTTIME)
+        .or_else(|| read(libc::CLOCK_MONOTONIC))
+        // Both failing is impossible on Linux; std's Instant would have panicked already.
+        .unwrap_or_default()
 }
 
 /// Flushes every dirty page and inode of the filesystem holding `f` (one journal commit

@@ -397,3 +397,60 @@ fn an_enrolled_agent_moves_to_another_receiver_and_a_revocation_reaches_it_there
     let alog = agent.log_text();
     assert!(alog.contains("identity was revoked"), "{alog}");
 }
+
+/// A revocation is never undone by another receiver's write: each receiver writes a server's
+/// identity record only over the version it last read, so B, which renewed the agent's
+/// certificate after reading the record but before A's revocation reached the bucket, has its
+/// write refused, and takes the revocation instead.
+#[test]
+fn a_revocation_at_one_receiver_is_never_overwritten_by_another() {
+    use lifeboat_receiver::fleet::Fleet;
+    use lifeboat_receiver::identities::Record;
+    let w = workdir();
+    let Some(moto) = Moto::start(w.path()) else {
+        return;
+    };
+    let (mut a, mut b) = fleet(w.path(), &moto, 3);
+    a.kill();
+    b.kill();
+    // The receivers' commands read AWS credentials from the environment, as serve does.
+    for (k, v) in &a.env {
+        std::env::set_var(k, v);
+    }
+    let fa = lifeboat_receiver::fleet::for_commands(&a.dir)
+        .unwrap()
+        .unwrap();
+    let fb = lifeboat_receiver::fleet::for_commands(&b.dir)
+        .unwrap()
+        .unwrap();
+    let enrolled = Record {
+        server: "web-01".into(),
+        certificate_sha256: "sha256:aa".into(),
+        issued_unix_ms: 1_000,
+        not_after_unix_ms: 10_000_000,
+        enrolled_unix_ms: 1_000,
+        previous_sha256: None,
+        instance: "0123456789abcdef".into(),
+        hostname: "web".into(),
+        revoked_unix_ms: None,
+    };
+    enrolled.save(&b.dir).unwrap();
+    fb.push_identity("web-01").unwrap();
+    // B reads it again at a handshake; A revokes (its clock far behind B's).
+    assert!(!fb.pull_identity("web-01").unwrap());
+    lifeboat_receiver::fleet::revoke(&a.dir, "web-01", 2_000).unwrap();
+    // B renews the certificate from what it read: later stamps, but an older version.
+    let mut renewed = enrolled.clone();
+    renewed.certificate_sha256 = "sha256:bb".into();
+    renewed.issued_unix_ms = 9_000_000;
+    renewed.previous_sha256 = Some("sha256:aa".into());
+    renewed.save(&b.dir).unwrap();
+    let e = fb.push_identity("web-01").unwrap_err().to_string();
+    assert!(e.contains("changed its identity record meanwhile"), "{e}");
+    // B takes the revocation, and so does the bucket's every reader.
+    assert!(fb.pull_identity("web-01").unwrap());
+    let at_b = Record::load(&b.dir, "web-01").unwrap().unwrap();
+    assert_eq!(at_b.revoked_unix_ms, Some(2_000), "{at_b:?}");
+    assert_eq!(at_b.certificate_sha256, "sha256:aa");
+    drop((fa, fb));
+}

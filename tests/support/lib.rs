@@ -113,7 +113,10 @@ impl Proc {
     /// SIGKILL, to the process and everything it started: no chance to save anything.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            if self.group {
+            // Only a child not yet reaped still owns its pid (and so its group's id): one
+            // reaped earlier (`is_running`) may have handed it to another test's process.
+            let alive = matches!(c.try_wait(), Ok(None));
+            if self.group && alive {
                 #[allow(unsafe_code)]
                 // SAFETY: kill(2) on the process group our child leads; no memory is involved.
                 unsafe {
@@ -121,15 +124,16 @@ impl Proc {
                 }
             }
             let _ = c.kill();
-            let _ = c.wait();
-            if self.group {
+            if self.group && alive {
                 // A `faketime` wrapper (exec'd in place of `env`, so with our child's pid)
                 // killed before it could clean up leaves its semaphore and shared memory
-                // behind, and a later faketime given the same pid refuses to start.
+                // behind, and a later faketime given the same pid refuses to start. Removed
+                // while the unreaped child still holds the pid.
                 for f in ["faketime_shm_", "sem.faketime_sem_"] {
                     let _ = std::fs::remove_file(format!("/dev/shm/{f}{}", c.id()));
                 }
             }
+            let _ = c.wait();
         }
     }
 

@@ -1,7 +1,7 @@
 //! `revoke`: refuse a server's agent from now on, whatever it presents.
 
 use crate::catalog::Catalog;
-use crate::identities::{self, Record};
+use crate::identities::Record;
 use crate::status::now_ms;
 use anyhow::bail;
 use std::path::Path;
@@ -18,14 +18,8 @@ pub fn run(state_dir: &Path, server: &str) -> anyhow::Result<()> {
              `lifeboat-receiver agents`)"
         );
     }
-    let r = identities::revoke(state_dir, server, now_ms())?;
-    // In a fleet, every receiver refuses it: the record goes to the shared bucket.
-    crate::fleet::push_identity(state_dir, server).map_err(|e| {
-        anyhow::anyhow!(
-            "server {server} is revoked at this receiver, but writing that to the fleet's \
-             bucket failed ({e:#}): the other receivers still accept it; run revoke again"
-        )
-    })?;
+    // In a fleet, over the shared bucket's record: every receiver refuses it.
+    let r = crate::fleet::revoke(state_dir, server, now_ms())?;
     let serving = lifeboat_common::lock::lock_dir(state_dir, "serve").is_err();
     println!(
         "server {server} revoked at {} UTC: its certificate{} and tokens are refused from now on{}.",

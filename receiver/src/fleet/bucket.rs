@@ -52,6 +52,9 @@ pub struct BucketFleet {
     state_dir: std::path::PathBuf,
     /// The identity generation object as last read (see [`BucketFleet::renew`]).
     identities_seen: Mutex<Option<Vec<u8>>>,
+    /// Per server, the ETag of its identity record in the bucket as this receiver last read
+    /// or wrote it (`None`: there was none). A write goes only over exactly that version.
+    identity_etags: Mutex<HashMap<String, Option<String>>>,
 }
 
 /// Bumped (rewritten with random bytes) after every identity record written to the bucket:
@@ -60,14 +63,6 @@ const IDENTITY_GENERATION: &str = "identities/generation";
 
 fn identity_key(server: &str) -> String {
     format!("identities/{server}.json")
-}
-
-/// Which of two records of one server is newer: the later of its issue, enrolment and
-/// revocation (receivers' clocks; a revocation and an enrolment are minutes apart, not ms).
-fn identity_stamp(r: &crate::identities::Record) -> u64 {
-    r.issued_unix_ms
-        .max(r.enrolled_unix_ms)
-        .max(r.revoked_unix_ms.unwrap_or(0))
 }
 
 fn journal_key(server: &str, seq: u64) -> String {
@@ -158,6 +153,7 @@ impl BucketFleet {
             taken: Default::default(),
             state_dir: state_dir.to_path_buf(),
             identities_seen: Mutex::new(None),
+            identity_etags: Mutex::new(HashMap::new()),
         }
     }
 
@@ -754,6 +750,7 @@ impl Fleet for BucketFleet {
                 server: server.into(),
                 why: e.to_string(),
             })?;
+        self.still_held(server)?;
         let (s3, prefix) = (self.s3.clone(), dir.clone());
         let rest: Vec<String> = self
             .store
@@ -762,6 +759,7 @@ impl Fleet for BucketFleet {
             .into_iter()
             .map(|o| o.key)
             .collect();
+        self.still_held(server)?;
         self.delete_keys(rest).map_err(Self::bucket_err(server))
     }
 
@@ -775,16 +773,28 @@ impl Fleet for BucketFleet {
         }
     }
 
+    /// The bucket is the truth for identities: a record another receiver wrote (its ETag is
+    /// not the one this receiver last read or wrote) replaces the local one, whatever either
+    /// says. No clocks are compared, so a revocation cannot lose to a later-stamped record.
     fn pull_identity(&self, server: &str) -> Result<bool, FleetError> {
         use crate::identities::Record;
         let (s3, key) = (self.s3.clone(), identity_key(server));
-        let Some((raw, _)) = self
+        let got = self
             .store
             .run(async move { s3.get(&key).await })
-            .map_err(Self::bucket_err(server))?
-        else {
+            .map_err(Self::bucket_err(server))?;
+        let etags = || {
+            self.identity_etags
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+        };
+        let Some((raw, etag)) = got else {
+            etags().insert(server.to_string(), None);
             return Ok(false);
         };
+        if etags().get(server) == Some(&Some(etag.clone())) {
+            return Ok(false); // what this receiver last read or wrote
+        }
         let theirs: Record = serde_json::from_slice(&raw).map_err(|e| FleetError::Corrupt {
             server: server.into(),
             what: self.s3.url(&identity_key(server)),
@@ -802,25 +812,45 @@ impl Fleet for BucketFleet {
             why,
         };
         let ours = Record::load(&self.state_dir, server).map_err(|e| local(format!("{e:#}")))?;
-        let newer = match &ours {
-            None => true,
-            Some(o) => identity_stamp(&theirs) > identity_stamp(o),
-        };
-        if !newer || ours.as_ref() == Some(&theirs) {
-            return Ok(false);
+        let changed = ours.as_ref() != Some(&theirs);
+        if changed {
+            theirs
+                .save(&self.state_dir)
+                .map_err(|e| local(format!("{e:#}")))?;
+            tracing::info!(
+                server,
+                revoked = theirs.revoked_unix_ms.is_some(),
+                "identity record taken from the bucket (written by another receiver)"
+            );
         }
-        theirs
-            .save(&self.state_dir)
-            .map_err(|e| local(format!("{e:#}")))?;
-        tracing::info!(
-            server,
-            revoked = theirs.revoked_unix_ms.is_some(),
-            "identity record taken from the bucket (written by another receiver)"
-        );
-        Ok(true)
+        etags().insert(server.to_string(), Some(etag));
+        Ok(changed)
     }
 
+    /// Writes the local record over exactly the version this receiver last read: if another
+    /// receiver wrote one since (a revocation, say), this fails, and the caller refuses.
     fn push_identity(&self, server: &str) -> Result<(), FleetError> {
+        let changed_elsewhere = || FleetError::Bucket {
+            server: server.into(),
+            why: "another receiver changed its identity record meanwhile".into(),
+        };
+        let known = self
+            .identity_etags
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(server)
+            .cloned();
+        let cond = match known {
+            Some(Some(etag)) => Condition::ETag(etag),
+            Some(None) => Condition::Absent,
+            None => {
+                // Never read here: read it first, and refuse if it said something else.
+                if self.pull_identity(server)? {
+                    return Err(changed_elsewhere());
+                }
+                return self.push_identity(server);
+            }
+        };
         let record = crate::identities::Record::load(&self.state_dir, server).map_err(|e| {
             FleetError::Local {
                 server: server.into(),
@@ -835,20 +865,37 @@ impl Fleet for BucketFleet {
             why: e.to_string(),
         })?;
         let (s3, key) = (self.s3.clone(), identity_key(server));
+        let written = self
+            .store
+            .run(async move { s3.put(&key, body, &cond).await });
+        let etag = match written {
+            Ok(etag) => etag,
+            Err(PutError::Lost | PutError::Conflict) => {
+                // Forget what we knew: the next pull takes the other receiver's record.
+                self.identity_etags
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(server);
+                return Err(changed_elsewhere());
+            }
+            Err(PutError::Failed(e)) => return Err(Self::bucket_err(server)(e)),
+        };
+        self.identity_etags
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(server.to_string(), Some(etag));
+        let s3 = self.s3.clone();
         let generation = rand::random::<[u8; 16]>().to_vec();
-        let r = self.store.run(async move {
-            s3.put(&key, body, &Condition::None).await?;
-            s3.put(IDENTITY_GENERATION, generation, &Condition::None)
-                .await
-        });
-        match r {
-            Ok(_) => Ok(()),
-            Err(PutError::Failed(e)) => Err(Self::bucket_err(server)(e)),
-            Err(other) => Err(FleetError::Bucket {
+        self.store
+            .run(async move {
+                s3.put(IDENTITY_GENERATION, generation, &Condition::None)
+                    .await
+            })
+            .map_err(|e| FleetError::Bucket {
                 server: server.into(),
-                why: other.to_string(),
-            }),
-        }
+                why: e.to_string(),
+            })?;
+        Ok(())
     }
 
     fn renew(&self) -> bool {
@@ -865,23 +912,32 @@ impl Fleet for BucketFleet {
                 return false;
             }
         };
-        {
-            let mut seen = self
-                .identities_seen
+        let seen = || {
+            self.identities_seen
                 .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if *seen == now {
-                return false;
-            }
-            *seen = now;
+                .unwrap_or_else(|e| e.into_inner())
+        };
+        if *seen() == now {
+            return false;
         }
         let servers: Vec<String> = self.held().keys().cloned().collect();
         let mut changed = false;
+        let mut all_read = true;
         for server in servers {
             match self.pull_identity(&server) {
                 Ok(c) => changed |= c,
-                Err(e) => tracing::warn!(server, "reading its identity record: {e}"),
+                Err(e) => {
+                    all_read = false;
+                    tracing::warn!(
+                        server,
+                        "reading its identity record: {e} (again next round)"
+                    );
+                }
             }
+        }
+        // Seen only once every record was read: a failed read is tried again next round.
+        if all_read {
+            *seen() = now;
         }
         changed
     }

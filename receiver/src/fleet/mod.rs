@@ -179,14 +179,32 @@ pub fn for_commands(state_dir: &Path) -> anyhow::Result<Option<bucket::BucketFle
     )))
 }
 
-/// With `[fleet]`: writes the server's identity record to the bucket (after `revoke`), so
-/// every receiver of the fleet refuses or accepts it alike.
-pub fn push_identity(state_dir: &Path, server: &str) -> anyhow::Result<()> {
+/// Revokes the server's identity. With `[fleet]`, over the bucket's record: read first (an
+/// enrolment at another receiver gets a revocation of its own), written back only over the
+/// version read, tried again if another receiver wrote meanwhile; every receiver of the fleet
+/// then refuses the agent.
+pub fn revoke(
+    state_dir: &Path,
+    server: &str,
+    now_ms: u64,
+) -> anyhow::Result<crate::identities::Record> {
     #[cfg(feature = "aws")]
     if let Some(fleet) = for_commands(state_dir)? {
-        Fleet::push_identity(&fleet, server)?;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            Fleet::pull_identity(&fleet, server)?;
+            let r = crate::identities::revoke(state_dir, server, now_ms)?;
+            match Fleet::push_identity(&fleet, server) {
+                Ok(()) => return Ok(r),
+                Err(FleetError::Bucket { .. }) if attempts < 3 => continue,
+                Err(e) => anyhow::bail!(
+                    "server {server} is revoked at this receiver, but writing that to the \
+                     fleet's bucket failed ({e}): the other receivers still accept it; run \
+                     revoke again"
+                ),
+            }
+        }
     }
-    #[cfg(not(feature = "aws"))]
-    let _ = (state_dir, server);
-    Ok(())
+    crate::identities::revoke(state_dir, server, now_ms)
 }
