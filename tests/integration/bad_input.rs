@@ -14,16 +14,7 @@ fn hello(server: &str, token: &str) -> Vec<u8> {
 
 /// A `Hello` from machine `instance` (a server id belongs to one instance at a time).
 fn hello_as(server: &str, token: &str, instance: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    Message::Hello {
-        server_id: server.into(),
-        token: token.into(),
-        agent_version: "test".into(),
-        instance: instance.into(),
-        hostname: "raw-client".into(),
-    }
-    .encode(&mut out);
-    out
+    hello_frame(server, token, instance)
 }
 
 fn good_agent_still_served(w: &std::path::Path, rx: &Receiver, server: &str) {

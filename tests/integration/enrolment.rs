@@ -74,16 +74,8 @@ fn certificate(state_dir: &Path) -> Value {
 fn token_hello(rx: &Receiver, server: &str, token: &str) -> Message {
     let mut c = RawClient::connect(rx);
     c.preface();
-    let mut out = Vec::new();
-    Message::Hello {
-        server_id: server.into(),
-        token: token.into(),
-        agent_version: "test".into(),
-        instance: "0123456789abcdef".into(),
-        hostname: "raw-client".into(),
-    }
-    .encode(&mut out);
-    c.send(&out).unwrap();
+    c.send(&hello_frame(server, token, "0123456789abcdef"))
+        .unwrap();
     c.read_frames(1).pop().expect("no answer to Hello")
 }
 
