@@ -837,6 +837,36 @@ pub struct S3Config {
     /// Requests in flight at once for one batch of blocks.
     #[serde(default = "default_s3_requests_in_flight")]
     pub requests_in_flight: usize,
+    /// Days each point stays under S3 Object Lock from its commit: its manifests, its record
+    /// and every block it names can be neither deleted nor overwritten until then, by anyone
+    /// (ransomware holding the receiver's credentials included). Needs a bucket created with
+    /// Object Lock, and `[fleet]` (a fleet of one receiver is fine): only a fleet keeps its
+    /// points in the bucket. None (the default): nothing is locked.
+    #[serde(default)]
+    pub object_lock_days: Option<u32>,
+    /// `governance` (the default: a user granted `s3:BypassGovernanceRetention` may still
+    /// remove a lock) or `compliance` (no one can, the root account included, until it ends).
+    #[serde(default)]
+    pub object_lock_mode: LockMode,
+}
+
+/// S3 Object Lock's retention modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LockMode {
+    #[default]
+    Governance,
+    Compliance,
+}
+
+impl LockMode {
+    /// As S3 spells it.
+    pub fn as_s3(self) -> &'static str {
+        match self {
+            LockMode::Governance => "GOVERNANCE",
+            LockMode::Compliance => "COMPLIANCE",
+        }
+    }
 }
 
 /// `[fleet]` in receiver.toml: this receiver is one of several sharing the bucket of `[s3]`.
@@ -954,6 +984,11 @@ impl S3Config {
                 1..=3600,
             ),
             ("s3.max_attempts", self.max_attempts as u64, 1..=100),
+            (
+                "s3.object_lock_days",
+                self.object_lock_days.map_or(1, u64::from),
+                1..=36500,
+            ),
             (
                 "s3.requests_in_flight",
                 self.requests_in_flight as u64,
@@ -1166,6 +1201,19 @@ impl ReceiverConfig {
                 ));
             }
             f.validate(path)?;
+        }
+        if self
+            .s3
+            .as_ref()
+            .is_some_and(|s| s.object_lock_days.is_some())
+            && self.fleet.is_none()
+        {
+            return Err(invalid(
+                path,
+                "s3.object_lock_days",
+                "needs [fleet] (one receiver makes a fleet of one): Object Lock protects what \
+                 is in the bucket, and only a fleet keeps its points there, beside the blocks",
+            ));
         }
         for (key, l) in &self.recovery {
             if key != "default" && !valid_name(key) {
@@ -1382,6 +1430,17 @@ path = "/dev/sda"
         let s3 = "[s3]\nbucket = \"dr-staging\"\nregion = \"eu-west-1\"\n";
         let c = parse(&format!("{s3}[fleet]\naddress = \"rx1:7443\"\n")).unwrap();
         assert_eq!(c.fleet.unwrap().lease_seconds, 30);
+        let locked = format!("{s3}object_lock_days = 30\nobject_lock_mode = \"compliance\"\n");
+        let c = parse(&format!("{locked}[fleet]\naddress = \"rx1:7443\"\n")).unwrap();
+        let s = c.s3.unwrap();
+        assert_eq!(
+            (s.object_lock_days, s.object_lock_mode),
+            (Some(30), LockMode::Compliance)
+        );
+        assert_eq!(
+            parse(s3).unwrap().s3.unwrap().object_lock_mode,
+            LockMode::Governance
+        );
         for (text, field) in [
             ("[fleet]\naddress = \"rx1:7443\"\n", "[s3]"),
             (
@@ -1391,6 +1450,15 @@ path = "/dev/sda"
             (
                 &*format!("{s3}[fleet]\naddress = \"rx1:1\"\nlease_seconds = 1\n"),
                 "fleet.lease_seconds",
+            ),
+            (&*format!("{s3}object_lock_days = 7\n"), "needs [fleet]"),
+            (
+                &*format!("{s3}object_lock_days = 0\n[fleet]\naddress = \"rx1:1\"\n"),
+                "s3.object_lock_days",
+            ),
+            (
+                &*format!("{s3}object_lock_mode = \"legal\"\n"),
+                "object_lock_mode",
             ),
         ] {
             let e = parse(text).unwrap_err();

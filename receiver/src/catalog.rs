@@ -67,6 +67,12 @@ pub struct PointRecord {
     /// The snapshot target that holds the point ("local").
     pub target: String,
     pub disks: Vec<DiskRecord>,
+    /// Under S3 Object Lock until then (unix ms, the receiver's clock): its manifests and this
+    /// record in the bucket cannot be deleted before, and retention keeps it (`[s3]
+    /// object_lock_days`). Whether every block it names is locked as long is the lock
+    /// keeper's business ([`crate::fleet::Fleet::keep_locks`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_until_unix_ms: Option<u64>,
     /// Why the point cannot be restored, once found damaged (from the point's `damaged` file,
     /// never from `point.json`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -397,6 +403,7 @@ mod tests {
             target: "local".into(),
             disks: vec![],
             damaged: None,
+            locked_until_unix_ms: None,
         }
     }
 

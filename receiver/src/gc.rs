@@ -122,6 +122,20 @@ pub fn run_pass_in(
         ) {
             tracing::error!(server = %server, "retention skipped for server {server}: {e:#}");
         }
+        if let Some(f) = fleet {
+            match f.keep_locks(&server) {
+                Ok(pass) if pass.read + pass.extended + pass.failed > 0 => tracing::info!(
+                    server = %server,
+                    read = pass.read,
+                    extended = pass.extended,
+                    failed = pass.failed,
+                    locked_through = ?pass.through,
+                    "lock keeper: blocks checked"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::error!(server = %server, "lock keeper skipped: {e}"),
+            }
+        }
     }
     tracing::debug!(
         points_deleted = report.points_deleted,
@@ -224,9 +238,12 @@ fn apply_retention(
         // Points EBS needs stay: uploading, on EBS, the parent of an unfinished upload, or
         // pinned by a recovery (later uploads take their differences from their manifests).
         let held = crate::snapshots::ebs::record::held_points(catalog, server, &points);
+        // Points under Object Lock stay until it ends: their objects in the bucket could not
+        // be deleted before.
         let doomed: Vec<_> = candidates
             .iter()
             .filter(|p| !keep.contains(&p.point) && !held.contains(&p.point))
+            .filter(|p| p.locked_until_unix_ms.is_none_or(|u| u <= now_ms))
             .collect();
         if doomed.is_empty() {
             return Ok(());

@@ -9,16 +9,7 @@ use std::time::Duration;
 
 /// A client of its own (its own connections) of the S3 server at `url`, with test credentials.
 fn client(url: &str, bucket: &str) -> S3 {
-    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
-    let conf = aws_sdk_s3::config::Builder::new()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("lifeboat-test", "x", None, None, "test"))
-        .http_client(lifeboat_receiver::aws::http_client())
-        .endpoint_url(url)
-        .force_path_style(true)
-        .build();
-    S3::from_client(aws_sdk_s3::Client::from_conf(conf), bucket, "fleet/", 4)
+    S3::from_client(lifeboat_tests::moto::sdk_client(url), bucket, "fleet/", 4)
 }
 
 fn runtime() -> tokio::runtime::Runtime {

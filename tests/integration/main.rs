@@ -12,6 +12,7 @@ mod gc;
 mod identity;
 mod leases;
 mod metrics;
+mod object_lock;
 mod packages;
 mod power_cut;
 mod s3;

@@ -315,6 +315,15 @@ impl Receiver {
         }
     }
 
+    /// Sets `key = value` in `[s3]` of receiver.toml (stopped; see [`Receiver::use_s3`]).
+    pub fn set_s3(&mut self, key: &str, value: &str) {
+        let path = self.dir.join("receiver.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\n[s3]\n"), "no [s3] in receiver.toml");
+        let text = text.replacen("\n[s3]\n", &format!("\n[s3]\n{key} = {value}\n"), 1);
+        std::fs::write(&path, text).unwrap();
+    }
+
     /// Restarts with the given retention (`recent_minutes`, `daily_days`, `gc_grace_minutes`)
     /// and a retention/GC pass every second.
     pub fn restart_with_retention(&mut self, recent_minutes: u64, daily_days: u64, grace: u64) {

@@ -108,3 +108,18 @@ impl Moto {
         keys
     }
 }
+
+/// An S3 client of its own (its own connections) of the server at `url`, path-style, with
+/// test credentials: to look at the bucket as an admin (or an attacker) would.
+pub fn sdk_client(url: &str) -> aws_sdk_s3::Client {
+    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+    let conf = aws_sdk_s3::config::Builder::new()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("lifeboat-test", "x", None, None, "test"))
+        .http_client(lifeboat_receiver::aws::http_client())
+        .endpoint_url(url)
+        .force_path_style(true)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}

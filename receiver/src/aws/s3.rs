@@ -6,8 +6,9 @@
 //! else.
 
 use super::retry::{CallError, Retrier};
-use aws_sdk_s3::primitives::ByteStream;
-use lifeboat_common::config::S3Config;
+use aws_sdk_s3::primitives::{ByteStream, DateTime};
+use aws_sdk_s3::types::ObjectLockMode;
+use lifeboat_common::config::{LockMode, S3Config};
 use std::time::SystemTime;
 
 /// One bucket under one prefix.
@@ -49,6 +50,23 @@ impl std::fmt::Display for PutError {
             PutError::Failed(e) => e.fmt(f),
         }
     }
+}
+
+/// An object's Object Lock: its mode, and when it ends.
+#[derive(Clone, Copy, Debug)]
+pub struct Lock {
+    pub mode: LockMode,
+    pub until: SystemTime,
+}
+
+/// Where an object stands under Object Lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retention {
+    /// No such object.
+    Missing,
+    Unlocked,
+    /// Locked until then.
+    Until(SystemTime),
 }
 
 /// One object of a listing.
@@ -111,6 +129,18 @@ impl S3 {
         body: Vec<u8>,
         cond: &Condition,
     ) -> Result<String, PutError> {
+        self.put_locked(rel, body, cond, None).await
+    }
+
+    /// As [`S3::put`], the new version under Object Lock until `lock.until` (the SDK sends
+    /// the checksum S3 demands of a locked write).
+    pub async fn put_locked(
+        &self,
+        rel: &str,
+        body: Vec<u8>,
+        cond: &Condition,
+        lock: Option<&Lock>,
+    ) -> Result<String, PutError> {
         let key = self.key(rel);
         let r = self
             .retrier
@@ -125,6 +155,11 @@ impl S3 {
                     Condition::None => {}
                     Condition::Absent => req = req.if_none_match("*"),
                     Condition::ETag(e) => req = req.if_match(e),
+                }
+                if let Some(l) = lock {
+                    req = req
+                        .object_lock_mode(ObjectLockMode::from(l.mode.as_s3()))
+                        .object_lock_retain_until_date(DateTime::from(l.until));
                 }
                 req.send()
             })
@@ -185,6 +220,74 @@ impl S3 {
             .await;
         match r {
             Ok(_) => Ok(true),
+            Err(e) if e.status() == Some(404) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Where `rel` stands under Object Lock (HEAD).
+    pub async fn retention(&self, rel: &str) -> Result<Retention, CallError> {
+        let key = self.key(rel);
+        let r = self
+            .retrier
+            .run("HeadObject", &self.url(rel), None, || {
+                self.client
+                    .head_object()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .send()
+            })
+            .await;
+        match r {
+            Ok(out) => Ok(out
+                .object_lock_retain_until_date()
+                .and_then(|t| SystemTime::try_from(*t).ok())
+                .map_or(Retention::Unlocked, Retention::Until)),
+            Err(e) if e.status() == Some(404) => Ok(Retention::Missing),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves the lock of `rel`'s current version to `lock` (PutObjectRetention). S3 refuses
+    /// to bring a lock's end nearer.
+    pub async fn extend_lock(&self, rel: &str, lock: &Lock) -> Result<(), CallError> {
+        use aws_sdk_s3::types::{ObjectLockRetention, ObjectLockRetentionMode};
+        let key = self.key(rel);
+        let retention = ObjectLockRetention::builder()
+            .mode(ObjectLockRetentionMode::from(lock.mode.as_s3()))
+            .retain_until_date(DateTime::from(lock.until))
+            .build();
+        self.retrier
+            .run("PutObjectRetention", &self.url(rel), None, || {
+                self.client
+                    .put_object_retention()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .retention(retention.clone())
+                    .send()
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Whether the bucket has Object Lock enabled.
+    pub async fn object_lock_enabled(&self) -> Result<bool, CallError> {
+        let what = format!("s3://{}", self.bucket);
+        let r = self
+            .retrier
+            .run("GetObjectLockConfiguration", &what, None, || {
+                self.client
+                    .get_object_lock_configuration()
+                    .bucket(&self.bucket)
+                    .send()
+            })
+            .await;
+        match r {
+            Ok(out) => Ok(out
+                .object_lock_configuration()
+                .and_then(|c| c.object_lock_enabled())
+                .is_some_and(|e| *e == aws_sdk_s3::types::ObjectLockEnabled::Enabled)),
+            // ObjectLockConfigurationNotFoundError
             Err(e) if e.status() == Some(404) => Ok(false),
             Err(e) => Err(e),
         }

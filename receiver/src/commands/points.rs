@@ -11,6 +11,12 @@ pub fn run(state_dir: &Path, server: &str, json: bool) -> anyhow::Result<()> {
     crate::fleet::sync_catalog(state_dir)?;
     let catalog = Catalog::new(state_dir);
     let points = catalog.points(server)?;
+    let locked_through = crate::fleet::locked_through(&catalog, server);
+    // Under Object Lock: whether the lock keeper has seen every block of the point locked as
+    // long as the point (at the receiver holding the server; elsewhere, not yet known).
+    let blocks_locked =
+        |p: &crate::catalog::PointRecord| locked_through.is_some_and(|t| p.point <= t);
+    let now = crate::status::now_ms();
     // Where each point stands on EBS (an unreadable record is shown as such, never fatal).
     let ebs: Vec<Result<EbsRecord, String>> = points
         .iter()
@@ -27,6 +33,13 @@ pub fn run(state_dir: &Path, server: &str, json: bool) -> anyhow::Result<()> {
                 }),
                 Err(e) => serde_json::json!({ "state": "unknown", "error": e }),
             };
+            if let Some(until) = p.locked_until_unix_ms {
+                v["lock"] = serde_json::json!({
+                    "until_unix_ms": until,
+                    "ended": until <= now,
+                    "blocks_locked": blocks_locked(p),
+                });
+            }
             out.push(v);
         }
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -43,13 +56,14 @@ pub fn run(state_dir: &Path, server: &str, json: bool) -> anyhow::Result<()> {
             }
         );
     }
+    let any_lock = points.iter().any(|p| p.locked_until_unix_ms.is_some());
     let rows: Vec<Vec<String>> = points
         .iter()
         .zip(&ebs)
         .map(|(p, r)| {
             let data: u64 = p.disks.iter().map(|d| d.data_blocks).sum();
             let changed: u64 = p.disks.iter().map(|d| d.changed_blocks).sum();
-            vec![
+            let mut row = vec![
                 p.point.to_string(),
                 fmt_utc(p.committed_unix_ms),
                 match (&p.damaged, p.consistency) {
@@ -79,7 +93,16 @@ pub fn run(state_dir: &Path, server: &str, json: bool) -> anyhow::Result<()> {
                     }
                     Err(_) => "unknown".into(),
                 },
-            ]
+            ];
+            if any_lock {
+                row.push(match p.locked_until_unix_ms {
+                    None => "-".into(),
+                    Some(u) if u <= now => "ended".into(),
+                    Some(u) if blocks_locked(p) => fmt_utc(u),
+                    Some(u) => format!("{} (blocks unchecked)", fmt_utc(u)),
+                });
+            }
+            row
         })
         .collect();
     let damaged: Vec<String> = points
@@ -94,18 +117,29 @@ pub fn run(state_dir: &Path, server: &str, json: bool) -> anyhow::Result<()> {
             })
         })
         .collect();
-    print_table(
-        &[
-            "POINT",
-            "COMMITTED (UTC)",
-            "CONSISTENCY",
-            "DISKS",
-            "DATA",
-            "CHANGED",
-            "EBS",
-        ],
-        &rows,
-    );
+    let mut header = vec![
+        "POINT",
+        "COMMITTED (UTC)",
+        "CONSISTENCY",
+        "DISKS",
+        "DATA",
+        "CHANGED",
+        "EBS",
+    ];
+    if any_lock {
+        header.push("LOCKED UNTIL (UTC)");
+    }
+    print_table(&header, &rows);
+    if points
+        .iter()
+        .any(|p| p.locked_until_unix_ms.is_some_and(|u| u > now) && !blocks_locked(p))
+    {
+        println!(
+            "blocks unchecked: the point and its manifests are locked, but the lock keeper (each \
+             GC pass of the receiver holding the server) has not yet seen every block it names \
+             locked as long"
+        );
+    }
     for d in &damaged {
         println!("{d}");
     }

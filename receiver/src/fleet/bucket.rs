@@ -16,7 +16,7 @@
 //! highest it listed, and writes each with `If-None-Match`, so two writers never share one.
 
 use super::{Fleet, FleetError, Records, Taken};
-use crate::aws::s3::{Condition, PutError, S3};
+use crate::aws::s3::{Condition, Lock, PutError, S3};
 use crate::catalog::{Catalog, PointRecord};
 use crate::lease::Moment;
 use crate::lease::{Acquired, Current, Held, Leases};
@@ -450,12 +450,19 @@ impl BucketFleet {
     /// lands late can then never replace ours. One already there with other content (an
     /// earlier holder's point of the same number, never acknowledged) is replaced, by a
     /// holder that still holds the server, over exactly the version it read.
-    fn put_point_object(&self, server: &str, key: &str, body: Vec<u8>) -> Result<(), FleetError> {
+    fn put_point_object(
+        &self,
+        server: &str,
+        key: &str,
+        body: Vec<u8>,
+        lock: Option<Lock>,
+    ) -> Result<(), FleetError> {
         self.still_held(server)?;
         let (s3, k, b) = (self.s3.clone(), key.to_string(), body.clone());
-        let first = self
-            .store
-            .run(async move { s3.put(&k, b, &Condition::Absent).await });
+        let first = self.store.run(async move {
+            s3.put_locked(&k, b, &Condition::Absent, lock.as_ref())
+                .await
+        });
         let bucket = |why: String| FleetError::Bucket {
             server: server.into(),
             why,
@@ -486,10 +493,10 @@ impl BucketFleet {
             "replacing an earlier holder's write of this point (never acknowledged)"
         );
         let (s3, k) = (self.s3.clone(), key.to_string());
-        match self
-            .store
-            .run(async move { s3.put(&k, body, &Condition::ETag(etag)).await })
-        {
+        match self.store.run(async move {
+            s3.put_locked(&k, body, &Condition::ETag(etag), lock.as_ref())
+                .await
+        }) {
             Ok(_) => Ok(()),
             Err(PutError::Failed(e)) => Err(Self::bucket_err(server)(e)),
             Err(other) => Err(bucket(format!("{}: {other}", self.s3.url(key)))),
@@ -732,10 +739,15 @@ impl Fleet for BucketFleet {
             server: server.into(),
             why: e.to_string(),
         })?;
-        // The manifests, then the record that lists the point.
+        // The manifests, then the record that lists the point; under Object Lock, locked as
+        // long as the record says.
         objects.push((format!("{dir}point.json"), json));
+        let lock = rec
+            .locked_until_unix_ms
+            .zip(self.store.lock_policy())
+            .map(|(until, p)| p.lock(until));
         for (key, body) in objects.drain(..) {
-            self.put_point_object(server, &key, body)?;
+            self.put_point_object(server, &key, body, lock)?;
         }
         self.still_held(server)
     }
@@ -761,6 +773,113 @@ impl Fleet for BucketFleet {
             .collect();
         self.still_held(server)?;
         self.delete_keys(rest).map_err(Self::bucket_err(server))
+    }
+
+    fn point_lock_until(&self, committed_ms: u64) -> Option<u64> {
+        self.store
+            .lock_policy()
+            .map(|p| p.point_until_ms(committed_ms))
+    }
+
+    fn keep_locks(&self, server: &str) -> Result<super::LockPass, FleetError> {
+        if self.store.lock_policy().is_none() {
+            return Ok(Default::default());
+        }
+        self.still_held(server)?;
+        let local = |e: crate::catalog::CatalogError| FleetError::Local {
+            server: server.into(),
+            why: e.to_string(),
+        };
+        let now = crate::status::now_ms();
+        let through = super::locked_through(&self.catalog, server);
+        let points = self.catalog.points(server).map_err(local)?;
+        let Some(newest) = points.last().map(|p| p.point) else {
+            return Ok(Default::default());
+        };
+        // Points already found locked stay so; an unlocked, expired or damaged point needs
+        // nothing.
+        let pending: Vec<&PointRecord> = points
+            .iter()
+            .filter(|p| through.is_none_or(|t| p.point > t))
+            .filter(|p| p.damaged.is_none() && p.locked_until_unix_ms.is_some_and(|u| u > now))
+            .collect();
+        let mut needs: HashMap<BlockHash, u64> = HashMap::new();
+        // The first point whose blocks cannot be listed, if any: the pass proves nothing
+        // from it on.
+        let mut unreadable = None;
+        for p in &pending {
+            let until = p.locked_until_unix_ms.unwrap_or(0);
+            for d in &p.disks {
+                match self.catalog.disk_manifest(p, &d.id) {
+                    crate::catalog::ManifestState::Sound(m) => {
+                        for h in m.hashes.iter().filter(|h| !h.is_zero()) {
+                            let need = needs.entry(*h).or_insert(until);
+                            *need = (*need).max(until);
+                        }
+                    }
+                    crate::catalog::ManifestState::Damaged(why)
+                    | crate::catalog::ManifestState::Unknown(why) => {
+                        tracing::warn!(
+                            server,
+                            point = p.point,
+                            "lock keeper: disk {}: {why}",
+                            d.id
+                        );
+                        unreadable = Some(unreadable.map_or(p.point, |b: u64| b.min(p.point)));
+                    }
+                }
+            }
+        }
+        let report = self
+            .store
+            .keep_locked(&needs)
+            .map_err(|e| FleetError::Bucket {
+                server: server.into(),
+                why: e.to_string(),
+            })?;
+        // The first point naming a block that could not be locked long enough.
+        let mut first_bad = unreadable;
+        if !report.failed.is_empty() {
+            let failed: std::collections::HashSet<BlockHash> =
+                report.failed.iter().map(|(h, _)| *h).collect();
+            for (h, why) in report.failed.iter().take(3) {
+                tracing::warn!(server, block = %h, "lock keeper: {why}");
+            }
+            for p in &pending {
+                let names_bad = p.disks.iter().any(|d| {
+                    matches!(self.catalog.disk_manifest(p, &d.id),
+                        crate::catalog::ManifestState::Sound(m) if m.hashes.iter().any(|h| failed.contains(h)))
+                });
+                if names_bad {
+                    first_bad = Some(first_bad.map_or(p.point, |b: u64| b.min(p.point)));
+                    break;
+                }
+            }
+        }
+        let proven = match first_bad {
+            None => Some(newest),
+            Some(bad) => points
+                .iter()
+                .map(|p| p.point)
+                .filter(|p| *p < bad)
+                .max()
+                .max(through),
+        };
+        if let Some(t) = proven.filter(|t| Some(*t) != through) {
+            let path = self.catalog.server_dir(server).join(super::LOCKED_THROUGH);
+            lifeboat_common::durable::write_atomic(&path, format!("{t}\n").as_bytes()).map_err(
+                |e| FleetError::Local {
+                    server: server.into(),
+                    why: format!("{}: {e}", path.display()),
+                },
+            )?;
+        }
+        Ok(super::LockPass {
+            read: report.read,
+            extended: report.extended,
+            failed: report.failed.len(),
+            through: proven,
+        })
     }
 
     fn compacted(&self, server: &str, point: u64, disks: &[String]) {

@@ -64,6 +64,32 @@ pub enum Taken {
     Elsewhere { holder: String, address: String },
 }
 
+/// In a server's catalog directory: the newest point whose blocks, and those of every
+/// point before it, the lock keeper found locked for as long as the point is (a decimal
+/// number). Lock ends never move nearer, so that stays true.
+pub const LOCKED_THROUGH: &str = "locked-through";
+
+/// The newest point of `server` known to have every block locked as long as itself.
+pub fn locked_through(catalog: &crate::catalog::Catalog, server: &str) -> Option<u64> {
+    std::fs::read_to_string(catalog.server_dir(server).join(LOCKED_THROUGH))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// What one lock keeper's pass over a server did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LockPass {
+    /// Blocks whose lock was read from the bucket, then extended.
+    pub read: usize,
+    pub extended: usize,
+    /// Blocks it could not lock long enough (each is retried next pass).
+    pub failed: usize,
+    /// The newest point now known fully locked.
+    pub through: Option<u64>,
+}
+
 /// What `/metrics` shows of the fleet.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
@@ -110,6 +136,14 @@ pub trait Fleet: Send + Sync {
     /// Writes the server's identity record, as the state directory has it, to the bucket for
     /// the fleet's other receivers.
     fn push_identity(&self, server: &str) -> Result<(), FleetError>;
+    /// Under Object Lock (`[s3] object_lock_days`): when a point committed at `committed_ms`
+    /// stops being locked. `None` without it.
+    fn point_lock_until(&self, committed_ms: u64) -> Option<u64>;
+    /// Under Object Lock: makes every block the server's points name locked at least as long
+    /// as the newest of them (blocks are shared by dedupe, so one written long ago may be named
+    /// by today's point), then records how far that holds ([`LOCKED_THROUGH`]). Only while
+    /// holding the server; a no-op without Object Lock.
+    fn keep_locks(&self, server: &str) -> Result<LockPass, FleetError>;
     /// Releases every held lease (serve is stopping).
     fn release_all(&self);
     /// Seconds between renewals.

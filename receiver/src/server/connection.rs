@@ -161,11 +161,25 @@ async fn push_identity(shared: &Shared, server: &str) -> Result<(), String> {
 }
 
 /// In a fleet: gives the server's lease up (its agent is gone), while the server's slot is
-/// still this connection's.
+/// still this connection's. Under Object Lock the lock keeper checks the server's newest
+/// points first: no receiver runs it for a server none holds.
 async fn release_lease(shared: &Arc<Shared>, server: &str) {
     if let Some(fleet) = shared.fleet.clone() {
         let s = server.to_string();
-        let _ = tokio::task::spawn_blocking(move || fleet.release(&s)).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            match fleet.keep_locks(&s) {
+                Ok(pass) if pass.failed > 0 => tracing::warn!(
+                    server = %s,
+                    failed = pass.failed,
+                    "lock keeper: blocks not locked as long as their points (tried again when \
+                     the server is next held)"
+                ),
+                Ok(_) | Err(crate::fleet::FleetError::NotHeld { .. }) => {}
+                Err(e) => tracing::warn!(server = %s, "lock keeper: {e}"),
+            }
+            fleet.release(&s)
+        })
+        .await;
     }
 }
 

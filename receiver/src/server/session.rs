@@ -878,13 +878,19 @@ impl Session {
             });
             manifests.push((d.id.clone(), d.manifest.clone()));
         }
+        let committed_unix_ms = now_ms();
         let rec = PointRecord {
             server: self.server.clone(),
             point,
             created_unix_ms,
-            committed_unix_ms: now_ms(),
+            committed_unix_ms,
             agent_clock_skew_ms: self.status.clock_skew_ms,
             damaged: None,
+            locked_until_unix_ms: self
+                .shared
+                .fleet
+                .as_ref()
+                .and_then(|f| f.point_lock_until(committed_unix_ms)),
             consistency,
             consistency_why: why,
             target: self.shared.target.name().to_string(),

@@ -41,8 +41,8 @@
 
 use super::{BlockStore, Fence, StoreError, VerifiedBlock};
 use crate::aws::retry::CallError;
-use crate::aws::s3::{Condition, PutError, S3};
-use lifeboat_common::config::S3Config;
+use crate::aws::s3::{Condition, Lock, PutError, Retention, S3};
+use lifeboat_common::config::{LockMode, S3Config};
 use lifeboat_common::BlockHash;
 use std::collections::HashSet;
 use std::future::Future;
@@ -55,8 +55,58 @@ const OWNER: &str = "owner.json";
 /// The owner a fleet's prefix names: every receiver of the fleet shares it.
 pub const FLEET: &str = "fleet";
 
+/// New blocks are locked this many days past `object_lock_days`, so a block written today and
+/// named by a point committed up to this many days later needs no request more; the lock
+/// keeper ([`S3Store::keep_locked`]) extends the rest.
+pub const LOCK_SLACK_DAYS: u64 = 7;
+const DAY_MS: u64 = 86_400_000;
+
+/// `object_lock_days` and `object_lock_mode` of `[s3]`.
+#[derive(Clone, Copy, Debug)]
+pub struct LockPolicy {
+    pub days: u32,
+    pub mode: LockMode,
+}
+
+impl LockPolicy {
+    /// The lock a block written (or extended) at `now_ms` gets.
+    fn block_until_ms(&self, now_ms: u64) -> u64 {
+        now_ms + (u64::from(self.days) + LOCK_SLACK_DAYS) * DAY_MS
+    }
+
+    /// When a point committed at `committed_ms` stops being locked.
+    pub fn point_until_ms(&self, committed_ms: u64) -> u64 {
+        committed_ms + u64::from(self.days) * DAY_MS
+    }
+
+    pub fn lock(&self, until_ms: u64) -> Lock {
+        Lock {
+            mode: self.mode,
+            until: std::time::UNIX_EPOCH + std::time::Duration::from_millis(until_ms),
+        }
+    }
+}
+
+/// What a pass of [`S3Store::keep_locked`] did.
+#[derive(Debug, Default)]
+pub struct LockReport {
+    /// Blocks whose lock was read from the bucket (not known to this receiver).
+    pub read: usize,
+    /// Blocks whose lock was extended.
+    pub extended: usize,
+    /// Blocks not locked long enough, and why (missing from the bucket, a request failed).
+    pub failed: Vec<(BlockHash, String)>,
+}
+
 pub struct S3Store {
     s3: S3,
+    lock: Option<LockPolicy>,
+    /// When each block's lock ends (unix ms), as far as this receiver knows: set by its
+    /// writes and extensions, read from the bucket when unknown; kept in `locks_path` between
+    /// runs. Only ever an underestimate that costs a request, never an overestimate: S3 never
+    /// brings a lock's end nearer.
+    locks: std::sync::Mutex<Option<std::collections::HashMap<BlockHash, u64>>>,
+    locks_path: std::path::PathBuf,
     /// Dropped with `shutdown_background` (see `Drop`): a runtime may not be dropped where
     /// blocking is not allowed, and the store's last reference may go in async code.
     rt: Option<tokio::runtime::Runtime>,
@@ -164,6 +214,12 @@ impl S3Store {
         let s3 = run_on(&rt, async move { S3::connect(&c).await });
         let store = S3Store {
             s3,
+            lock: cfg.object_lock_days.map(|days| LockPolicy {
+                days,
+                mode: cfg.object_lock_mode,
+            }),
+            locks: Default::default(),
+            locks_path: state_dir.join("object-locks"),
             rt: Some(rt),
             in_flight: cfg.requests_in_flight.max(1),
             fence: state_dir.join("quarantine.lock"),
@@ -177,8 +233,123 @@ impl S3Store {
                 message: format!("bucket {:?} does not answer: {e}", cfg.bucket),
                 retryable: false,
             })?;
+        if store.lock.is_some() {
+            let s3 = store.s3.clone();
+            let enabled = store
+                .run(async move { s3.object_lock_enabled().await })
+                .map_err(remote)?;
+            if !enabled {
+                return Err(StoreError::Remote {
+                    message: format!(
+                        "bucket {:?} does not have Object Lock enabled, and object_lock_days is \
+                         set in [s3]: enable it on the bucket (versioning on, then \
+                         `aws s3api put-object-lock-configuration --bucket {} \
+                         --object-lock-configuration ObjectLockEnabled=Enabled`), or remove \
+                         object_lock_days",
+                        cfg.bucket, cfg.bucket
+                    ),
+                    retryable: false,
+                });
+            }
+        }
         store.claim(owner)?;
         Ok(store)
+    }
+
+    /// `object_lock_days` and `object_lock_mode`, when set.
+    pub fn lock_policy(&self) -> Option<LockPolicy> {
+        self.lock
+    }
+
+    /// Makes sure each block of `needs` is locked at least until its time (unix ms): from what
+    /// this receiver knows, else by reading its lock (HEAD); those locked too briefly are
+    /// extended (PutObjectRetention) to a new block's lock from now, so each is touched about
+    /// once every [`LOCK_SLACK_DAYS`]. Requests run `requests_in_flight` at a time. What this
+    /// receiver knows is saved for its next run.
+    pub fn keep_locked(
+        &self,
+        needs: &std::collections::HashMap<BlockHash, u64>,
+    ) -> Result<LockReport, StoreError> {
+        let Some(policy) = self.lock else {
+            return Ok(LockReport::default());
+        };
+        let mut report = LockReport::default();
+        let todo: Vec<(BlockHash, u64, Option<u64>)> = {
+            let mut locks = self.locks();
+            let known = self.loaded(&mut locks);
+            needs
+                .iter()
+                .filter_map(|(h, need)| {
+                    let k = known.get(h).copied();
+                    (k.unwrap_or(0) < *need).then_some((*h, *need, k))
+                })
+                .collect()
+        };
+        if todo.is_empty() {
+            return Ok(report);
+        }
+        let s3 = self.s3.clone();
+        let limit = Arc::new(tokio::sync::Semaphore::new(self.in_flight));
+        let results = self.run(async move {
+            let mut set = tokio::task::JoinSet::new();
+            for (hash, need, known) in todo {
+                let (s3, limit) = (s3.clone(), limit.clone());
+                set.spawn(async move {
+                    let _slot = limit.acquire_owned().await;
+                    (hash, keep_one(&s3, &policy, &hash, need, known).await)
+                });
+            }
+            let mut out = Vec::new();
+            while let Some(r) = set.join_next().await {
+                if let Ok(r) = r {
+                    out.push(r);
+                }
+            }
+            out
+        });
+        {
+            let mut locks = self.locks();
+            let known = self.loaded(&mut locks);
+            for (hash, r) in results {
+                match r {
+                    Ok(Kept {
+                        until_ms,
+                        read,
+                        extended,
+                    }) => {
+                        report.read += usize::from(read);
+                        report.extended += usize::from(extended);
+                        known.insert(hash, until_ms);
+                    }
+                    Err(why) => report.failed.push((hash, why)),
+                }
+            }
+            let now = crate::status::now_ms();
+            known.retain(|_, until| *until > now);
+            if let Err(e) = save_locks(&self.locks_path, known) {
+                tracing::warn!(
+                    "saving what is known of the blocks' locks to {}: {e}; they are read from \
+                     the bucket again next run",
+                    self.locks_path.display()
+                );
+            }
+        }
+        Ok(report)
+    }
+
+    fn locks(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<std::collections::HashMap<BlockHash, u64>>> {
+        self.locks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The known locks, loaded from `locks_path` at the first use (an unreadable file is
+    /// as if empty: everything is read from the bucket again).
+    fn loaded<'a>(
+        &self,
+        locks: &'a mut Option<std::collections::HashMap<BlockHash, u64>>,
+    ) -> &'a mut std::collections::HashMap<BlockHash, u64> {
+        locks.get_or_insert_with(|| load_locks(&self.locks_path))
     }
 
     /// Makes the bucket's prefix this receiver's (`owner.json`, written only if absent), or
@@ -354,7 +525,7 @@ impl BlockStore for S3Store {
                 let mut body = Vec::with_capacity(1 + b.data.len());
                 body.push(b.codec as u8);
                 body.extend_from_slice(&b.data);
-                bodies.push((block_key(&b.hash), body));
+                bodies.push((b.hash, body));
             }
         }
         if bodies.is_empty() {
@@ -363,34 +534,42 @@ impl BlockStore for S3Store {
         let epoch = self.index().epoch;
         let s3 = self.s3.clone();
         let limit = Arc::new(tokio::sync::Semaphore::new(self.in_flight));
-        let new = self.run(async move {
+        // Under Object Lock, a new block is locked from now for a point's lock and the slack.
+        let lock_until = self.lock.map(|p| p.block_until_ms(crate::status::now_ms()));
+        let lock = self.lock.zip(lock_until).map(|(p, u)| p.lock(u));
+        let written = self.run(async move {
             let mut set = tokio::task::JoinSet::new();
-            for (key, body) in bodies {
+            for (hash, body) in bodies {
                 let s3 = s3.clone();
                 let limit = limit.clone();
                 set.spawn(async move {
                     let _slot = limit.acquire_owned().await;
-                    match s3.put(&key, body.clone(), &Condition::Absent).await {
-                        Ok(_) => Ok(true),
+                    let key = block_key(&hash);
+                    let lock = lock.as_ref();
+                    match s3
+                        .put_locked(&key, body.clone(), &Condition::Absent, lock)
+                        .await
+                    {
+                        Ok(_) => Ok(Some(hash)),
                         // There already, and durable (S3 is strongly consistent).
-                        Err(PutError::Lost) => Ok(false),
+                        Err(PutError::Lost) => Ok(None),
                         // A concurrent write of the same key may still fail: ours goes in
                         // unconditionally (same name, same content).
                         Err(PutError::Conflict) => s3
-                            .put(&key, body, &Condition::None)
+                            .put_locked(&key, body, &Condition::None, lock)
                             .await
-                            .map(|_| true)
+                            .map(|_| Some(hash))
                             .map_err(put_err),
                         Err(e) => Err(put_err(e)),
                     }
                 });
             }
-            let mut new = 0;
+            let mut written = Vec::new();
             let mut first_err = None;
             while let Some(r) = set.join_next().await {
                 match r {
-                    Ok(Ok(true)) => new += 1,
-                    Ok(Ok(false)) => {}
+                    Ok(Ok(Some(h))) => written.push(h),
+                    Ok(Ok(None)) => {}
                     Ok(Err(e)) => {
                         first_err.get_or_insert(e);
                     }
@@ -404,18 +583,28 @@ impl BlockStore for S3Store {
             }
             match first_err {
                 Some(e) => Err(e),
-                None => Ok(new),
+                None => Ok(written),
             }
         })?;
         // Every PUT returned: each block is in the bucket, durable, unless a purge or reset
         // came meanwhile (a quarantine may have taken one of them since its PUT).
+        // What this batch wrote is locked until `lock_until`; blocks that were there already
+        // keep the lock they had, unknown here (the lock keeper reads it when a point names
+        // them).
+        if let Some(until) = lock_until {
+            let mut locks = self.locks();
+            let known = self.loaded(&mut locks);
+            for h in &written {
+                known.insert(*h, until);
+            }
+        }
         let mut index = self.index();
         if index.epoch == epoch {
             if let Some(blocks) = index.blocks.as_mut() {
                 blocks.extend(seen);
             }
         }
-        Ok(new)
+        Ok(written.len())
     }
 
     fn requests(&self) -> Option<super::RequestCounts> {
@@ -567,5 +756,138 @@ impl BlockStore for S3Store {
         }
         drop(index);
         mark
+    }
+}
+
+/// What [`keep_one`] found or did: the block's lock now ends at `until_ms`.
+struct Kept {
+    until_ms: u64,
+    read: bool,
+    extended: bool,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Makes one block's lock reach `need` (unix ms): read first when `known` is not, extended
+/// when short. An extension S3 refuses (another receiver moved it further) is read back.
+async fn keep_one(
+    s3: &S3,
+    policy: &LockPolicy,
+    hash: &BlockHash,
+    need: u64,
+    known: Option<u64>,
+) -> Result<Kept, String> {
+    let key = block_key(hash);
+    let read_lock = || async {
+        match s3.retention(&key).await {
+            Ok(Retention::Until(t)) => Ok(unix_ms(t)),
+            Ok(Retention::Unlocked) => Ok(0),
+            Ok(Retention::Missing) => Err(format!(
+                "{} is not in the bucket, though a point names it",
+                s3.url(&key)
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let mut kept = Kept {
+        until_ms: known.unwrap_or(0),
+        read: false,
+        extended: false,
+    };
+    if known.is_none() {
+        kept.until_ms = read_lock().await?;
+        kept.read = true;
+        if kept.until_ms >= need {
+            return Ok(kept);
+        }
+    }
+    let until = policy.block_until_ms(crate::status::now_ms()).max(need);
+    match s3.extend_lock(&key, &policy.lock(until)).await {
+        Ok(()) => {
+            kept.until_ms = until;
+            kept.extended = true;
+            Ok(kept)
+        }
+        Err(e) => {
+            let now = read_lock().await?;
+            if now >= need {
+                kept.until_ms = now;
+                kept.read = true;
+                Ok(kept)
+            } else {
+                Err(format!("extending the lock of {}: {e}", s3.url(&key)))
+            }
+        }
+    }
+}
+
+const LOCKS_MAGIC: &[u8; 8] = b"LBLOCKS1";
+
+/// `locks_path`: the magic, then per block its hash (32 bytes) and lock end (unix ms, u64 LE).
+fn load_locks(path: &std::path::Path) -> std::collections::HashMap<BlockHash, u64> {
+    let Ok(raw) = std::fs::read(path) else {
+        return Default::default();
+    };
+    let Some(body) = raw.strip_prefix(LOCKS_MAGIC.as_slice()) else {
+        tracing::warn!("{}: not a lock file; ignored", path.display());
+        return Default::default();
+    };
+    body.chunks_exact(40)
+        .filter_map(|c| {
+            let hash = BlockHash(c[..32].try_into().ok()?);
+            Some((hash, u64::from_le_bytes(c[32..].try_into().ok()?)))
+        })
+        .collect()
+}
+
+fn save_locks(
+    path: &std::path::Path,
+    locks: &std::collections::HashMap<BlockHash, u64>,
+) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(8 + 40 * locks.len());
+    out.extend_from_slice(LOCKS_MAGIC);
+    for (h, until) in locks {
+        out.extend_from_slice(&h.0);
+        out.extend_from_slice(&until.to_le_bytes());
+    }
+    lifeboat_common::durable::write_atomic(path, &out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_locks_survive_a_restart_and_a_bad_file_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("object-locks");
+        assert!(load_locks(&path).is_empty());
+        let locks: std::collections::HashMap<BlockHash, u64> = (0..100u8)
+            .map(|i| (BlockHash([i; 32]), 1_700_000_000_000 + u64::from(i)))
+            .collect();
+        save_locks(&path, &locks).unwrap();
+        assert_eq!(load_locks(&path), locks);
+        // Not ours, or cut short: what cannot be read is read from the bucket again.
+        std::fs::write(&path, b"something else entirely").unwrap();
+        assert!(load_locks(&path).is_empty());
+        let mut cut = LOCKS_MAGIC.to_vec();
+        cut.extend_from_slice(&[7; 39]);
+        std::fs::write(&path, cut).unwrap();
+        assert!(load_locks(&path).is_empty());
+    }
+
+    #[test]
+    fn a_block_is_locked_past_any_point_committed_within_the_slack() {
+        let p = LockPolicy {
+            days: 30,
+            mode: LockMode::Compliance,
+        };
+        let written = 1_000 * DAY_MS;
+        let block = p.block_until_ms(written);
+        assert!(block >= p.point_until_ms(written + LOCK_SLACK_DAYS * DAY_MS));
+        assert!(block < p.point_until_ms(written + LOCK_SLACK_DAYS * DAY_MS + 1));
     }
 }
