@@ -837,11 +837,12 @@ pub struct S3Config {
     /// Requests in flight at once for one batch of blocks.
     #[serde(default = "default_s3_requests_in_flight")]
     pub requests_in_flight: usize,
-    /// Days each point stays under S3 Object Lock from its commit: its manifests, its record
-    /// and every block it names can be neither deleted nor overwritten until then, by anyone
-    /// (ransomware holding the receiver's credentials included). Needs a bucket created with
-    /// Object Lock, and `[fleet]` (a fleet of one receiver is fine): only a fleet keeps its
-    /// points in the bucket. None (the default): nothing is locked.
+    /// Under S3 Object Lock, the days each day's point (the newest of a UTC day) stays locked
+    /// from its commit; finer points are locked as long as retention keeps them, and every
+    /// block a locked point names as long as the point. A locked version can be deleted by no
+    /// one (ransomware holding the receiver's credentials included) before its lock ends.
+    /// Needs a bucket with Object Lock, and `[fleet]` (a fleet of one receiver is fine): only
+    /// a fleet keeps its points in the bucket. None (the default): nothing is locked.
     #[serde(default)]
     pub object_lock_days: Option<u32>,
     /// `governance` (the default: a user granted `s3:BypassGovernanceRetention` may still

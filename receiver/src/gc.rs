@@ -84,6 +84,41 @@ pub fn run_pass(
     run_pass_in(state_dir, store, None, policy, sweep_anyway)
 }
 
+/// How long past a point's lock retention waits before deleting it: this receiver's clock
+/// may run ahead of S3's.
+pub const LOCK_MARGIN_MS: u64 = 3_600_000;
+
+/// Under Object Lock, in a fleet: the lock keeper over every server this receiver holds
+/// ([`crate::fleet::Fleet::keep_locks`]; retention keeps every point of the last
+/// `recent_ms`). Outside the GC lock: it only reads points and manifests (one deleted
+/// meanwhile is counted unreadable, and checked again next pass), and its requests must not
+/// stall the sessions.
+pub fn keep_locks(state_dir: &Path, fleet: &dyn crate::fleet::Fleet, recent_ms: u64) {
+    let servers = match Catalog::new(state_dir).servers() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("lock keeper: listing the servers: {e}");
+            return;
+        }
+    };
+    for server in servers.iter().filter(|s| fleet.holds(s)) {
+        match fleet.keep_locks(server, recent_ms, None) {
+            Ok(pass) if pass.points_extended + pass.read + pass.extended + pass.failed > 0 => {
+                tracing::info!(
+                    server = %server,
+                    points_extended = pass.points_extended,
+                    blocks_read = pass.read,
+                    blocks_extended = pass.extended,
+                    failed = pass.failed,
+                    "lock keeper: locks checked"
+                )
+            }
+            Ok(_) | Err(crate::fleet::FleetError::NotHeld { .. }) => {}
+            Err(e) => tracing::error!(server = %server, "lock keeper skipped: {e}"),
+        }
+    }
+}
+
 /// [`run_pass`], in a fleet when `fleet` is given: retention only for the servers this
 /// receiver holds (their points deleted from the bucket first), and no block sweep (each
 /// receiver sees only its own servers' references; a sweep needs them all).
@@ -121,20 +156,6 @@ pub fn run_pass_in(
             &mut report,
         ) {
             tracing::error!(server = %server, "retention skipped for server {server}: {e:#}");
-        }
-        if let Some(f) = fleet {
-            match f.keep_locks(&server) {
-                Ok(pass) if pass.read + pass.extended + pass.failed > 0 => tracing::info!(
-                    server = %server,
-                    read = pass.read,
-                    extended = pass.extended,
-                    failed = pass.failed,
-                    locked_through = ?pass.through,
-                    "lock keeper: blocks checked"
-                ),
-                Ok(_) => {}
-                Err(e) => tracing::error!(server = %server, "lock keeper skipped: {e}"),
-            }
         }
     }
     tracing::debug!(
@@ -238,12 +259,26 @@ fn apply_retention(
         // Points EBS needs stay: uploading, on EBS, the parent of an unfinished upload, or
         // pinned by a recovery (later uploads take their differences from their manifests).
         let held = crate::snapshots::ebs::record::held_points(catalog, server, &points);
-        // Points under Object Lock stay until it ends: their objects in the bucket could not
-        // be deleted before.
+        // Under Object Lock a point stays while it is locked, and while the lock policy says it
+        // must be (the keeper may not have extended its lock yet: after a restart, say).
+        // (With an hour's margin for clocks: a plain DELETE of a locked point is not refused,
+        // only hidden.)
+        let recent_ms = policy.recent_minutes.saturating_mul(60_000);
+        let horizons = fleet
+            .and_then(|f| f.lock_days())
+            .map(|days| retention::lock_horizons(&pairs, now_ms, days, recent_ms, false));
         let doomed: Vec<_> = candidates
             .iter()
             .filter(|p| !keep.contains(&p.point) && !held.contains(&p.point))
-            .filter(|p| p.locked_until_unix_ms.is_none_or(|u| u <= now_ms))
+            .filter(|p| {
+                crate::fleet::point_lock(catalog, p).until_unix_ms + LOCK_MARGIN_MS <= now_ms
+            })
+            .filter(|p| {
+                horizons.as_ref().is_none_or(|h| {
+                    h.get(&p.point)
+                        .is_none_or(|u| *u + LOCK_MARGIN_MS <= now_ms)
+                })
+            })
             .collect();
         if doomed.is_empty() {
             return Ok(());
@@ -285,7 +320,19 @@ fn apply_retention(
         }
         for p in doomed {
             if let Some(f) = fleet {
-                f.delete_point(server, p.point)?;
+                match f.delete_point(server, p.point) {
+                    Ok(()) => {}
+                    // Locked longer than this receiver knew: kept, and known from now on.
+                    Err(crate::fleet::FleetError::Locked { until_unix_ms, .. }) => {
+                        let mut l = crate::fleet::point_lock(catalog, p);
+                        if until_unix_ms > l.until_unix_ms {
+                            l.until_unix_ms = until_unix_ms;
+                            crate::fleet::save_point_lock(catalog, p, &l)?;
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             catalog.delete(server, p.point)?;
             report.points_deleted += 1;

@@ -46,6 +46,64 @@ pub fn keep(points: &[(u64, u64)], now_ms: u64, policy: &RetentionConfig) -> Has
     kept
 }
 
+/// Under Object Lock, how long each point is locked at first, with retention keeping every
+/// point of the last `recent_ms`: until retention may thin it out, and then long enough for
+/// its 10-minute slot to close and the lock keeper to extend the lock of the point retention
+/// keeps for it (20 minutes at least).
+pub fn first_lock_ms(recent_ms: u64) -> u64 {
+    recent_ms.saturating_add(10 * MIN_MS).max(20 * MIN_MS)
+}
+
+/// Under Object Lock, until when each of `points` (`(point, committed_unix_ms)`) must stay
+/// locked as seen at `now_ms`, with retention keeping every point of the last `recent_ms`:
+/// every point for [`first_lock_ms`]; the newest point of a closed 10-minute slot for 2 hours,
+/// of a closed hour for 2 days, of a closed UTC day for `lock_days` days. Only closed slots
+/// count: the newest point of an open one can still be displaced, and a lock cannot be taken
+/// back; with `newest_final` (its agent is gone), the newest point's slots count as closed.
+/// So the points retention keeps stay locked as long as it keeps them (with `lock_days` for
+/// the daily ones), provided the keeper runs within 10 minutes of each slot's end, and the
+/// points it thins out are locked minutes, not days: at a point every 10 seconds, locking
+/// every point for days would keep thousands of full manifests a day.
+pub fn lock_horizons(
+    points: &[(u64, u64)],
+    now_ms: u64,
+    lock_days: u64,
+    recent_ms: u64,
+    newest_final: bool,
+) -> std::collections::HashMap<u64, u64> {
+    // (slot width, lock): each lock outlasts the closing of the next wider slot by at least
+    // a whole slot of its own, so the keeper has time to extend the one retention keeps.
+    let tiers = [
+        (10 * MIN_MS, 2 * HOUR_MS),
+        (HOUR_MS, 2 * DAY_MS),
+        (DAY_MS, lock_days.saturating_mul(DAY_MS)),
+    ];
+    let mut newest: std::collections::HashMap<(usize, u64), (u64, u64)> = Default::default();
+    for &(point, t) in points {
+        for (tier, &(width, _)) in tiers.iter().enumerate() {
+            let slot = newest.entry((tier, t / width)).or_insert((t, point));
+            if (t, point) > *slot {
+                *slot = (t, point);
+            }
+        }
+    }
+    let final_point = points.iter().max_by_key(|(p, t)| (*t, *p)).copied();
+    points
+        .iter()
+        .map(|&(point, t)| {
+            let mut until = t.saturating_add(first_lock_ms(recent_ms));
+            let last = newest_final && final_point == Some((point, t));
+            for (tier, &(width, horizon)) in tiers.iter().enumerate() {
+                let closed = last || now_ms >= (t / width + 1).saturating_mul(width);
+                if closed && newest.get(&(tier, t / width)) == Some(&(t, point)) {
+                    until = until.max(t.saturating_add(horizon));
+                }
+            }
+            (point, until)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +214,81 @@ mod tests {
         assert!(k.contains(&2) && !k.contains(&1));
         let only_old = [(9, now - 300 * DAY_MS)];
         assert!(keep(&only_old, now, &policy(10, 7)).contains(&9));
+    }
+
+    #[test]
+    fn locks_follow_what_retention_keeps_and_only_closed_slots() {
+        let day0 = 100 * DAY_MS;
+        // A point every 10 seconds from 00:00 to 02:00 of day 0, one at noon of day 1.
+        let mut pts: Vec<(u64, u64)> = (0..720).map(|i| (i, day0 + i * 10_000)).collect();
+        pts.push((720, day0 + DAY_MS + 12 * HOUR_MS));
+        let at = |now: u64| lock_horizons(&pts, now, 30, 0, false);
+        // At 02:00:05 of day 0: the first 10-minute slots and the first hour are closed.
+        let h = at(day0 + 2 * HOUR_MS + 5_000);
+        assert_eq!(h[&0], day0 + 20 * MIN_MS, "a thinned-out point");
+        assert_eq!(
+            h[&59],
+            day0 + 590_000 + 2 * HOUR_MS,
+            "newest of 00:00-00:10"
+        );
+        assert_eq!(
+            h[&359],
+            day0 + 3_590_000 + 2 * DAY_MS,
+            "newest of 00:00-01:00"
+        );
+        // 01:59:50 is the newest of its hour and day, but the day is open: an hour's lock.
+        assert_eq!(h[&719], day0 + 7_190_000 + 2 * DAY_MS);
+        // Once day 0 is over, its newest point gets the daily lock; day 1's is still open.
+        let h = at(day0 + DAY_MS + 13 * HOUR_MS);
+        assert_eq!(h[&719], day0 + 7_190_000 + 30 * DAY_MS);
+        assert_eq!(h[&720], day0 + DAY_MS + 12 * HOUR_MS + 2 * DAY_MS);
+        // Every point the retention policy keeps (recent 0, 30 daily days) is locked now.
+        let now = day0 + DAY_MS + 13 * HOUR_MS;
+        for p in keep(&pts, now, &policy(0, 30)) {
+            assert!(h[&p] > now, "point {p} kept but not locked");
+        }
+        // Its agent gone, the newest point is final: locked for a day's lock at once.
+        let h = lock_horizons(&pts, now, 30, 0, true);
+        assert_eq!(h[&720], day0 + DAY_MS + 12 * HOUR_MS + 30 * DAY_MS);
+        assert_eq!(h[&719], day0 + 7_190_000 + 30 * DAY_MS);
+        assert_eq!(first_lock_ms(0), 20 * MIN_MS);
+        assert_eq!(first_lock_ms(60 * MIN_MS), 70 * MIN_MS);
+    }
+
+    #[test]
+    fn every_point_retention_keeps_is_locked_at_every_moment() {
+        // A point a minute for three days (some minutes skipped); retention with as many
+        // daily days as the lock, and several recent windows: whatever it keeps at any moment
+        // is locked by locks computed up to 10 minutes before (the keeper runs every minute).
+        let base = 200 * DAY_MS + 7 * MIN_MS;
+        let pts: Vec<(u64, u64)> = (0..3 * 1440)
+            .filter(|i| i % 7 != 3)
+            .map(|i| (i, base + i * MIN_MS + (i * 7919) % 50_000))
+            .collect();
+        for recent in [0, 10, 20, 45] {
+            let p = policy(recent, 2);
+            let mut now = base;
+            while now < base + 4 * DAY_MS {
+                let then = now.saturating_sub(9 * MIN_MS);
+                let upto: Vec<(u64, u64)> =
+                    pts.iter().copied().filter(|(_, t)| *t <= then).collect();
+                let h = lock_horizons(&upto, then, 2, recent * MIN_MS, false);
+                let upto_now: Vec<(u64, u64)> =
+                    pts.iter().copied().filter(|(_, t)| *t <= now).collect();
+                for k in keep(&upto_now, now, &p) {
+                    // A point committed since the keeper last ran has its first lock.
+                    let until = h.get(&k).copied().unwrap_or_else(|| {
+                        upto_now.iter().find(|(n, _)| *n == k).unwrap().1
+                            + first_lock_ms(recent * MIN_MS)
+                    });
+                    assert!(
+                        until >= now,
+                        "recent {recent}, at {now}: point {k} kept but not locked"
+                    );
+                }
+                now += 17 * MIN_MS;
+            }
+        }
     }
 
     #[test]

@@ -514,9 +514,11 @@ fn refusals_a_peer_triggers_are_logged_at_a_bounded_rate() {
         .lines()
         .filter(|l| l.contains("TLS handshake failed"))
         .count();
-    // 20 a second at most, whatever the flood took on this machine (the last one after it).
+    // 20 a second at most, whatever the flood took on this machine: a flood of under `secs`
+    // seconds can span `secs + 1` one-second windows, and the last one comes after it (seen:
+    // 41 lines for a flood of under a second).
     assert!(
-        lines as u64 <= 20 * (secs + 1) && lines < 151,
+        lines as u64 <= 20 * (secs + 1) + 1 && lines < 151,
         "{lines} log lines for 151 bad peers in {secs}s"
     );
 }

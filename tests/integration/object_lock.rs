@@ -30,13 +30,29 @@ fn lock_of(
     s3: &aws_sdk_s3::Client,
     key: &str,
 ) -> (String, u64, String) {
+    lock_of_version(rt, s3, key, None)
+}
+
+/// As [`lock_of`], of `version` of `key` (0: not locked).
+fn lock_of_version(
+    rt: &tokio::runtime::Runtime,
+    s3: &aws_sdk_s3::Client,
+    key: &str,
+    version: Option<&str>,
+) -> (String, u64, String) {
     let h = rt
-        .block_on(s3.head_object().bucket(BUCKET).key(key).send())
+        .block_on(
+            s3.head_object()
+                .bucket(BUCKET)
+                .key(key)
+                .set_version_id(version.map(str::to_string))
+                .send(),
+        )
         .unwrap_or_else(|e| panic!("HEAD {key}: {e:?}"));
     let until = h
         .object_lock_retain_until_date()
         .map(|t| t.to_millis().unwrap() as u64)
-        .unwrap_or_else(|| panic!("{key} is not locked"));
+        .unwrap_or(0);
     (
         h.object_lock_mode()
             .map(|m| m.as_str().to_string())
@@ -81,12 +97,39 @@ fn blocks_named(moto: &Moto, server: &str, n: u64) -> Vec<String> {
         .collect()
 }
 
-/// With `object_lock_days = 1` in compliance mode: every block, manifest and point record is
-/// written locked (blocks a week longer), deleting a locked version is refused, `points`
-/// shows each lock's end, and retention keeps points the policy would drop until their lock
-/// ends. Nine days later (the receiver's clock), retention drops them, and a new point naming
-/// blocks written then gets their locks extended past its own, with `points` saying so only
-/// once they are. A bucket without Object Lock is refused, named.
+/// GC passes run so far by `rx`'s serve.
+fn gc_runs(rx: &Receiver) -> f64 {
+    let (_, m) = http_get(&rx.metrics_addr(), "/metrics");
+    sample(&m, "lifeboat_receiver_gc_runs_total").unwrap_or(0.0)
+}
+
+/// Restarts `rx` with its clock `days` ahead (monotonic time left alone).
+fn days_later(rx: &mut Receiver, days: u64) {
+    rx.kill();
+    rx.wrapper = vec![
+        "env".into(),
+        "FAKETIME_DONT_FAKE_MONOTONIC=1".into(),
+        "faketime".into(),
+        "-f".into(),
+        format!("+{days}d"),
+    ];
+    rx.restart();
+}
+
+/// With `object_lock_days = 3` in compliance mode, on a bucket with Object Lock:
+/// - every point's record and manifests are written locked for 20 minutes (the newest, once its
+///   agent left, for 3 days), and every new block for 3 + 7 days; `points` shows each lock; a
+///   DELETE of a locked version is refused;
+/// - retention keeps a point it would drop while its lock lasts;
+/// - two days later (the receiver's clock) the lock keeper has extended the lock of the point
+///   retention keeps for its day to 3 days, and retention dropped the other;
+/// - twelve days later a new point names blocks whose locks ended: the keeper extends them past
+///   the new point's lock before `points` says its blocks are locked; a block someone wrote
+///   over meanwhile (a new version, as ransomware holding the credentials would) has the
+///   version the points name extended, not the intruder's.
+///
+/// A bucket without Object Lock is refused, named; so is a receiver of the fleet that does not
+/// lock alike.
 #[test]
 fn object_lock_keeps_each_point_and_every_block_it_names_until_its_end() {
     let w = workdir();
@@ -108,7 +151,7 @@ fn object_lock_keeps_each_point_and_every_block_it_names_until_its_end() {
     rx.kill();
     // First on a bucket without Object Lock: refused, named.
     rx.join_fleet(&moto.url(), "lifeboat-unlocked", 5);
-    rx.set_s3("object_lock_days", "1");
+    rx.set_s3("object_lock_days", "3");
     let o = rx.cli(&["points", "--server", "lock-01"]);
     assert!(!o.status.success());
     assert!(
@@ -122,34 +165,60 @@ fn object_lock_keeps_each_point_and_every_block_it_names_until_its_end() {
         .replace("\"lifeboat-unlocked\"", &format!("\"{BUCKET}\""));
     std::fs::write(&toml, text).unwrap();
     rx.set_s3("object_lock_mode", "\"compliance\"");
+    // Retention would keep the newest point only (nothing recent, one a day for a day).
     rx.restart_with_retention(0, 1, 0);
 
     let img = w.path().join("disk.img");
     let mut versions = vec![random_image(&img, 12, 31)];
-    let agent = Agent::new(w.path(), &rx, &AgentSpec::new("lock-01", &[("root", &img)]));
+    let mut agent = Agent::new(w.path(), &rx, &AgentSpec::new("lock-01", &[("root", &img)]));
     agent.run_once_ok();
     versions.push(mutate(&img, 32, 3));
-    agent.run_once_ok();
-    let written_by = now_ms();
-
-    // The lock keeper (each GC pass) finds every block locked as long as its points.
+    // Connected, so this receiver holds the server and runs retention for it.
+    agent.spawn();
     wait_for(
-        "the lock keeper to check the points' blocks",
+        "a second point, and the keeper to check both points' blocks",
         Duration::from_secs(60),
         || {
             let l = locks(&rx.points("lock-01"));
             l.len() >= 2 && l.iter().all(|(_, _, b)| *b)
         },
     );
-    // Retention (daily_days 1, recent 0) would keep the newest point only: the lock keeps
-    // both.
+    let runs = gc_runs(&rx);
+    wait_for("two more GC passes", Duration::from_secs(30), || {
+        gc_runs(&rx) >= runs + 2.0
+    });
+    agent.kill();
+    let written_by = now_ms();
+    // Its agent gone, the newest point may be the one to recover from: locked as a day's
+    // point at once, by the keeper run at the release of the server.
+    wait_for(
+        "the newest point locked for 3 days as its agent left",
+        Duration::from_secs(30),
+        || {
+            let points = rx.points("lock-01");
+            let newest = points.last().unwrap();
+            let l = &newest["lock"];
+            l["until_unix_ms"].as_u64()
+                == newest["committed_unix_ms"].as_u64().map(|c| c + 3 * DAY_MS)
+                && l["blocks_locked"] == true
+        },
+    );
     let points = rx.points("lock-01");
-    assert_eq!(points.len(), 2, "a locked point was deleted: {points:?}");
+    // Retention would have kept only the newest; the locks kept every one.
+    let numbers: Vec<u64> = points
+        .iter()
+        .map(|p| p["point"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        numbers,
+        (1..=*numbers.last().unwrap()).collect::<Vec<u64>>(),
+        "retention deleted a locked point"
+    );
     for p in &points {
         let n = p["point"].as_u64().unwrap();
         let until = p["lock"]["until_unix_ms"].as_u64().unwrap();
         let committed = p["committed_unix_ms"].as_u64().unwrap();
-        assert_eq!(until, committed + DAY_MS, "point {n}");
+        assert!(until >= committed + 20 * 60_000, "point {n}: {p}");
         // Its record and manifest: locked exactly that long, in the configured mode.
         for key in ["point.json", "root.manifest"] {
             let (mode, object_until, _) = lock_of(
@@ -160,19 +229,37 @@ fn object_lock_keeps_each_point_and_every_block_it_names_until_its_end() {
             assert_eq!(mode, "COMPLIANCE", "{key} of point {n}");
             assert!(object_until.abs_diff(until) < 1000, "{key} of point {n}");
         }
-        // Every block it names: at least as long, and a new block the slack (7 days) longer.
+        // Every block it names: a new block for 3 + 7 days.
         for key in blocks_named(&moto, "lock-01", n) {
             let (mode, block_until, _) = lock_of(&rt, &s3, &key);
             assert_eq!(mode, "COMPLIANCE", "{key}");
             assert!(block_until >= until, "{key} ends before point {n}");
-            assert!(
-                block_until + 60_000 >= written_by + 8 * DAY_MS - 600_000,
-                "{key}"
-            );
+            assert!(block_until + 600_000 >= written_by + 10 * DAY_MS, "{key}");
         }
     }
     let table = stdout(&rx.cli(&["points", "--server", "lock-01"]));
     assert!(table.contains("LOCKED UNTIL (UTC)"), "{table}");
+
+    // Another receiver of the fleet that does not lock, or locks otherwise, is refused.
+    let other_root = w.path().join("other");
+    std::fs::create_dir_all(&other_root).unwrap();
+    let mut other = Receiver::start(&other_root);
+    other.kill();
+    other.join_fleet(&moto.url(), BUCKET, 5);
+    let o = other.cli(&["points", "--server", "lock-01"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("this fleet locks its points"),
+        "{}",
+        stderr(&o)
+    );
+    other.set_s3("object_lock_days", "3");
+    let o = other.cli(&["points", "--server", "lock-01"]);
+    assert!(
+        stderr(&o).contains("this fleet locks in compliance mode"),
+        "{}",
+        stderr(&o)
+    );
 
     // Whoever holds the bucket's credentials cannot destroy a locked version: a delete of the
     // version is refused (a plain delete only hides it behind a delete marker).
@@ -193,38 +280,77 @@ fn object_lock_keeps_each_point_and_every_block_it_names_until_its_end() {
         assert!(moto.get(BUCKET, &key).is_some(), "{key} is gone");
     }
 
-    // Nine days on (the receiver's clock): the points' locks ended, and so did the new
-    // blocks' (1 + 7 days). Retention now drops the older point; a new point names old blocks,
-    // whose locks the keeper extends past the new point's.
-    rx.kill();
-    rx.wrapper = [
-        "env",
-        "FAKETIME_DONT_FAKE_MONOTONIC=1",
-        "faketime",
-        "-f",
-        "+9d",
-    ]
-    .map(String::from)
-    .to_vec();
-    rx.restart();
-    // The blocks of point 2, and their locks now: short of a point committed today. (Nothing
-    // is dropped yet: retention runs where the server is held, and its agent is away.)
-    let old: Vec<(String, u64)> = blocks_named(&moto, "lock-01", 2)
+    // Two days on: every slot of the newest point has closed, so the keeper locks it for
+    // 3 days from its commit, the one retention keeps for its day; the points cut while the
+    // agent was connected had 20 minutes, and retention drops them. Point 1 stays: it was the
+    // newest when its agent left (after `run --once`), and was locked for 3 days then.
+    let newest = points.last().unwrap();
+    let (n2, committed2) = (
+        newest["point"].as_u64().unwrap(),
+        newest["committed_unix_ms"].as_u64().unwrap(),
+    );
+    days_later(&mut rx, 2);
+    agent.spawn();
+    wait_for(
+        "the newest point locked for its day, and the older dropped",
+        Duration::from_secs(60),
+        || {
+            let l = locks(&rx.points("lock-01"));
+            !l.iter().any(|(n, _, _)| *n > 1 && *n < n2)
+                && l.iter()
+                    .any(|(n, u, b)| *n == n2 && *u == committed2 + 3 * DAY_MS && *b)
+        },
+    );
+    agent.kill();
+    let first = locks(&rx.points("lock-01"))[0];
+    let committed1 = rx.points("lock-01")[0]["committed_unix_ms"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(first, (1, committed1 + 3 * DAY_MS, true));
+    for key in ["point.json", "root.manifest"] {
+        let (_, until2, _) = lock_of(
+            &rt,
+            &s3,
+            &format!("fleet/servers/lock-01/points/{n2:016}/{key}"),
+        );
+        assert!(until2.abs_diff(committed2 + 3 * DAY_MS) < 1000, "{key}");
+    }
+
+    // (The agent may have cut points of the same content meanwhile.)
+    let last = rx.points("lock-01").last().unwrap()["point"]
+        .as_u64()
+        .unwrap();
+    // Twelve days on: those points' locks and their new blocks' (3 + 7 days) have ended. A new
+    // point names most of them; the keeper extends their locks past its own.
+    let old: Vec<(String, u64)> = blocks_named(&moto, "lock-01", last)
         .into_iter()
         .map(|k| {
             let (_, until, _) = lock_of(&rt, &s3, &k);
             (k, until)
         })
         .collect();
+    // An intruder writes over one of them: a new, unlocked version.
+    let (shadowed, _) = old[0].clone();
+    let (_, _, original) = lock_of(&rt, &s3, &shadowed);
+    rt.block_on(
+        s3.put_object()
+            .bucket(BUCKET)
+            .key(&shadowed)
+            .body(b"encrypted by ransomware".to_vec().into())
+            .send(),
+    )
+    .unwrap();
+    let (_, _, intruder) = lock_of(&rt, &s3, &shadowed);
+    assert_ne!(original, intruder);
+    days_later(&mut rx, 12);
     versions.push(mutate(&img, 33, 2));
-    let mut agent = agent;
     agent.spawn();
     wait_for(
-        "a new point, its blocks' locks extended, and the older points dropped",
+        "a new point with its blocks' locks extended, and the older dropped",
         Duration::from_secs(120),
         || {
             let l = locks(&rx.points("lock-01"));
-            !l.is_empty() && l.iter().all(|(n, _, _)| *n >= 3) && l.iter().any(|(_, _, b)| *b)
+            !l.is_empty() && l.iter().all(|(n, _, _)| *n > last) && l.iter().any(|(_, _, b)| *b)
         },
     );
     agent.kill();
@@ -232,14 +358,30 @@ fn object_lock_keeps_each_point_and_every_block_it_names_until_its_end() {
         .into_iter()
         .rfind(|(_, _, b)| *b)
         .unwrap();
-    assert!(until > now_ms() + 9 * DAY_MS, "faketime did not apply");
+    assert!(until > now_ms() + 12 * DAY_MS, "faketime did not apply");
     let named = blocks_named(&moto, "lock-01", n);
-    for key in &named {
+    for key in named.iter().filter(|k| **k != shadowed) {
         let (_, block_until, _) = lock_of(&rt, &s3, key);
         assert!(block_until >= until, "{key} ends before point {n}");
     }
-    // Most of its blocks are point 2's, written nine days before on the receiver's clock, and
-    // locked too briefly for it until the keeper extended them.
+    // The shadowed block: the version the points name was extended, the intruder's not.
+    assert!(named.contains(&shadowed));
+    let (_, pinned, _) = lock_of_version(&rt, &s3, &shadowed, Some(&original));
+    assert!(
+        pinned >= until,
+        "the original version of {shadowed} ends before point {n}"
+    );
+    let (_, theirs, _) = lock_of_version(&rt, &s3, &shadowed, Some(&intruder));
+    assert!(theirs < until, "the intruder's version was locked");
+    // The admin removes the intruder's version (not locked): the original is current again.
+    rt.block_on(
+        s3.delete_object()
+            .bucket(BUCKET)
+            .key(&shadowed)
+            .version_id(&intruder)
+            .send(),
+    )
+    .unwrap();
     let reused: Vec<&(String, u64)> = old.iter().filter(|(k, _)| named.contains(k)).collect();
     assert!(reused.len() >= 8, "{} blocks reused", reused.len());
     for (key, before) in reused {
@@ -249,7 +391,7 @@ fn object_lock_keeps_each_point_and_every_block_it_names_until_its_end() {
         );
     }
     assert!(
-        rx.log_text().contains("lock keeper: blocks checked"),
+        rx.log_text().contains("lock keeper: locks checked"),
         "{}",
         rx.log_text()
     );

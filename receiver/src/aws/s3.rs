@@ -52,6 +52,14 @@ impl std::fmt::Display for PutError {
     }
 }
 
+/// What a PUT wrote.
+#[derive(Clone, Debug)]
+pub struct Written {
+    pub etag: String,
+    /// The new version's id (a bucket with versioning, as Object Lock needs).
+    pub version: Option<String>,
+}
+
 /// An object's Object Lock: its mode, and when it ends.
 #[derive(Clone, Copy, Debug)]
 pub struct Lock {
@@ -129,7 +137,7 @@ impl S3 {
         body: Vec<u8>,
         cond: &Condition,
     ) -> Result<String, PutError> {
-        self.put_locked(rel, body, cond, None).await
+        self.put_locked(rel, body, cond, None).await.map(|w| w.etag)
     }
 
     /// As [`S3::put`], the new version under Object Lock until `lock.until` (the SDK sends
@@ -140,7 +148,7 @@ impl S3 {
         body: Vec<u8>,
         cond: &Condition,
         lock: Option<&Lock>,
-    ) -> Result<String, PutError> {
+    ) -> Result<Written, PutError> {
         let key = self.key(rel);
         let r = self
             .retrier
@@ -165,7 +173,10 @@ impl S3 {
             })
             .await;
         match r {
-            Ok(out) => Ok(out.e_tag().unwrap_or_default().to_string()),
+            Ok(out) => Ok(Written {
+                etag: out.e_tag().unwrap_or_default().to_string(),
+                version: out.version_id().map(str::to_string),
+            }),
             Err(e) if e.status() == Some(412) && *cond != Condition::None => Err(PutError::Lost),
             Err(e) if e.status() == Some(409) && *cond != Condition::None => {
                 Err(PutError::Conflict)
@@ -225,8 +236,13 @@ impl S3 {
         }
     }
 
-    /// Where `rel` stands under Object Lock (HEAD).
-    pub async fn retention(&self, rel: &str) -> Result<Retention, CallError> {
+    /// Where `rel` (its `version`, else its current one) stands under Object Lock (HEAD),
+    /// and which version that is.
+    pub async fn retention(
+        &self,
+        rel: &str,
+        version: Option<&str>,
+    ) -> Result<(Retention, Option<String>), CallError> {
         let key = self.key(rel);
         let r = self
             .retrier
@@ -235,22 +251,31 @@ impl S3 {
                     .head_object()
                     .bucket(&self.bucket)
                     .key(&key)
+                    .set_version_id(version.map(str::to_string))
                     .send()
             })
             .await;
         match r {
-            Ok(out) => Ok(out
-                .object_lock_retain_until_date()
-                .and_then(|t| SystemTime::try_from(*t).ok())
-                .map_or(Retention::Unlocked, Retention::Until)),
-            Err(e) if e.status() == Some(404) => Ok(Retention::Missing),
+            Ok(out) => Ok((
+                out.object_lock_retain_until_date()
+                    .and_then(|t| SystemTime::try_from(*t).ok())
+                    .map_or(Retention::Unlocked, Retention::Until),
+                out.version_id().map(str::to_string),
+            )),
+            // No such key, or no such version (or a delete marker).
+            Err(e) if matches!(e.status(), Some(404) | Some(405)) => Ok((Retention::Missing, None)),
             Err(e) => Err(e),
         }
     }
 
-    /// Moves the lock of `rel`'s current version to `lock` (PutObjectRetention). S3 refuses
-    /// to bring a lock's end nearer.
-    pub async fn extend_lock(&self, rel: &str, lock: &Lock) -> Result<(), CallError> {
+    /// Moves the lock of `rel` (its `version`, else its current one) to `lock`
+    /// (PutObjectRetention). S3 refuses to bring a lock's end nearer.
+    pub async fn extend_lock(
+        &self,
+        rel: &str,
+        version: Option<&str>,
+        lock: &Lock,
+    ) -> Result<(), CallError> {
         use aws_sdk_s3::types::{ObjectLockRetention, ObjectLockRetentionMode};
         let key = self.key(rel);
         let retention = ObjectLockRetention::builder()
@@ -263,6 +288,7 @@ impl S3 {
                     .put_object_retention()
                     .bucket(&self.bucket)
                     .key(&key)
+                    .set_version_id(version.map(str::to_string))
                     .retention(retention.clone())
                     .send()
             })

@@ -11,11 +11,12 @@ pub fn run(state_dir: &Path, server: &str, json: bool) -> anyhow::Result<()> {
     crate::fleet::sync_catalog(state_dir)?;
     let catalog = Catalog::new(state_dir);
     let points = catalog.points(server)?;
-    let locked_through = crate::fleet::locked_through(&catalog, server);
-    // Under Object Lock: whether the lock keeper has seen every block of the point locked as
-    // long as the point (at the receiver holding the server; elsewhere, not yet known).
-    let blocks_locked =
-        |p: &crate::catalog::PointRecord| locked_through.is_some_and(|t| p.point <= t);
+    // Under Object Lock: each point's lock as this receiver knows it (the holder's keeper
+    // extends the locks of the points retention keeps; another receiver may know less).
+    let lock_of = |p: &crate::catalog::PointRecord| {
+        p.locked_until_unix_ms
+            .map(|_| crate::fleet::point_lock(&catalog, p))
+    };
     let now = crate::status::now_ms();
     // Where each point stands on EBS (an unreadable record is shown as such, never fatal).
     let ebs: Vec<Result<EbsRecord, String>> = points
@@ -33,11 +34,11 @@ pub fn run(state_dir: &Path, server: &str, json: bool) -> anyhow::Result<()> {
                 }),
                 Err(e) => serde_json::json!({ "state": "unknown", "error": e }),
             };
-            if let Some(until) = p.locked_until_unix_ms {
+            if let Some(l) = lock_of(p) {
                 v["lock"] = serde_json::json!({
-                    "until_unix_ms": until,
-                    "ended": until <= now,
-                    "blocks_locked": blocks_locked(p),
+                    "until_unix_ms": l.until_unix_ms,
+                    "ended": l.until_unix_ms <= now,
+                    "blocks_locked": l.blocks_locked(),
                 });
             }
             out.push(v);
@@ -95,11 +96,11 @@ pub fn run(state_dir: &Path, server: &str, json: bool) -> anyhow::Result<()> {
                 },
             ];
             if any_lock {
-                row.push(match p.locked_until_unix_ms {
+                row.push(match lock_of(p) {
                     None => "-".into(),
-                    Some(u) if u <= now => "ended".into(),
-                    Some(u) if blocks_locked(p) => fmt_utc(u),
-                    Some(u) => format!("{} (blocks unchecked)", fmt_utc(u)),
+                    Some(l) if l.until_unix_ms <= now => "ended".into(),
+                    Some(l) if l.blocks_locked() => fmt_utc(l.until_unix_ms),
+                    Some(l) => format!("{} (blocks unchecked)", fmt_utc(l.until_unix_ms)),
                 });
             }
             row
@@ -132,7 +133,7 @@ pub fn run(state_dir: &Path, server: &str, json: bool) -> anyhow::Result<()> {
     print_table(&header, &rows);
     if points
         .iter()
-        .any(|p| p.locked_until_unix_ms.is_some_and(|u| u > now) && !blocks_locked(p))
+        .any(|p| lock_of(p).is_some_and(|l| l.until_unix_ms > now && !l.blocks_locked()))
     {
         println!(
             "blocks unchecked: the point and its manifests are locked, but the lock keeper (each \

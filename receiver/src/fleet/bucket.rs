@@ -16,7 +16,7 @@
 //! highest it listed, and writes each with `If-None-Match`, so two writers never share one.
 
 use super::{Fleet, FleetError, Records, Taken};
-use crate::aws::s3::{Condition, Lock, PutError, S3};
+use crate::aws::s3::{Condition, Lock, PutError, Retention, S3};
 use crate::catalog::{Catalog, PointRecord};
 use crate::lease::Moment;
 use crate::lease::{Acquired, Current, Held, Leases};
@@ -55,6 +55,11 @@ pub struct BucketFleet {
     /// Per server, the ETag of its identity record in the bucket as this receiver last read
     /// or wrote it (`None`: there was none). A write goes only over exactly that version.
     identity_etags: Mutex<HashMap<String, Option<String>>>,
+    /// Under Object Lock: the versions of each point's objects this receiver wrote, until the
+    /// lock keeper records them with the point ([`super::PointLock::versions`]).
+    point_versions: Mutex<HashMap<(String, u64), BTreeMap<String, String>>>,
+    /// Servers whose lock keeper is running.
+    keeping: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Bumped (rewritten with random bytes) after every identity record written to the bucket:
@@ -154,6 +159,8 @@ impl BucketFleet {
             state_dir: state_dir.to_path_buf(),
             identities_seen: Mutex::new(None),
             identity_etags: Mutex::new(HashMap::new()),
+            point_versions: Mutex::new(HashMap::new()),
+            keeping: Mutex::new(Default::default()),
         }
     }
 
@@ -450,13 +457,14 @@ impl BucketFleet {
     /// lands late can then never replace ours. One already there with other content (an
     /// earlier holder's point of the same number, never acknowledged) is replaced, by a
     /// holder that still holds the server, over exactly the version it read.
+    /// Returns the version written, when this call wrote one.
     fn put_point_object(
         &self,
         server: &str,
         key: &str,
         body: Vec<u8>,
         lock: Option<Lock>,
-    ) -> Result<(), FleetError> {
+    ) -> Result<Option<String>, FleetError> {
         self.still_held(server)?;
         let (s3, k, b) = (self.s3.clone(), key.to_string(), body.clone());
         let first = self.store.run(async move {
@@ -468,7 +476,7 @@ impl BucketFleet {
             why,
         };
         match first {
-            Ok(_) => return Ok(()),
+            Ok(w) => return Ok(w.version),
             Err(PutError::Failed(e)) => return Err(Self::bucket_err(server)(e)),
             Err(PutError::Lost | PutError::Conflict) => {}
         }
@@ -484,7 +492,7 @@ impl BucketFleet {
             )));
         };
         if raw == body {
-            return Ok(());
+            return Ok(None);
         }
         self.still_held(server)?;
         tracing::warn!(
@@ -497,10 +505,189 @@ impl BucketFleet {
             s3.put_locked(&k, body, &Condition::ETag(etag), lock.as_ref())
                 .await
         }) {
-            Ok(_) => Ok(()),
+            Ok(w) => Ok(w.version),
             Err(PutError::Failed(e)) => Err(Self::bucket_err(server)(e)),
             Err(other) => Err(bucket(format!("{}: {other}", self.s3.url(key)))),
         }
+    }
+
+    /// Moves the lock of a point's record, then its manifests, to `lock` (the record first:
+    /// deletion asks the record's lock): the versions this receiver wrote where it knows them
+    /// (a newer version someone else put over one is not what the point needs), else the
+    /// current ones. An extension S3 refuses (another receiver's is longer) is read back.
+    fn extend_point(
+        &self,
+        rec: &PointRecord,
+        versions: &BTreeMap<String, String>,
+        lock: &Lock,
+    ) -> Result<(), FleetError> {
+        let dir = point_dir_key(&rec.server, rec.point);
+        let mut names = vec!["point.json".to_string()];
+        names.extend(rec.disks.iter().map(|d| format!("{}.manifest", d.id)));
+        let objects: Vec<(String, Option<String>)> = names
+            .into_iter()
+            .map(|n| (format!("{dir}{n}"), versions.get(&n).cloned()))
+            .collect();
+        let (s3, lock) = (self.s3.clone(), *lock);
+        self.store
+            .run(async move {
+                for (k, v) in objects {
+                    if let Err(e) = s3.extend_lock(&k, v.as_deref(), &lock).await {
+                        match s3.retention(&k, v.as_deref()).await {
+                            Ok((Retention::Until(t), _)) if t >= lock.until => {}
+                            _ => return Err(e),
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .map_err(Self::bucket_err(&rec.server))
+    }
+
+    /// [`Fleet::keep_locks`], once this is the server's only keeper.
+    fn keep_locks_now(
+        &self,
+        server: &str,
+        policy: &crate::store::s3::LockPolicy,
+        recent_ms: u64,
+        at_release: Option<std::time::Instant>,
+    ) -> Result<super::LockPass, FleetError> {
+        self.still_held(server)?;
+        let in_time = || at_release.is_none_or(|d| std::time::Instant::now() < d);
+        let now = crate::status::now_ms();
+        let points: Vec<PointRecord> = self
+            .catalog
+            .points(server)
+            .map_err(|e| FleetError::Local {
+                server: server.into(),
+                why: e.to_string(),
+            })?
+            .into_iter()
+            .filter(|p| p.damaged.is_none())
+            .collect();
+        let pairs: Vec<(u64, u64)> = points
+            .iter()
+            .map(|p| (p.point, p.committed_unix_ms))
+            .collect();
+        // At a release the agent is gone: its newest point may be the one to recover from.
+        let horizons = crate::retention::lock_horizons(
+            &pairs,
+            now,
+            u64::from(policy.days),
+            recent_ms,
+            at_release.is_some(),
+        );
+        let mut pass = super::LockPass::default();
+        let save = |p: &PointRecord, l: &super::PointLock| {
+            if let Err(e) = super::save_point_lock(&self.catalog, p, l) {
+                tracing::warn!(
+                    server,
+                    point = p.point,
+                    "lock keeper: saving the point's lock: {e}"
+                );
+            }
+        };
+        // The points' own objects: locked as long as retention keeps them.
+        let mut locked = Vec::new();
+        for p in &points {
+            let mut l = super::point_lock(&self.catalog, p);
+            let before = l.clone();
+            let written = self
+                .point_versions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(server.to_string(), p.point));
+            if let Some(v) = written {
+                l.versions = v;
+            }
+            let want = horizons.get(&p.point).copied().unwrap_or(0);
+            if want > l.until_unix_ms && want > now && in_time() {
+                self.still_held(server)?;
+                match self.extend_point(p, &l.versions, &policy.lock(want)) {
+                    Ok(()) => {
+                        l.until_unix_ms = want;
+                        pass.points_extended += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(server, point = p.point, "lock keeper: {e}");
+                        pass.failed += 1;
+                    }
+                }
+            }
+            if l != before {
+                save(p, &l);
+            }
+            if l.until_unix_ms > now && !l.blocks_locked() {
+                locked.push((p, l));
+            }
+        }
+        // Their blocks: each as long as the longest-locked point naming it. (Manifests are
+        // read again below rather than held: after a takeover every kept point is here.)
+        let mut needs: HashMap<BlockHash, u64> = HashMap::new();
+        let mut readable = Vec::new();
+        for (p, l) in locked {
+            if !in_time() {
+                break;
+            }
+            let mut whole = true;
+            for d in &p.disks {
+                match self.catalog.disk_manifest(p, &d.id) {
+                    crate::catalog::ManifestState::Sound(m) => {
+                        for h in m.hashes.iter().filter(|h| !h.is_zero()) {
+                            let need = needs.entry(*h).or_insert(l.until_unix_ms);
+                            *need = (*need).max(l.until_unix_ms);
+                        }
+                    }
+                    crate::catalog::ManifestState::Damaged(why)
+                    | crate::catalog::ManifestState::Unknown(why) => {
+                        tracing::warn!(
+                            server,
+                            point = p.point,
+                            "lock keeper: disk {}: {why}",
+                            d.id
+                        );
+                        whole = false;
+                    }
+                }
+            }
+            if whole {
+                readable.push((p, l));
+            } else {
+                pass.failed += 1;
+            }
+        }
+        self.still_held(server)?;
+        let report =
+            self.store
+                .keep_locked(&needs, at_release)
+                .map_err(|e| FleetError::Bucket {
+                    server: server.into(),
+                    why: e.to_string(),
+                })?;
+        pass.read = report.read;
+        pass.extended = report.extended;
+        pass.failed += report.failed.len();
+        for (h, why) in report.failed.iter().take(3) {
+            tracing::warn!(server, block = %h, "lock keeper: {why}");
+        }
+        let failed: std::collections::HashSet<BlockHash> =
+            report.failed.iter().map(|(h, _)| *h).collect();
+        for (p, mut l) in readable {
+            let names_failed = !failed.is_empty()
+                && p.disks
+                    .iter()
+                    .any(|d| match self.catalog.disk_manifest(p, &d.id) {
+                        crate::catalog::ManifestState::Sound(m) => {
+                            m.hashes.iter().any(|h| failed.contains(h))
+                        }
+                        _ => true,
+                    });
+            if !names_failed {
+                l.blocks_until_unix_ms = l.until_unix_ms;
+                save(p, &l);
+            }
+        }
+        Ok(pass)
     }
 
     fn delete_keys(&self, keys: Vec<String>) -> Result<(), crate::aws::retry::CallError> {
@@ -663,6 +850,10 @@ impl Fleet for BucketFleet {
         let Some(h) = self.held().remove(server) else {
             return;
         };
+        self.point_versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(s, _), _| s != server);
         let leases = self.leases.clone();
         let s = server.to_string();
         if let Err(e) = self
@@ -740,14 +931,24 @@ impl Fleet for BucketFleet {
             why: e.to_string(),
         })?;
         // The manifests, then the record that lists the point; under Object Lock, locked as
-        // long as the record says.
+        // long as the record says, and the versions written kept for the lock keeper.
         objects.push((format!("{dir}point.json"), json));
         let lock = rec
             .locked_until_unix_ms
             .zip(self.store.lock_policy())
             .map(|(until, p)| p.lock(until));
+        let mut versions = BTreeMap::new();
         for (key, body) in objects.drain(..) {
-            self.put_point_object(server, &key, body, lock)?;
+            let name = key.rsplit('/').next().unwrap_or_default().to_string();
+            if let Some(v) = self.put_point_object(server, &key, body, lock)? {
+                versions.insert(name, v);
+            }
+        }
+        if lock.is_some() {
+            self.point_versions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert((server.to_string(), rec.point), versions);
         }
         self.still_held(server)
     }
@@ -755,6 +956,29 @@ impl Fleet for BucketFleet {
     fn delete_point(&self, server: &str, point: u64) -> Result<(), FleetError> {
         self.still_held(server)?;
         let dir = point_dir_key(server, point);
+        {
+            // The bucket's word, not this receiver's: another holder may have extended it, and
+            // a receiver not (yet) set to lock must not hide a locked point either.
+            let (s3, record) = (self.s3.clone(), format!("{dir}point.json"));
+            let lock = self
+                .store
+                .run(async move { s3.retention(&record, None).await })
+                .map_err(Self::bucket_err(server))?;
+            if let (Retention::Until(t), _) = lock {
+                let until = t
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                // An hour's margin: this receiver's clock may run ahead of S3's, and a plain
+                // DELETE of a locked point is not refused, only hidden.
+                if until + crate::gc::LOCK_MARGIN_MS > crate::status::now_ms() {
+                    return Err(FleetError::Locked {
+                        server: server.into(),
+                        point,
+                        until_unix_ms: until,
+                    });
+                }
+            }
+        }
         let (s3, record) = (self.s3.clone(), format!("{dir}point.json"));
         self.store
             .run(async move { s3.delete(&record, None).await })
@@ -775,111 +999,40 @@ impl Fleet for BucketFleet {
         self.delete_keys(rest).map_err(Self::bucket_err(server))
     }
 
-    fn point_lock_until(&self, committed_ms: u64) -> Option<u64> {
+    fn point_lock_until(&self, committed_ms: u64, recent_ms: u64) -> Option<u64> {
         self.store
             .lock_policy()
-            .map(|p| p.point_until_ms(committed_ms))
+            .map(|_| committed_ms + crate::retention::first_lock_ms(recent_ms))
     }
 
-    fn keep_locks(&self, server: &str) -> Result<super::LockPass, FleetError> {
-        if self.store.lock_policy().is_none() {
-            return Ok(Default::default());
-        }
-        self.still_held(server)?;
-        let local = |e: crate::catalog::CatalogError| FleetError::Local {
-            server: server.into(),
-            why: e.to_string(),
-        };
-        let now = crate::status::now_ms();
-        let through = super::locked_through(&self.catalog, server);
-        let points = self.catalog.points(server).map_err(local)?;
-        let Some(newest) = points.last().map(|p| p.point) else {
+    fn lock_days(&self) -> Option<u64> {
+        self.store.lock_policy().map(|p| u64::from(p.days))
+    }
+
+    fn keep_locks(
+        &self,
+        server: &str,
+        recent_ms: u64,
+        at_release: Option<std::time::Instant>,
+    ) -> Result<super::LockPass, FleetError> {
+        let Some(policy) = self.store.lock_policy() else {
             return Ok(Default::default());
         };
-        // Points already found locked stay so; an unlocked, expired or damaged point needs
-        // nothing.
-        let pending: Vec<&PointRecord> = points
-            .iter()
-            .filter(|p| through.is_none_or(|t| p.point > t))
-            .filter(|p| p.damaged.is_none() && p.locked_until_unix_ms.is_some_and(|u| u > now))
-            .collect();
-        let mut needs: HashMap<BlockHash, u64> = HashMap::new();
-        // The first point whose blocks cannot be listed, if any: the pass proves nothing
-        // from it on.
-        let mut unreadable = None;
-        for p in &pending {
-            let until = p.locked_until_unix_ms.unwrap_or(0);
-            for d in &p.disks {
-                match self.catalog.disk_manifest(p, &d.id) {
-                    crate::catalog::ManifestState::Sound(m) => {
-                        for h in m.hashes.iter().filter(|h| !h.is_zero()) {
-                            let need = needs.entry(*h).or_insert(until);
-                            *need = (*need).max(until);
-                        }
-                    }
-                    crate::catalog::ManifestState::Damaged(why)
-                    | crate::catalog::ManifestState::Unknown(why) => {
-                        tracing::warn!(
-                            server,
-                            point = p.point,
-                            "lock keeper: disk {}: {why}",
-                            d.id
-                        );
-                        unreadable = Some(unreadable.map_or(p.point, |b: u64| b.min(p.point)));
-                    }
-                }
-            }
+        // One keeper per server at a time (the GC pass's and a release's may meet).
+        if !self
+            .keeping
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(server.to_string())
+        {
+            return Ok(Default::default());
         }
-        let report = self
-            .store
-            .keep_locked(&needs)
-            .map_err(|e| FleetError::Bucket {
-                server: server.into(),
-                why: e.to_string(),
-            })?;
-        // The first point naming a block that could not be locked long enough.
-        let mut first_bad = unreadable;
-        if !report.failed.is_empty() {
-            let failed: std::collections::HashSet<BlockHash> =
-                report.failed.iter().map(|(h, _)| *h).collect();
-            for (h, why) in report.failed.iter().take(3) {
-                tracing::warn!(server, block = %h, "lock keeper: {why}");
-            }
-            for p in &pending {
-                let names_bad = p.disks.iter().any(|d| {
-                    matches!(self.catalog.disk_manifest(p, &d.id),
-                        crate::catalog::ManifestState::Sound(m) if m.hashes.iter().any(|h| failed.contains(h)))
-                });
-                if names_bad {
-                    first_bad = Some(first_bad.map_or(p.point, |b: u64| b.min(p.point)));
-                    break;
-                }
-            }
-        }
-        let proven = match first_bad {
-            None => Some(newest),
-            Some(bad) => points
-                .iter()
-                .map(|p| p.point)
-                .filter(|p| *p < bad)
-                .max()
-                .max(through),
-        };
-        if let Some(t) = proven.filter(|t| Some(*t) != through) {
-            let path = self.catalog.server_dir(server).join(super::LOCKED_THROUGH);
-            lifeboat_common::durable::write_atomic(&path, format!("{t}\n").as_bytes()).map_err(
-                |e| FleetError::Local {
-                    server: server.into(),
-                    why: format!("{}: {e}", path.display()),
-                },
-            )?;
-        }
-        Ok(super::LockPass {
-            read: report.read,
-            extended: report.extended,
-            failed: report.failed.len(),
-            through: proven,
-        })
+        let r = self.keep_locks_now(server, &policy, recent_ms, at_release);
+        self.keeping
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(server);
+        r
     }
 
     fn compacted(&self, server: &str, point: u64, disks: &[String]) {

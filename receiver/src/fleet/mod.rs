@@ -53,6 +53,13 @@ pub enum FleetError {
     },
     #[error("server {server}: the working copy in the state directory: {why}")]
     Local { server: String, why: String },
+    /// Under Object Lock until then: not deleted.
+    #[error("server {server}: point {point} is under Object Lock until {until_unix_ms} (unix ms)")]
+    Locked {
+        server: String,
+        point: u64,
+        until_unix_ms: u64,
+    },
 }
 
 /// What taking a server's lease came to.
@@ -64,30 +71,61 @@ pub enum Taken {
     Elsewhere { holder: String, address: String },
 }
 
-/// In a server's catalog directory: the newest point whose blocks, and those of every
-/// point before it, the lock keeper found locked for as long as the point is (a decimal
-/// number). Lock ends never move nearer, so that stays true.
-pub const LOCKED_THROUGH: &str = "locked-through";
+/// In a point's catalog directory, under Object Lock: how long the point's objects in the
+/// bucket are locked, and how long every block it names was last found locked (JSON).
+pub const POINT_LOCK: &str = "lock";
 
-/// The newest point of `server` known to have every block locked as long as itself.
-pub fn locked_through(catalog: &crate::catalog::Catalog, server: &str) -> Option<u64> {
-    std::fs::read_to_string(catalog.server_dir(server).join(LOCKED_THROUGH))
-        .ok()?
-        .trim()
-        .parse()
+/// A point's lock, as this receiver knows it ([`POINT_LOCK`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PointLock {
+    /// The point's manifests and record are locked until then (unix ms).
+    pub until_unix_ms: u64,
+    /// Every block the point names was found locked until at least then.
+    pub blocks_until_unix_ms: u64,
+    /// The versions of the point's objects (`point.json`, `<disk>.manifest`) this receiver
+    /// wrote: the ones whose locks it extends. Empty when another receiver wrote them.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub versions: std::collections::BTreeMap<String, String>,
+}
+
+impl PointLock {
+    /// Whether every block of the point is locked as long as the point.
+    pub fn blocks_locked(&self) -> bool {
+        self.blocks_until_unix_ms >= self.until_unix_ms
+    }
+}
+
+/// The point's lock: what the keeper recorded, or at least the first lock its record names.
+pub fn point_lock(catalog: &crate::catalog::Catalog, rec: &PointRecord) -> PointLock {
+    let path = catalog.point_dir(&rec.server, rec.point).join(POINT_LOCK);
+    let mut l: PointLock = std::fs::read(&path)
         .ok()
+        .and_then(|raw| serde_json::from_slice(&raw).ok())
+        .unwrap_or_default();
+    l.until_unix_ms = l.until_unix_ms.max(rec.locked_until_unix_ms.unwrap_or(0));
+    l
+}
+
+pub fn save_point_lock(
+    catalog: &crate::catalog::Catalog,
+    rec: &PointRecord,
+    lock: &PointLock,
+) -> std::io::Result<()> {
+    let path = catalog.point_dir(&rec.server, rec.point).join(POINT_LOCK);
+    let json = serde_json::to_vec(lock).map_err(std::io::Error::other)?;
+    lifeboat_common::durable::write_atomic(&path, &json)
 }
 
 /// What one lock keeper's pass over a server did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct LockPass {
+    /// Points whose lock was extended (retention keeps them longer now).
+    pub points_extended: usize,
     /// Blocks whose lock was read from the bucket, then extended.
     pub read: usize,
     pub extended: usize,
-    /// Blocks it could not lock long enough (each is retried next pass).
+    /// Points and blocks it could not lock long enough (tried again next pass).
     pub failed: usize,
-    /// The newest point now known fully locked.
-    pub through: Option<u64>,
 }
 
 /// What `/metrics` shows of the fleet.
@@ -120,7 +158,8 @@ pub trait Fleet: Send + Sync {
         manifests: &[(String, Manifest)],
     ) -> Result<(), FleetError>;
     /// Unlists a point in the bucket (`point.json` first), then deletes its manifests; only
-    /// while holding the server.
+    /// while holding the server. Under Object Lock, a point whose record is still locked in
+    /// the bucket (another receiver extended it) is left, [`FleetError::Locked`].
     fn delete_point(&self, server: &str, point: u64) -> Result<(), FleetError>;
     /// After a point: its manifests become the disks' live bases in the bucket, and the
     /// journal segments they cover go. Best effort (failures are logged): the bucket's live
@@ -138,12 +177,24 @@ pub trait Fleet: Send + Sync {
     fn push_identity(&self, server: &str) -> Result<(), FleetError>;
     /// Under Object Lock (`[s3] object_lock_days`): when a point committed at `committed_ms`
     /// stops being locked. `None` without it.
-    fn point_lock_until(&self, committed_ms: u64) -> Option<u64>;
-    /// Under Object Lock: makes every block the server's points name locked at least as long
-    /// as the newest of them (blocks are shared by dedupe, so one written long ago may be named
-    /// by today's point), then records how far that holds ([`LOCKED_THROUGH`]). Only while
-    /// holding the server; a no-op without Object Lock.
-    fn keep_locks(&self, server: &str) -> Result<LockPass, FleetError>;
+    /// (Retention keeps every point of the last `recent_ms`.)
+    fn point_lock_until(&self, committed_ms: u64, recent_ms: u64) -> Option<u64>;
+    /// `object_lock_days`, under Object Lock.
+    fn lock_days(&self) -> Option<u64>;
+    /// Under Object Lock: extends the locks of the points retention keeps as long as it keeps
+    /// them ([`crate::retention::lock_horizons`]), then makes every block a locked point names
+    /// locked at least as long as the point (blocks are shared by dedupe, so one written long
+    /// ago may be named by today's point), recording each in the point's [`POINT_LOCK`]. Only
+    /// while holding the server; a no-op without Object Lock.
+    /// `recent_ms`: retention keeps every point that young. `at_release`: the agent is gone
+    /// (its newest point is locked as if final), and what is left at that deadline is left
+    /// for the next pass.
+    fn keep_locks(
+        &self,
+        server: &str,
+        recent_ms: u64,
+        at_release: Option<std::time::Instant>,
+    ) -> Result<LockPass, FleetError>;
     /// Releases every held lease (serve is stopping).
     fn release_all(&self);
     /// Seconds between renewals.

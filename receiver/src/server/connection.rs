@@ -160,14 +160,24 @@ async fn push_identity(shared: &Shared, server: &str) -> Result<(), String> {
     }
 }
 
+/// Retention keeps every point this young (as configured now).
+fn retention_recent_ms(shared: &Shared) -> u64 {
+    let r = shared.retention.read().unwrap_or_else(|e| e.into_inner());
+    r.recent_minutes.saturating_mul(60_000)
+}
+
 /// In a fleet: gives the server's lease up (its agent is gone), while the server's slot is
 /// still this connection's. Under Object Lock the lock keeper checks the server's newest
-/// points first: no receiver runs it for a server none holds.
+/// points first, for 10 seconds at most (the agent may be reconnecting): no receiver runs it
+/// for a server none holds.
 async fn release_lease(shared: &Arc<Shared>, server: &str) {
     if let Some(fleet) = shared.fleet.clone() {
         let s = server.to_string();
+        let shared = shared.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            match fleet.keep_locks(&s) {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let recent_ms = retention_recent_ms(&shared);
+            match fleet.keep_locks(&s, recent_ms, Some(deadline)) {
                 Ok(pass) if pass.failed > 0 => tracing::warn!(
                     server = %s,
                     failed = pass.failed,

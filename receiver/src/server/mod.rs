@@ -503,6 +503,15 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             let s = gc_shared.clone();
             let sweep_anyway = last_sweep.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600));
             let r = tokio::task::spawn_blocking(move || {
+                // Locks first (outside the GC lock), so retention sees them extended.
+                if let Some(f) = s.fleet.as_deref() {
+                    let recent = s
+                        .retention
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .recent_minutes;
+                    crate::gc::keep_locks(&s.state_dir, f, recent.saturating_mul(60_000));
+                }
                 let _w = s.gc_lock.write().unwrap_or_else(|e| e.into_inner());
                 crate::gc::run_pass_in(
                     &s.state_dir,

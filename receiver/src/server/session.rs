@@ -886,11 +886,15 @@ impl Session {
             committed_unix_ms,
             agent_clock_skew_ms: self.status.clock_skew_ms,
             damaged: None,
-            locked_until_unix_ms: self
-                .shared
-                .fleet
-                .as_ref()
-                .and_then(|f| f.point_lock_until(committed_unix_ms)),
+            locked_until_unix_ms: self.shared.fleet.as_ref().and_then(|f| {
+                let recent = self
+                    .shared
+                    .retention
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .recent_minutes;
+                f.point_lock_until(committed_unix_ms, recent.saturating_mul(60_000))
+            }),
             consistency,
             consistency_why: why,
             target: self.shared.target.name().to_string(),
