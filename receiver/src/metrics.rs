@@ -414,6 +414,12 @@ impl ReceiverMetrics {
                 "Servers taken (their state read from the bucket) since the receiver started.",
                 c.taken,
             );
+            f.counter_value(
+                "lifeboat_receiver_fleet_lock_failures_total",
+                "Under S3 Object Lock: points and blocks the lock keeper could not lock as long \
+                 as they must be (tried again at each pass).",
+                c.lock_failures,
+            );
         }
         if let Some(c) = self.store.requests() {
             f.counter_value(

@@ -312,7 +312,7 @@ fn prometheus_scrapes_both_daemons_and_the_rules_and_dashboard_hold() {
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap())
         .collect();
-    assert_eq!(loaded.len(), 14, "{body}");
+    assert_eq!(loaded.len(), 15, "{body}");
     assert!(loaded.iter().all(|r| r["health"] == "ok"), "{body}");
     let names: Vec<String> = metric_names(&rules)
         .into_iter()

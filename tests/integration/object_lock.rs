@@ -395,6 +395,12 @@ fn object_lock_keeps_each_point_and_every_block_it_names_until_its_end() {
         "{}",
         rx.log_text()
     );
+    let (_, m) = http_get(&rx.metrics_addr(), "/metrics");
+    assert_eq!(
+        sample(&m, "lifeboat_receiver_fleet_lock_failures_total"),
+        Some(0.0),
+        "{m}"
+    );
     for p in rx.points("lock-01") {
         let n = p["point"].as_u64().unwrap().to_string();
         rx.expect_restore("lock-01", "root", &n, &versions[2]);

@@ -60,6 +60,8 @@ pub struct BucketFleet {
     point_versions: Mutex<HashMap<(String, u64), BTreeMap<String, String>>>,
     /// Servers whose lock keeper is running.
     keeping: Mutex<std::collections::HashSet<String>>,
+    /// See [`super::Counts::lock_failures`].
+    lock_failures: std::sync::atomic::AtomicU64,
 }
 
 /// Bumped (rewritten with random bytes) after every identity record written to the bucket:
@@ -161,6 +163,7 @@ impl BucketFleet {
             identity_etags: Mutex::new(HashMap::new()),
             point_versions: Mutex::new(HashMap::new()),
             keeping: Mutex::new(Default::default()),
+            lock_failures: Default::default(),
         }
     }
 
@@ -1028,6 +1031,10 @@ impl Fleet for BucketFleet {
             return Ok(Default::default());
         }
         let r = self.keep_locks_now(server, &policy, recent_ms, at_release);
+        if let Ok(pass) = &r {
+            self.lock_failures
+                .fetch_add(pass.failed as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         self.keeping
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1231,6 +1238,7 @@ impl Fleet for BucketFleet {
             held: self.held().len() as u64,
             lost: self.lost.load(Relaxed),
             taken: self.taken.load(Relaxed),
+            lock_failures: self.lock_failures.load(Relaxed),
         }
     }
 }

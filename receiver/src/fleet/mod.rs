@@ -137,6 +137,9 @@ pub struct Counts {
     pub lost: u64,
     /// Servers taken since the start.
     pub taken: u64,
+    /// Under Object Lock: points and blocks the lock keeper could not lock as long as they
+    /// must be (each tried again at the next pass).
+    pub lock_failures: u64,
 }
 
 /// The fleet as a session sees it. Every call blocks (sessions run on blocking threads).
