@@ -244,6 +244,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Bring back what was deleted from the bucket of [s3] since a time: removes the delete
+    /// markers a plain DELETE leaves in a versioned bucket (as Object Lock needs), so the
+    /// points and blocks they hid are current again. For recovering from an intruder holding
+    /// the credentials, or a mistake. Run it with an admin's credentials (it needs
+    /// s3:ListBucketVersions and s3:DeleteObjectVersion), then restart the receivers.
+    Undelete {
+        /// The time the deleting began, e.g. 2026-12-03T18:00:00Z (RFC 3339, UTC): markers
+        /// placed since then are removed.
+        #[arg(long)]
+        since: String,
+        /// List what would come back; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// (Packaging) Write the man pages and shell completions into DIR.
     #[command(hide = true)]
     GenerateDocs { dir: PathBuf },
@@ -313,6 +329,11 @@ pub fn run(cli: Cli) -> u8 {
             crate::commands::drills::run(&cli.state_dir, terminate, json)
         }
         Command::Scrub { json } => crate::commands::scrub::run(&cli.state_dir, json),
+        Command::Undelete {
+            since,
+            dry_run,
+            json,
+        } => crate::commands::undelete::run(&cli.state_dir, &since, dry_run, json),
         Command::TokenAdd { server, json } => {
             crate::commands::token::add(&cli.state_dir, server.as_deref(), json)
         }

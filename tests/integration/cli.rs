@@ -37,6 +37,7 @@ fn help_lists_every_command() {
             "snapshot",
             "recover",
             "drills",
+            "undelete",
             "help"
         ]
     );

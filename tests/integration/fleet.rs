@@ -26,6 +26,18 @@ fn fleet_through(
     lease_secs: u64,
 ) -> (Receiver, Receiver) {
     moto.create_bucket(BUCKET);
+    fleet_on(root, (a_endpoint, &moto.url()), BUCKET, lease_secs, |_| {})
+}
+
+/// Two receivers of one fleet on `bucket` (which exists), under `root/a` and `root/b`, reaching
+/// it at `endpoints` (A's, B's), each configured further by `configure` (stopped), running.
+pub(crate) fn fleet_on(
+    root: &Path,
+    endpoints: (&str, &str),
+    bucket: &str,
+    lease_secs: u64,
+    configure: impl Fn(&mut Receiver),
+) -> (Receiver, Receiver) {
     let (ra, rb) = (root.join("a"), root.join("b"));
     std::fs::create_dir_all(&ra).unwrap();
     std::fs::create_dir_all(&rb).unwrap();
@@ -34,8 +46,10 @@ fn fleet_through(
     a.kill();
     b.kill();
     b.share_ca_with(&a);
-    a.join_fleet(a_endpoint, BUCKET, lease_secs);
-    b.join_fleet(&moto.url(), BUCKET, lease_secs);
+    a.join_fleet(endpoints.0, bucket, lease_secs);
+    b.join_fleet(endpoints.1, bucket, lease_secs);
+    configure(&mut a);
+    configure(&mut b);
     a.restart();
     b.restart();
     (a, b)

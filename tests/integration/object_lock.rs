@@ -239,6 +239,13 @@ fn object_lock_keeps_each_point_and_every_block_it_names_until_its_end() {
     }
     let table = stdout(&rx.cli(&["points", "--server", "lock-01"]));
     assert!(table.contains("LOCKED UNTIL (UTC)"), "{table}");
+    // The bucket keeps every noncurrent version: said at the start.
+    assert!(
+        rx.log_text()
+            .contains("has no lifecycle rule expiring noncurrent versions"),
+        "{}",
+        rx.log_text()
+    );
 
     // Another receiver of the fleet that does not lock, or locks otherwise, is refused.
     let other_root = w.path().join("other");
@@ -405,4 +412,153 @@ fn object_lock_keeps_each_point_and_every_block_it_names_until_its_end() {
         let n = p["point"].as_u64().unwrap().to_string();
         rx.expect_restore("lock-01", "root", &n, &versions[2]);
     }
+}
+
+/// A receiver that takes a server over knows nothing of the locks its first holder extended
+/// (they are in the other's state directory): its retention asks the bucket before deleting,
+/// and keeps a point the first holder locked though its own policy and records would drop it.
+/// Then an intruder hides a point and a block behind delete markers, and `undelete` brings
+/// them back.
+#[test]
+fn a_receiver_taking_a_server_over_keeps_what_the_first_holder_locked() {
+    let w = workdir();
+    let Some(moto) = Moto::start(w.path()) else {
+        return;
+    };
+    let rt = runtime();
+    let s3 = sdk_client(&moto.url());
+    rt.block_on(
+        s3.create_bucket()
+            .bucket(BUCKET)
+            .object_lock_enabled_for_bucket(true)
+            .send(),
+    )
+    .unwrap();
+    // This bucket expires noncurrent versions (as the docs ask).
+    use aws_sdk_s3::types::{
+        BucketLifecycleConfiguration, ExpirationStatus, LifecycleRule, LifecycleRuleFilter,
+        NoncurrentVersionExpiration,
+    };
+    let rule = LifecycleRule::builder()
+        .id("noncurrent")
+        .status(ExpirationStatus::Enabled)
+        .filter(LifecycleRuleFilter::builder().prefix("").build())
+        .noncurrent_version_expiration(
+            NoncurrentVersionExpiration::builder()
+                .noncurrent_days(1)
+                .build(),
+        )
+        .build()
+        .unwrap();
+    rt.block_on(
+        s3.put_bucket_lifecycle_configuration()
+            .bucket(BUCKET)
+            .lifecycle_configuration(
+                BucketLifecycleConfiguration::builder()
+                    .rules(rule)
+                    .build()
+                    .unwrap(),
+            )
+            .send(),
+    )
+    .unwrap();
+    let url = moto.url();
+    let (mut a, mut b) =
+        super::fleet::fleet_on(w.path(), (&url, &url), BUCKET, 3, |rx: &mut Receiver| {
+            rx.set_s3("object_lock_days", "3");
+        });
+    let img = w.path().join("disk.img");
+    let mut versions = vec![random_image(&img, 8, 41)];
+    let mut spec = AgentSpec::new("lock-02", &[("root", &img)]);
+    spec.more_receivers = vec![format!("127.0.0.1:{}", b.port)];
+    let mut agent = Agent::new(w.path(), &a, &spec);
+    // Two points through A, each the newest as its agent left: A locked each for 3 days.
+    agent.run_once_ok();
+    versions.push(mutate(&img, 42, 2));
+    agent.run_once_ok();
+    let at_a = a.points("lock-02");
+    assert_eq!(at_a.len(), 2);
+    let committed1 = at_a[0]["committed_unix_ms"].as_u64().unwrap();
+    assert_eq!(at_a[0]["lock"]["until_unix_ms"], committed1 + 3 * DAY_MS);
+    a.kill();
+    // Two days on, B takes the server; its policy keeps the newest only, and its records say
+    // point 1 was locked for 20 minutes.
+    b.kill();
+    b.wrapper = vec![
+        "env".into(),
+        "FAKETIME_DONT_FAKE_MONOTONIC=1".into(),
+        "faketime".into(),
+        "-f".into(),
+        "+2d".into(),
+    ];
+    b.restart_with_retention(0, 1, 0);
+    agent.spawn();
+    wait_for(
+        "B to learn point 1's lock from the bucket",
+        Duration::from_secs(90),
+        || {
+            b.points("lock-02").first().is_some_and(|p| {
+                p["point"] == 1 && p["lock"]["until_unix_ms"] == committed1 + 3 * DAY_MS
+            })
+        },
+    );
+    let runs = gc_runs(&b);
+    wait_for("two more GC passes at B", Duration::from_secs(30), || {
+        gc_runs(&b) >= runs + 2.0
+    });
+    agent.kill();
+    let points = b.points("lock-02");
+    assert_eq!(points[0]["point"], 1, "B deleted a point A had locked");
+    assert!(
+        !b.log_text().contains("no lifecycle rule"),
+        "{}",
+        b.log_text()
+    );
+    b.expect_restore("lock-02", "root", "1", &versions[0]);
+
+    // An intruder with the credentials deletes point 1's record and one of its blocks: plain
+    // DELETEs, delete markers over the locked versions. The block is gone for every reader,
+    // and a restore of point 1 fails; `undelete` brings both back.
+    use aws_sdk_s3::primitives::{DateTime, DateTimeFormat};
+    let since = DateTime::from_secs(now_ms() as i64 / 1000 - 60)
+        .fmt(DateTimeFormat::DateTime)
+        .unwrap();
+    let block = blocks_named(&moto, "lock-02", 1).remove(0);
+    let record = "fleet/servers/lock-02/points/0000000000000001/point.json";
+    for key in [block.as_str(), record] {
+        rt.block_on(s3.delete_object().bucket(BUCKET).key(key).send())
+            .unwrap();
+        assert!(moto.get(BUCKET, key).is_none(), "{key} still there");
+    }
+    let o = b.restore("lock-02", "root", "1", &w.path().join("before.img"));
+    assert!(!o.status.success(), "restored with a block deleted");
+    let o = b.cli(&["undelete", "--since", &since, "--dry-run", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let listed: Vec<&str> = v["deleted_since"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["key"].as_str().unwrap())
+        .collect();
+    assert!(
+        listed.contains(&block.trim_start_matches("fleet/"))
+            && listed.contains(&record.trim_start_matches("fleet/")),
+        "{listed:?}"
+    );
+    assert!(
+        moto.get(BUCKET, &block).is_none(),
+        "--dry-run changed the bucket"
+    );
+    let o = b.cli(&["undelete", "--since", &since]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("objects are back"), "{}", stdout(&o));
+    assert!(moto.get(BUCKET, &block).is_some() && moto.get(BUCKET, record).is_some());
+    b.expect_restore("lock-02", "root", "1", &versions[0]);
+    let o = b.cli(&["undelete", "--since", "yesterday"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("is not a time such as"),
+        "{}",
+        stderr(&o)
+    );
 }

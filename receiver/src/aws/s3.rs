@@ -77,6 +77,15 @@ pub enum Retention {
     Until(SystemTime),
 }
 
+/// A delete marker that hides a key (see [`S3::delete_markers`]).
+pub struct Marker {
+    /// The key, relative to the prefix.
+    pub key: String,
+    pub version: String,
+    /// When the DELETE came.
+    pub deleted: SystemTime,
+}
+
 /// One object of a listing.
 pub struct Listed {
     /// The key, relative to the prefix.
@@ -294,6 +303,94 @@ impl S3 {
             })
             .await
             .map(|_| ())
+    }
+
+    /// Every delete marker under `rel_prefix` that is the current version of its key (what a
+    /// plain DELETE in a versioned bucket leaves, hiding the versions below it).
+    pub async fn delete_markers(&self, rel_prefix: &str) -> Result<Vec<Marker>, CallError> {
+        let prefix = self.key(rel_prefix);
+        let mut out = Vec::new();
+        let (mut key_marker, mut version_marker): (Option<String>, Option<String>) = (None, None);
+        loop {
+            let page = self
+                .retrier
+                .run("ListObjectVersions", &self.url(rel_prefix), None, || {
+                    self.client
+                        .list_object_versions()
+                        .bucket(&self.bucket)
+                        .prefix(&prefix)
+                        .set_key_marker(key_marker.clone())
+                        .set_version_id_marker(version_marker.clone())
+                        .send()
+                })
+                .await?;
+            for m in page.delete_markers() {
+                let (Some(k), Some(v)) = (m.key(), m.version_id()) else {
+                    continue;
+                };
+                if m.is_latest() != Some(true) {
+                    continue;
+                }
+                out.push(Marker {
+                    key: k.strip_prefix(&self.prefix).unwrap_or(k).to_string(),
+                    version: v.to_string(),
+                    deleted: m
+                        .last_modified()
+                        .and_then(|t| SystemTime::try_from(*t).ok())
+                        .unwrap_or(SystemTime::UNIX_EPOCH),
+                });
+            }
+            if page.is_truncated() != Some(true) {
+                break;
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            version_marker = page.next_version_id_marker().map(str::to_string);
+            if key_marker.is_none() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes exactly `version` of `rel` (a delete marker's: the version below it is current
+    /// again).
+    pub async fn delete_version(&self, rel: &str, version: &str) -> Result<(), CallError> {
+        let key = self.key(rel);
+        self.retrier
+            .run("DeleteObject", &self.url(rel), None, || {
+                self.client
+                    .delete_object()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .version_id(version)
+                    .send()
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Whether a lifecycle rule of the bucket expires noncurrent versions (a versioned bucket
+    /// keeps every overwritten and deleted object otherwise).
+    pub async fn expires_noncurrent_versions(&self) -> Result<bool, CallError> {
+        let what = format!("s3://{}", self.bucket);
+        let r = self
+            .retrier
+            .run("GetBucketLifecycleConfiguration", &what, None, || {
+                self.client
+                    .get_bucket_lifecycle_configuration()
+                    .bucket(&self.bucket)
+                    .send()
+            })
+            .await;
+        match r {
+            Ok(out) => Ok(out.rules().iter().any(|r| {
+                r.status() == &aws_sdk_s3::types::ExpirationStatus::Enabled
+                    && r.noncurrent_version_expiration().is_some()
+            })),
+            // NoSuchLifecycleConfiguration
+            Err(e) if e.status() == Some(404) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Whether the bucket has Object Lock enabled.

@@ -14,6 +14,7 @@ pub mod serve;
 pub mod servers;
 pub mod snapshot;
 pub mod token;
+pub mod undelete;
 pub mod validate;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -1021,14 +1021,24 @@ impl Fleet for BucketFleet {
         let Some(policy) = self.store.lock_policy() else {
             return Ok(Default::default());
         };
-        // One keeper per server at a time (the GC pass's and a release's may meet).
-        if !self
-            .keeping
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(server.to_string())
-        {
-            return Ok(Default::default());
+        // One keeper per server at a time (the GC pass's and a release's may meet): a pass
+        // finding another running leaves the server to it; a release waits for it (its newest
+        // point is to be locked as final), until its deadline.
+        loop {
+            if self
+                .keeping
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(server.to_string())
+            {
+                break;
+            }
+            match at_release {
+                Some(d) if std::time::Instant::now() < d => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                _ => return Ok(Default::default()),
+            }
         }
         let r = self.keep_locks_now(server, &policy, recent_ms, at_release);
         if let Ok(pass) = &r {

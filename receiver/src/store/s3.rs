@@ -259,7 +259,30 @@ impl S3Store {
         if owner == FLEET {
             store.agree_on_locks()?;
         }
+        if store.lock.is_some() {
+            store.check_lifecycle(&cfg.bucket);
+        }
         Ok(store)
+    }
+
+    /// Under Object Lock the bucket is versioned: lease renewals, segments and every other
+    /// object rewritten or deleted leave noncurrent versions, kept forever without a
+    /// lifecycle rule that expires them. Said at start, never refused.
+    fn check_lifecycle(&self, bucket: &str) {
+        let s3 = self.s3.clone();
+        match self.run(async move { s3.expires_noncurrent_versions().await }) {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                "bucket {bucket:?} has no lifecycle rule expiring noncurrent versions: every \
+                 lease renewal, journal segment and deleted point stays stored, and billed, \
+                 forever. Add one (NoncurrentVersionExpiration, a day or more; it cannot remove \
+                 a locked version before its lock ends): see docs/scale.md, Object Lock"
+            ),
+            Err(e) => tracing::warn!(
+                "reading the lifecycle rules of bucket {bucket:?}: {e}; make sure one expires \
+                 noncurrent versions (docs/scale.md, Object Lock)"
+            ),
+        }
     }
 
     /// In a fleet, every receiver must lock alike: one that does not would write unlocked
