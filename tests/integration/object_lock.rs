@@ -97,6 +97,23 @@ fn blocks_named(moto: &Moto, server: &str, n: u64) -> Vec<String> {
         .collect()
 }
 
+/// moto with [`BUCKET`] created under Object Lock, a runtime and a client of its own.
+fn locked_bucket(
+    root: &std::path::Path,
+) -> Option<(Moto, tokio::runtime::Runtime, aws_sdk_s3::Client)> {
+    let moto = Moto::start(root)?;
+    let rt = runtime();
+    let s3 = sdk_client(&moto.url());
+    rt.block_on(
+        s3.create_bucket()
+            .bucket(BUCKET)
+            .object_lock_enabled_for_bucket(true)
+            .send(),
+    )
+    .unwrap();
+    Some((moto, rt, s3))
+}
+
 /// GC passes run so far by `rx`'s serve.
 fn gc_runs(rx: &Receiver) -> f64 {
     let (_, m) = http_get(&rx.metrics_addr(), "/metrics");
@@ -133,18 +150,9 @@ fn days_later(rx: &mut Receiver, days: u64) {
 #[test]
 fn object_lock_keeps_each_point_and_every_block_it_names_until_its_end() {
     let w = workdir();
-    let Some(moto) = Moto::start(w.path()) else {
+    let Some((moto, rt, s3)) = locked_bucket(w.path()) else {
         return;
     };
-    let rt = runtime();
-    let s3 = sdk_client(&moto.url());
-    rt.block_on(
-        s3.create_bucket()
-            .bucket(BUCKET)
-            .object_lock_enabled_for_bucket(true)
-            .send(),
-    )
-    .unwrap();
     moto.create_bucket("lifeboat-unlocked");
 
     let mut rx = Receiver::start(w.path());
@@ -422,18 +430,9 @@ fn object_lock_keeps_each_point_and_every_block_it_names_until_its_end() {
 #[test]
 fn a_receiver_taking_a_server_over_keeps_what_the_first_holder_locked() {
     let w = workdir();
-    let Some(moto) = Moto::start(w.path()) else {
+    let Some((moto, rt, s3)) = locked_bucket(w.path()) else {
         return;
     };
-    let rt = runtime();
-    let s3 = sdk_client(&moto.url());
-    rt.block_on(
-        s3.create_bucket()
-            .bucket(BUCKET)
-            .object_lock_enabled_for_bucket(true)
-            .send(),
-    )
-    .unwrap();
     // This bucket expires noncurrent versions (as the docs ask).
     use aws_sdk_s3::types::{
         BucketLifecycleConfiguration, ExpirationStatus, LifecycleRule, LifecycleRuleFilter,

@@ -77,6 +77,15 @@ pub enum Retention {
     Until(SystemTime),
 }
 
+/// A call's answer, `None` where S3 said 404 (no such object or configuration).
+fn absent_as_none<T>(r: Result<T, CallError>) -> Result<Option<T>, CallError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.status() == Some(404) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// A delete marker that hides a key (see [`S3::delete_markers`]).
 pub struct Marker {
     /// The key, relative to the prefix.
@@ -218,11 +227,7 @@ impl S3 {
                     Ok((body.into_bytes().to_vec(), etag))
                 })
                 .await;
-        match r {
-            Ok(v) => Ok(Some(v)),
-            Err(e) if e.status() == Some(404) => Ok(None),
-            Err(e) => Err(e),
-        }
+        absent_as_none(r)
     }
 
     /// Whether `rel` exists (HEAD).
@@ -238,11 +243,7 @@ impl S3 {
                     .send()
             })
             .await;
-        match r {
-            Ok(_) => Ok(true),
-            Err(e) if e.status() == Some(404) => Ok(false),
-            Err(e) => Err(e),
-        }
+        absent_as_none(r).map(|o| o.is_some())
     }
 
     /// Where `rel` (its `version`, else its current one) stands under Object Lock (HEAD),
@@ -382,15 +383,15 @@ impl S3 {
                     .send()
             })
             .await;
-        match r {
-            Ok(out) => Ok(out.rules().iter().any(|r| {
-                r.status() == &aws_sdk_s3::types::ExpirationStatus::Enabled
-                    && r.noncurrent_version_expiration().is_some()
-            })),
-            // NoSuchLifecycleConfiguration
-            Err(e) if e.status() == Some(404) => Ok(false),
-            Err(e) => Err(e),
-        }
+        // NoSuchLifecycleConfiguration: none.
+        absent_as_none(r).map(|out| {
+            out.is_some_and(|out| {
+                out.rules().iter().any(|r| {
+                    r.status() == &aws_sdk_s3::types::ExpirationStatus::Enabled
+                        && r.noncurrent_version_expiration().is_some()
+                })
+            })
+        })
     }
 
     /// Whether the bucket has Object Lock enabled.
@@ -405,15 +406,12 @@ impl S3 {
                     .send()
             })
             .await;
-        match r {
-            Ok(out) => Ok(out
-                .object_lock_configuration()
-                .and_then(|c| c.object_lock_enabled())
-                .is_some_and(|e| *e == aws_sdk_s3::types::ObjectLockEnabled::Enabled)),
-            // ObjectLockConfigurationNotFoundError
-            Err(e) if e.status() == Some(404) => Ok(false),
-            Err(e) => Err(e),
-        }
+        // ObjectLockConfigurationNotFoundError: none.
+        absent_as_none(r).map(|out| {
+            out.and_then(|o| o.object_lock_configuration().cloned())
+                .and_then(|c| c.object_lock_enabled().cloned())
+                == Some(aws_sdk_s3::types::ObjectLockEnabled::Enabled)
+        })
     }
 
     /// Deletes `rel` (absent already counts as deleted). With `etag`, only that version of
