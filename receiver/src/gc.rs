@@ -20,7 +20,9 @@
 //! live manifest from before a compaction with a journal from after it, nor a catalog without
 //! a point whose compaction it sees. Against a concurrent `restore` in another process: the
 //! pass takes `gc.lock` exclusively and skips its turn when a restore holds it shared. GC runs
-//! only inside `serve` (no other command deletes blocks).
+//! only inside `serve` (no other command deletes blocks). In a fleet the pass applies retention
+//! only (no sweep) and holds `Shared::gc_lock` shared: its bucket requests never stall the
+//! sessions' batches.
 
 use crate::catalog::{Catalog, ManifestState};
 use crate::disk::live_references;

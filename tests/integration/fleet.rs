@@ -367,6 +367,63 @@ fn the_holder_applies_retention_and_every_receiver_lists_what_is_left() {
     );
 }
 
+/// Retention waiting on a slow bucket holds no session up: with the answers to DeleteObjects
+/// held back for two minutes (and a request allowed to take that long), a receiver whose
+/// retention is stuck in one still takes its agent's blocks and commits its points.
+#[test]
+fn retention_stuck_on_the_bucket_holds_no_session_up() {
+    let w = workdir();
+    let Some(moto) = Moto::start(w.path()) else {
+        return;
+    };
+    let proxy = lifeboat_tests::slowdown::SlowDown::start(moto.addr, 1_000_000);
+    let (mut a, _b) = fleet_through(w.path(), &moto, &proxy.url(), 3);
+    a.kill();
+    let toml = a.dir.join("receiver.toml");
+    let text = std::fs::read_to_string(&toml)
+        .unwrap()
+        .replace("attempt_timeout_secs = 10", "attempt_timeout_secs = 300");
+    std::fs::write(&toml, text).unwrap();
+    a.restart();
+    let img = w.path().join("disk.img");
+    random_image(&img, 8, 6);
+    let mut agent = Agent::new(
+        w.path(),
+        &a,
+        &AgentSpec::new("slowgc-01", &[("root", &img)]),
+    );
+    agent.spawn();
+    let newest = |rx: &Receiver| {
+        rx.points("slowgc-01")
+            .last()
+            .map_or(0, |p| p["point"].as_u64().unwrap())
+    };
+    wait_for("three points", Duration::from_secs(60), || newest(&a) >= 3);
+    // Deleting a point ends in a DeleteObjects (`?delete`): its answers now take 2 minutes.
+    proxy.hold(&["?delete"], Duration::from_secs(120));
+    a.restart_with_retention(0, 1, 10);
+    // Stuck: retention waits for a held answer, and has deleted no point yet.
+    let stuck = || {
+        proxy.holding.load(std::sync::atomic::Ordering::SeqCst) > 0
+            && !a.log_text().contains("retention: point deleted")
+    };
+    wait_for(
+        "retention to be stuck deleting a point",
+        Duration::from_secs(60),
+        &stuck,
+    );
+    let before = newest(&a);
+    mutate(&img, 7, 2);
+    wait_for(
+        "a new point while retention waits on the bucket",
+        Duration::from_secs(60),
+        || newest(&a) > before,
+    );
+    assert!(stuck(), "retention finished meanwhile: nothing was tested");
+    agent.kill();
+    proxy.hold(&[], Duration::ZERO);
+}
+
 /// An enrolled agent (its certificate issued by receiver A) moves to receiver B when A dies:
 /// B knows its certificate from the bucket. Revoked with A's CLI (A's serve is dead), it is cut
 /// off at B within a renewal round, and refused from then on.

@@ -24,6 +24,8 @@ pub struct SlowDown {
     pub passed: Arc<AtomicU64>,
     /// Answers held back: (path substrings, for how long).
     held: Arc<Mutex<(Vec<String>, std::time::Duration)>>,
+    /// Answers being held back now.
+    pub holding: Arc<AtomicU64>,
 }
 
 impl SlowDown {
@@ -36,12 +38,15 @@ impl SlowDown {
         let bucket = Arc::new(Mutex::new((rate as f64, Instant::now())));
         let held: Arc<Mutex<(Vec<String>, std::time::Duration)>> = Default::default();
         let h = held.clone();
+        let holding = Arc::new(AtomicU64::new(0));
+        let now = holding.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (t, p, bucket, h) = (t.clone(), p.clone(), bucket.clone(), h.clone());
+                let (t, p, bucket, h, now) =
+                    (t.clone(), p.clone(), bucket.clone(), h.clone(), now.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(conn, upstream, rate, &bucket, &t, &p, &h);
+                    let _ = serve(conn, upstream, rate, &bucket, &t, &p, (&h, &now));
                 });
             }
         });
@@ -50,6 +55,7 @@ impl SlowDown {
             throttled,
             passed,
             held,
+            holding,
         }
     }
 
@@ -129,7 +135,7 @@ fn serve(
     bucket: &Mutex<(f64, Instant)>,
     throttled: &AtomicU64,
     passed: &AtomicU64,
-    held: &Mutex<(Vec<String>, std::time::Duration)>,
+    (held, holding): (&Mutex<(Vec<String>, std::time::Duration)>, &AtomicU64),
 ) -> std::io::Result<()> {
     let request = read_request(&mut conn)?;
     let path = String::from_utf8_lossy(&request[..request.len().min(2048)])
@@ -178,7 +184,9 @@ fn serve(
     if let Some(d) = delay {
         // The whole answer first (the write has taken effect), then the wait.
         up.read_to_end(&mut answer)?;
+        holding.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(d);
+        holding.fetch_sub(1, Ordering::SeqCst);
     }
     conn.write_all(&closing(&answer[..head_end]))?;
     conn.write_all(&answer[head_end..])?;

@@ -512,7 +512,20 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                         .recent_minutes;
                     crate::gc::keep_locks(&s.state_dir, f, recent.saturating_mul(60_000));
                 }
-                let _w = s.gc_lock.write().unwrap_or_else(|e| e.into_inner());
+                // In a fleet the pass applies retention only (no sweep), which needs no view
+                // consistent with the sessions' batches: shared, so that a pass waiting on a
+                // slow bucket never holds replication up.
+                let (_w, _r) = if s.fleet.is_some() {
+                    (
+                        None,
+                        Some(s.gc_lock.read().unwrap_or_else(|e| e.into_inner())),
+                    )
+                } else {
+                    (
+                        Some(s.gc_lock.write().unwrap_or_else(|e| e.into_inner())),
+                        None,
+                    )
+                };
                 crate::gc::run_pass_in(
                     &s.state_dir,
                     s.store.as_ref(),
