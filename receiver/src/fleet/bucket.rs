@@ -38,6 +38,25 @@ struct Holding {
     segments: std::collections::BTreeSet<u64>,
     /// Objects found superseded at the take (older live bases), deleted at the next point.
     garbage: Vec<String>,
+    /// Which take this holding is of: a compaction queued under an earlier one is dropped.
+    generation: u64,
+}
+
+/// A compaction asked for at a point, run off the session's thread.
+struct Compaction {
+    point: u64,
+    disks: Vec<String>,
+    /// The last journal segment the point covers (taken when it was committed).
+    through: u64,
+    generation: u64,
+}
+
+/// Compactions waiting per server (only the newest: it supersedes the others), and the
+/// servers whose worker runs.
+#[derive(Default)]
+struct Compactions {
+    pending: HashMap<String, Compaction>,
+    running: std::collections::HashSet<String>,
 }
 
 pub struct BucketFleet {
@@ -62,6 +81,12 @@ pub struct BucketFleet {
     keeping: Mutex<std::collections::HashSet<String>>,
     /// See [`super::Counts::lock_failures`].
     lock_failures: std::sync::atomic::AtomicU64,
+    /// Numbers the takes ([`Holding::generation`]).
+    generations: std::sync::atomic::AtomicU64,
+    compactions: Mutex<Compactions>,
+    /// This fleet, for the compaction workers (empty for the commands' fleet, which never
+    /// compacts: then compactions run on the caller's thread).
+    me: std::sync::Weak<BucketFleet>,
 }
 
 /// Bumped (rewritten with random bytes) after every identity record written to the bucket:
@@ -164,6 +189,50 @@ impl BucketFleet {
             point_versions: Mutex::new(HashMap::new()),
             keeping: Mutex::new(Default::default()),
             lock_failures: Default::default(),
+            generations: Default::default(),
+            compactions: Default::default(),
+            me: std::sync::Weak::new(),
+        }
+    }
+
+    /// As [`BucketFleet::new`], shared: compactions then run on threads of their own.
+    pub fn new_shared(
+        store: Arc<S3Store>,
+        state_dir: &std::path::Path,
+        me: &str,
+        address: &str,
+        period: Duration,
+    ) -> Arc<BucketFleet> {
+        Arc::new_cyclic(|weak| BucketFleet {
+            me: weak.clone(),
+            ..BucketFleet::new(store, state_dir, me, address, period)
+        })
+    }
+
+    /// Runs the server's queued compactions, newest only, until none is left.
+    fn compaction_worker(&self, server: &str) {
+        loop {
+            let job = {
+                let mut c = self.compactions.lock().unwrap_or_else(|e| e.into_inner());
+                match c.pending.remove(server) {
+                    Some(j) => j,
+                    None => {
+                        c.running.remove(server);
+                        return;
+                    }
+                }
+            };
+            self.run_compaction(server, &job);
+        }
+    }
+
+    fn run_compaction(&self, server: &str, job: &Compaction) {
+        if let Err(e) = self.compact(server, job) {
+            tracing::warn!(
+                server,
+                point = job.point,
+                "making the point the live base in the bucket: {e} (the journal stays until the next point)"
+            );
         }
     }
 
@@ -334,6 +403,9 @@ impl BucketFleet {
                 .values()
                 .flat_map(|bases| bases.iter().rev().skip(1).map(|(_, k)| k.clone()))
                 .collect(),
+            generation: self
+                .generations
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -710,16 +782,25 @@ impl BucketFleet {
     /// previous bases and the segments every base is past. Only ever deletes what is older
     /// than this holder's own newest writes, and checks the lease before each step, so a
     /// holder that lost the server (paused, cut off) cannot delete a newer holder's state.
-    fn compact(&self, server: &str, point: u64, disks: &[String]) -> Result<(), FleetError> {
-        self.still_held(server)?;
-        let through = match self.held().get(server) {
-            Some(h) => h.next_seq.saturating_sub(1),
-            None => return Ok(()),
+    fn compact(&self, server: &str, job: &Compaction) -> Result<(), FleetError> {
+        let (point, through) = (job.point, job.through);
+        // Still held, and by the same take as when the point was committed.
+        let same_take = || -> Result<bool, FleetError> {
+            self.still_held(server)?;
+            Ok(self
+                .held()
+                .get(server)
+                .is_some_and(|h| h.generation == job.generation))
         };
+        if !same_take()? {
+            return Ok(());
+        }
         let err = Self::bucket_err(server);
         let mut doomed = Vec::new();
-        for disk in disks {
-            self.still_held(server)?;
+        for disk in &job.disks {
+            if !same_take()? {
+                return Ok(());
+            }
             let (s3, from, to) = (
                 self.s3.clone(),
                 format!("{}{disk}.manifest", point_dir_key(server, point)),
@@ -737,7 +818,10 @@ impl BucketFleet {
         }
         {
             let mut held = self.held();
-            let Some(h) = held.get_mut(server) else {
+            let Some(h) = held
+                .get_mut(server)
+                .filter(|h| h.generation == job.generation)
+            else {
                 return Ok(());
             };
             let oldest = h.through.values().copied().min().unwrap_or(0);
@@ -818,6 +902,7 @@ impl Fleet for BucketFleet {
                 through: BTreeMap::new(),
                 segments: Default::default(),
                 garbage: Vec::new(),
+                generation: u64::MAX,
             },
         );
         let hydrated = match self.hydrate(server) {
@@ -834,6 +919,7 @@ impl Fleet for BucketFleet {
                 h.through = hydrated.through;
                 h.segments = hydrated.segments;
                 h.garbage = hydrated.garbage;
+                h.generation = hydrated.generation;
                 self.taken
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(Taken::Held)
@@ -1052,13 +1138,40 @@ impl Fleet for BucketFleet {
         r
     }
 
+    /// Queued for the server's compaction worker (the deletes of a slow bucket must not hold
+    /// the session up), with what the point covers taken now: the last segment written.
     fn compacted(&self, server: &str, point: u64, disks: &[String]) {
-        if let Err(e) = self.compact(server, point, disks) {
-            tracing::warn!(
-                server,
-                point,
-                "making the point the live base in the bucket: {e} (the journal stays until the next point)"
-            );
+        let Some((through, generation)) = self
+            .held()
+            .get(server)
+            .map(|h| (h.next_seq.saturating_sub(1), h.generation))
+        else {
+            return;
+        };
+        let job = Compaction {
+            point,
+            disks: disks.to_vec(),
+            through,
+            generation,
+        };
+        let Some(me) = self.me.upgrade() else {
+            self.run_compaction(server, &job);
+            return;
+        };
+        let mut c = self.compactions.lock().unwrap_or_else(|e| e.into_inner());
+        c.pending.insert(server.to_string(), job);
+        if c.running.insert(server.to_string()) {
+            let s = server.to_string();
+            let spawned = std::thread::Builder::new()
+                .name("lifeboat-compact".into())
+                .spawn(move || me.compaction_worker(&s));
+            if let Err(e) = spawned {
+                c.running.remove(server);
+                tracing::warn!(
+                    server,
+                    "starting a compaction: {e}; tried at the next point"
+                );
+            }
         }
     }
 

@@ -220,14 +220,14 @@ pub fn open(state_dir: &Path, config: &ReceiverConfig) -> Result<Opened, StoreEr
                     path: state_dir.join("install-id"),
                     source,
                 })?;
-            let fleet = bucket::BucketFleet::new(
+            let fleet = bucket::BucketFleet::new_shared(
                 store.clone(),
                 state_dir,
                 &me,
                 &f.address,
                 std::time::Duration::from_secs(f.lease_seconds),
             );
-            Ok((store, Some(Arc::new(fleet))))
+            Ok((store, Some(fleet)))
         }
         _ => Ok((crate::store::open(state_dir, config)?, None)),
     }
