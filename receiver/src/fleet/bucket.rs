@@ -211,11 +211,29 @@ impl BucketFleet {
 
     /// Runs the server's queued compactions, newest only, until none is left.
     fn compaction_worker(&self, server: &str) {
+        // Should the worker panic (it unwinds), the server gets a worker again at its next
+        // point.
+        struct OnPanic<'a>(&'a BucketFleet, &'a str);
+        impl Drop for OnPanic<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0
+                        .compactions
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .running
+                        .remove(self.1);
+                }
+            }
+        }
+        let _on_panic = OnPanic(self, server);
         loop {
             let job = {
                 let mut c = self.compactions.lock().unwrap_or_else(|e| e.into_inner());
                 match c.pending.remove(server) {
                     Some(j) => j,
+                    // Under the same lock as the queueing: a job queued after this starts a
+                    // new worker.
                     None => {
                         c.running.remove(server);
                         return;
@@ -315,9 +333,31 @@ impl BucketFleet {
             .map(|(s, _)| s + 1)
             .max()
             .unwrap_or(1);
+        // Every disk's base covers the segments up to the oldest base: an earlier holder's
+        // compaction may still be deleting those (it deletes nothing past every disk's base).
+        let covered = listing
+            .live
+            .values()
+            .filter_map(|bases| bases.last().map(|(s, _)| *s))
+            .min()
+            .unwrap_or(0);
         for (seq, key) in &listing.segments {
             next = next.max(seq + 1);
-            let raw = self.get(server, key)?;
+            let (s3, k) = (self.s3.clone(), key.to_string());
+            let raw = match self
+                .store
+                .run(async move { s3.get(&k).await })
+                .map_err(Self::bucket_err(server))?
+            {
+                Some((raw, _)) => raw,
+                None if *seq <= covered => continue,
+                None => {
+                    return Err(FleetError::Bucket {
+                        server: server.into(),
+                        why: format!("{} vanished while it was being read", self.s3.url(key)),
+                    })
+                }
+            };
             let records = super::segment::decode(&raw).map_err(|e| FleetError::Corrupt {
                 server: server.into(),
                 what: self.s3.url(key),
@@ -809,7 +849,11 @@ impl BucketFleet {
             self.store
                 .run(async move { s3.copy(&from, &to).await })
                 .map_err(&err)?;
-            if let Some(h) = self.held().get_mut(server) {
+            if let Some(h) = self
+                .held()
+                .get_mut(server)
+                .filter(|h| h.generation == job.generation)
+            {
                 let before = h.through.insert(disk.clone(), through);
                 if let Some(b) = before.filter(|b| *b < through) {
                     doomed.push(live_key(server, disk, b));
@@ -832,7 +876,9 @@ impl BucketFleet {
             }
             doomed.append(&mut h.garbage);
         }
-        self.still_held(server)?;
+        if !same_take()? {
+            return Ok(());
+        }
         self.delete_keys(doomed).map_err(&err)
     }
 }
@@ -969,6 +1015,11 @@ impl Fleet for BucketFleet {
             })?;
             let seq = h.next_seq;
             h.next_seq += 1;
+            // A disk journaled for the first time has no live base yet: its segments stay
+            // until a point covers it (compaction deletes only up to every disk's base).
+            for (disk, _) in records {
+                h.through.entry(disk.clone()).or_insert(0);
+            }
             seq
         };
         let (s3, key, body) = (
