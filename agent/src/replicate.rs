@@ -1,5 +1,5 @@
 //! One connection's replication: open the disks (adopting the receiver's manifest when the
-//! digests differ), then cycles of scan → send → ack → commit.
+//! digests differ, and examining again the blocks where they do), then cycles of scan → send → ack → commit.
 //!
 //! Sending follows the rules of [`crate::window`] (sans-IO): zero blocks and content known
 //! to the receiver go as `Ref`s, the rest is asked about in batched `Have` queries (up to 256
@@ -16,7 +16,7 @@ use crate::state::{AgentState, AgentStatus, DiskStatus, StateDir};
 use crate::tracker::{ebpf, hashscan::HashScan, Take, Tracker};
 pub use crate::window::WINDOW;
 use crate::window::{Tally, Window};
-use lifeboat_common::block::block_count;
+use lifeboat_common::block::{block_count, BlockHash};
 use lifeboat_common::config::AgentConfig;
 use lifeboat_common::manifest::Manifest;
 use lifeboat_common::now_ms;
@@ -305,13 +305,16 @@ impl Replicator {
             }
         }
         for i in differ {
-            tracing::info!(disk = %self.cfg.disks[i].id, "receiver's manifest differs from ours; adopting the receiver's");
-            self.acked[i] = fetch_manifest(link, i as u32, self.sizes[i]).await?;
-            // The tracker's marks are relative to what we thought was acknowledged: blocks
-            // the receiver lacks carry no mark. Only a verify scan finds them.
-            self.trackers[i].give_back(Take::All {
-                reason: "the receiver's manifest differed from the agent's (adopted)".into(),
-            });
+            let theirs = fetch_manifest(link, i as u32, self.sizes[i]).await?;
+            // The tracker's marks are relative to what we thought was acknowledged: a block
+            // whose hash differs there carries no mark, so it is marked now. (A clean stop
+            // with blocks in flight ends here: the receiver journaled some whose acks the
+            // agent never read.) A tracker that cannot vouch for its marks verify-scans
+            // anyway.
+            let differing = differing_blocks(&self.acked[i], &theirs);
+            tracing::info!(disk = %self.cfg.disks[i].id, blocks = differing.len(), "receiver's manifest differs from ours; adopting the receiver's and examining those blocks again");
+            self.trackers[i].mark(&differing);
+            self.acked[i] = theirs;
         }
         self.status.connected = true;
         self.status.last_error = None;
@@ -1104,6 +1107,17 @@ async fn fetch_manifest(
     Ok(m)
 }
 
+/// The blocks whose hashes differ between two manifests of one disk (a block past the end
+/// of one counts as zero there).
+fn differing_blocks(ours: &Manifest, theirs: &Manifest) -> Vec<u64> {
+    let n = ours.hashes.len().max(theirs.hashes.len());
+    let at = |m: &Manifest, i: usize| m.hashes.get(i).copied().unwrap_or(BlockHash::ZERO);
+    (0..n)
+        .filter(|&i| at(ours, i) != at(theirs, i))
+        .map(|i| i as u64)
+        .collect()
+}
+
 /// Picks each disk's tracker as `tracker` in agent.toml asks (see [`crate::tracker`]).
 #[allow(clippy::type_complexity)]
 fn make_trackers(
@@ -1361,4 +1375,25 @@ fn cut_blocking(
             freeze_ms,
         }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_blocks_that_differ_are_exactly_those_whose_hashes_differ() {
+        let mut ours = Manifest::zeroed(4 * BLOCK_SIZE as u64);
+        let mut theirs = ours.clone();
+        ours.hashes[1] = BlockHash([1; 32]);
+        theirs.hashes[1] = BlockHash([1; 32]);
+        theirs.hashes[2] = BlockHash([2; 32]);
+        assert_eq!(differing_blocks(&ours, &theirs), vec![2]);
+        // Longer on their side: a block past our end counts as zero.
+        theirs.resize(6 * BLOCK_SIZE as u64);
+        theirs.hashes[5] = BlockHash([5; 32]);
+        assert_eq!(differing_blocks(&ours, &theirs), vec![2, 5]);
+        assert_eq!(differing_blocks(&theirs, &ours), vec![2, 5]);
+        assert!(differing_blocks(&ours, &ours).is_empty());
+    }
 }

@@ -23,6 +23,9 @@ impl Tracker for HashScan {
 
     fn give_back(&mut self, _taken: Take) {}
 
+    /// Every block is examined on every cycle already.
+    fn mark(&mut self, _blocks: &[u64]) {}
+
     fn pending(&self) -> Option<u64> {
         None
     }

@@ -68,6 +68,9 @@ pub trait Tracker: Send {
     fn take(&mut self, blocks: u64) -> Take;
     /// Puts back what a failed cycle took (every pass of it since the last point).
     fn give_back(&mut self, taken: Take);
+    /// Marks these blocks to be examined again: the receiver's manifest was adopted and
+    /// differs from the one this tracker's marks are relative to at exactly these blocks.
+    fn mark(&mut self, blocks: &[u64]);
     /// The point is committed: what was taken for it is acknowledged for good.
     fn settle(&mut self) {}
     /// The disk at `path` changed size (or was repartitioned): find its range again and

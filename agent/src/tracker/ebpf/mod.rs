@@ -719,6 +719,14 @@ impl Tracker for EbpfTracker {
         }
     }
 
+    fn mark(&mut self, blocks: &[u64]) {
+        let mut st = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
+        let d = &mut st.disks[self.slot];
+        for &b in blocks {
+            d.dirty.mark(b);
+        }
+    }
+
     fn settle(&mut self) {
         let mut st = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
         st.disks[self.slot].inflight.take(0);
