@@ -21,8 +21,9 @@
 //! a point whose compaction it sees. Against a concurrent `restore` in another process: the
 //! pass takes `gc.lock` exclusively and skips its turn when a restore holds it shared. GC runs
 //! only inside `serve` (no other command deletes blocks). In a fleet the pass applies retention
-//! only (no sweep) and holds `Shared::gc_lock` shared: its bucket requests never stall the
-//! sessions' batches.
+//! only and holds `Shared::gc_lock` shared: its bucket requests never stall the sessions'
+//! batches. The block sweep of a fleet is the fleet's (`crate::fleet::Fleet::sweep`): run by
+//! `serve` after such a pass, one receiver at a time, with every other fenced.
 
 use crate::catalog::{Catalog, ManifestState};
 use crate::disk::live_references;
@@ -122,8 +123,8 @@ pub fn keep_locks(state_dir: &Path, fleet: &dyn crate::fleet::Fleet, recent_ms: 
 }
 
 /// [`run_pass`], in a fleet when `fleet` is given: retention only for the servers this
-/// receiver holds (their points deleted from the bucket first), and no block sweep (each
-/// receiver sees only its own servers' references; a sweep needs them all).
+/// receiver holds (their points deleted from the bucket first), and no block sweep here (each
+/// receiver sees only its own servers' references: the fleet's sweep reads them all).
 pub fn run_pass_in(
     state_dir: &Path,
     store: &dyn BlockStore,

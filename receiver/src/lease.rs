@@ -220,6 +220,38 @@ impl Leases {
         &self.address
     }
 
+    /// This receiver's id.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// This run of this receiver (see [`LeaseBody::incarnation`]).
+    pub fn incarnation(&self) -> &str {
+        &self.incarnation
+    }
+
+    /// Ends a lease whose holder stopped renewing it (a fleet sweep waits for no dead
+    /// holder): a released body written over exactly the version `etag`, so the holder's
+    /// next renewal fails. False if it changed meanwhile (its holder renewed it after all).
+    pub async fn end_stale(&self, server: &str, etag: &str) -> Result<bool, LeaseError> {
+        match self
+            .s3
+            .put(
+                &Self::key(server),
+                self.body(""),
+                &Condition::ETag(etag.to_string()),
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(PutError::Lost | PutError::Conflict) => Ok(false),
+            Err(PutError::Failed(source)) => Err(LeaseError::Call {
+                server: server.to_string(),
+                source,
+            }),
+        }
+    }
+
     /// Room left for clock-rate differences and the request's own time.
     fn margin(&self) -> Duration {
         self.period / 10

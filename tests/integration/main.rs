@@ -16,4 +16,5 @@ mod object_lock;
 mod packages;
 mod power_cut;
 mod s3;
+mod sweep;
 mod tracking;

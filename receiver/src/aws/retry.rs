@@ -237,6 +237,10 @@ pub struct Retrier {
     /// Requests refused as throttled.
     pub throttles: Arc<AtomicU64>,
     pub pace: Arc<Pace>,
+    /// No attempt is sent after then (each may then take up to the attempt timeout): what
+    /// must not happen past a deadline, a fleet sweep's deletes, is never sent late. On the
+    /// boot-time clock: a machine suspended past the deadline sends nothing when it resumes.
+    pub send_by: Option<crate::lease::Moment>,
 }
 
 impl Retrier {
@@ -247,6 +251,7 @@ impl Retrier {
             retries: Default::default(),
             throttles: Default::default(),
             pace: Default::default(),
+            send_by: None,
         }
     }
 
@@ -270,6 +275,17 @@ impl Retrier {
         loop {
             attempt += 1;
             self.pace.slot().await;
+            if self
+                .send_by
+                .is_some_and(|t| crate::lease::Moment::now() >= t)
+            {
+                return Err(CallError::Exhausted {
+                    op,
+                    what: what.to_string(),
+                    attempts: attempt - 1,
+                    message: "not sent: its deadline passed".into(),
+                });
+            }
             self.requests.fetch_add(1, Ordering::Relaxed);
             let e = match call().await {
                 Ok(v) => {

@@ -138,6 +138,13 @@ impl S3 {
         }
     }
 
+    /// This client, sending no attempt of any request after `t` (see [`Retrier::send_by`]).
+    pub fn with_send_by(&self, t: crate::lease::Moment) -> S3 {
+        let mut s = self.clone();
+        s.retrier.send_by = Some(t);
+        s
+    }
+
     /// The full key of `rel`.
     pub fn key(&self, rel: &str) -> String {
         format!("{}{rel}", self.prefix)

@@ -15,6 +15,8 @@
 //! applied in order. Segment numbers grow across holders: a new holder starts past the
 //! highest it listed, and writes each with `If-None-Match`, so two writers never share one.
 
+mod sweep;
+
 use super::{Fleet, FleetError, Records, Taken};
 use crate::aws::s3::{Condition, Lock, PutError, Retention, S3};
 use crate::catalog::{Catalog, PointRecord};
@@ -87,6 +89,8 @@ pub struct BucketFleet {
     /// This fleet, for the compaction workers (empty for the commands' fleet, which never
     /// compacts: then compactions run on the caller's thread).
     me: std::sync::Weak<BucketFleet>,
+    /// The fleet's block sweeps, as this receiver follows them ([`sweep`]).
+    following: Mutex<sweep::Following>,
 }
 
 /// Bumped (rewritten with random bytes) after every identity record written to the bucket:
@@ -192,6 +196,7 @@ impl BucketFleet {
             generations: Default::default(),
             compactions: Default::default(),
             me: std::sync::Weak::new(),
+            following: Default::default(),
         }
     }
 
@@ -207,6 +212,11 @@ impl BucketFleet {
             me: weak.clone(),
             ..BucketFleet::new(store, state_dir, me, address, period)
         })
+    }
+
+    /// The staging store in the fleet's bucket.
+    pub fn store(&self) -> &Arc<S3Store> {
+        &self.store
     }
 
     /// Runs the server's queued compactions, newest only, until none is left.
@@ -1404,6 +1414,22 @@ impl Fleet for BucketFleet {
 
     fn renew_every(&self) -> Duration {
         self.period / 3
+    }
+
+    fn follow_sweep(&self, batches: &super::Batches, barrier: bool) -> Result<(), FleetError> {
+        self.follow(batches, barrier)
+    }
+
+    fn sweep(
+        &self,
+        grace: Duration,
+        batches: &super::Batches,
+    ) -> Result<super::SweepReport, FleetError> {
+        self.sweep_now(grace, batches)
+    }
+
+    fn wait_for_sweep(&self, hashes: &[BlockHash], generation: u64) {
+        self.store.wait_for_sweep(hashes, generation)
     }
 
     fn counts(&self) -> super::Counts {

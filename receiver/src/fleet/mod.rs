@@ -20,6 +20,10 @@
 //!   catalog; each committed disk's manifest is then copied (server-side) as its new live
 //!   base, and the journal segments it covers are deleted.
 //!
+//! - **The block sweep** runs in epochs that every receiver follows ([`Batches`],
+//!   `bucket::sweep`): a dedupe answer one receiver gave is never for a block another
+//!   receiver's sweep deletes.
+//!
 //! [`Fleet`] is the seam the sessions use; [`bucket::BucketFleet`] the one engine.
 
 #[cfg(feature = "aws")]
@@ -204,6 +208,137 @@ pub trait Fleet: Send + Sync {
     fn renew_every(&self) -> std::time::Duration;
     /// For `/metrics`.
     fn counts(&self) -> Counts;
+    /// Follows the fleet's block sweep: reads its epoch and, when a sweep is open, fences
+    /// this receiver ([`Batches::fence`]: its candidates leave the dedupe index); with
+    /// `barrier`, then waits for the batches from before the fence and acknowledges the
+    /// epoch to the sweeper. A closed sweep's deleted blocks leave the index. Called every
+    /// renewal round (with `barrier`) and after every take, before the first answer.
+    fn follow_sweep(&self, batches: &Batches, barrier: bool) -> Result<(), FleetError>;
+    /// Runs a block sweep of the whole bucket if none ran for a while and none is running:
+    /// see `bucket::sweep`. Blocks younger than `grace` are never candidates.
+    fn sweep(
+        &self,
+        grace: std::time::Duration,
+        batches: &Batches,
+    ) -> Result<SweepReport, FleetError>;
+    /// Before a batch of `generation` inserts `hashes`: waits while a sweep fenced at or
+    /// before that generation may still delete one of them (the insert then writes it
+    /// again, after the sweep).
+    fn wait_for_sweep(&self, hashes: &[lifeboat_common::BlockHash], generation: u64);
+}
+
+/// The batches of every session of this receiver, each counted from the dedupe answers it
+/// relies on (`has`) until its journal records are durable (in a fleet: in the bucket), with
+/// the generation it entered in.
+///
+/// A fleet's block sweep fences the receiver ([`Batches::fence`]): the sweep's candidates
+/// leave the dedupe index and the generation goes up, so every batch that may have been told
+/// "held" for a candidate is of an earlier generation; [`Batches::wait_below`] then waits for
+/// those batches to end (their references are in the bucket, where the sweeper reads them
+/// again) without stopping the batches of the new generation.
+#[derive(Default)]
+pub struct Batches {
+    state: std::sync::Mutex<BatchState>,
+    ended: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct BatchState {
+    generation: u64,
+    /// Batches in flight, per generation they entered in.
+    in_flight: std::collections::BTreeMap<u64, usize>,
+}
+
+/// One batch in flight ([`Batches::enter`]); it ends when dropped.
+pub struct InFlight<'a> {
+    batches: &'a Batches,
+    generation: u64,
+}
+
+impl InFlight<'_> {
+    /// The generation the batch entered in.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut s = self.batches.lock();
+        if let Some(n) = s.in_flight.get_mut(&self.generation) {
+            *n -= 1;
+            if *n == 0 {
+                s.in_flight.remove(&self.generation);
+            }
+        }
+        drop(s);
+        self.batches.ended.notify_all();
+    }
+}
+
+impl Batches {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BatchState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A batch starts (before its first dedupe answer).
+    pub fn enter(&self) -> InFlight<'_> {
+        let mut s = self.lock();
+        let generation = s.generation;
+        *s.in_flight.entry(generation).or_default() += 1;
+        InFlight {
+            batches: self,
+            generation,
+        }
+    }
+
+    /// Runs `install` (which changes what dedupe answers), then starts a new generation;
+    /// `install` is given that generation (the first whose batches see the change), which
+    /// is returned too. No batch enters while it runs.
+    pub fn fence(&self, install: impl FnOnce(u64)) -> u64 {
+        let mut s = self.lock();
+        let next = s.generation + 1;
+        install(next);
+        s.generation = next;
+        next
+    }
+
+    /// Waits until no batch of a generation below `generation` is in flight; false if
+    /// `timeout` passed first.
+    pub fn wait_below(&self, generation: u64, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut s = self.lock();
+        loop {
+            if s.in_flight.range(..generation).next().is_none() {
+                return true;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = self
+                .ended
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// What one block sweep of the fleet did ([`Fleet::sweep`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Whether this receiver ran a sweep (another may be sweeping, or one ran recently).
+    pub ran: bool,
+    /// Unreferenced blocks past the grace when the sweep began.
+    pub candidates: usize,
+    /// Blocks deleted.
+    pub deleted: usize,
+    /// Candidates kept: named again by the time of the deletion, or left when the
+    /// deadline came (locked blocks are never candidates).
+    pub kept: usize,
+    /// Blocks in the bucket when the sweep began.
+    pub blocks: usize,
 }
 
 /// A staging store and, in a fleet, the fleet over its bucket.
@@ -295,4 +430,38 @@ pub fn revoke(
         }
     }
     crate::identities::revoke(state_dir, server, now_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_fence_waits_for_earlier_batches_only() {
+        let b = Batches::default();
+        let old = b.enter();
+        assert_eq!(old.generation(), 0);
+        let mut seen = None;
+        let g = b.fence(|g| seen = Some(g));
+        assert_eq!((g, seen), (1, Some(1)));
+        let new = b.enter();
+        assert_eq!(new.generation(), 1);
+        assert!(
+            !b.wait_below(g, Duration::from_millis(50)),
+            "an earlier batch is in flight"
+        );
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| b.wait_below(g, Duration::from_secs(30)));
+            std::thread::sleep(Duration::from_millis(50));
+            drop(old);
+            assert!(waiter.join().unwrap());
+        });
+        // A batch of the new generation holds no fence at it up; a later fence waits for it.
+        assert!(b.wait_below(g, Duration::ZERO));
+        let g2 = b.fence(|_| {});
+        assert!(!b.wait_below(g2, Duration::from_millis(10)));
+        drop(new);
+        assert!(b.wait_below(g2, Duration::ZERO));
+    }
 }

@@ -657,9 +657,25 @@ async fn run(
     // state), else the agent is sent to the receiver that does.
     if let Some(fleet) = shared.fleet.clone() {
         let s = server.clone();
+        let following = fleet.clone();
         let taken = tokio::task::spawn_blocking(move || fleet.take(&s)).await;
         match taken {
-            Ok(Ok(crate::fleet::Taken::Held)) => {}
+            Ok(Ok(crate::fleet::Taken::Held)) => {
+                // Before the first dedupe answer: fenced for a block sweep open now.
+                let (f, sh) = (following, shared.clone());
+                let followed =
+                    tokio::task::spawn_blocking(move || f.follow_sweep(&sh.batches, false)).await;
+                let failed = match followed {
+                    Ok(r) => r.err().map(|e| e.to_string()),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(e) = failed {
+                    release_lease(shared, &server).await;
+                    let msg = format!("server {server}: reading the fleet's block sweep: {e}");
+                    send_now(&mut wr, &error(ErrorCode::Busy, true, msg.clone())).await;
+                    return Err(msg);
+                }
+            }
             Ok(Ok(crate::fleet::Taken::Elsewhere { holder, address })) => {
                 tracing::info!(%holder, %address, "server held by another receiver: agent redirected");
                 send_now(&mut wr, &Message::Redirect { address, holder }).await;

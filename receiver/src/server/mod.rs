@@ -51,6 +51,8 @@ pub struct Shared {
     pub identities: crate::identities::Changes,
     /// With `[fleet]`: the leases and the bucket's copy of every server's state.
     pub fleet: Option<Arc<dyn crate::fleet::Fleet>>,
+    /// Every session's batches in flight, for the fleet's block sweep.
+    pub batches: crate::fleet::Batches,
 }
 
 /// A peer's place among the pending handshakes: one of `max_pending_handshakes`, and one of
@@ -306,6 +308,7 @@ impl Shared {
             retention: RwLock::new(config.retention.clone()),
             identities: Default::default(),
             fleet: None,
+            batches: Default::default(),
             config,
         }
     }
@@ -485,14 +488,6 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let mut gc_stop = stop_rx.clone();
     let gc_interval = opts.gc_interval;
     let gc = tokio::spawn(async move {
-        if gc_shared.fleet.is_some() {
-            // Each receiver of a fleet sees only the references of the servers it holds: a
-            // sweep here would delete blocks the others' points name.
-            tracing::warn!(
-                "fleet mode: retention runs for the servers this receiver holds; the block \
-                 sweep does not run (not yet shared safely between the receivers of a fleet)"
-            );
-        }
         // A sweep at the first pass (what a crash left behind), then at least hourly.
         let mut last_sweep: Option<std::time::Instant> = None;
         loop {
@@ -526,16 +521,42 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                         None,
                     )
                 };
-                crate::gc::run_pass_in(
+                let policy = s
+                    .retention
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let mut report = crate::gc::run_pass_in(
                     &s.state_dir,
                     s.store.as_ref(),
                     s.fleet.as_deref(),
-                    &s.retention
-                        .read()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .clone(),
+                    &policy,
                     sweep_anyway,
-                )
+                )?;
+                drop((_w, _r));
+                // In a fleet the block sweep is the fleet's (one receiver at a time, every
+                // other fenced): after retention deleted points here, or hourly.
+                if let Some(f) = s.fleet.as_deref() {
+                    if report.points_deleted > 0 || sweep_anyway {
+                        let grace = Duration::from_secs(policy.gc_grace_minutes * 60);
+                        match f.sweep(grace, &s.batches) {
+                            Ok(swept) => {
+                                // Ran here, or another receiver sweeps or swept a moment
+                                // ago: either way the hour starts again.
+                                report.swept = true;
+                                report.blocks_deleted += swept.deleted;
+                                if swept.ran {
+                                    report.blocks_kept =
+                                        Some((swept.blocks - swept.deleted) as u64);
+                                }
+                            }
+                            // Retention's work stands; the sweep is tried again at a later
+                            // pass (spaced: see `bucket::sweep`).
+                            Err(e) => tracing::warn!("the fleet's block sweep failed: {e}"),
+                        }
+                    }
+                }
+                anyhow::Ok(report)
             })
             .await;
             let m = &gc_shared.metrics;
@@ -580,6 +601,26 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 // A revocation or enrolment at another receiver: live sessions check again.
                 if let Ok(true) = tokio::task::spawn_blocking(move || f.renew()).await {
                     shared.identities.bump();
+                }
+            }
+        })
+    });
+    // The fleet's block sweep, followed every round on a loop of its own (its barrier may
+    // wait for a slow batch; renewals never wait for it): fenced and acknowledged here.
+    let following = shared.fleet.clone().map(|fleet| {
+        let mut stop = stop_rx.clone();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(fleet.renew_every()) => {}
+                    _ = stop.changed() => return,
+                }
+                let (f, s) = (fleet.clone(), shared.clone());
+                if let Ok(Err(e)) =
+                    tokio::task::spawn_blocking(move || f.follow_sweep(&s.batches, true)).await
+                {
+                    tracing::warn!("following the fleet's block sweep: {e} (again next round)");
                 }
             }
         })
@@ -690,6 +731,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     }
     let _ = gc.await;
     let _ = identities.await;
+    if let Some(f) = following {
+        let _ = f.await;
+    }
     if let Some(r) = renewals {
         let _ = r.await;
     }

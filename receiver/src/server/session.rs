@@ -317,6 +317,9 @@ impl Session {
         }
         let shared = self.shared.clone();
         let _shared_guard = shared.gc_lock.read().unwrap_or_else(|e| e.into_inner());
+        // Counted from its first dedupe answer until its records are durable (a fleet's
+        // block sweep waits for the batches from before its fence).
+        let batch = shared.batches.enter();
         let prepared = self.prepare(items);
         let mut verified: Vec<VerifiedBlock> = Vec::new();
         let mut records: HashMap<u32, Vec<(u64, BlockHash)>> = HashMap::new();
@@ -410,6 +413,11 @@ impl Session {
             }
         }
         // The blocks, durable; then the journal records that name them, durable; then acks.
+        // A block an open fleet sweep may delete is written after it ends.
+        if let Some(f) = &shared.fleet {
+            let hashes: Vec<BlockHash> = verified.iter().map(|v| v.hash).collect();
+            f.wait_for_sweep(&hashes, batch.generation());
+        }
         let stored = shared.store.insert(&verified)?;
         let mut checkpoints = Vec::new();
         let journaled = self
@@ -728,7 +736,7 @@ impl Session {
             let held = match present.get(h) {
                 Some(&p) => p,
                 None => {
-                    let p = store.has(h)?;
+                    let p = store.holds(h)?;
                     present.insert(*h, p);
                     p
                 }
@@ -857,7 +865,7 @@ impl Session {
                     .unwrap_or(BlockHash::ZERO);
                 if *h != before {
                     changed += 1;
-                    if !self.shared.store.has(h)? {
+                    if !self.shared.store.holds(h)? {
                         return Err(Fail {
                             code: ErrorCode::Storage,
                             retryable: true,

@@ -200,8 +200,16 @@ pub trait BlockStore: Send + Sync {
         None
     }
 
-    /// Whether the store holds `hash` (the zero block always counts as held).
+    /// Whether the store holds `hash` (the zero block always counts as held): the dedupe
+    /// answer. In a fleet, no for a block a sweep may delete (the agent then sends it).
     fn has(&self, hash: &BlockHash) -> Result<bool, StoreError>;
+
+    /// Whether the store holds `hash` now, for a block already named (a point's check of
+    /// its blocks, a reconnecting agent's disk check): as `has`, but a fleet sweep's
+    /// candidate is asked of the store itself.
+    fn holds(&self, hash: &BlockHash) -> Result<bool, StoreError> {
+        self.has(hash)
+    }
 
     /// Reads, decodes and verifies a block; returns its plain bytes (`BLOCK_SIZE` long).
     fn read(&self, hash: &BlockHash) -> Result<Vec<u8>, StoreError>;

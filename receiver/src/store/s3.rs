@@ -34,6 +34,10 @@
 //! insert or a listing that spanned a removal or purge adds nothing.
 //! So a dedupe answer, a point's check of its blocks and a reconnecting agent's disk check
 //! cost no request. It holds ~60 bytes per block: about 60 MiB per 512 GiB of unique data.
+//! In a fleet, other receivers add blocks (a reference to one is answered "send it" once, and
+//! its PUT finds it there) and one of them at a time sweeps: while a sweep is open its
+//! candidates are fenced out of the index ([`S3Store::begin_sweep`]), and what it deleted
+//! stays out after it ([`S3Store::end_sweep`]).
 //!
 //! **The quarantine fence** is a `flock` on `<state-dir>/quarantine.lock`, as the directory
 //! store's: `scrub` runs in another process on the same state directory (and so the same
@@ -116,6 +120,10 @@ pub struct S3Store {
     fence: std::path::PathBuf,
     /// See [`Index`] and the module docs.
     index: Arc<std::sync::Mutex<Index>>,
+    /// Signalled when a sweep's fence ends.
+    sweep_ended: std::sync::Condvar,
+    /// How long one attempt of a request may take (`attempt_timeout_secs`).
+    attempt_timeout: std::time::Duration,
 }
 
 /// Every block of the prefix, as this process knows it. One lock for all of it: listings,
@@ -134,12 +142,48 @@ struct Index {
     epoch: u64,
     /// A listing is under way in the background (`has` asks with HEAD meanwhile).
     loading: bool,
+    /// The fleet's block sweep this receiver is fenced for, while it is open.
+    sweep: Option<SweepFence>,
+}
+
+/// A fleet sweep's fence in the index (see `crate::fleet::bucket::sweep`): its candidates
+/// are not held for dedupe (`has` says no, so agents send them), and a batch of generation
+/// `from` or later that brings one waits for the sweep to end before writing it.
+struct SweepFence {
+    id: String,
+    candidates: HashSet<BlockHash>,
+    /// The first batch generation that sees the fence.
+    from: u64,
+    /// By this receiver's clock, the sweeper sends no delete after then.
+    until: std::time::Instant,
+    /// Candidates taken out of the index meanwhile (removed, quarantined): never put back.
+    dropped: HashSet<BlockHash>,
 }
 
 impl Index {
     fn reset(&mut self) {
         self.blocks = None;
         self.epoch += 1;
+    }
+
+    /// Takes `hashes` out of the index (and out of what a sweep's end puts back).
+    fn drop_blocks<'a>(&mut self, hashes: impl IntoIterator<Item = &'a BlockHash>) {
+        for h in hashes {
+            if let Some(blocks) = self.blocks.as_mut() {
+                blocks.remove(h);
+            }
+            if let Some(s) = self.sweep.as_mut() {
+                if s.candidates.contains(h) {
+                    s.dropped.insert(*h);
+                }
+            }
+        }
+    }
+
+    fn candidate(&self, hash: &BlockHash) -> bool {
+        self.sweep
+            .as_ref()
+            .is_some_and(|s| s.candidates.contains(hash))
     }
 }
 
@@ -188,7 +232,8 @@ fn lock_fence_at(path: &std::path::Path, exclusive: bool) -> Result<std::fs::Fil
     Ok(f)
 }
 
-fn block_key(hash: &BlockHash) -> String {
+/// Where a block lives in the bucket, under the prefix.
+pub(crate) fn block_key(hash: &BlockHash) -> String {
     let hex = hash.to_hex();
     format!("blocks/{}/{hex}", &hex[..2])
 }
@@ -227,6 +272,8 @@ impl S3Store {
             in_flight: cfg.requests_in_flight.max(1),
             fence: state_dir.join("quarantine.lock"),
             index: Default::default(),
+            sweep_ended: Default::default(),
+            attempt_timeout: std::time::Duration::from_secs(cfg.attempt_timeout_secs.max(1)),
         };
         // Through the retry policy: a bucket throttling at start slows the start down.
         let probe = store.s3.clone();
@@ -607,6 +654,137 @@ impl S3Store {
     pub fn client(&self) -> &S3 {
         &self.s3
     }
+
+    /// How long one attempt of a request may take.
+    pub fn attempt_timeout(&self) -> std::time::Duration {
+        self.attempt_timeout
+    }
+
+    /// Fences the index for the fleet sweep `id` (called inside `Batches::fence`, `from`
+    /// being the new generation): its candidates leave the dedupe index until
+    /// [`S3Store::end_sweep`]. A fence for another sweep still in place ends first, as if
+    /// what that sweep deleted were unknown.
+    pub fn begin_sweep(
+        &self,
+        id: &str,
+        candidates: HashSet<BlockHash>,
+        from: u64,
+        until: std::time::Instant,
+    ) {
+        let mut index = self.index();
+        if let Some(old) = index.sweep.take() {
+            if old.id == id {
+                index.sweep = Some(old);
+                return;
+            }
+            Self::unfence(&mut index, old, None);
+            self.sweep_ended.notify_all();
+        }
+        if let Some(blocks) = index.blocks.as_mut() {
+            for h in &candidates {
+                blocks.remove(h);
+            }
+        }
+        index.sweep = Some(SweepFence {
+            id: id.to_string(),
+            candidates,
+            from,
+            until,
+            dropped: HashSet::new(),
+        });
+    }
+
+    /// The sweep the index is fenced for, if any.
+    pub fn sweep_fenced(&self) -> Option<String> {
+        self.index().sweep.as_ref().map(|s| s.id.clone())
+    }
+
+    /// Ends the fence of sweep `id`: the candidates it `deleted` stay out of the index, the
+    /// others are held again. `None`: what it deleted is unknown (the index is listed again).
+    pub fn end_sweep(&self, id: &str, deleted: Option<&HashSet<BlockHash>>) {
+        let mut index = self.index();
+        if index.sweep.as_ref().is_some_and(|s| s.id == id) {
+            if let Some(old) = index.sweep.take() {
+                Self::unfence(&mut index, old, deleted);
+            }
+        }
+        drop(index);
+        self.sweep_ended.notify_all();
+    }
+
+    fn unfence(index: &mut Index, old: SweepFence, deleted: Option<&HashSet<BlockHash>>) {
+        let Some(deleted) = deleted else {
+            // Which candidates are left is unknown: listed again (a `has` asks the bucket
+            // until then), so a kept one named by a batch is never taken for missing.
+            index.reset();
+            return;
+        };
+        if let Some(blocks) = index.blocks.as_mut() {
+            for h in old.candidates {
+                if deleted.contains(&h) || old.dropped.contains(&h) {
+                    blocks.remove(&h);
+                } else {
+                    blocks.insert(h);
+                }
+            }
+        }
+        // A listing that spanned the sweep may name what it deleted.
+        index.epoch += 1;
+    }
+
+    /// Takes blocks another receiver's sweep deleted out of the index.
+    pub fn forget(&self, deleted: &HashSet<BlockHash>) {
+        let mut index = self.index();
+        index.drop_blocks(deleted);
+        index.epoch += 1;
+    }
+
+    /// Forgets the whole index: listed again at the next `has`.
+    pub fn reset_index(&self) {
+        self.index().reset();
+    }
+
+    /// Waits while a sweep fenced at or before batch generation `generation` may still
+    /// delete one of `hashes` (until it ends, or its deadline has passed by this clock).
+    pub fn wait_for_sweep(&self, hashes: &[BlockHash], generation: u64) {
+        let mut index = self.index();
+        loop {
+            let until = match index.sweep.as_ref() {
+                Some(s)
+                    if s.from <= generation && hashes.iter().any(|h| s.candidates.contains(h)) =>
+                {
+                    s.until
+                }
+                _ => return,
+            };
+            let now = std::time::Instant::now();
+            if now >= until {
+                return;
+            }
+            index = self
+                .sweep_ended
+                .wait_timeout(index, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Deletes up to 1000 blocks, sending no attempt after `send_by`.
+    pub fn delete_by(
+        &self,
+        hashes: &[BlockHash],
+        send_by: crate::lease::Moment,
+    ) -> Result<(), StoreError> {
+        {
+            let mut index = self.index();
+            index.drop_blocks(hashes);
+            index.epoch += 1;
+        }
+        let s3 = self.s3.with_send_by(send_by);
+        let keys: Vec<String> = hashes.iter().map(block_key).collect();
+        self.run(async move { s3.delete_many(&keys).await })
+            .map_err(remote)
+    }
 }
 
 /// Runs `f` on `rt` and waits for it, from any thread: async code included, where
@@ -745,10 +923,25 @@ impl BlockStore for S3Store {
         }
         {
             let mut index = self.index();
+            if index.candidate(hash) {
+                return Ok(false); // a fleet sweep may delete it: the agent sends it
+            }
             if let Some(blocks) = index.blocks.as_ref() {
                 return Ok(blocks.contains(hash));
             }
             self.start_loading(&mut index);
+        }
+        let s3 = self.s3.clone();
+        let key = block_key(hash);
+        self.run(async move { s3.exists(&key).await })
+            .map_err(remote)
+    }
+
+    /// A sweep's candidate is asked of the bucket (it is there until the sweep deletes it,
+    /// which it does only if nothing names it); the rest as `has`.
+    fn holds(&self, hash: &BlockHash) -> Result<bool, StoreError> {
+        if !self.index().candidate(hash) {
+            return self.has(hash);
         }
         let s3 = self.s3.clone();
         let key = block_key(hash);
@@ -784,11 +977,7 @@ impl BlockStore for S3Store {
     /// stays locked until the deletes returned, so no listing can see a block being deleted.
     fn remove_many(&self, hashes: &[BlockHash]) -> Result<(), StoreError> {
         let mut index = self.index();
-        if let Some(blocks) = index.blocks.as_mut() {
-            for h in hashes {
-                blocks.remove(h);
-            }
-        }
+        index.drop_blocks(hashes);
         index.epoch += 1;
         for chunk in hashes.chunks(1000) {
             let s3 = self.s3.clone();
@@ -804,9 +993,7 @@ impl BlockStore for S3Store {
     fn quarantine(&self, hash: &BlockHash) -> Result<String, StoreError> {
         let _exclusive = self.lock_fence(true)?;
         let mut index = self.index();
-        if let Some(blocks) = index.blocks.as_mut() {
-            blocks.remove(hash);
-        }
+        index.drop_blocks(std::slice::from_ref(hash));
         index.epoch += 1;
         drop(index);
         let s3 = self.s3.clone();
@@ -864,9 +1051,7 @@ impl BlockStore for S3Store {
             // (Every block ever quarantined, resent ones too: those are sent once more.)
             match self.quarantined() {
                 Ok(gone) => {
-                    if let Some(blocks) = index.blocks.as_mut() {
-                        blocks.retain(|h| !gone.contains(h));
-                    }
+                    index.drop_blocks(&gone);
                     index.epoch += 1;
                     index.mark = mark.clone();
                 }
