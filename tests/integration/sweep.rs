@@ -320,3 +320,77 @@ fn a_fleet_sweep_deletes_what_no_server_names_and_nothing_else() {
         rx.expect_restore("web-02", "root", &n2, &gone);
     }
 }
+
+/// The sessions' side of the fence, end to end. A sweep is held at its most dangerous moment,
+/// between the sweeper's last reading of the references and its deletes; meanwhile the agent
+/// of web-01 (at receiver B) writes a block whose content is a candidate. B, fenced, answers
+/// that it lacks the block, and the batch that brings it waits for the sweep to end, then
+/// writes it again: the point that names it restores. (A batch that did not wait would find
+/// the block still there, be journaled where the sweeper no longer reads, and be acknowledged
+/// for a block the sweep then deletes.)
+#[test]
+fn a_block_brought_while_a_sweep_deletes_is_written_again_after_it() {
+    let w = workdir();
+    let Some(moto) = Moto::start(w.path()) else {
+        return;
+    };
+    moto.create_bucket(BUCKET);
+    let (mut a, mut b) =
+        crate::fleet::fleet_on(w.path(), (&moto.url(), &moto.url()), BUCKET, 3, |_| {});
+    a.kill();
+    for (k, v) in &a.env {
+        std::env::set_var(k, v);
+    }
+    let fa = lifeboat_receiver::fleet::for_commands(&a.dir)
+        .unwrap()
+        .unwrap();
+    // A block nothing names, older than a grace of zero: the sweep's one candidate. B is
+    // restarted so that its dedupe index (listed at start) holds it: only the fence stops B
+    // from answering "held" for it.
+    let c = random_image(&w.path().join("c.img"), 1, 52);
+    fa.store().insert(&[block(&c)]).unwrap();
+    let c_hash = hash_block(&c);
+    std::thread::sleep(Duration::from_millis(1100));
+    b.kill();
+    b.restart();
+    let img = w.path().join("web-01.img");
+    let mut data = random_image(&img, 8, 51);
+    let mut agent = Agent::new(w.path(), &b, &AgentSpec::new("web-01", &[("root", &img)]));
+    agent.spawn();
+    let newest = || {
+        b.points("web-01")
+            .last()
+            .map_or(0, |p| p["point"].as_u64().unwrap())
+    };
+    wait_for("web-01's first point", Duration::from_secs(90), || {
+        newest() > 0
+    });
+    let (img2, c2) = (img.clone(), c.clone());
+    fa.test_before_deletes(move || {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img2).unwrap();
+        f.write_all_at(&c2, 3 * lifeboat_common::BLOCK_SIZE as u64)
+            .unwrap();
+        // Time for the agent to send it (and, were the batch not to wait, for a point).
+        std::thread::sleep(Duration::from_secs(6));
+    });
+    let report = fa.sweep(Duration::ZERO, &Batches::default()).unwrap();
+    assert_eq!((report.candidates, report.deleted), (1, 1), "{report:?}");
+    data[3 * lifeboat_common::BLOCK_SIZE..4 * lifeboat_common::BLOCK_SIZE].copy_from_slice(&c);
+    // Two points after the sweep: the second began after the block was acknowledged.
+    let after = newest();
+    wait_for(
+        "two points after the sweep",
+        Duration::from_secs(90),
+        || newest() >= after + 2,
+    );
+    agent.kill();
+    assert!(
+        in_bucket(&moto, &c_hash),
+        "the block the agent brought during the sweep was deleted by it"
+    );
+    let blog = b.log_text();
+    assert!(blog.contains("block sweep open"), "{blog}");
+    let n = newest().to_string();
+    b.expect_restore("web-01", "root", &n, &data);
+}

@@ -91,6 +91,8 @@ pub struct BucketFleet {
     me: std::sync::Weak<BucketFleet>,
     /// The fleet's block sweeps, as this receiver follows them ([`sweep`]).
     following: Mutex<sweep::Following>,
+    /// Tests only: run by a sweep between its second reading of references and its deletes.
+    before_deletes: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 /// Bumped (rewritten with random bytes) after every identity record written to the bucket:
@@ -197,6 +199,7 @@ impl BucketFleet {
             compactions: Default::default(),
             me: std::sync::Weak::new(),
             following: Default::default(),
+            before_deletes: Default::default(),
         }
     }
 

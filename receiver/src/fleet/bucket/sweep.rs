@@ -664,6 +664,17 @@ impl BucketFleet {
         }
     }
 
+    /// Tests only: `f` runs in every sweep of this receiver between its second reading of
+    /// the references and its deletes (where a batch that brings a candidate is most
+    /// dangerous: its reference is read by no one).
+    #[doc(hidden)]
+    pub fn test_before_deletes(&self, f: impl Fn() + Send + Sync + 'static) {
+        *self
+            .before_deletes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
     fn put_epoch(&self, epoch: &Epoch, condition: &Condition) -> Result<String, PutError> {
         let (s3, body, c) = (
             self.s3.clone(),
@@ -693,6 +704,14 @@ impl BucketFleet {
         self.references(read, refs)?;
         let mut garbage: Vec<BlockHash> = candidates.difference(refs).copied().collect();
         garbage.sort();
+        if let Some(f) = self
+            .before_deletes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            f();
+        }
         for chunk in garbage.chunks(1000) {
             if Moment::now() >= deadline {
                 tracing::warn!(
