@@ -394,3 +394,62 @@ fn a_block_brought_while_a_sweep_deletes_is_written_again_after_it() {
     let n = newest().to_string();
     b.expect_restore("web-01", "root", &n, &data);
 }
+
+/// A receiver asked to stop while its sweep waits for an acknowledgement gives the sweep up at
+/// once (deleting nothing, the epoch closed) rather than hold its stop up to the sweep's
+/// deadline; the candidate is still in the bucket.
+#[test]
+fn a_stopping_receiver_gives_its_sweep_up_and_closes_it() {
+    let w = workdir();
+    let Some(moto) = Moto::start(w.path()) else {
+        return;
+    };
+    moto.create_bucket(BUCKET);
+    // A lease period of 10 s: the sweeper would wait 50 s for the missing acknowledgement.
+    let (mut a, mut b) =
+        crate::fleet::fleet_on(w.path(), (&moto.url(), &moto.url()), BUCKET, 10, |_| {});
+    a.kill();
+    b.kill();
+    for (k, v) in &b.env {
+        std::env::set_var(k, v);
+    }
+    // B, in this process, holds a server and renews its lease but never follows the sweep.
+    let fb = lifeboat_receiver::fleet::for_commands(&b.dir)
+        .unwrap()
+        .unwrap();
+    let z = block(b"named by no server");
+    let z_hash = z.hash;
+    fb.store().insert(&[z]).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(fb.take("quiet-01").unwrap(), Taken::Held);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                fb.renew();
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        let _stop = StopOnDrop(&stop);
+        // A sweeps at its first pass (no grace), and waits for B's acknowledgement.
+        a.restart_with_retention(0, 1, 0);
+        wait_for("A's sweep to open", Duration::from_secs(60), || {
+            a.log_text().contains("block sweep opened")
+        });
+        a.signal(libc::SIGTERM);
+        assert!(a.proc.wait(), "A did not stop cleanly:\n{}", a.log_text());
+    });
+    let log = a.log_text();
+    assert!(
+        log.contains("the receiver is stopping: sweep 1 given up, nothing deleted"),
+        "{log}"
+    );
+    let epoch: serde_json::Value =
+        serde_json::from_slice(&moto.get(BUCKET, "fleet/gc/epoch").unwrap()).unwrap();
+    assert_eq!(
+        (epoch["state"].as_str(), epoch["deleted"].as_u64()),
+        (Some("closed"), Some(0)),
+        "{epoch}"
+    );
+    assert!(in_bucket(&moto, &z_hash));
+}

@@ -93,6 +93,8 @@ pub struct BucketFleet {
     following: Mutex<sweep::Following>,
     /// Tests only: run by a sweep between its second reading of references and its deletes.
     before_deletes: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    /// The receiver is stopping ([`Fleet::stop_sweeping`]).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Bumped (rewritten with random bytes) after every identity record written to the bucket:
@@ -200,6 +202,7 @@ impl BucketFleet {
             me: std::sync::Weak::new(),
             following: Default::default(),
             before_deletes: Default::default(),
+            stopping: Default::default(),
         }
     }
 
@@ -1431,8 +1434,14 @@ impl Fleet for BucketFleet {
         self.sweep_now(grace, batches)
     }
 
-    fn wait_for_sweep(&self, hashes: &[BlockHash], generation: u64) {
+    fn wait_for_sweep(&self, hashes: &[BlockHash], generation: u64) -> bool {
         self.store.wait_for_sweep(hashes, generation)
+    }
+
+    fn stop_sweeping(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.store.stop_waiting();
     }
 
     fn counts(&self) -> super::Counts {

@@ -223,8 +223,11 @@ pub trait Fleet: Send + Sync {
     ) -> Result<SweepReport, FleetError>;
     /// Before a batch of `generation` inserts `hashes`: waits while a sweep fenced at or
     /// before that generation may still delete one of them (the insert then writes it
-    /// again, after the sweep).
-    fn wait_for_sweep(&self, hashes: &[lifeboat_common::BlockHash], generation: u64);
+    /// again, after the sweep). False if the receiver began to stop first: the batch fails.
+    fn wait_for_sweep(&self, hashes: &[lifeboat_common::BlockHash], generation: u64) -> bool;
+    /// The receiver is stopping: a sweep it runs deletes nothing more and closes, and no
+    /// batch waits for a sweep any more.
+    fn stop_sweeping(&self);
 }
 
 /// The batches of every session of this receiver, each counted from the dedupe answers it

@@ -718,6 +718,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         "shutting down: draining connections"
     );
     let _ = stop_tx.send(true);
+    if let Some(f) = &shared.fleet {
+        // A sweep under way here closes now (deleting nothing more), and no batch waits for
+        // one: the stop is not held up to a sweep's deadline.
+        f.stop_sweeping();
+    }
     let drained = tokio::time::timeout(opts.grace, async {
         while tasks.join_next().await.is_some() {}
     })

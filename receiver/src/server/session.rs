@@ -416,7 +416,15 @@ impl Session {
         // A block an open fleet sweep may delete is written after it ends.
         if let Some(f) = &shared.fleet {
             let hashes: Vec<BlockHash> = verified.iter().map(|v| v.hash).collect();
-            f.wait_for_sweep(&hashes, batch.generation());
+            if !f.wait_for_sweep(&hashes, batch.generation()) {
+                return Err(Fail {
+                    code: ErrorCode::Busy,
+                    retryable: true,
+                    message: "the receiver is stopping during a block sweep: this batch is not \
+                              stored (the agent sends it again)"
+                        .into(),
+                });
+            }
         }
         let stored = shared.store.insert(&verified)?;
         let mut checkpoints = Vec::new();

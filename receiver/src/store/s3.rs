@@ -120,8 +120,10 @@ pub struct S3Store {
     fence: std::path::PathBuf,
     /// See [`Index`] and the module docs.
     index: Arc<std::sync::Mutex<Index>>,
-    /// Signalled when a sweep's fence ends.
+    /// Signalled when a sweep's fence ends, or the receiver stops.
     sweep_ended: std::sync::Condvar,
+    /// The receiver is stopping: no batch waits for a sweep any more ([`S3Store::stop_waiting`]).
+    stopping: std::sync::atomic::AtomicBool,
     /// How long one attempt of a request may take (`attempt_timeout_secs`).
     attempt_timeout: std::time::Duration,
 }
@@ -273,6 +275,7 @@ impl S3Store {
             fence: state_dir.join("quarantine.lock"),
             index: Default::default(),
             sweep_ended: Default::default(),
+            stopping: Default::default(),
             attempt_timeout: std::time::Duration::from_secs(cfg.attempt_timeout_secs.max(1)),
         };
         // Through the retry policy: a bucket throttling at start slows the start down.
@@ -745,8 +748,11 @@ impl S3Store {
     }
 
     /// Waits while a sweep fenced at or before batch generation `generation` may still
-    /// delete one of `hashes` (until it ends, or its deadline has passed by this clock).
-    pub fn wait_for_sweep(&self, hashes: &[BlockHash], generation: u64) {
+    /// delete one of `hashes` (until it ends, or its deadline has passed by this clock);
+    /// false if the receiver began to stop first (the batch must then fail: what it would
+    /// write may yet be deleted).
+    pub fn wait_for_sweep(&self, hashes: &[BlockHash], generation: u64) -> bool {
+        use std::sync::atomic::Ordering;
         let mut index = self.index();
         loop {
             let until = match index.sweep.as_ref() {
@@ -755,11 +761,14 @@ impl S3Store {
                 {
                     s.until
                 }
-                _ => return,
+                _ => return true,
             };
+            if self.stopping.load(Ordering::SeqCst) {
+                return false;
+            }
             let now = std::time::Instant::now();
             if now >= until {
-                return;
+                return true;
             }
             index = self
                 .sweep_ended
@@ -767,6 +776,15 @@ impl S3Store {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// The receiver is stopping: batches waiting for a sweep stop waiting (and fail).
+    pub fn stop_waiting(&self) {
+        let index = self.index();
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(index);
+        self.sweep_ended.notify_all();
     }
 
     /// Deletes up to 1000 blocks, sending no attempt after `send_by`.

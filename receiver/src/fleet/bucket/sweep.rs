@@ -485,6 +485,9 @@ impl BucketFleet {
         batches: &Batches,
     ) -> Result<SweepReport, FleetError> {
         let spacing = self.period * 10;
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(SweepReport::default());
+        }
         {
             let f = self.following();
             let recent = |t: Option<Instant>| t.is_some_and(|c| c.elapsed() < spacing);
@@ -713,6 +716,13 @@ impl BucketFleet {
             f();
         }
         for chunk in garbage.chunks(1000) {
+            if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                tracing::warn!(
+                    left = garbage.len() - deleted.len(),
+                    "block sweep: the receiver is stopping; the rest waits for the next sweep"
+                );
+                break;
+            }
             if Moment::now() >= deadline {
                 tracing::warn!(
                     left = garbage.len() - deleted.len(),
@@ -827,6 +837,12 @@ impl BucketFleet {
             }
             if waiting.is_empty() {
                 return Ok(());
+            }
+            if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(self.sweep_err(format!(
+                    "the receiver is stopping: sweep {} given up, nothing deleted",
+                    epoch.seq
+                )));
             }
             if Moment::now() >= by {
                 let mut left: Vec<&String> = waiting.keys().collect();
