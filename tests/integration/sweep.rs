@@ -18,24 +18,24 @@ use std::time::{Duration, Instant};
 
 const BUCKET: &str = "lifeboat-sweep";
 
+/// Receivers A and B of one fleet on the bucket (created here), running.
+fn two_receivers(w: &std::path::Path, moto: &Moto, lease_secs: u64) -> (Receiver, Receiver) {
+    moto.create_bucket(BUCKET);
+    crate::fleet::fleet_on(w, (&moto.url(), &moto.url()), BUCKET, lease_secs, |_| {})
+}
+
 /// Two receivers' fleets in this process, over the state directories of a fleet made by
 /// `fleet_on` (stopped): A and B, each with its own dedupe index and batches.
 fn in_process(w: &std::path::Path, moto: &Moto) -> (BucketFleet, BucketFleet, Receiver, Receiver) {
-    moto.create_bucket(BUCKET);
-    let (mut a, mut b) = crate::fleet::fleet_on(w, (&moto.url(), &moto.url()), BUCKET, 3, |_| {});
+    let (mut a, mut b) = two_receivers(w, moto, 3);
     a.kill();
     b.kill();
-    // The receivers' commands read AWS credentials from the environment, as serve does.
-    for (k, v) in &a.env {
-        std::env::set_var(k, v);
-    }
-    let fa = lifeboat_receiver::fleet::for_commands(&a.dir)
-        .unwrap()
-        .unwrap();
-    let fb = lifeboat_receiver::fleet::for_commands(&b.dir)
-        .unwrap()
-        .unwrap();
-    (fa, fb, a, b)
+    (
+        crate::fleet::in_process(&a),
+        crate::fleet::in_process(&b),
+        a,
+        b,
+    )
 }
 
 fn block(content: &[u8]) -> VerifiedBlock {
@@ -238,9 +238,7 @@ fn a_fleet_sweep_deletes_what_no_server_names_and_nothing_else() {
     let Some(moto) = Moto::start(w.path()) else {
         return;
     };
-    moto.create_bucket(BUCKET);
-    let (mut a, b) =
-        crate::fleet::fleet_on(w.path(), (&moto.url(), &moto.url()), BUCKET, 3, |_| {});
+    let (mut a, b) = two_receivers(w.path(), &moto, 3);
     let (img1, img2) = (w.path().join("web-01.img"), w.path().join("web-02.img"));
     let v1 = random_image(&img1, 8, 41);
     std::fs::write(&img2, &v1).unwrap();
@@ -308,10 +306,18 @@ fn a_fleet_sweep_deletes_what_no_server_names_and_nothing_else() {
         })
         .expect("a version whose blocks were all deleted")
         .clone();
+    // Written in place (no truncation for a scan to see), then two points: the second began
+    // after the write.
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img2)
+        .unwrap()
+        .write_all_at(&gone, 0)
+        .unwrap();
     let before = newest(&b, "web-02");
-    std::fs::write(&img2, &gone).unwrap();
-    wait_for("web-02's new point", Duration::from_secs(90), || {
-        newest(&b, "web-02") > before
+    wait_for("web-02's new points", Duration::from_secs(90), || {
+        newest(&b, "web-02") >= before + 2
     });
     let n2 = newest(&b, "web-02").to_string();
     agent1.kill();
@@ -334,16 +340,9 @@ fn a_block_brought_while_a_sweep_deletes_is_written_again_after_it() {
     let Some(moto) = Moto::start(w.path()) else {
         return;
     };
-    moto.create_bucket(BUCKET);
-    let (mut a, mut b) =
-        crate::fleet::fleet_on(w.path(), (&moto.url(), &moto.url()), BUCKET, 3, |_| {});
+    let (mut a, mut b) = two_receivers(w.path(), &moto, 3);
     a.kill();
-    for (k, v) in &a.env {
-        std::env::set_var(k, v);
-    }
-    let fa = lifeboat_receiver::fleet::for_commands(&a.dir)
-        .unwrap()
-        .unwrap();
+    let fa = crate::fleet::in_process(&a);
     // A block nothing names, older than a grace of zero: the sweep's one candidate. B is
     // restarted so that its dedupe index (listed at start) holds it: only the fence stops B
     // from answering "held" for it.
@@ -365,14 +364,20 @@ fn a_block_brought_while_a_sweep_deletes_is_written_again_after_it() {
     wait_for("web-01's first point", Duration::from_secs(90), || {
         newest() > 0
     });
-    let (img2, c2) = (img.clone(), c.clone());
+    let (img2, c2, b_log) = (img.clone(), c.clone(), b.proc.log.clone());
+    let waits = "a batch waits for the fleet's block sweep to end";
     fa.test_before_deletes(move || {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(&img2).unwrap();
         f.write_all_at(&c2, 3 * lifeboat_common::BLOCK_SIZE as u64)
             .unwrap();
-        // Time for the agent to send it (and, were the batch not to wait, for a point).
-        std::thread::sleep(Duration::from_secs(6));
+        // The agent sends it, and B's batch waits (were it not to wait, it would be
+        // acknowledged here, and the block deleted next).
+        wait_for(
+            "B's batch to wait for the sweep",
+            Duration::from_secs(60),
+            || std::fs::read_to_string(&b_log).is_ok_and(|l| l.contains(waits)),
+        );
     });
     let report = fa.sweep(Duration::ZERO, &Batches::default()).unwrap();
     assert_eq!((report.candidates, report.deleted), (1, 1), "{report:?}");
@@ -404,19 +409,12 @@ fn a_stopping_receiver_gives_its_sweep_up_and_closes_it() {
     let Some(moto) = Moto::start(w.path()) else {
         return;
     };
-    moto.create_bucket(BUCKET);
     // A lease period of 10 s: the sweeper would wait 50 s for the missing acknowledgement.
-    let (mut a, mut b) =
-        crate::fleet::fleet_on(w.path(), (&moto.url(), &moto.url()), BUCKET, 10, |_| {});
+    let (mut a, mut b) = two_receivers(w.path(), &moto, 10);
     a.kill();
     b.kill();
-    for (k, v) in &b.env {
-        std::env::set_var(k, v);
-    }
     // B, in this process, holds a server and renews its lease but never follows the sweep.
-    let fb = lifeboat_receiver::fleet::for_commands(&b.dir)
-        .unwrap()
-        .unwrap();
+    let fb = crate::fleet::in_process(&b);
     let z = block(b"named by no server");
     let z_hash = z.hash;
     fb.store().insert(&[z]).unwrap();
@@ -437,7 +435,13 @@ fn a_stopping_receiver_gives_its_sweep_up_and_closes_it() {
             a.log_text().contains("block sweep opened")
         });
         a.signal(libc::SIGTERM);
-        assert!(a.proc.wait(), "A did not stop cleanly:\n{}", a.log_text());
+        // Well inside the 50 s the sweep would otherwise wait for the acknowledgement.
+        assert_eq!(
+            a.proc.wait_within(Duration::from_secs(35)),
+            Some(true),
+            "A did not stop cleanly, or not before the sweep's wait was over:\n{}",
+            a.log_text()
+        );
     });
     let log = a.log_text();
     assert!(

@@ -158,6 +158,23 @@ impl Proc {
     }
 
     /// Sends a signal (SIGSTOP to hang it, SIGCONT to resume, SIGTERM to stop it).
+    /// Waits up to `timeout` for the process to exit by itself: whether it exited
+    /// successfully, or `None` if it still runs.
+    pub fn wait_within(&mut self, timeout: Duration) -> Option<bool> {
+        let start = Instant::now();
+        loop {
+            let c = self.child.as_mut()?;
+            if let Some(status) = c.try_wait().unwrap() {
+                self.child = None;
+                return Some(status.success());
+            }
+            if start.elapsed() >= timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn signal(&self, sig: i32) {
         let pid = self.child.as_ref().expect("not running").id() as i32;
         #[allow(unsafe_code)]

@@ -77,6 +77,12 @@ impl Moto {
         assert_eq!(code, 200);
     }
 
+    /// Deletes the object at `key` behind the receivers' backs.
+    pub fn delete(&self, bucket: &str, key: &str) {
+        let (code, _) = self.s3("DELETE", &format!("/{bucket}/{key}"), &[]);
+        assert_eq!(code, 204);
+    }
+
     /// Every key under `prefix`, in order (ListObjectsV2, every page).
     pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
         let mut keys = Vec::new();

@@ -397,19 +397,21 @@ impl BucketFleet {
     }
 
     fn get(&self, server: &str, key: &str) -> Result<Vec<u8>, FleetError> {
+        self.get_if(server, key)?.ok_or_else(|| FleetError::Bucket {
+            server: server.into(),
+            why: format!("{} vanished while it was being read", self.s3.url(key)),
+        })
+    }
+
+    /// The object at `key`, or `None` if there is none.
+    fn get_if(&self, server: &str, key: &str) -> Result<Option<Vec<u8>>, FleetError> {
         let s3 = self.s3.clone();
         let k = key.to_string();
-        match self
+        Ok(self
             .store
             .run(async move { s3.get(&k).await })
             .map_err(Self::bucket_err(server))?
-        {
-            Some((raw, _)) => Ok(raw),
-            None => Err(FleetError::Bucket {
-                server: server.into(),
-                why: format!("{} vanished while it was being read", self.s3.url(key)),
-            }),
-        }
+            .map(|(raw, _)| raw))
     }
 
     /// Makes the working copy of `server` the bucket's state.
@@ -515,7 +517,9 @@ impl BucketFleet {
                 continue;
             }
             match self.import_point(server, point) {
-                Ok(()) => {}
+                Ok(true) => {}
+                // Deleted since the listing (retention at its holder): gone, not listed.
+                Ok(false) => tracing::debug!(server, point, "point deleted while it was read"),
                 Err(e @ FleetError::Corrupt { .. }) => {
                     tracing::error!(server, point, "{e}; that point is not listed here");
                 }
@@ -525,9 +529,12 @@ impl BucketFleet {
         Ok(())
     }
 
-    fn import_point(&self, server: &str, point: u64) -> Result<(), FleetError> {
+    /// Copies a listed point into the local catalog; false if it was deleted meanwhile.
+    fn import_point(&self, server: &str, point: u64) -> Result<bool, FleetError> {
         let dir = point_dir_key(server, point);
-        let raw = self.get(server, &format!("{dir}point.json"))?;
+        let Some(raw) = self.get_if(server, &format!("{dir}point.json"))? else {
+            return Ok(false);
+        };
         let rec: PointRecord = serde_json::from_slice(&raw).map_err(|e| FleetError::Corrupt {
             server: server.into(),
             what: self.s3.url(&format!("{dir}point.json")),
@@ -545,7 +552,19 @@ impl BucketFleet {
         }
         let mut manifests = Vec::new();
         for d in &rec.disks {
-            let bytes = self.get(server, &format!("{dir}{}.manifest", d.id))?;
+            let Some(bytes) = self.get_if(server, &format!("{dir}{}.manifest", d.id))? else {
+                // Retention deletes a point's record first, then its manifests: with the
+                // record gone too, the point was being deleted while it was read.
+                let there = self.get_if(server, &format!("{dir}point.json"))?.is_some();
+                if there {
+                    return Err(FleetError::Corrupt {
+                        server: server.into(),
+                        what: self.s3.url(&format!("{dir}{}.manifest", d.id)),
+                        why: "missing, while the point's record is there".into(),
+                    });
+                }
+                return Ok(false);
+            };
             manifests.push((d.id.clone(), bytes));
         }
         self.catalog
@@ -554,7 +573,8 @@ impl BucketFleet {
                 server: server.into(),
                 what: format!("point {point}"),
                 why: e.to_string(),
-            })
+            })?;
+        Ok(true)
     }
 
     /// Copies every server's points from the bucket into the local catalog (for the

@@ -163,6 +163,26 @@ const FLAP_WINDOW_MS: u64 = 10 * 60_000;
 /// ... this many times, mean two machines with one identity.
 const FLAP_MOVES: usize = 3;
 
+/// In a fleet: runs `round` on a blocking thread every renewal round until `stop`.
+fn every_round(
+    shared: &Shared,
+    stop: &watch::Receiver<bool>,
+    round: impl Fn(&dyn crate::fleet::Fleet) + Send + Sync + 'static,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let fleet = shared.fleet.clone()?;
+    let (mut stop, round) = (stop.clone(), Arc::new(round));
+    Some(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(fleet.renew_every()) => {}
+                _ = stop.changed() => return,
+            }
+            let (f, r) = (fleet.clone(), round.clone());
+            let _ = tokio::task::spawn_blocking(move || r(f.as_ref())).await;
+        }
+    }))
+}
+
 /// The address part of "ip:port" (or the whole string).
 fn ip_of(peer: &str) -> &str {
     peer.rsplit_once(':').map_or(peer, |(ip, _)| ip)
@@ -588,43 +608,25 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 
     // Fleet leases, renewed every third of their period while held; one that fails is
     // dropped at once (its sessions then acknowledge nothing more).
-    let renewals = shared.fleet.clone().map(|fleet| {
-        let mut stop = stop_rx.clone();
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(fleet.renew_every()) => {}
-                    _ = stop.changed() => return,
-                }
-                let f = fleet.clone();
-                // A revocation or enrolment at another receiver: live sessions check again.
-                if let Ok(true) = tokio::task::spawn_blocking(move || f.renew()).await {
-                    shared.identities.bump();
-                }
+    let renewals = {
+        let s = shared.clone();
+        every_round(&shared, &stop_rx, move |f| {
+            // A revocation or enrolment at another receiver: live sessions check again.
+            if f.renew() {
+                s.identities.bump();
             }
         })
-    });
+    };
     // The fleet's block sweep, followed every round on a loop of its own (its barrier may
     // wait for a slow batch; renewals never wait for it): fenced and acknowledged here.
-    let following = shared.fleet.clone().map(|fleet| {
-        let mut stop = stop_rx.clone();
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(fleet.renew_every()) => {}
-                    _ = stop.changed() => return,
-                }
-                let (f, s) = (fleet.clone(), shared.clone());
-                if let Ok(Err(e)) =
-                    tokio::task::spawn_blocking(move || f.follow_sweep(&s.batches, true)).await
-                {
-                    tracing::warn!("following the fleet's block sweep: {e} (again next round)");
-                }
+    let following = {
+        let s = shared.clone();
+        every_round(&shared, &stop_rx, move |f| {
+            if let Err(e) = f.follow_sweep(&s.batches, true) {
+                tracing::warn!("following the fleet's block sweep: {e} (again next round)");
             }
         })
-    });
+    };
 
     // The EBS target, in the background: points are already durable and committed.
     #[cfg(not(feature = "aws"))]
@@ -743,8 +745,17 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let _ = r.await;
     }
     if let Some(f) = shared.fleet.clone() {
-        // Other receivers may take these servers at once rather than after the period.
-        let _ = tokio::task::spawn_blocking(move || f.release_all()).await;
+        // Other receivers may take these servers at once rather than after the period. Not
+        // before the batches still writing end (up to a period): a sweeper takes a released
+        // lease for acknowledged, and must find their journal segments in the bucket.
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if !s.batches.wait_below(u64::MAX, f.renew_every() * 3) {
+                tracing::warn!("releasing the leases with batches still writing");
+            }
+            f.release_all()
+        })
+        .await;
     }
     if let Some(u) = uploader {
         let _ = u.await;

@@ -754,6 +754,7 @@ impl S3Store {
     pub fn wait_for_sweep(&self, hashes: &[BlockHash], generation: u64) -> bool {
         use std::sync::atomic::Ordering;
         let mut index = self.index();
+        let mut said = false;
         loop {
             let until = match index.sweep.as_ref() {
                 Some(s)
@@ -769,6 +770,13 @@ impl S3Store {
             let now = std::time::Instant::now();
             if now >= until {
                 return true;
+            }
+            if !said {
+                tracing::info!(
+                    "a batch waits for the fleet's block sweep to end: it brings a block the \
+                     sweep may delete, written again after it"
+                );
+                said = true;
             }
             index = self
                 .sweep_ended
@@ -787,21 +795,27 @@ impl S3Store {
         self.sweep_ended.notify_all();
     }
 
-    /// Deletes up to 1000 blocks, sending no attempt after `send_by`.
+    /// Deletes up to 1000 blocks, sending no attempt after `send_by`. True if no attempt of
+    /// this store's requests was retried meanwhile: an attempt that failed may still be
+    /// carried out by the bucket later (others' retries count too, which only errs on the
+    /// side of waiting).
     pub fn delete_by(
         &self,
         hashes: &[BlockHash],
         send_by: crate::lease::Moment,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
         {
             let mut index = self.index();
             index.drop_blocks(hashes);
             index.epoch += 1;
         }
+        let retries = self.s3.retrier.retries.load(SeqCst);
         let s3 = self.s3.with_send_by(send_by);
         let keys: Vec<String> = hashes.iter().map(block_key).collect();
         self.run(async move { s3.delete_many(&keys).await })
-            .map_err(remote)
+            .map_err(remote)?;
+        Ok(self.s3.retrier.retries.load(SeqCst) == retries)
     }
 }
 

@@ -574,21 +574,25 @@ impl BucketFleet {
         // The sweeper's deadline is on the boot-time clock: suspended past it, it deletes
         // nothing when it resumes (the receivers' fences ended meanwhile).
         let opened = Moment::now();
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            self.delete_lists(&id);
+            report.ran = false;
+            return Ok(report);
+        }
         let etag = match self.put_epoch(&epoch, &condition) {
             Ok(etag) => etag,
-            Err(PutError::Lost | PutError::Conflict) => {
-                // Another receiver opened a sweep first.
-                self.delete_lists(&id);
-                report.ran = false;
-                return Ok(report);
-            }
-            Err(PutError::Failed(e)) => {
-                // It may have landed: only ours if the bucket now says so.
-                match self.read_epoch()? {
-                    Some((now, etag)) if now.id == id => etag,
-                    _ => return Err(self.sweep_err(format!("opening the sweep: {e}"))),
+            // Refused (another receiver opened a sweep first), or unknown: an attempt that
+            // timed out may have landed, and its retry then found the condition false. Ours
+            // only if the bucket now says so.
+            Err(e) => match self.read_epoch()? {
+                Some((now, etag)) if now.id == id => etag,
+                _ if matches!(e, PutError::Lost | PutError::Conflict) => {
+                    self.delete_lists(&id);
+                    report.ran = false;
+                    return Ok(report);
                 }
-            }
+                _ => return Err(self.sweep_err(format!("opening the sweep: {e}"))),
+            },
         };
         tracing::info!(
             sweep = epoch.seq,
@@ -627,16 +631,15 @@ impl BucketFleet {
         epoch.state = State::Closed;
         epoch.deleted = deleted.len() as u64;
         epoch.closed_unix_ms = crate::status::now_ms();
+        // Without the list, the receivers list their indexes again: the close goes on.
         let (s3, key, body) = (self.s3.clone(), deleted_key(&id), encode_hashes(&deleted));
-        let closed = self
+        if let Err(e) = self
             .store
             .run(async move { s3.put(&key, body, &Condition::None).await })
-            .map_err(|e| self.sweep_err(e.to_string()))
-            .and_then(|_| {
-                self.put_epoch(&epoch, &Condition::ETag(etag))
-                    .map_err(|e| self.sweep_err(e.to_string()))
-            });
-        if let Err(e) = &closed {
+        {
+            tracing::warn!("block sweep {}: writing what it deleted: {e}", epoch.seq);
+        }
+        if let Err(e) = self.close(&epoch, etag) {
             tracing::warn!(
                 "closing block sweep {}: {e}; the receivers end its fence at its deadline",
                 epoch.seq
@@ -656,6 +659,23 @@ impl BucketFleet {
             "block sweep closed"
         );
         Ok(report)
+    }
+
+    /// Writes the closed `epoch` over the open one (version `etag`). A refusal is read back:
+    /// an attempt that timed out may have landed (then it is closed), or have landed and
+    /// been followed by nothing (then it is written once more over what is there).
+    fn close(&self, epoch: &Epoch, etag: String) -> Result<(), FleetError> {
+        let Err(e) = self.put_epoch(epoch, &Condition::ETag(etag)) else {
+            return Ok(());
+        };
+        match self.read_epoch()? {
+            Some((now, _)) if now.id == epoch.id && now.state == State::Closed => Ok(()),
+            Some((now, etag)) if now.id == epoch.id => self
+                .put_epoch(epoch, &Condition::ETag(etag))
+                .map(|_| ())
+                .map_err(|e| self.sweep_err(e.to_string())),
+            _ => Err(self.sweep_err(e.to_string())),
+        }
     }
 
     /// Deletes a sweep's candidate and deleted lists (a failure leaves them to no harm).
@@ -734,7 +754,7 @@ impl BucketFleet {
             deleted.extend_from_slice(chunk);
             let sent = Instant::now();
             let r = self.store.delete_by(chunk, deadline);
-            if r.is_err() || sent.elapsed() >= self.store.attempt_timeout() {
+            if !matches!(r, Ok(true)) || sent.elapsed() >= self.store.attempt_timeout() {
                 *unsure = true;
             }
             r.map_err(|e| self.sweep_err(format!("deleting blocks: {e}")))?;
