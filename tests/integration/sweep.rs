@@ -290,6 +290,8 @@ fn a_fleet_sweep_deletes_what_no_server_names_and_nothing_else() {
     for h in v1.chunks(lifeboat_common::BLOCK_SIZE).map(hash_block) {
         assert!(left.contains(&h), "a block only web-02 names was deleted");
     }
+    // web-01's agent stops first: a newer point would let retention delete the one restored.
+    agent1.kill();
     let n1 = newest(&a, "web-01").to_string();
     let n2 = newest(&b, "web-02").to_string();
     for rx in [&a, &b] {
@@ -320,7 +322,6 @@ fn a_fleet_sweep_deletes_what_no_server_names_and_nothing_else() {
         newest(&b, "web-02") >= before + 2
     });
     let n2 = newest(&b, "web-02").to_string();
-    agent1.kill();
     agent2.kill();
     for rx in [&a, &b] {
         rx.expect_restore("web-02", "root", &n2, &gone);
